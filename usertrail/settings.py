@@ -1,0 +1,132 @@
+"""Settings: one object per process, flag > environment > default.
+
+Environment variables are ``USERTRAIL_<NAME>``; the broker and database also
+answer to the conventional ``KAFKA_BOOTSTRAP_SERVERS`` and ``DATABASE_URL``.
+Leaving both unset means the embedded stack that ``usertrail up`` runs.
+"""
+
+from __future__ import annotations
+
+import ssl
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import AliasChoices, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+EMBEDDED_HOST = "127.0.0.1"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="USERTRAIL_",
+        extra="forbid",
+        frozen=True,
+        validate_default=True,
+    )
+
+    # --- broker -----------------------------------------------------------
+    kafka_bootstrap_servers: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices(
+            "kafka_bootstrap_servers",
+            "USERTRAIL_KAFKA_BOOTSTRAP_SERVERS",
+            "KAFKA_BOOTSTRAP_SERVERS",
+        ),
+        description="host:port[,host:port]; unset = the embedded broker",
+    )
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = (
+        "PLAINTEXT"
+    )
+    kafka_sasl_mechanism: (
+        Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER", "GSSAPI"] | None
+    ) = None
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: SecretStr | None = None
+    kafka_ssl_cafile: Path | None = None
+    kafka_ssl_certfile: Path | None = None
+    kafka_ssl_keyfile: Path | None = None
+    kafka_client_id: str = "usertrail"
+
+    # --- database ---------------------------------------------------------
+    database_url: SecretStr | None = Field(
+        default=None,
+        validation_alias=AliasChoices(
+            "database_url", "USERTRAIL_DATABASE_URL", "DATABASE_URL"
+        ),
+        description="postgresql://...; unset = the embedded PostgreSQL",
+    )
+
+    # --- topics -----------------------------------------------------------
+    events_topic: str = "usertrail.events"
+    profiles_topic: str = "usertrail.profiles"
+    dead_letter_topic: str = "usertrail.deadletter"
+    events_partitions: int = Field(default=8, ge=1, le=10_000)
+    replication_factor: int = Field(default=1, ge=1)
+
+    # --- embedded stack ---------------------------------------------------
+    data_dir: Path = Path(".usertrail")
+    embedded_kafka_port: int = Field(default=19092, ge=1, le=65535)
+    embedded_postgres_port: int = Field(default=55432, ge=1, le=65535)
+    embedded_database: str = "usertrail"
+
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    # --- derived ------------------------------------------------------------
+    @property
+    def embedded_kafka(self) -> bool:
+        return self.kafka_bootstrap_servers is None
+
+    @property
+    def embedded_database_url(self) -> str:
+        return (
+            f"postgresql://postgres@{EMBEDDED_HOST}:{self.embedded_postgres_port}"
+            f"/{self.embedded_database}"
+        )
+
+    @property
+    def embedded_db(self) -> bool:
+        return self.database_url is None
+
+    @property
+    def bootstrap_servers(self) -> str:
+        if self.kafka_bootstrap_servers is not None:
+            return self.kafka_bootstrap_servers
+        return f"{EMBEDDED_HOST}:{self.embedded_kafka_port}"
+
+    def database_dsn(self) -> str:
+        """The libpq URL (secret inside: never log it)."""
+        if self.database_url is not None:
+            return self.database_url.get_secret_value()
+        return self.embedded_database_url
+
+    def sqlalchemy_url(self) -> str:
+        dsn = self.database_dsn()
+        for prefix in ("postgresql+psycopg://", "postgresql://", "postgres://"):
+            if dsn.startswith(prefix):
+                return "postgresql+psycopg://" + dsn[len(prefix) :]
+        return dsn
+
+    def kafka_options(self) -> dict[str, Any]:
+        """Connection keyword arguments for any aiokafka client."""
+        opts: dict[str, Any] = {
+            "bootstrap_servers": self.bootstrap_servers,
+            "security_protocol": self.kafka_security_protocol,
+        }
+        if self.kafka_sasl_mechanism is not None:
+            opts["sasl_mechanism"] = self.kafka_sasl_mechanism
+            if self.kafka_sasl_username is not None:
+                opts["sasl_plain_username"] = self.kafka_sasl_username
+            if self.kafka_sasl_password is not None:
+                opts["sasl_plain_password"] = self.kafka_sasl_password.get_secret_value()
+        if self.kafka_security_protocol in ("SSL", "SASL_SSL"):
+            ctx = ssl.create_default_context(
+                cafile=str(self.kafka_ssl_cafile) if self.kafka_ssl_cafile else None
+            )
+            if self.kafka_ssl_certfile is not None:
+                ctx.load_cert_chain(
+                    str(self.kafka_ssl_certfile),
+                    str(self.kafka_ssl_keyfile) if self.kafka_ssl_keyfile else None,
+                )
+            opts["ssl_context"] = ctx
+        return opts
