@@ -23,18 +23,21 @@ import logging
 import threading
 import warnings
 from collections.abc import Callable, Coroutine, Iterable, Iterator
-from dataclasses import dataclass
-from datetime import datetime
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaConnectionError, KafkaError, UnknownError
+from aiokafka.partitioner import DefaultPartitioner
 
 from usertrail.errors import (
     BrokerUnavailableError,
     BufferFullError,
     ClientClosedError,
+    DeliveryError,
+    EventValidationError,
 )
 from usertrail.producers import events
 from usertrail.producers.events import EventBase
@@ -46,6 +49,22 @@ log = logging.getLogger("usertrail.producers")
 
 DeliveryCallback = Callable[[str, BaseException | None], None]
 T = TypeVar("T")
+
+
+_PARTITIONER = DefaultPartitioner()
+
+
+@dataclass(eq=False, slots=True)
+class _Batch:
+    """One partition's open (or in-flight) batch and what it carries."""
+
+    topic: str
+    partition: int
+    builder: Any  # aiokafka BatchBuilder
+    records: list[SpooledRecord] = field(default_factory=list)
+    ids: list[str] = field(default_factory=list)
+    timer: asyncio.TimerHandle | None = None
+    future: asyncio.Future[Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,9 +138,16 @@ class TrackingClient:
             else self._settings.data_dir / "spool" / f"{source}.jsonl"
         )
         self._on_delivery = on_delivery
+        self._linger = linger_ms / 1000
         self._producer: AIOKafkaProducer | None = None
-        self._slots: asyncio.Semaphore | None = None
-        self._pending: dict[str, SpooledRecord] = {}
+        self._open: dict[tuple[str, int], _Batch] = {}
+        self._in_flight: set[_Batch] = set()
+        self._shipping: set[asyncio.Task[None]] = set()
+        self._buffered = 0
+        self._room = asyncio.Event()
+        self._ship_lock = asyncio.Lock()
+        self._partitions: dict[str, list[int]] = {}
+        self._key_partitions: dict[tuple[str, bytes], int] = {}
         self._delivered = 0
         self._spooled = 0
         self.idempotent = False
@@ -132,8 +158,9 @@ class TrackingClient:
         """Connect, then re-send whatever an earlier run spooled."""
         if self._producer is not None:
             return
-        self._slots = asyncio.Semaphore(self._buffer_size)
         self._producer = await self._start_producer()
+        self._partitions.clear()
+        self._key_partitions.clear()
         records = self.spool.take()
         if records:
             log.info("re-sending %d spooled events from %s", len(records), self.spool.path)
@@ -184,13 +211,17 @@ class TrackingClient:
     async def flush(self) -> DeliveryReport:
         """Wait until every buffered event is delivered or spooled."""
         producer = self._require_started()
+        for batch in list(self._open.values()):
+            await self._ship(batch)
+        if self._shipping:
+            await asyncio.gather(*self._shipping)
         try:
             await asyncio.wait_for(producer.flush(), timeout=self._delivery_timeout + 5)
         except TimeoutError:
             log.warning("flush did not finish within the delivery timeout")
         # Delivery callbacks run on the loop right after the futures resolve.
         for _ in range(100):
-            if not self._pending:
+            if not self._in_flight:
                 break
             await asyncio.sleep(0.01)
         report = DeliveryReport(self._delivered, self._spooled)
@@ -210,8 +241,10 @@ class TrackingClient:
         report = await self.flush()
         producer, self._producer = self._producer, None
         await self._stop_producer(producer)
-        leftover = list(self._pending.values())
-        self._pending.clear()
+        leftover = [r for b in (*self._open.values(), *self._in_flight) for r in b.records]
+        self._open.clear()
+        self._in_flight.clear()
+        self._buffered = 0
         if leftover:
             self.spool.append(leftover)
             log.warning("%d undelivered events spooled to %s", len(leftover), self.spool.path)
@@ -233,62 +266,142 @@ class TrackingClient:
             )
 
     # --- sending ---------------------------------------------------------------
+    # Events are partitioned here with aiokafka's own murmur2 partitioner (the
+    # placement of every Kafka client) and appended to one open batch per
+    # partition, shipped with send_batch when full, when linger_ms passes or
+    # on flush. One batch per partition is in flight at a time (aiokafka's
+    # own rule), and ships go out in the order they were made (a FIFO lock),
+    # so one user's events keep their order. Per event this costs a dict
+    # lookup and an append instead of a send() each.
     def _require_started(self) -> AIOKafkaProducer:
         if self._producer is None:
             raise ClientClosedError("call start() (or use `async with`) before sending")
         return self._producer
 
     async def send(self, event: EventBase) -> asyncio.Future[Any]:
-        """Buffer a built event; the returned future resolves on delivery."""
+        """Buffer a built event. The returned future resolves when the batch
+        holding it is acknowledged, and fails if it was spooled instead."""
         record = SpooledRecord(self.topic, events.key(event), events.encode(event))
-        return await self._enqueue(record, event.event_id)
+        batch = await self._enqueue(record, event.event_id)
+        if batch.future is None:
+            batch.future = asyncio.get_running_loop().create_future()
+        return batch.future
 
-    async def _enqueue(self, record: SpooledRecord, event_id: str | None = None) -> Any:
+    async def _partition(self, topic: str, key: bytes) -> int:
+        cached = self._key_partitions.get((topic, key))
+        if cached is not None:
+            return cached
+        partitions = self._partitions.get(topic)
+        if partitions is None:
+            producer = self._require_started()
+            partitions = sorted(await producer.partitions_for(topic))
+            self._partitions[topic] = partitions
+        if len(self._key_partitions) > 100_000:
+            self._key_partitions.clear()
+        partition = _PARTITIONER(key, partitions, partitions)
+        self._key_partitions[(topic, key)] = partition
+        return partition
+
+    async def _enqueue(self, record: SpooledRecord, event_id: str | None = None) -> _Batch:
         producer = self._require_started()
-        slots = self._slots
-        assert slots is not None
-        if slots.locked():
+        if self._buffered >= self._buffer_size:
+            await self._wait_for_room()
+        partition = self._key_partitions.get((record.topic, record.key))
+        if partition is None:
+            partition = await self._partition(record.topic, record.key)
+        tp = (record.topic, partition)
+        batch = self._open.get(tp)
+        if batch is None:
+            batch = self._new_batch(producer, tp)
+        if batch.builder.append(key=record.key, value=record.value, timestamp=None) is None:
+            await self._ship(batch)  # full
+            batch = self._new_batch(producer, tp)
+            if batch.builder.append(key=record.key, value=record.value, timestamp=None) is None:
+                self._open.pop(tp, None)
+                raise EventValidationError("any", [("event", "too large for one Kafka batch")])
+        batch.records.append(record)
+        if self._on_delivery is not None:
+            batch.ids.append(event_id if event_id is not None else _event_id_of(record.value))
+        self._buffered += 1
+        return batch
+
+    def _new_batch(self, producer: AIOKafkaProducer, tp: tuple[str, int]) -> _Batch:
+        batch = _Batch(tp[0], tp[1], producer.create_batch())
+        self._open[tp] = batch
+        batch.timer = asyncio.get_running_loop().call_later(self._linger, self._linger_over, batch)
+        return batch
+
+    def _linger_over(self, batch: _Batch) -> None:
+        if self._open.get((batch.topic, batch.partition)) is batch:
+            task = asyncio.get_running_loop().create_task(self._ship(batch))
+            self._shipping.add(task)
+            task.add_done_callback(self._shipping.discard)
+
+    async def _ship(self, batch: _Batch) -> None:
+        if self._open.get((batch.topic, batch.partition)) is batch:
+            del self._open[(batch.topic, batch.partition)]
+        if batch.timer is not None:
+            batch.timer.cancel()
+        if not batch.records:
+            return
+        producer = self._require_started()
+        self._in_flight.add(batch)
+        async with self._ship_lock:
             try:
-                await asyncio.wait_for(slots.acquire(), timeout=self._buffer_timeout)
+                future = await producer.send_batch(
+                    batch.builder, batch.topic, partition=batch.partition
+                )
+            except KafkaError as exc:
+                self._settle(batch, exc, None)
+                return
+        future.add_done_callback(lambda fut: self._settle(batch, _error_of(fut), fut))
+
+    async def _wait_for_room(self) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._buffer_timeout
+        while self._buffered >= self._buffer_size:
+            self._room.clear()
+            try:
+                await asyncio.wait_for(self._room.wait(), timeout=deadline - loop.time())
             except TimeoutError:
                 raise BufferFullError(
                     f"{self._buffer_size} events are waiting for the broker "
                     f"after {self._buffer_timeout}s"
                 ) from None
-        else:
-            await slots.acquire()
-        if event_id is None:
-            event_id = _event_id_of(record.value)
-        self._pending[event_id] = record
-        try:
-            future = await producer.send(record.topic, record.value, key=record.key)
-        except KafkaError as exc:
-            self._settle(event_id, exc)
-            raise
-        future.add_done_callback(lambda fut: self._settle(event_id, _error_of(fut)))
-        return future
 
-    def _settle(self, event_id: str, error: BaseException | None) -> None:
-        assert self._slots is not None
-        self._slots.release()
-        record = self._pending.pop(event_id, None)
+    def _settle(
+        self, batch: _Batch, error: BaseException | None, future: asyncio.Future[Any] | None
+    ) -> None:
+        if batch not in self._in_flight:
+            return  # already settled (close() spooled it)
+        self._in_flight.discard(batch)
+        count = len(batch.records)
+        self._buffered -= count
+        if self._buffered < self._buffer_size:
+            self._room.set()
         if error is None:
-            self._delivered += 1
+            self._delivered += count
+            if batch.future is not None and future is not None:
+                batch.future.set_result(future.result())
         else:
-            if record is not None:
-                self.spool.append([record])
-            self._spooled += 1
-            log.warning("event %s not delivered (%r); spooled", event_id, error)
+            self.spool.append(batch.records)
+            self._spooled += count
+            log.warning("%d events not delivered (%r); spooled to %s", count, error,
+                        self.spool.path)
+            if batch.future is not None:
+                batch.future.set_exception(DeliveryError(f"spooled after {error!r}"))
         if self._on_delivery is not None:
-            self._on_delivery(event_id, error)
+            for event_id in batch.ids:
+                self._on_delivery(event_id, error)
 
     async def _track(self, kind: str, fields: dict[str, Any]) -> str:
-        fields = {k: v for k, v in fields.items() if v is not None and k != "self"}
-        fields.setdefault("event_id", uuid7())
-        fields.setdefault("occurred_at", events.now())
+        if fields.get("event_id") is None:
+            fields["event_id"] = uuid7()
+        if fields.get("occurred_at") is None:
+            fields["occurred_at"] = datetime.now(UTC)
         fields["source"] = self.source
-        event = events.build(kind, **fields)
-        await self.send(event)
+        event, wire = events.build_encoded(kind, fields)
+        await self._enqueue(SpooledRecord(self.topic, event.user_id.encode(), wire), event.event_id)
         return event.event_id
 
     async def track_interaction(
@@ -304,7 +417,13 @@ class TrackingClient:
         event_id: str | None = None,
     ) -> str:
         """A reading, chat, feedback or share. Returns the event id."""
-        return await self._track("interaction", locals())
+        fields: dict[str, Any] = {
+            "user_id": user_id, "type": type, "service": service, "theme": theme,
+            "rating": rating, "occurred_at": occurred_at, "event_id": event_id,
+        }
+        if metadata is not None:
+            fields["metadata"] = metadata
+        return await self._track("interaction", fields)
 
     async def track_preferences(
         self,
@@ -320,11 +439,13 @@ class TrackingClient:
         event_id: str | None = None,
     ) -> str:
         """Explicit preferences; only the fields given change. Returns the event id."""
-        fields = locals()
-        for name in ("preferred_themes", "preferred_services"):
-            if fields[name] is not None and not isinstance(fields[name], list):
-                fields[name] = list(fields[name])
-        return await self._track("preferences.updated", fields)
+        return await self._track("preferences.updated", {
+            "user_id": user_id, "preferred_language": preferred_language,
+            "preferred_themes": _list_or_none(preferred_themes),
+            "preferred_services": _list_or_none(preferred_services),
+            "notification_settings": notification_settings, "reading_length": reading_length,
+            "tone_preference": tone_preference, "occurred_at": occurred_at, "event_id": event_id,
+        })
 
     async def track_onboarding(
         self,
@@ -338,9 +459,12 @@ class TrackingClient:
         event_id: str | None = None,
     ) -> str:
         """The onboarding answers (cold-start segments). Returns the event id."""
-        fields = locals()
-        fields["interests"] = list(interests)
-        fields["services"] = list(services)
+        fields: dict[str, Any] = {
+            "user_id": user_id, "interests": list(interests), "services": list(services),
+            "experience": experience, "occurred_at": occurred_at, "event_id": event_id,
+        }
+        if answers is not None:
+            fields["answers"] = answers
         return await self._track("onboarding.completed", fields)
 
     async def erase_user(
@@ -351,7 +475,13 @@ class TrackingClient:
         event_id: str | None = None,
     ) -> str:
         """Erase every row and aggregate of the user. Returns the event id."""
-        return await self._track("user.erased", locals())
+        return await self._track(
+            "user.erased", {"user_id": user_id, "occurred_at": occurred_at, "event_id": event_id}
+        )
+
+
+def _list_or_none(values: Iterable[str] | None) -> list[str] | None:
+    return None if values is None else list(values)
 
 
 @contextlib.contextmanager

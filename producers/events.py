@@ -10,9 +10,6 @@ an event is made.
 from __future__ import annotations
 
 import json
-import math
-import re
-import uuid
 from datetime import UTC, datetime
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -26,7 +23,6 @@ from pydantic import (
     StrictInt,
     TypeAdapter,
     ValidationError,
-    field_serializer,
     field_validator,
     model_validator,
 )
@@ -35,74 +31,33 @@ from pydantic.alias_generators import to_camel
 from usertrail.errors import EventValidationError
 
 SCHEMA_VERSION = 1
-METADATA_MAX_BYTES = 16 * 1024
-"""Largest serialized ``metadata`` (or onboarding ``answers``) accepted."""
+EVENT_MAX_BYTES = 32 * 1024
+"""Largest event accepted, as wire JSON; ``metadata`` (``answers`` of an
+onboarding, ``notificationSettings`` of preferences) is what can grow."""
+_FREE_FORM = {"interaction": "metadata", "onboarding.completed": "answers",
+              "preferences.updated": "notification_settings"}
 USER_ID_MAX = 191
 INTERACTION_TYPES = ("reading", "chat", "feedback", "share")
 
-_SLUG = re.compile(r"^[a-z0-9]+(?:[-_][a-z0-9]+)*$")
-_LANGUAGE = re.compile(r"^[a-z]{2,3}(?:-[A-Za-z0-9]{2,8})*$")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# Checked by pydantic-core's regex engine (no Python call per field); the
+# messages below replace its generic "should match pattern" in errors.
+SLUG_PATTERN = r"^[a-z0-9]+(?:[-_][a-z0-9]+)*$"
+TEXT_ID_PATTERN = r"^[^\x00-\x1f\x7f]*[^\s\x00-\x1f\x7f][^\x00-\x1f\x7f]*$"
+UUID7_PATTERN = r"^[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$"
+LANGUAGE_PATTERN = r"^[a-z]{2,3}(?:-[A-Za-z0-9]{2,8})*$"
+_PATTERN_MESSAGES = {
+    SLUG_PATTERN: "must be a lower-case slug (a-z, 0-9, '-' or '_' between them)",
+    TEXT_ID_PATTERN: "must not be blank or contain control characters",
+    UUID7_PATTERN: "must be a lower-case canonical UUID version 7 (time-ordered)",
+    LANGUAGE_PATTERN: "must be a language tag such as 'en' or 'pt-BR'",
+}
 
 
-def _slug(value: str) -> str:
-    if len(value) > 64 or not _SLUG.fullmatch(value):
-        raise ValueError(
-            "must be a lower-case slug (a-z, 0-9, '-' or '_' between them, at most 64 chars)"
-        )
-    return value
-
-
-def _user_id(value: str) -> str:
-    if not value.strip():
-        raise ValueError("must not be empty or blank")
-    if _CONTROL.search(value):
-        raise ValueError("must not contain control characters")
-    return value
-
-
-def _event_id(value: str) -> str:
-    try:
-        parsed = uuid.UUID(value)
-    except ValueError:
-        raise ValueError("must be a UUID (version 7, time-ordered)") from None
-    if parsed.version != 7 or str(parsed) != value:
-        raise ValueError("must be a lower-case canonical UUID version 7 (time-ordered)")
-    return value
-
-
-def _json_object(limit: int) -> Any:
-    def check(value: dict[str, JsonValue]) -> dict[str, JsonValue]:
-        _reject_non_finite(value)
-        size = len(json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode())
-        if size > limit:
-            raise ValueError(f"is {size} bytes as JSON; the limit is {limit}")
-        return value
-
-    return AfterValidator(check)
-
-
-def _reject_non_finite(value: Any) -> None:
-    if isinstance(value, float) and not math.isfinite(value):
-        raise ValueError("must not contain NaN or infinite numbers (not JSON)")
-    if isinstance(value, dict):
-        for item in value.values():
-            _reject_non_finite(item)
-    elif isinstance(value, list):
-        for item in value:
-            _reject_non_finite(item)
-
-
-Slug = Annotated[str, AfterValidator(_slug)]
-UserId = Annotated[str, Field(min_length=1, max_length=USER_ID_MAX), AfterValidator(_user_id)]
-EventId = Annotated[str, AfterValidator(_event_id)]
-JsonObject = Annotated[dict[str, JsonValue], _json_object(METADATA_MAX_BYTES)]
+Slug = Annotated[str, Field(max_length=64, pattern=SLUG_PATTERN)]
+UserId = Annotated[str, Field(min_length=1, max_length=USER_ID_MAX, pattern=TEXT_ID_PATTERN)]
+EventId = Annotated[str, Field(pattern=UUID7_PATTERN)]
+JsonObject = dict[str, JsonValue]
 Rating = Annotated[StrictInt, Field(ge=1, le=5)]
-
-
-def format_time(value: datetime) -> str:
-    """The wire form of a timestamp: UTC, microseconds, ``Z``."""
-    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 class _Frozen(BaseModel):
@@ -116,10 +71,12 @@ class _Frozen(BaseModel):
         # SDK keyword arguments arrive as Python values; JSON from the wire is
         # parsed in JSON mode (where a string is never an int either).
         strict=False,
+        # NaN and infinities are not JSON: refused anywhere, metadata included.
+        allow_inf_nan=False,
     )
 
 
-Source = Annotated[str, Field(min_length=1, max_length=100), AfterValidator(_user_id)]
+Source = Annotated[str, Field(min_length=1, max_length=100, pattern=TEXT_ID_PATTERN)]
 _SOURCE_ADAPTER: TypeAdapter[str] = TypeAdapter(Source)
 
 
@@ -132,14 +89,11 @@ class EventBase(_Frozen):
     schema_version: Literal[1] = SCHEMA_VERSION
     source: Source
 
+    # On the wire: RFC 3339 in UTC with "Z" (pydantic's form for UTC values).
     @field_validator("occurred_at")
     @classmethod
     def _to_utc(cls, value: datetime) -> datetime:
-        return value.astimezone(UTC)
-
-    @field_serializer("occurred_at")
-    def _ser_time(self, value: datetime) -> str:
-        return format_time(value)
+        return value if value.tzinfo is UTC else value.astimezone(UTC)
 
 
 class Interaction(EventBase):
@@ -158,7 +112,7 @@ class PreferencesUpdated(EventBase):
 
     kind: Literal["preferences.updated"] = "preferences.updated"
     preferred_language: (
-        Annotated[str, Field(max_length=35, pattern=_LANGUAGE.pattern)] | None
+        Annotated[str, Field(max_length=35, pattern=LANGUAGE_PATTERN)] | None
     ) = None
     preferred_themes: Annotated[list[Slug], Field(max_length=50)] | None = None
     preferred_services: Annotated[list[Slug], Field(max_length=50)] | None = None
@@ -227,19 +181,39 @@ def _errors(exc: ValidationError) -> list[tuple[str, str]]:
         if loc and loc[0] in EVENT_TYPES:
             loc = loc[1:]
         field = ".".join(loc) or "event"
-        out.append((field, err["msg"]))
+        message = err["msg"]
+        if err["type"] == "string_pattern_mismatch":
+            message = _PATTERN_MESSAGES.get(str(err.get("ctx", {}).get("pattern")), message)
+        out.append((field, message))
     return out
 
 
 def build(kind: str, **fields: Any) -> EventBase:
     """Validate Python values into an event, raising ``EventValidationError``."""
+    return build_encoded(kind, fields)[0]
+
+
+def build_encoded(kind: str, fields: dict[str, Any]) -> tuple[EventBase, bytes]:
+    """Validate Python values into an event and its wire bytes, in one pass
+    (the size limit is a limit on those bytes)."""
     model = EVENT_TYPES.get(kind)
     if model is None:
         raise EventValidationError(kind, [("kind", f"must be one of {sorted(EVENT_TYPES)}")])
     try:
-        return model.model_validate(fields)
+        event = model.__pydantic_validator__.validate_python(fields)
     except ValidationError as exc:
         raise EventValidationError(kind, _errors(exc)) from None
+    wire = event.__pydantic_serializer__.to_json(event, exclude_none=True, by_alias=True)
+    if len(wire) > EVENT_MAX_BYTES:
+        raise _too_large(kind, len(wire))
+    return event, wire
+
+
+def _too_large(kind: str, size: int) -> EventValidationError:
+    field = _FREE_FORM.get(kind, "event")
+    return EventValidationError(
+        kind, [(field, f"makes the event {size} bytes as JSON; the limit is {EVENT_MAX_BYTES}")]
+    )
 
 
 def check_source(source: str) -> str:
@@ -252,22 +226,27 @@ def check_source(source: str) -> str:
 
 def encode(event: EventBase) -> bytes:
     """The wire bytes of an event: compact JSON, absent optionals left out."""
-    return event.model_dump_json(exclude_none=True).encode()
+    return event.__pydantic_serializer__.to_json(event, exclude_none=True, by_alias=True)
 
 
 def decode(data: bytes | str) -> EventBase:
     """Parse and validate wire bytes, raising ``EventValidationError``."""
+    if len(data) > EVENT_MAX_BYTES:
+        raise _too_large(_peek_kind(data), len(data))
     try:
         return _EVENT_ADAPTER.validate_json(data)
     except ValidationError as exc:
-        kind = "unknown"
-        try:
-            raw = json.loads(data)
-            if isinstance(raw, dict) and isinstance(raw.get("kind"), str):
-                kind = raw["kind"]
-        except ValueError:
-            pass
-        raise EventValidationError(kind, _errors(exc)) from None
+        raise EventValidationError(_peek_kind(data), _errors(exc)) from None
+
+
+def _peek_kind(data: bytes | str) -> str:
+    try:
+        raw = json.loads(data)
+    except ValueError:
+        return "unknown"
+    if isinstance(raw, dict) and isinstance(raw.get("kind"), str):
+        return str(raw["kind"])
+    return "unknown"
 
 
 def key(event: EventBase) -> bytes:

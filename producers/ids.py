@@ -7,7 +7,7 @@ steps back never makes an id smaller than the last one.
 
 from __future__ import annotations
 
-import os
+import random
 import threading
 import time
 import uuid
@@ -24,16 +24,18 @@ def uuid7() -> str:
         ms = time.time_ns() // 1_000_000
         if ms > _last_ms:
             _last_ms = ms
-            _counter = int.from_bytes(os.urandom(2)) & 0x3FF  # leave room to count
+            _counter = random.getrandbits(10)  # random start, room left to count
         else:
             _counter += 1
             if _counter > 0xFFF:  # counter exhausted: borrow the next millisecond
                 _last_ms += 1
                 _counter = 0
         ms, counter = _last_ms, _counter
-    rand_b = int.from_bytes(os.urandom(8)) & 0x3FFF_FFFF_FFFF_FFFF
+    # Uniqueness, not secrecy: the random module (reseeded after fork) is enough.
+    rand_b = random.getrandbits(62)
     value = (ms & 0xFFFF_FFFF_FFFF) << 80 | 0x7 << 76 | counter << 64 | 0b10 << 62 | rand_b
-    return str(uuid.UUID(int=value))
+    h = "%032x" % value
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 def uuid7_time_ms(value: str) -> int:

@@ -14,12 +14,13 @@ import json
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 
-@dataclass(frozen=True, slots=True)
-class SpooledRecord:
+class SpooledRecord(NamedTuple):
+    """One event on its way: a tuple, since the SDK makes one per event."""
+
     topic: str
     key: bytes
     value: bytes

@@ -1,0 +1,176 @@
+"""The SDK against the real embedded broker."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import create_topics, read_all
+from usertrail.embedded import EmbeddedBroker
+from usertrail.errors import BrokerUnavailableError, BufferFullError, ClientClosedError, EventValidationError
+from usertrail.producers import SyncTrackingClient, TrackingClient, decode, encode
+from usertrail.producers.events import build
+from usertrail.settings import Settings
+
+
+async def test_async_client_events_read_back_byte_for_byte(settings: Settings) -> None:
+    await create_topics(settings)
+    sent = {}
+    async with TrackingClient(source="web", settings=settings) as client:
+        for i in range(200):
+            event_id = await client.track_interaction(
+                user_id=f"user-{i % 7}", type="reading", service="tarot", theme="love",
+                rating=1 + i % 5, metadata={"duration": i, "nested": {"ok": [1, None]}},
+            )
+            sent[event_id] = None
+        await client.track_preferences(user_id="user-1", tone_preference="formal")
+        await client.track_onboarding(user_id="user-2", interests=["love"], experience="new")
+        await client.erase_user(user_id="user-3")
+        report = await client.close()
+    assert report.delivered == 203 and report.spooled == 0
+
+    records = await read_all(settings, settings.events_topic, expected=203)
+    assert len(records) == 203
+    by_user: dict[bytes, list[str]] = {}
+    for _, key, value in records:
+        assert key is not None and value is not None
+        event = decode(value)
+        assert encode(event) == value, "the bytes are exactly the contract's JSON"
+        assert key == event.user_id.encode()
+        by_user.setdefault(key, []).append(event.event_id)
+    assert set(sent) <= {e for ids in by_user.values() for e in ids}
+    for ids in by_user.values():  # one user's events stay in send order
+        assert ids == sorted(ids)
+
+
+async def test_one_user_lives_in_one_partition(settings: Settings) -> None:
+    await create_topics(settings)
+    async with TrackingClient(source="web", settings=settings) as client:
+        for i in range(100):
+            await client.track_interaction(user_id=f"u{i % 10}", type="chat", service="saju")
+    records = await read_all(settings, settings.events_topic, expected=100)
+    partitions: dict[bytes | None, set[int]] = {}
+    for partition, key, _ in records:
+        partitions.setdefault(key, set()).add(partition)
+    assert len(partitions) == 10
+    assert all(len(p) == 1 for p in partitions.values())
+    assert len({next(iter(p)) for p in partitions.values()}) > 1, "users spread over partitions"
+
+
+async def test_sync_client_delivers_everything_on_close(settings: Settings) -> None:
+    await create_topics(settings)
+
+    def app() -> list[str]:
+        with SyncTrackingClient(source="flask", settings=settings) as client:
+            return [client.track_interaction(user_id="s1", type="feedback", service="astrology",
+                                             rating=2) for _ in range(50)]
+
+    ids = await asyncio.to_thread(app)
+    records = await read_all(settings, settings.events_topic, expected=50)
+    assert [decode(v).event_id for _, _, v in records if v] == ids
+    assert all(decode(v).source == "flask" for _, _, v in records if v)
+
+
+async def test_invalid_input_raises_at_the_call_and_sends_nothing(settings: Settings) -> None:
+    await create_topics(settings)
+    async with TrackingClient(source="web", settings=settings) as client:
+        with pytest.raises(EventValidationError) as info:
+            await client.track_interaction(user_id="u", type="reading", service="saju", rating=9)
+        assert info.value.fields == ["rating"]
+        with pytest.raises(EventValidationError, match="metadata"):
+            await client.track_interaction(user_id="u", type="reading", service="saju",
+                                           metadata={"at": datetime.now(UTC)})
+        with pytest.raises(EventValidationError, match="occurred_at"):
+            await client.track_interaction(user_id="u", type="reading", service="saju",
+                                           occurred_at=datetime(2026, 1, 1))  # noqa: DTZ001
+        await client.track_interaction(user_id="u", type="reading", service="saju", rating=4)
+    records = await read_all(settings, settings.events_topic, expected=1)
+    assert len(records) == 1 and json.loads(records[0][2] or b"")["rating"] == 4
+
+
+async def test_sending_before_start_is_a_clear_error(settings: Settings) -> None:
+    client = TrackingClient(source="web", settings=settings)
+    with pytest.raises(ClientClosedError, match="start"):
+        await client.track_interaction(user_id="u", type="chat", service="saju")
+
+
+async def test_unreachable_broker_is_a_retriable_error(settings_factory: Callable[..., Settings],
+                                                       broker: EmbeddedBroker) -> None:
+    settings = settings_factory(broker, kafka_bootstrap_servers="127.0.0.1:1")
+    client = TrackingClient(source="web", settings=settings, delivery_timeout=2)
+    with pytest.raises(BrokerUnavailableError) as info:
+        await client.start()
+    assert info.value.retriable
+
+
+async def test_full_buffer_waits_then_raises(broker_factory: Callable[..., EmbeddedBroker],
+                                            settings_factory: Callable[..., Settings],
+                                            tmp_path: Path) -> None:
+    broker = broker_factory()
+    settings = settings_factory(broker)
+    await create_topics(settings)
+    client = TrackingClient(source="web", settings=settings, buffer_size=3, buffer_timeout=0.3,
+                            delivery_timeout=2, linger_ms=0, spool_path=tmp_path / "s.jsonl")
+    await client.start()
+    broker.stop()  # nothing will be acknowledged now
+    for _ in range(3):
+        await client.track_interaction(user_id="u", type="chat", service="saju")
+    with pytest.raises(BufferFullError) as info:
+        await client.track_interaction(user_id="u", type="chat", service="saju")
+    assert info.value.retriable
+    report = await client.close()
+    assert report.spooled == 3 and client.spool.count() == 3
+
+
+async def test_broker_outage_spools_and_next_start_resends_each_event_once(
+    broker_factory: Callable[..., EmbeddedBroker],
+    settings_factory: Callable[..., Settings],
+    tmp_path: Path,
+) -> None:
+    broker = broker_factory()
+    settings = settings_factory(broker)
+    await create_topics(settings)
+    spool = tmp_path / "spool.jsonl"
+    failures: list[str] = []
+
+    client = TrackingClient(source="web", settings=settings, delivery_timeout=2, spool_path=spool,
+                            on_delivery=lambda eid, err: failures.append(eid) if err else None)
+    await client.start()
+    before = [await client.track_interaction(user_id=f"u{i}", type="chat", service="saju")
+              for i in range(10)]
+    assert (await client.flush()).delivered == 10
+    broker.stop()
+    during = [await client.track_interaction(user_id=f"u{i}", type="reading", service="tarot",
+                                             rating=5) for i in range(30)]
+    report = await client.close()
+    assert report.delivered == 0 and report.spooled == 30
+    assert sorted(failures) == sorted(during), "every failure reached the callback"
+    assert client.spool.count() == 30
+
+    # The broker comes back (memory storage: empty) on the same address.
+    broker_factory(port=broker.port)
+    await create_topics(settings)
+    async with TrackingClient(source="web", settings=settings, spool_path=spool) as again:
+        assert again.resent_from_spool == 30
+        after = await again.track_interaction(user_id="u0", type="share", service="saju")
+    assert not spool.exists()
+
+    records = await read_all(settings, settings.events_topic, expected=31)
+    ids = [decode(v).event_id for _, _, v in records if v]
+    assert sorted(ids) == sorted([*during, after]), "none lost, none duplicated"
+    assert not set(before) & set(ids)  # the restarted broker kept nothing from before
+
+
+async def test_send_returns_a_delivery_future(settings: Settings) -> None:
+    await create_topics(settings)
+    async with TrackingClient(source="web", settings=settings) as client:
+        event = build("user.erased", event_id="01a2a000-0000-7000-8000-000000000001",
+                      user_id="gone", occurred_at=datetime.now(UTC), source="web")
+        future = await client.send(event)
+        metadata = await future
+        assert metadata.topic == settings.events_topic and metadata.offset >= 0

@@ -1,0 +1,136 @@
+"""`usertrail up` starts the embedded stack and leaves nothing behind."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from usertrail.embedded import free_port
+
+
+def _start_up(tmp_path: Path) -> tuple[subprocess.Popen[str], list[int], int, int]:
+    kafka, pg = free_port(), free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "usertrail.cli", "up", "--data-dir", str(tmp_path / "data"),
+         "--kafka-port", str(kafka), "--postgres-port", str(pg), "--partitions", "3"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={k: v for k, v in os.environ.items()
+             if k not in ("KAFKA_BOOTSTRAP_SERVERS", "DATABASE_URL")},
+    )
+    assert proc.stdout is not None
+    pids: list[int] = []
+    deadline = time.monotonic() + 60
+    lines = []
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if m := re.search(r"(postgres|tansu broker) pid (\d+)", line):
+            pids.append(int(m.group(2)))
+        if line.startswith("usertrail is up"):
+            return proc, pids, kafka, pg
+    _stop(proc, signal.SIGKILL)
+    raise AssertionError("usertrail up did not come up:\n" + "".join(lines))
+
+
+def _stop(proc: subprocess.Popen[str], how: int) -> None:
+    proc.send_signal(how)
+    proc.wait(timeout=60)
+    assert proc.stdout is not None
+    proc.stdout.close()
+
+
+def _descendants(pids: list[int]) -> list[int]:
+    out = []
+    for pid in pids:
+        try:
+            out += [pid] + [c.pid for c in psutil.Process(pid).children(recursive=True)]
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+@pytest.mark.parametrize("how", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL])
+def test_up_then_stop_leaves_no_process(tmp_path: Path, how: signal.Signals) -> None:
+    proc, pids, kafka, pg = _start_up(tmp_path)
+    assert len(pids) == 2
+    everything = _descendants(pids)
+    assert len(everything) > 2, "postgres runs its helper processes"
+    assert _listening(kafka) and _listening(pg)
+
+    _stop(proc, how)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and any(_alive(p) for p in everything):
+        time.sleep(0.1)
+    assert [p for p in everything if _alive(p)] == []
+    assert not _listening(kafka) and not _listening(pg)
+    if how != signal.SIGKILL:
+        assert proc.returncode == 0
+
+
+def test_up_creates_topics_with_their_configuration(tmp_path: Path) -> None:
+    import asyncio
+
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    proc, _, kafka, _ = _start_up(tmp_path)
+    try:
+        async def describe() -> tuple[dict[str, int], dict[str, dict[str, str]]]:
+            admin = AIOKafkaAdminClient(bootstrap_servers=f"127.0.0.1:{kafka}")
+            await admin.start()
+            try:
+                names = ["usertrail.events", "usertrail.profiles", "usertrail.deadletter"]
+                topics = await admin.describe_topics(names)
+                from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+
+                configs = await admin.describe_configs(
+                    [ConfigResource(ConfigResourceType.TOPIC, n) for n in names]
+                )
+                found = {}
+                for response in configs:
+                    for resource in response.resources:
+                        found[resource[3]] = {entry[0]: entry[1] for entry in resource[4]}
+                return {t["topic"]: len(t["partitions"]) for t in topics}, found
+            finally:
+                await admin.close()
+
+        partitions, configs = asyncio.run(describe())
+        assert partitions == {"usertrail.events": 3, "usertrail.profiles": 3,
+                              "usertrail.deadletter": 1}
+        assert configs["usertrail.events"]["retention.ms"] == "-1"
+        assert configs["usertrail.profiles"]["cleanup.policy"] == "compact"
+    finally:
+        _stop(proc, signal.SIGINT)
+
+
+def test_every_subcommand_has_help() -> None:
+    from usertrail.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    for name, subparser in sub.choices.items():  # type: ignore[union-attr]
+        text = subparser.format_help()
+        assert subparser.description, name
+        assert "--bootstrap-servers" in text, name
