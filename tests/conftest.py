@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -116,3 +117,36 @@ async def read_all(
 
 
 __all__ = ["TopicSpec", "create_topics", "read_all", "unique"]
+
+
+# --- databases ------------------------------------------------------------------------
+PG15_URL = os.environ.get("USERTRAIL_TEST_PG15_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+def _server_url(request: pytest.FixtureRequest, which: str) -> str:
+    if which == "pg15":
+        return PG15_URL
+    pg: EmbeddedPostgres = request.getfixturevalue("postgres")
+    return f"postgresql://postgres@127.0.0.1:{pg.port}/postgres"
+
+
+@pytest.fixture(params=["pg15", "pg18"])
+def database_factory(request: pytest.FixtureRequest) -> Iterator[Callable[[], str]]:
+    """Fresh empty databases on the machine's PostgreSQL 15 and the embedded
+    PostgreSQL 18 (each test runs on both); dropped afterwards."""
+    import psycopg
+
+    admin_url = _server_url(request, request.param)
+    made: list[str] = []
+
+    def make() -> str:
+        name = f"ut_{os.getpid()}_{next(_counter)}"
+        with psycopg.connect(admin_url, autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        made.append(name)
+        return admin_url.rsplit("/", 1)[0] + f"/{name}"
+
+    yield make
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        for name in made:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

@@ -128,9 +128,16 @@ def test_up_creates_topics_with_their_configuration(tmp_path: Path) -> None:
 def test_every_subcommand_has_help() -> None:
     from usertrail.cli import build_parser
 
-    parser = build_parser()
-    sub = next(a for a in parser._actions if a.dest == "command")
-    for name, subparser in sub.choices.items():  # type: ignore[union-attr]
-        text = subparser.format_help()
+    import argparse
+
+    def leaves(parser: argparse.ArgumentParser, path: str) -> list[tuple[str, argparse.ArgumentParser]]:
+        subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        if not subs:
+            return [(path, parser)]
+        return [leaf for name, p in subs[0].choices.items() for leaf in leaves(p, f"{path} {name}")]
+
+    found = leaves(build_parser(), "usertrail")
+    assert {"usertrail up", "usertrail db migrate", "usertrail db check"} <= {n for n, _ in found}
+    for name, subparser in found:
         assert subparser.description, name
-        assert "--bootstrap-servers" in text, name
+        assert "--bootstrap-servers" in subparser.format_help(), name

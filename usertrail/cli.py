@@ -92,7 +92,7 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     try:
         stack.start()
         created = asyncio.run(ensure_topics(settings))
-        _check_database(settings)
+        _prepare_database(settings, args.migrate)
         for name in created:
             log.info("created topic %s", name)
         print("usertrail is up", flush=True)
@@ -121,14 +121,22 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
         stack.stop()
 
 
-def _check_database(settings: Settings) -> None:
-    import psycopg
+def _prepare_database(settings: Settings, migrate: bool) -> None:
+    """The embedded database is always migrated; a real one only when asked."""
+    from usertrail.migrations import runner
 
+    engine = runner.make_engine(settings)
     try:
-        with psycopg.connect(settings.database_dsn(), connect_timeout=10) as conn:
-            conn.execute("SELECT 1")
-    except psycopg.OperationalError as exc:
-        raise UsertrailError(f"cannot reach PostgreSQL: {exc}") from exc
+        if migrate or settings.embedded_db:
+            runner.upgrade(engine)
+        st = runner.status(engine)
+        if st.pending:
+            raise UsertrailError(
+                f"the database is at {st.current or 'base'} with {len(st.pending)} migration(s) "
+                "pending: run `usertrail db migrate` (or `up --migrate`)"
+            )
+    finally:
+        engine.dispose()
 
 
 # --- schema ----------------------------------------------------------------------
@@ -169,6 +177,70 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     return 0 if report.spooled == 0 else 1
 
 
+# --- db --------------------------------------------------------------------------
+def cmd_db(args: argparse.Namespace, settings: Settings) -> int:
+    from usertrail.migrations import runner
+
+    engine = runner.make_engine(settings)
+    try:
+        if args.db_command == "migrate":
+            if args.adopt:
+                stamped = runner.adopt(engine)
+                if stamped:
+                    print(f"adopted the existing tables as revision {stamped}")
+            else:
+                runner.upgrade(engine)
+            print(f"database is at {runner.status(engine).current} (head)")
+        elif args.db_command == "downgrade":
+            runner.downgrade(engine, args.revision)
+            print(f"database is at {runner.status(engine).current or 'base'}")
+        elif args.db_command == "status":
+            st = runner.status(engine)
+            print(f"current revision: {st.current or '(none: empty database)'}")
+            print(f"head revision:    {st.head}")
+            for rev in st.applied:
+                print(f"  applied  {rev}")
+            for rev in st.pending:
+                print(f"  pending  {rev}")
+            print("Database schema is up to date." if not st.pending
+                  else f"{len(st.pending)} migration(s) pending: run `usertrail db migrate`.")
+        elif args.db_command == "check":
+            differences = runner.check(engine)
+            if differences:
+                print("The database differs from the migrations:")
+                for line in differences:
+                    print(f"  - {line}")
+                return 1
+            print("No drift: the database matches the migrations.")
+        elif args.db_command == "validate":
+            report = runner.validate(engine)
+            if args.json:
+                print(json.dumps(report, indent=2))
+            else:
+                _print_validation(report)
+        return 0
+    except runner.SchemaDrift as exc:
+        print(f"usertrail: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        engine.dispose()
+
+
+def _print_validation(report: dict[str, Any]) -> None:
+    pct = "-" if report["percentage"] is None else f"{report['percentage']:.2f}"
+    print(" total | with_segments | percentage")
+    print(f" {report['total']:>5} | {report['with_segments']:>13} | {pct:>10}")
+    print()
+    rows = report["distribution"]
+    width = max([len("primarySegment"), *(len(r["primarySegment"]) for r in rows)])
+    print(f" {'primarySegment':<{width}} | count | avg_confidence")
+    for r in rows:
+        avg = "-" if r["avg_confidence"] is None else f"{r['avg_confidence']:.2f}"
+        print(f" {r['primarySegment']:<{width}} | {r['count']:>5} | {avg:>14}")
+    if not rows:
+        print(" (no user has a primary segment yet)")
+
+
 # --- parser ----------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     common = _common()
@@ -187,6 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--partitions", type=int, metavar="N",
                     help="partitions of usertrail.events when created "
                          "[env USERTRAIL_EVENTS_PARTITIONS; default 8]")
+    up.add_argument("--migrate", action="store_true",
+                    help="upgrade a real database (DATABASE_URL) to the newest schema first; "
+                         "the embedded one is always migrated")
     up.set_defaults(func=cmd_up)
 
     schema = sub.add_parser(
@@ -206,6 +281,40 @@ def build_parser() -> argparse.ArgumentParser:
                       help="number of events in all (default 5000)")
     demo.add_argument("--seed", type=int, default=7, help="random seed (default 7)")
     demo.set_defaults(func=cmd_demo)
+
+    db = sub.add_parser(
+        "db", help="the product's schema: migrate, downgrade, status, check, validate",
+        description="Manage the PostgreSQL schema (the seeds' tables, exactly) with alembic.")
+    dbsub = db.add_subparsers(dest="db_command", required=True, metavar="DB_COMMAND")
+    migrate = dbsub.add_parser(
+        "migrate", parents=[common], help="upgrade to the newest revision",
+        description="Upgrade the database to the newest revision. With --adopt, tables that "
+                    "already exist (made by Prisma from the same seeds) are stamped instead "
+                    "of created when they match exactly; when they differ, nothing is changed "
+                    "and the differences are printed. Data is never dropped or rewritten.")
+    migrate.add_argument("--adopt", action="store_true",
+                         help="adopt existing matching tables (the seed's 'Option B: baseline')")
+    down = dbsub.add_parser(
+        "downgrade", parents=[common], help="downgrade to a revision (or 'base')",
+        description="Downgrade to REV, running each revision's rollback (the seeds' rollback "
+                    "sections). Dropping the segment columns keeps every other column and row.")
+    down.add_argument("revision", metavar="REV", help="target revision id, 'base' or -N")
+    dbsub.add_parser(
+        "status", parents=[common], help="current revision and pending ones",
+        description="Show the current revision, what is applied and what is pending "
+                    "(like `prisma migrate status`).")
+    dbsub.add_parser(
+        "check", parents=[common], help="drift between the migrations and the live database",
+        description="Compare the live tables (columns, types, defaults, nullability, indexes, "
+                    "constraints) with what the migrations define; exit code 1 and a list of "
+                    "differences when they differ.")
+    validate = dbsub.add_parser(
+        "validate", parents=[common], help="seed 002 validation report (segment coverage)",
+        description="Run the seed 002 validation queries: how many vectors have segments, the "
+                    "percentage, and the distribution of primary segments with their average "
+                    "confidence.")
+    validate.add_argument("--json", action="store_true", help="print JSON for machines")
+    db.set_defaults(func=cmd_db)
     return parser
 
 
@@ -221,7 +330,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
         stream=sys.stderr,
     )
-    logging.getLogger("aiokafka").setLevel(max(logging.WARNING, logging.root.level))
+    for noisy in ("aiokafka", "alembic"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.root.level))
     func: Callable[[argparse.Namespace, Settings], int] = args.func
     try:
         return func(args, settings)

@@ -1,0 +1,31 @@
+"""Alembic environment for usertrail.
+
+Run through ``usertrail db ...`` (``usertrail.migrations.runner``), which
+passes an open connection, and optionally a schema: every statement then
+lands in that schema (used to build the expected catalog in a scratch schema).
+"""
+
+from __future__ import annotations
+
+from alembic import context
+from sqlalchemy import text
+
+from usertrail.sink.models import Base
+
+VERSION_TABLE = "usertrail_alembic_version"
+
+config = context.config
+connection = config.attributes["connection"]
+schema = config.attributes.get("schema")
+if schema:
+    connection.execute(text(f'SET search_path TO "{schema}"'))
+
+context.configure(
+    connection=connection,
+    target_metadata=Base.metadata,
+    version_table=VERSION_TABLE,
+    version_table_schema=schema,
+    transaction_per_migration=True,
+)
+with context.begin_transaction():
+    context.run_migrations()
