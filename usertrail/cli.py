@@ -177,6 +177,37 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     return 0 if report.spooled == 0 else 1
 
 
+# --- sink ------------------------------------------------------------------------
+def cmd_sink(args: argparse.Namespace, settings: Settings) -> int:
+    from usertrail.sink.consumer import SinkOptions, run_sink
+
+    options = SinkOptions(group=args.group, unknown_users=args.unknown_users,
+                          batch_max_records=args.batch_max, batch_max_wait_ms=args.batch_wait_ms)
+    asyncio.run(run_sink(settings, options, metrics_port=args.metrics_port))
+    return 0
+
+
+def cmd_dlq(args: argparse.Namespace, settings: Settings) -> int:
+    from usertrail.sink import dlq
+
+    if args.dlq_command == "list":
+        rows = dlq.list_dead_letters(settings, reason=args.reason,
+                                     include_resolved=args.all, limit=args.limit)
+        if args.json:
+            print(json.dumps([r.as_json() for r in rows], indent=2))
+            return 0
+        for r in rows:
+            state = f"resolved {r.resolved_at:%Y-%m-%d %H:%M}" if r.resolved_at else "open"
+            print(f"#{r.id} {r.reason:<13} {r.topic}[{r.partition}]@{r.offset} "
+                  f"user={r.user_id or '-'} retries={r.retries} {state}\n    {r.error[:300]}")
+        print(f"{len(rows)} dead letter(s)")
+        return 0
+    resolved, failing = asyncio.run(
+        dlq.retry(settings, reason=args.reason, unknown_users=args.unknown_users))
+    print(f"re-driven: {resolved} applied, {failing} still failing")
+    return 0 if failing == 0 else 1
+
+
 # --- db --------------------------------------------------------------------------
 def cmd_db(args: argparse.Namespace, settings: Settings) -> int:
     from usertrail.migrations import runner
@@ -281,6 +312,46 @@ def build_parser() -> argparse.ArgumentParser:
                       help="number of events in all (default 5000)")
     demo.add_argument("--seed", type=int, default=7, help="random seed (default 7)")
     demo.set_defaults(func=cmd_demo)
+
+    sink = sub.add_parser(
+        "sink", parents=[common], help="write usertrail.events to PostgreSQL (a group member)",
+        description="Consume usertrail.events and write the product's rows: interactions, "
+                    "preferences, erasures. Members of one group share the partitions; the "
+                    "position of each partition is stored with the rows, in one transaction. "
+                    "SIGTERM finishes the batch in hand and exits.")
+    sink.add_argument("--group", default="usertrail-sink", help="consumer group (default "
+                      "usertrail-sink)")
+    sink.add_argument("--unknown-users", choices=["create", "park"], default="create",
+                      help="an event for a user missing from \"User\": create a minimal row "
+                           "(default) or park it as a dead letter (reason unknown_user)")
+    sink.add_argument("--batch-max", type=int, default=5000, metavar="N",
+                      help="records per transaction at most (default 5000)")
+    sink.add_argument("--batch-wait-ms", type=int, default=200, metavar="MS",
+                      help="how long to wait to fill a batch (default 200)")
+    sink.add_argument("--metrics-port", type=int, metavar="PORT",
+                      help="serve Prometheus metrics on 127.0.0.1:PORT/metrics")
+    sink.set_defaults(func=cmd_sink)
+
+    dlq_parser = sub.add_parser(
+        "dlq", help="dead letters: list, retry",
+        description="Events that failed validation or could not be applied, with their reason "
+                    "and original bytes (table usertrail_dead_letters).")
+    dlqsub = dlq_parser.add_subparsers(dest="dlq_command", required=True, metavar="DLQ_COMMAND")
+    dlq_list = dlqsub.add_parser("list", parents=[common], help="list dead letters",
+                                 description="List open dead letters (--all: resolved too).")
+    dlq_list.add_argument("--reason", help="only this reason (invalid, wrong_key, "
+                                           "unknown_user, unapplicable)")
+    dlq_list.add_argument("--all", action="store_true", help="include resolved ones")
+    dlq_list.add_argument("--limit", type=int, default=100, help="at most N (default 100)")
+    dlq_list.add_argument("--json", action="store_true", help="print JSON")
+    dlq_retry = dlqsub.add_parser(
+        "retry", parents=[common], help="re-drive open dead letters through the sink",
+        description="Re-drive open dead letters through the sink's writer, oldest first. Those "
+                    "that apply are marked resolved; the others stay open with one more retry.")
+    dlq_retry.add_argument("--reason", help="only this reason")
+    dlq_retry.add_argument("--unknown-users", choices=["create", "park"], default="park",
+                           help="for events of users still missing (default park: stay dead)")
+    dlq_parser.set_defaults(func=cmd_dlq)
 
     db = sub.add_parser(
         "db", help="the product's schema: migrate, downgrade, status, check, validate",

@@ -1,0 +1,264 @@
+"""The sink's consumer loop: ``usertrail.events`` -> PostgreSQL.
+
+A member of the consumer group ``usertrail-sink`` (several processes share
+the partitions). Positions live in the database, written with the rows
+(``usertrail_positions``); on assignment the sink seeks to them. Kafka
+commits are made after each batch for lag monitoring only.
+
+Outages never skip anything: while the database is down the same batch is
+retried with backoff; while the broker is down the consumer keeps asking.
+A position beyond the end of the log means the log was reset (the embedded
+broker keeps nothing across a restart): that is logged as an error and the
+partition is read again from its start, which is safe because every write
+is idempotent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from aiokafka import (
+    AIOKafkaConsumer,
+    AIOKafkaProducer,
+    ConsumerRebalanceListener,
+    TopicPartition,
+)
+from aiokafka.errors import KafkaError, OffsetOutOfRangeError
+
+from usertrail.settings import Settings
+from usertrail.sink.metrics import SinkMetrics
+from usertrail.sink.plan import Record
+from usertrail.sink.writer import UnknownUsers, WriteResult, Writer
+
+log = logging.getLogger("usertrail.sink")
+
+GROUP = "usertrail-sink"
+
+
+@dataclass(frozen=True)
+class SinkOptions:
+    group: str = GROUP
+    unknown_users: UnknownUsers = "create"
+    batch_max_records: int = 5000
+    batch_max_wait_ms: int = 200
+    max_backoff: float = 10.0
+
+
+class _Positions(ConsumerRebalanceListener):  # type: ignore[misc]
+    """Seeks newly assigned partitions to the positions stored in the database."""
+
+    def __init__(self, sink: Sink) -> None:
+        self.sink = sink
+
+    async def on_partitions_revoked(self, revoked: Sequence[TopicPartition]) -> None:
+        # Nothing is pending: a batch is written before the next poll, and
+        # rebalances happen inside the poll.
+        log.info("partitions revoked: %s", sorted(tp.partition for tp in revoked))
+
+    async def on_partitions_assigned(self, assigned: Sequence[TopicPartition]) -> None:
+        await self.sink.seek_to_stored(assigned)
+
+
+class Sink:
+    def __init__(
+        self, settings: Settings, options: SinkOptions | None = None,
+        metrics: SinkMetrics | None = None,
+    ) -> None:
+        self.settings = settings
+        self.options = options or SinkOptions()
+        self.metrics = metrics or SinkMetrics()
+        self.writer = Writer(settings.database_dsn(), consumer=self.options.group,
+                             unknown_users=self.options.unknown_users)
+        self.consumer = AIOKafkaConsumer(
+            group_id=self.options.group,
+            enable_auto_commit=False,
+            # Positions come from the database; a position past the end of
+            # the log raises (Apache Kafka) or fetches nothing with a lower
+            # high-water mark (tansu): both are handled as a reset log.
+            auto_offset_reset="none",
+            max_partition_fetch_bytes=8 * 1024 * 1024,
+            fetch_max_bytes=64 * 1024 * 1024,
+            **settings.group_options(),
+            **settings.kafka_options(),
+        )
+        self.producer = AIOKafkaProducer(acks="all", **settings.kafka_options())
+        self._stopping = asyncio.Event()
+        self.written = WriteResult()
+
+    def stop(self) -> None:
+        """Finish the batch in hand, then return from ``run``."""
+        self._stopping.set()
+
+    async def seek_to_stored(self, assigned: Sequence[TopicPartition]) -> None:
+        if not assigned:
+            return
+        topic = self.settings.events_topic
+        stored = await self._retry_db(
+            lambda: self.writer.positions(topic, [tp.partition for tp in assigned]),
+            "read positions",
+        )
+        for tp in assigned:
+            if tp.partition in stored:
+                self.consumer.seek(tp, stored[tp.partition])
+            else:
+                await self.consumer.seek_to_beginning(tp)  # the log is the source of truth
+        log.info("assigned partitions %s at %s", sorted(tp.partition for tp in assigned),
+                 {p: stored.get(p, 0) for p in sorted(tp.partition for tp in assigned)})
+
+    async def _retry_db(self, action: Any, what: str) -> Any:
+        delay = 0.2
+        while True:
+            try:
+                await self.writer.connect()
+                return await action()
+            except psycopg.OperationalError as exc:
+                self.metrics.retries.labels("database").inc()
+                log.warning("database unavailable (%s) during %s; retrying in %.1fs",
+                            str(exc).strip().splitlines()[0], what, delay)
+                await self.writer.close()
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.options.max_backoff)
+
+    async def run(self) -> None:
+        await self._retry_db(lambda: self._noop(), "connect")
+        self.consumer.subscribe([self.settings.events_topic], listener=_Positions(self))
+        await self._start_consumer()
+        await self.producer.start()
+        try:
+            while not self._stopping.is_set():
+                await self._step()
+        finally:
+            try:
+                await asyncio.wait_for(self.consumer.stop(), timeout=10)
+            except (TimeoutError, KafkaError) as exc:  # BROKER.md 8: stop can hang
+                log.warning("consumer did not stop cleanly: %r", exc)
+            try:
+                await asyncio.wait_for(self.producer.stop(), timeout=10)
+            except (TimeoutError, KafkaError) as exc:
+                log.warning("producer did not stop cleanly: %r", exc)
+            await self.writer.close()
+
+    @staticmethod
+    async def _noop() -> None:
+        return None
+
+    async def _start_consumer(self) -> None:
+        delay = 0.2
+        while True:
+            try:
+                await self.consumer.start()
+                return
+            except KafkaError as exc:
+                log.warning("broker unavailable (%r); retrying in %.1fs", exc, delay)
+                self.metrics.retries.labels("broker").inc()
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.options.max_backoff)
+
+    async def _step(self) -> None:
+        try:
+            batch = await self.consumer.getmany(
+                timeout_ms=self.options.batch_max_wait_ms,
+                max_records=self.options.batch_max_records,
+            )
+        except OffsetOutOfRangeError as exc:
+            await self._log_reset(list(exc.args[0]) if exc.args else [])
+            return
+        except KafkaError as exc:
+            log.warning("broker error while fetching: %r", exc)
+            self.metrics.retries.labels("broker").inc()
+            await asyncio.sleep(0.5)
+            return
+        records = [
+            Record(tp.topic, tp.partition, r.offset, r.key, r.value)
+            for tp, rs in batch.items()
+            for r in rs
+        ]
+        if records:
+            started = time.perf_counter()
+            result = await self._retry_db(lambda: self.writer.write(records), "write")
+            self._account(result, time.perf_counter() - started)
+            await self._commit_for_monitoring(result)
+            if result.dead_letters:
+                await self._publish_dead_letters(result)
+        await self._check_reset_and_lag()
+
+    def _account(self, result: WriteResult, seconds: float) -> None:
+        m = self.metrics
+        m.batch_size.observe(result.records)
+        m.batch_seconds.observe(seconds)
+        m.rows.labels("UserInteraction").inc(result.interactions)
+        m.rows.labels("UserPreferences").inc(result.preferences)
+        for dead in result.dead_letters:
+            m.dead_letters.labels(dead.reason).inc()
+        w = self.written
+        w.records += result.records
+        w.interactions += result.interactions
+        w.preferences += result.preferences
+        w.erased += result.erased
+        w.dead_letters += result.dead_letters
+        w.positions.update(result.positions)
+
+    async def _publish_dead_letters(self, result: WriteResult) -> None:
+        """Also on the dead-letter topic, for tools that watch it (the table,
+        written in the batch's transaction, is the record of truth)."""
+        try:
+            for dead in result.dead_letters:
+                r = dead.record
+                await self.producer.send(
+                    self.settings.dead_letter_topic, r.value, key=r.key,
+                    headers=[("reason", dead.reason.encode()),
+                             ("error", dead.error[:1000].encode()),
+                             ("source", f"{r.topic}/{r.partition}/{r.offset}".encode())],
+                )
+            await self.producer.flush()
+        except KafkaError as exc:
+            log.warning("could not publish %d dead letters to %s (they are in the table): %r",
+                        len(result.dead_letters), self.settings.dead_letter_topic, exc)
+
+    async def _commit_for_monitoring(self, result: WriteResult) -> None:
+        offsets = {TopicPartition(t, p): o for (t, p), o in result.positions.items()}
+        try:
+            await self.consumer.commit(offsets)
+        except KafkaError as exc:  # positions live in the database; this is only for lag tools
+            log.debug("kafka commit (monitoring only) failed: %r", exc)
+
+    async def _check_reset_and_lag(self) -> None:
+        for tp in self.consumer.assignment():
+            highwater = self.consumer.highwater(tp)
+            if highwater is None:
+                continue
+            position = await self.consumer.position(tp)
+            if position > highwater:
+                await self._log_reset([tp])
+            else:
+                self.metrics.lag.labels(tp.topic, str(tp.partition)).set(highwater - position)
+
+    async def _log_reset(self, partitions: list[TopicPartition]) -> None:
+        for tp in partitions:
+            log.error(
+                "stored position of %s[%d] is beyond the end of the log: the log was reset "
+                "(an embedded broker restarted?). Reading it again from the start; writes are "
+                "idempotent, so nothing is duplicated.", tp.topic, tp.partition,
+            )
+            await self.consumer.seek_to_beginning(tp)
+
+
+async def run_sink(settings: Settings, options: SinkOptions | None = None,
+                   metrics_port: int | None = None) -> None:
+    import signal
+
+    sink = Sink(settings, options)
+    if metrics_port is not None:
+        sink.metrics.serve(metrics_port)
+        log.info("metrics on http://127.0.0.1:%d/metrics", metrics_port)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, sink.stop)
+    await sink.run()
+    log.info("sink stopped after %d records", sink.written.records)

@@ -1,0 +1,86 @@
+"""Dead letters: list them, and re-drive them through the sink's writer.
+
+A re-driven event that fails again (the user still unknown, the data still
+bad) stays a dead letter with its retry count raised; one that applies is
+marked resolved. Re-driving never moves the sink's positions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import psycopg
+
+from usertrail.settings import Settings
+from usertrail.sink.plan import Record
+from usertrail.sink.writer import UnknownUsers, Writer
+
+
+@dataclass(frozen=True)
+class DeadLetterRow:
+    id: int
+    reason: str
+    error: str
+    topic: str
+    partition: int
+    offset: int
+    event_id: str | None
+    user_id: str | None
+    received_at: datetime
+    retries: int
+    resolved_at: datetime | None
+    key: bytes | None
+    value: bytes | None
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id, "reason": self.reason, "error": self.error, "topic": self.topic,
+            "partition": self.partition, "offset": self.offset, "eventId": self.event_id,
+            "userId": self.user_id, "receivedAt": self.received_at.isoformat(),
+            "retries": self.retries,
+            "resolvedAt": self.resolved_at.isoformat() if self.resolved_at else None,
+            "value": self.value.decode(errors="replace")[:2000] if self.value else None,
+        }
+
+
+_COLUMNS = ("id, reason, error, topic, partition, \"offset\", event_id, user_id, received_at, "
+            "retries, resolved_at, key, value")
+
+
+def list_dead_letters(settings: Settings, *, reason: str | None = None,
+                      include_resolved: bool = False, limit: int = 1000) -> list[DeadLetterRow]:
+    query = f"SELECT {_COLUMNS} FROM usertrail_dead_letters WHERE (%s::text IS NULL OR reason = %s)"
+    if not include_resolved:
+        query += " AND resolved_at IS NULL"
+    query += " ORDER BY id LIMIT %s"
+    with psycopg.connect(settings.database_dsn()) as conn:
+        rows = conn.execute(query, (reason, reason, limit)).fetchall()
+    return [DeadLetterRow(*row) for row in rows]
+
+
+async def retry(settings: Settings, *, reason: str | None = None,
+                unknown_users: UnknownUsers = "park") -> tuple[int, int]:
+    """Re-drive unresolved dead letters; returns (resolved, still failing)."""
+    pending = list_dead_letters(settings, reason=reason, limit=1_000_000)
+    writer = Writer(settings.database_dsn(), consumer="usertrail-dlq-retry",
+                    unknown_users=unknown_users)
+    await writer.connect()
+    resolved = failing = 0
+    try:
+        for row in pending:  # one at a time, in the order they arrived
+            record = Record(row.topic, row.partition, row.offset, row.key, row.value)
+            result = await writer.write([record], positions=False)
+            still_dead = bool(result.dead_letters)
+            async with writer.conn.transaction():
+                await writer.conn.execute(
+                    "UPDATE usertrail_dead_letters SET retries = retries + 1, "
+                    "resolved_at = CASE WHEN %s THEN NULL ELSE now() END WHERE id = %s",
+                    (still_dead, row.id),
+                )
+            failing += still_dead
+            resolved += not still_dead
+    finally:
+        await writer.close()
+    return resolved, failing

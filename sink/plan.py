@@ -1,0 +1,105 @@
+"""What a batch of records does to the database: pure, no I/O.
+
+``classify`` turns one Kafka record into an event or a dead letter (with its
+reason); ``plan`` folds a batch of events, in log order, into the writes one
+transaction makes. A user's erasure removes what came before it in the batch
+(it would be deleted anyway) and is applied before the writes that follow it,
+so the result equals applying the events one by one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from usertrail.errors import EventValidationError
+from usertrail.producers import events
+from usertrail.producers.events import (
+    EventBase,
+    Interaction,
+    OnboardingCompleted,
+    PreferencesUpdated,
+    UserErased,
+)
+
+# dead-letter reasons
+INVALID = "invalid"  # not JSON, wrong shape, a broken rule
+WRONG_KEY = "wrong_key"  # the record key is not the user id: per-user order is not guaranteed
+UNKNOWN_USER = "unknown_user"  # "park" mode and the user is not in "User"
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """A Kafka record, as the sink needs it."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    record: Record
+    reason: str
+    error: str
+    event_id: str | None = None
+    user_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Decoded:
+    record: Record
+    event: EventBase
+
+
+def classify(record: Record) -> Decoded | DeadLetter:
+    if record.value is None:
+        return DeadLetter(record, INVALID, "empty record value (null)")
+    try:
+        event = events.decode(record.value)
+    except EventValidationError as exc:
+        return DeadLetter(record, INVALID, str(exc))
+    if record.key != event.user_id.encode():
+        return DeadLetter(
+            record, WRONG_KEY,
+            f"record key {record.key!r} is not the user id {event.user_id!r}",
+            event.event_id, event.user_id,
+        )
+    return Decoded(record, event)
+
+
+@dataclass
+class WritePlan:
+    erase: list[str] = field(default_factory=list)
+    interactions: list[Interaction] = field(default_factory=list)
+    # Applied one by one, in log order: each is a conditional upsert (newer
+    # over older), so merging them here would make the result depend on
+    # where batches happen to split.
+    preferences: list[PreferencesUpdated] = field(default_factory=list)
+    users: set[str] = field(default_factory=set)  # users that must exist in "User"
+
+    def __len__(self) -> int:
+        return len(self.interactions) + len(self.preferences) + len(self.erase)
+
+
+def plan(decoded: list[EventBase]) -> WritePlan:
+    """Fold events (in log order) into the writes of one transaction."""
+    out = WritePlan()
+    last_erasure: dict[str, int] = {}
+    for i, event in enumerate(decoded):
+        if isinstance(event, UserErased):
+            last_erasure[event.user_id] = i
+    out.erase = sorted(last_erasure)
+    for i, event in enumerate(decoded):
+        if last_erasure.get(event.user_id, -1) >= i:
+            continue  # before (or is) the user's erasure in this batch
+        if isinstance(event, Interaction):
+            out.interactions.append(event)
+            out.users.add(event.user_id)
+        elif isinstance(event, PreferencesUpdated):
+            out.users.add(event.user_id)
+            out.preferences.append(event)
+        elif isinstance(event, OnboardingCompleted):
+            out.users.add(event.user_id)
+    return out

@@ -1,0 +1,306 @@
+"""Writes a batch of records to PostgreSQL in one transaction.
+
+Written together, in this order, so that a crash anywhere leaves either all
+of it or none of it (DESIGN.md rule 2):
+
+1. the users the events need ("create" mode) or the parking of events of
+   unknown users ("park" mode);
+2. erasures (the user's interactions, preferences and vector);
+3. interactions, by COPY straight into "UserInteraction" inside a savepoint;
+   a redelivered batch hits the primary key, and then the rows go through
+   a staging table and ``INSERT ... ON CONFLICT (id) DO NOTHING``;
+4. preferences, one conditional upsert per event in log order (newer over
+   older, only the fields the event carries);
+5. dead letters (idempotent by topic, partition and offset);
+6. the next offset of every partition in the batch.
+
+A database error that retrying cannot fix (bad data the contract let
+through, such as a NUL character inside metadata) is isolated by splitting
+the batch until the one record is found; it becomes a dead letter with
+reason ``unapplicable`` and everything else is written.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import psycopg
+from psycopg import sql
+from psycopg.types.json import Jsonb
+from pydantic_core import to_json
+
+from usertrail.producers.events import Interaction, PreferencesUpdated
+from usertrail.sink.plan import (
+    UNKNOWN_USER,
+    DeadLetter,
+    Decoded,
+    Record,
+    WritePlan,
+    classify,
+    plan,
+)
+
+log = logging.getLogger("usertrail.sink")
+
+UNAPPLICABLE = "unapplicable"
+UnknownUsers = Literal["create", "park"]
+
+_COPY_COLUMNS = '(id, "userId", "createdAt", type, service, theme, rating, metadata)'
+_PREFERENCE_COLUMNS = {
+    "preferredLanguage": False,  # column: is it JSONB
+    "preferredThemes": True,
+    "preferredServices": True,
+    "notificationSettings": True,
+    "readingLength": False,
+    "tonePreference": False,
+}
+
+
+def _copy_text(value: str) -> str:
+    # COPY text format: backslash starts an escape. Ids cannot hold control
+    # characters (the contract refuses them) and JSON escapes its own.
+    return value.replace("\\", "\\\\") if "\\" in value else value
+
+
+def interaction_copy_rows(interactions: Iterable[Interaction]) -> bytes:
+    """The COPY text of "UserInteraction" rows: createdAt is the event time
+    in UTC (a timestamp without time zone, as the seed defines it)."""
+    lines = []
+    for e in interactions:
+        lines.append(
+            f"{e.event_id}\t{_copy_text(e.user_id)}\t{e.occurred_at.replace(tzinfo=None).isoformat()}"
+            f"\t{e.type}\t{e.service}\t{e.theme if e.theme is not None else chr(92) + 'N'}"
+            f"\t{e.rating if e.rating is not None else chr(92) + 'N'}"
+            f"\t{_copy_text(to_json(e.metadata).decode())}\n"
+        )
+    return "".join(lines).encode()
+
+
+@dataclass
+class WriteResult:
+    records: int = 0
+    interactions: int = 0  # rows inserted (duplicates excluded)
+    preferences: int = 0
+    erased: int = 0
+    dead_letters: list[DeadLetter] = field(default_factory=list)
+    positions: dict[tuple[str, int], int] = field(default_factory=dict)
+
+
+class Writer:
+    """Owns one connection; ``write`` is one batch, one transaction."""
+
+    def __init__(
+        self, conninfo: str, *, consumer: str, unknown_users: UnknownUsers = "create"
+    ) -> None:
+        self._conninfo = conninfo
+        self.consumer = consumer
+        self.unknown_users = unknown_users
+        self._conn: psycopg.AsyncConnection[Any] | None = None
+
+    async def connect(self) -> None:
+        if self._conn is not None and not self._conn.closed:
+            return
+        self._conn = await psycopg.AsyncConnection.connect(self._conninfo, autocommit=False)
+        await self._conn.execute(
+            'CREATE TEMP TABLE usertrail_staging (LIKE "UserInteraction" INCLUDING DEFAULTS) '
+            "ON COMMIT DELETE ROWS"
+        )
+        await self._conn.commit()
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            await self._conn.close()
+            self._conn = None
+
+    @property
+    def conn(self) -> psycopg.AsyncConnection[Any]:
+        assert self._conn is not None, "connect() first"
+        return self._conn
+
+    async def positions(self, topic: str, partitions: Sequence[int]) -> dict[int, int]:
+        async with self.conn.cursor() as cur:
+            await cur.execute(
+                "SELECT partition, next_offset FROM usertrail_positions "
+                "WHERE consumer = %s AND topic = %s AND partition = ANY(%s)",
+                (self.consumer, topic, list(partitions)),
+            )
+            rows = await cur.fetchall()
+        await self.conn.commit()
+        return {int(p): int(o) for p, o in rows}
+
+    # --- one batch ------------------------------------------------------------------
+    async def write(self, records: Sequence[Record], *, positions: bool = True) -> WriteResult:
+        """Write a batch (records in log order per partition) in one transaction.
+        Connection errors propagate (the caller retries the same batch).
+        ``positions=False`` (re-driving dead letters) leaves positions alone."""
+        try:
+            return await self._write(records, positions=positions)
+        except (psycopg.DataError, psycopg.IntegrityError) as exc:
+            # Bad data, not a bad database: find the record and dead-letter it.
+            # (A ProgrammingError is a missing schema or our bug: it stops us.)
+            return await self._isolate(records, exc, positions)
+
+    async def _write(
+        self, records: Sequence[Record], unapplicable: str | None = None, positions: bool = True
+    ) -> WriteResult:
+        result = WriteResult(records=len(records))
+        decoded: list[Decoded] = []
+        for record in records:
+            key = (record.topic, record.partition)
+            result.positions[key] = max(result.positions.get(key, 0), record.offset + 1)
+            if unapplicable is not None:
+                result.dead_letters.append(DeadLetter(record, UNAPPLICABLE, unapplicable))
+                continue
+            item = classify(record)
+            if isinstance(item, DeadLetter):
+                result.dead_letters.append(item)
+            else:
+                decoded.append(item)
+        conn = self.conn
+        async with conn.transaction():
+            async with conn.cursor() as cur:
+                if self.unknown_users == "park":
+                    decoded = await self._park_unknown(cur, decoded, result)
+                write_plan = plan([d.event for d in decoded])
+                if self.unknown_users == "create" and write_plan.users:
+                    await cur.execute(
+                        'INSERT INTO "User" (id) SELECT unnest(%s::text[]) ON CONFLICT DO NOTHING',
+                        (sorted(write_plan.users),),
+                    )
+                await self._erase(cur, write_plan, result)
+                await self._interactions(cur, write_plan, result)
+                await self._preferences(cur, write_plan.preferences, result)
+                await self._dead_letters(cur, result.dead_letters)
+                if not positions:
+                    return result
+                await cur.executemany(
+                    "INSERT INTO usertrail_positions (consumer, topic, partition, next_offset) "
+                    "VALUES (%s, %s, %s, %s) ON CONFLICT (consumer, topic, partition) DO UPDATE "
+                    "SET next_offset = EXCLUDED.next_offset, updated_at = now()",
+                    [(self.consumer, t, p, o) for (t, p), o in result.positions.items()],
+                )
+        return result
+
+    async def _isolate(
+        self, records: Sequence[Record], exc: Exception, positions: bool = True
+    ) -> WriteResult:
+        """Find the record(s) the database refuses by halving the batch."""
+        if len(records) == 1:
+            log.error("record %s:%d@%d cannot be applied: %s", records[0].topic,
+                      records[0].partition, records[0].offset, exc)
+            return await self._write(records, unapplicable=f"{type(exc).__name__}: {exc}",
+                                     positions=positions)
+        log.warning("batch of %d refused (%s); isolating the record", len(records), exc)
+        mid = len(records) // 2
+        merged = WriteResult()
+        for half in (records[:mid], records[mid:]):
+            part = await self.write(half, positions=positions)
+            merged.records += part.records
+            merged.interactions += part.interactions
+            merged.preferences += part.preferences
+            merged.erased += part.erased
+            merged.dead_letters += part.dead_letters
+            for key, offset in part.positions.items():
+                merged.positions[key] = max(merged.positions.get(key, 0), offset)
+        return merged
+
+    async def _park_unknown(
+        self, cur: psycopg.AsyncCursor[Any], decoded: list[Decoded], result: WriteResult
+    ) -> list[Decoded]:
+        users = sorted({d.event.user_id for d in decoded})
+        if not users:
+            return decoded
+        await cur.execute('SELECT id FROM "User" WHERE id = ANY(%s)', (users,))
+        known = {row[0] for row in await cur.fetchall()}
+        kept = []
+        for d in decoded:
+            if d.event.user_id in known or d.event.kind == "user.erased":
+                kept.append(d)
+            else:
+                result.dead_letters.append(DeadLetter(
+                    d.record, UNKNOWN_USER, f'user {d.event.user_id!r} is not in "User"',
+                    d.event.event_id, d.event.user_id,
+                ))
+        return kept
+
+    async def _erase(
+        self, cur: psycopg.AsyncCursor[Any], write_plan: WritePlan, result: WriteResult
+    ) -> None:
+        if not write_plan.erase:
+            return
+        for table in ("UserInteraction", "UserPreferences", "user_vectors"):
+            await cur.execute(
+                sql.SQL('DELETE FROM {} WHERE "userId" = ANY(%s)').format(sql.Identifier(table)),
+                (write_plan.erase,),
+            )
+        result.erased += len(write_plan.erase)
+
+    async def _interactions(
+        self, cur: psycopg.AsyncCursor[Any], write_plan: WritePlan, result: WriteResult
+    ) -> None:
+        if not write_plan.interactions:
+            return
+        seen: set[str] = set()
+        unique = []
+        for e in write_plan.interactions:  # an app that sent an event twice
+            if e.event_id not in seen:
+                seen.add(e.event_id)
+                unique.append(e)
+        data = interaction_copy_rows(unique)
+        try:
+            async with self.conn.transaction():  # a savepoint
+                async with cur.copy(f'COPY "UserInteraction" {_COPY_COLUMNS} FROM STDIN') as copy:
+                    await copy.write(data)
+            result.interactions += len(unique)
+            return
+        except psycopg.errors.UniqueViolation:
+            pass  # a redelivery: some rows are there already
+        async with cur.copy(f"COPY usertrail_staging {_COPY_COLUMNS} FROM STDIN") as copy:
+            await copy.write(data)
+        await cur.execute(
+            f'INSERT INTO "UserInteraction" {_COPY_COLUMNS} '
+            f"SELECT {_COPY_COLUMNS[1:-1]} FROM usertrail_staging ON CONFLICT (id) DO NOTHING"
+        )
+        result.interactions += max(cur.rowcount, 0)  # staging empties at commit
+
+    async def _preferences(
+        self, cur: psycopg.AsyncCursor[Any], events: list[PreferencesUpdated], result: WriteResult
+    ) -> None:
+        for event in events:
+            carried = event.carried()
+            columns = list(carried)
+            values = [Jsonb(v) if _PREFERENCE_COLUMNS[c] else v for c, v in carried.items()]
+            at = event.occurred_at.replace(tzinfo=None)
+            names = sql.SQL(", ").join(sql.Identifier(c) for c in columns)
+            query = sql.SQL(
+                'INSERT INTO "UserPreferences" (id, "userId", "createdAt", "updatedAt", {names}) '
+                "VALUES (%s, %s, %s, %s, {placeholders}) "
+                'ON CONFLICT ("userId") DO UPDATE SET "updatedAt" = EXCLUDED."updatedAt", {sets} '
+                'WHERE "UserPreferences"."updatedAt" IS NULL '
+                'OR "UserPreferences"."updatedAt" <= EXCLUDED."updatedAt"'
+            ).format(
+                names=names,
+                placeholders=sql.SQL(", ").join(sql.Placeholder() * len(columns)),
+                sets=sql.SQL(", ").join(
+                    sql.SQL("{0} = EXCLUDED.{0}").format(sql.Identifier(c)) for c in columns
+                ),
+            )
+            await cur.execute(query, (event.event_id, event.user_id, at, at, *values))
+            result.preferences += max(cur.rowcount, 0)
+
+    async def _dead_letters(self, cur: psycopg.AsyncCursor[Any], dead: list[DeadLetter]) -> None:
+        if not dead:
+            return
+        await cur.executemany(
+            "INSERT INTO usertrail_dead_letters (reason, error, topic, partition, \"offset\", key, "
+            "value, event_id, user_id) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) "
+            'ON CONFLICT (topic, partition, "offset") DO NOTHING',
+            [
+                (d.reason, d.error[:10_000], d.record.topic, d.record.partition, d.record.offset,
+                 d.record.key, d.record.value, d.event_id, d.user_id)
+                for d in dead
+            ],
+        )
