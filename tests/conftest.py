@@ -70,6 +70,9 @@ def settings_factory(tmp_path: Path) -> Callable[..., Settings]:
             "dead_letter_topic": f"{name}.deadletter",
             "events_partitions": 4,
             "data_dir": tmp_path / "data",
+            # tansu holds a first JoinGroup for session/2 (BROKER.md 7)
+            "group_session_timeout_ms": 2000,
+            "group_heartbeat_interval_ms": 200,
         }
         values.update(overrides)
         return Settings(**values)  # type: ignore[arg-type]

@@ -1,0 +1,228 @@
+"""The sink under faults: SIGKILL, database restart, broker outage, two members."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import subprocess
+import sys
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from tests.conftest import create_topics
+from tests.sink.conftest import make_database, query
+from usertrail.embedded import EmbeddedBroker, EmbeddedPostgres, free_port
+from usertrail.producers import TrackingClient
+from usertrail.settings import Settings
+from usertrail.sink.consumer import Sink, SinkOptions
+
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def make_events(n: int, resend_every: int = 25, seed: int = 1) -> list[dict[str, Any]]:
+    """``n`` SDK calls; every ``resend_every``-th repeats an earlier event
+    (same id, same content), as an app retrying would."""
+    rng = random.Random(seed)
+    calls: list[dict[str, Any]] = []
+    for i in range(n):
+        if i and i % resend_every == 0:
+            calls.append(dict(rng.choice(calls)))
+            continue
+        calls.append({
+            "user_id": f"user-{rng.randrange(500)}",
+            "type": rng.choice(["reading", "chat", "feedback", "share"]),
+            "service": rng.choice(["saju", "tarot", "astrology"]),
+            "theme": rng.choice([None, "love", "career", "health"]),
+            "rating": rng.choice([None, 1, 2, 3, 4, 5]),
+            "metadata": {"n": i},
+            "occurred_at": T0 + timedelta(seconds=i),
+        })
+    return calls
+
+
+async def produce(settings: Settings, calls: list[dict[str, Any]], rate: float) -> dict[str, Any]:
+    """Send ``calls`` at about ``rate`` per second; returns event id -> fields."""
+    sent: dict[str, Any] = {}
+    ids: dict[int, str] = {}
+    async with TrackingClient(source="faults", settings=settings) as client:
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        for i, call in enumerate(calls):
+            fields = {k: v for k, v in call.items() if k != "event_id"}
+            key = id(call)
+            if key in ids:  # a resend: same event id
+                fields["event_id"] = ids[key]
+            event_id = await client.track_interaction(**fields)
+            ids.setdefault(key, event_id)
+            sent[event_id] = fields
+            if i % 500 == 0:
+                await client.flush()
+                ahead = i / rate - (loop.time() - start)
+                if ahead > 0:
+                    await asyncio.sleep(ahead)
+    return sent
+
+
+def resolve_resends(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    # make_events copies the dict for a resend; mark copies so produce() reuses the id
+    first: dict[tuple[Any, ...], dict[str, Any]] = {}
+    out = []
+    for call in calls:
+        sig = tuple(sorted((k, repr(v)) for k, v in call.items()))
+        out.append(first.setdefault(sig, call))
+    return out
+
+
+def assert_rows_equal_events(url: str, sent: dict[str, Any]) -> None:
+    rows = query(url, 'SELECT id, "userId", "createdAt", type, service, theme, rating, metadata '
+                      'FROM "UserInteraction"')
+    assert len(rows) == len(sent), f"{len(rows)} rows for {len(sent)} distinct events"
+    for event_id, user, created, type_, service, theme, rating, metadata in rows:
+        f = sent[event_id]
+        assert (user, type_, service, theme, rating, metadata) == (
+            f["user_id"], f["type"], f["service"], f["theme"], f["rating"], f["metadata"])
+        assert created == f["occurred_at"].replace(tzinfo=None)
+
+
+def sink_process(settings: Settings, url: str, log: Path) -> subprocess.Popen[bytes]:
+    env = {**os.environ,
+           "KAFKA_BOOTSTRAP_SERVERS": settings.bootstrap_servers, "DATABASE_URL": url,
+           "USERTRAIL_EVENTS_TOPIC": settings.events_topic,
+           "USERTRAIL_DEAD_LETTER_TOPIC": settings.dead_letter_topic,
+           "USERTRAIL_GROUP_SESSION_TIMEOUT_MS": "2000",
+           "USERTRAIL_GROUP_HEARTBEAT_INTERVAL_MS": "200"}
+    with open(log, "ab") as out:
+        return subprocess.Popen([sys.executable, "-m", "usertrail.cli", "sink", "--batch-max",
+                                 "2000"], env=env, stdout=out, stderr=subprocess.STDOUT)
+
+
+def count_rows(url: str) -> int:
+    try:
+        return int(query(url, 'SELECT count(*) FROM "UserInteraction"')[0][0])
+    except psycopg.OperationalError:
+        return -1
+
+
+async def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.1)
+
+
+async def test_sigkill_at_random_moments_leaves_exactly_one_row_per_event(
+    settings_factory: Callable[..., Settings], broker: EmbeddedBroker, database_url: str,
+    tmp_path: Path,
+) -> None:
+    settings = settings_factory(broker, database_url=database_url)
+    await create_topics(settings)
+    calls = resolve_resends(make_events(50_000))
+    # ~5 s a cycle (a killed member's partitions move after its session
+    # expires): at 1,000 events/s every kill lands while events still flow.
+    producing = asyncio.create_task(produce(settings, calls, rate=1000))
+    rng = random.Random(7)
+    kills = 0
+    proc: subprocess.Popen[bytes] | None = None
+    try:
+        while kills < 10:
+            assert not producing.done(), f"the stream ended after {kills} kills"
+            before = count_rows(database_url)
+            proc = sink_process(settings, database_url, tmp_path / "sink.log")
+            # kill it mid-stream: once it has written something, at a random moment
+            await wait_for(lambda b=before: count_rows(database_url) > b, 60, "progress")
+            await asyncio.sleep(rng.uniform(0, 0.5))
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            kills += 1
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    sent = await producing
+    assert len(sent) < len(calls), "some events were resent"
+    proc = sink_process(settings, database_url, tmp_path / "sink.log")
+    try:
+        await wait_for(lambda: count_rows(database_url) >= len(sent), 120, "all rows")
+        await asyncio.sleep(1)  # anything more would be a duplicate
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0, (tmp_path / "sink.log").read_text()[-3000:]
+    assert kills >= 10
+    assert_rows_equal_events(database_url, sent)
+
+
+async def test_database_restart_and_broker_outage_need_no_manual_step(
+    settings_factory: Callable[..., Settings], broker_factory: Callable[..., EmbeddedBroker],
+    tmp_path: Path,
+) -> None:
+    own_broker = broker_factory()
+    pg = EmbeddedPostgres(data_dir=tmp_path / "pg", port=free_port(), database="usertrail")
+    pg.start()
+    try:
+        url = make_database(pg)
+        settings = settings_factory(own_broker, database_url=url)
+        await create_topics(settings)
+        calls = resolve_resends(make_events(20_000, seed=2))
+        producing = asyncio.create_task(produce(settings, calls, rate=2000))
+        proc = sink_process(settings, url, tmp_path / "sink.log")
+        try:
+            await wait_for(lambda: count_rows(url) > 2000, 60, "progress")
+            pg.stop()  # the database goes away mid-run...
+            await asyncio.sleep(3)
+            pg.start()  # ...and comes back
+            await wait_for(lambda: count_rows(url) > 8000, 60, "progress after the restart")
+            assert own_broker.proc is not None
+            own_broker.proc.send_signal(signal.SIGSTOP)  # the broker is gone for 10 s
+            await asyncio.sleep(10)
+            own_broker.proc.send_signal(signal.SIGCONT)
+            sent = await producing
+            await wait_for(lambda: count_rows(url) >= len(sent), 120, "all rows")
+            await asyncio.sleep(1)
+            assert proc.poll() is None, "the sink kept running through both outages"
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            if proc.wait(timeout=30) is None:
+                proc.kill()
+        assert_rows_equal_events(url, sent)
+        log = (tmp_path / "sink.log").read_text()
+        assert "database unavailable" in log
+    finally:
+        pg.stop()
+
+
+async def test_two_sinks_split_the_partitions_and_write_each_event_once(
+    settings_factory: Callable[..., Settings], broker: EmbeddedBroker, database_url: str,
+) -> None:
+    settings = settings_factory(broker, database_url=database_url)
+    await create_topics(settings)
+    calls = resolve_resends(make_events(6000, seed=3))
+    sent = await produce(settings, calls[:3000], rate=1e9)
+    sinks = [Sink(settings, SinkOptions()), Sink(settings, SinkOptions())]
+    tasks = [asyncio.create_task(sink.run()) for sink in sinks]
+    try:
+        def split() -> bool:
+            a, b = (set(s.consumer.assignment()) for s in sinks)
+            return bool(a) and bool(b) and not a & b and len(a | b) == 4
+
+        await wait_for(split, 60, "both members to hold partitions")
+        written_before = [s.written.records for s in sinks]
+        sent.update(await produce(settings, calls[3000:], rate=1e9))
+        await wait_for(lambda: count_rows(database_url) >= len(sent), 60, "all rows")
+        await asyncio.sleep(1)
+        assert split(), "the split held"
+        assert all(s.written.records > before for s, before in zip(sinks, written_before,
+                                                                    strict=True)), \
+            "both members wrote events of the second half"
+    finally:
+        for sink in sinks:
+            sink.stop()
+        await asyncio.wait_for(asyncio.gather(*tasks), 30)
+    assert_rows_equal_events(database_url, sent)
