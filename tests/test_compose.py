@@ -26,6 +26,7 @@ def test_dependencies_exist_and_are_health_checked(compose: dict[str, Any]) -> N
     for name, service in services.items():
         for dep, cond in (service.get("depends_on") or {}).items():
             assert dep in services, f"{name} depends on unknown {dep}"
+            assert cond.get("condition") in ("service_healthy", "service_completed_successfully")
             if cond.get("condition") == "service_healthy":
                 assert "healthcheck" in services[dep], f"{dep} has no healthcheck"
     assert {"kafka", "postgres"} <= set(services)

@@ -30,14 +30,17 @@ def _start_up(tmp_path: Path) -> tuple[subprocess.Popen[str], list[int], int, in
     pids: list[int] = []
     deadline = time.monotonic() + 60
     lines = []
+    ready = False
     while time.monotonic() < deadline:
         line = proc.stdout.readline()
         if not line:
             break
         lines.append(line)
-        if m := re.search(r"(postgres|tansu broker) pid (\d+)", line):
+        if m := re.search(r"(postgres|tansu broker|sink) pid (\d+)", line):
             pids.append(int(m.group(2)))
         if line.startswith("usertrail is up"):
+            ready = True
+        if ready and len(pids) == 3:
             return proc, pids, kafka, pg
     _stop(proc, signal.SIGKILL)
     raise AssertionError("usertrail up did not come up:\n" + "".join(lines))
@@ -75,7 +78,7 @@ def _listening(port: int) -> bool:
 @pytest.mark.parametrize("how", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL])
 def test_up_then_stop_leaves_no_process(tmp_path: Path, how: signal.Signals) -> None:
     proc, pids, kafka, pg = _start_up(tmp_path)
-    assert len(pids) == 2
+    assert len(pids) == 3, "broker, database and sink"
     everything = _descendants(pids)
     assert len(everything) > 2, "postgres runs its helper processes"
     assert _listening(kafka) and _listening(pg)
@@ -141,3 +144,34 @@ def test_every_subcommand_has_help() -> None:
     for name, subparser in found:
         assert subparser.description, name
         assert "--bootstrap-servers" in subparser.format_help(), name
+
+
+def test_up_runs_the_pipeline_events_become_rows(tmp_path: Path) -> None:
+    import asyncio
+
+    import psycopg
+
+    from usertrail.producers import TrackingClient
+    from usertrail.settings import Settings
+
+    proc, _, kafka, pg = _start_up(tmp_path)
+    try:
+        settings = Settings(kafka_bootstrap_servers=f"127.0.0.1:{kafka}", data_dir=tmp_path)
+
+        async def send() -> list[str]:
+            async with TrackingClient(source="web", settings=settings) as client:
+                return [await client.track_interaction(user_id=f"u{i}", type="reading",
+                                                       service="tarot", rating=5)
+                        for i in range(20)]
+
+        ids = asyncio.run(send())
+        url = f"postgresql://postgres@127.0.0.1:{pg}/usertrail"
+        deadline = time.monotonic() + 60
+        rows: list[tuple[str]] = []
+        while time.monotonic() < deadline and len(rows) < 20:
+            with psycopg.connect(url) as conn:
+                rows = conn.execute('SELECT id FROM "UserInteraction"').fetchall()
+            time.sleep(0.2)
+        assert sorted(r[0] for r in rows) == sorted(ids)
+    finally:
+        _stop(proc, signal.SIGINT)

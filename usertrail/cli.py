@@ -83,6 +83,9 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
 
     signal.signal(signal.SIGTERM, _raise_stop)
     signal.signal(signal.SIGINT, _raise_stop)
+    from usertrail.workers import Workers
+
+    workers = Workers(settings, [["sink"]])
     stack = EmbeddedStack(
         data_dir=settings.data_dir,
         kafka_port=settings.embedded_kafka_port if settings.embedded_kafka else None,
@@ -102,22 +105,27 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
         print(f"  PostgreSQL: {db}{'  (embedded)' if settings.embedded_db else ''}")
         print(f"  topics:     {settings.events_topic}, {settings.profiles_topic}, "
               f"{settings.dead_letter_topic}")
+        if args.only_setup:
+            print("  set-up done (--only-setup): topics and schema are ready.", flush=True)
+            return 0
         if settings.embedded_kafka or settings.embedded_db:
             print("  connect other processes with:")
             print(f"    export KAFKA_BOOTSTRAP_SERVERS={settings.bootstrap_servers}")
             if settings.embedded_db:
                 print(f"    export DATABASE_URL={settings.embedded_database_url}")
-            print("  Ctrl-C stops everything started here.", flush=True)
-            while True:
-                time.sleep(3600)
-        print("  real servers configured: nothing to run here yet.", flush=True)
-        return 0
+        print("  workers:    sink (usertrail.events -> PostgreSQL)")
+        print("  Ctrl-C stops everything started here.", flush=True)
+        workers.start()
+        while True:
+            workers.watch()
+            time.sleep(0.5)
     except _Stop as stop:
         log.info("%s received; stopping", stop)
         return 0
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        workers.stop()
         stack.stop()
 
 
@@ -285,11 +293,15 @@ def build_parser() -> argparse.ArgumentParser:
     up = sub.add_parser(
         "up", parents=[common], help="run the pipeline (embedded broker and database by default)",
         description="Start the embedded broker (tansu) and PostgreSQL unless real servers are "
-                    "configured, create the topics, print how to connect, and run until "
+                    "configured, create the topics, migrate the embedded database, run the "
+                    "pipeline's workers (the sink), print how to connect, and run until "
                     "Ctrl-C or SIGTERM, which stop everything started here.")
     up.add_argument("--partitions", type=int, metavar="N",
                     help="partitions of usertrail.events when created "
                          "[env USERTRAIL_EVENTS_PARTITIONS; default 8]")
+    up.add_argument("--only-setup", action="store_true",
+                    help="create the topics and prepare the database, then exit "
+                         "(a deployment's init step)")
     up.add_argument("--migrate", action="store_true",
                     help="upgrade a real database (DATABASE_URL) to the newest schema first; "
                          "the embedded one is always migrated")

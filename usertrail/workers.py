@@ -1,0 +1,70 @@
+"""The pipeline's worker processes that ``usertrail up`` runs and supervises."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from usertrail.embedded import _die_with_parent
+from usertrail.settings import Settings
+
+log = logging.getLogger("usertrail.workers")
+
+
+class Workers:
+    """Each worker is a ``usertrail`` subcommand in a child process, restarted
+    with backoff if it dies, stopped with SIGTERM (it finishes its batch)."""
+
+    def __init__(self, settings: Settings, commands: list[list[str]]) -> None:
+        self.commands = commands
+        self.env = {
+            **os.environ,
+            "KAFKA_BOOTSTRAP_SERVERS": settings.bootstrap_servers,
+            "DATABASE_URL": settings.database_dsn(),
+            "USERTRAIL_DATA_DIR": str(settings.data_dir),
+        }
+        self.procs: dict[int, subprocess.Popen[bytes]] = {}
+        self.restarts: dict[int, tuple[int, float]] = {}
+
+    def _spawn(self, index: int) -> None:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "usertrail.cli", *self.commands[index]],
+            env=self.env, preexec_fn=_die_with_parent, stdin=subprocess.DEVNULL,
+        )
+        self.procs[index] = proc
+        log.info("%s pid %d", self.commands[index][0], proc.pid)
+
+    def start(self) -> None:
+        for index in range(len(self.commands)):
+            self._spawn(index)
+
+    def watch(self) -> None:
+        for index, proc in list(self.procs.items()):
+            code = proc.poll()
+            if code is None:
+                continue
+            count, since = self.restarts.get(index, (0, 0.0))
+            delay = min(2.0 ** count, 30.0)
+            if time.monotonic() - since < delay:
+                continue
+            log.error("%s exited with code %s; restarting", self.commands[index][0], code)
+            self.restarts[index] = (count + 1, time.monotonic())
+            self._spawn(index)
+
+    def stop(self, grace: float = 30.0) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for index, proc in self.procs.items():
+            try:
+                proc.wait(timeout=max(deadline - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                log.warning("%s did not stop in %.0fs; killing it", self.commands[index][0], grace)
+                proc.kill()
+                proc.wait()
+        self.procs.clear()
