@@ -33,7 +33,7 @@ from aiokafka.errors import KafkaError, OffsetOutOfRangeError
 
 from usertrail.settings import Settings
 from usertrail.sink.metrics import SinkMetrics
-from usertrail.sink.plan import Record
+from usertrail.sink.plan import Record, classify
 from usertrail.sink.writer import UnknownUsers, WriteResult, Writer
 
 log = logging.getLogger("usertrail.sink")
@@ -57,8 +57,8 @@ class _Positions(ConsumerRebalanceListener):  # type: ignore[misc]
         self.sink = sink
 
     async def on_partitions_revoked(self, revoked: Sequence[TopicPartition]) -> None:
-        # Nothing is pending: a batch is written before the next poll, and
-        # rebalances happen inside the poll.
+        # Every fetched batch is written before the partitions change hands.
+        await self.sink.drain()
         log.info("partitions revoked: %s", sorted(tp.partition for tp in revoked))
 
     async def on_partitions_assigned(self, assigned: Sequence[TopicPartition]) -> None:
@@ -89,6 +89,10 @@ class Sink:
         )
         self.producer = AIOKafkaProducer(acks="all", **settings.kafka_options())
         self._stopping = asyncio.Event()
+        # Fetched and decoded batches waiting for the writer: decoding the
+        # next batch overlaps with PostgreSQL writing this one (two cores).
+        self._queue: asyncio.Queue[tuple[list[Record], list[Any]] | None] = asyncio.Queue(2)
+        self._writing = False
         self.written = WriteResult()
 
     def stop(self) -> None:
@@ -130,10 +134,17 @@ class Sink:
         self.consumer.subscribe([self.settings.events_topic], listener=_Positions(self))
         await self._start_consumer()
         await self.producer.start()
+        writer = asyncio.create_task(self._write_loop())
         try:
             while not self._stopping.is_set():
+                if writer.done():
+                    writer.result()  # the writer failed: stop and say why
                 await self._step()
+            await self._queue.put(None)
+            await writer
         finally:
+            if not writer.done():
+                writer.cancel()
             try:
                 await asyncio.wait_for(self.consumer.stop(), timeout=10)
             except (TimeoutError, KafkaError) as exc:  # BROKER.md 8: stop can hang
@@ -180,13 +191,43 @@ class Sink:
             for r in rs
         ]
         if records:
-            started = time.perf_counter()
-            result = await self._retry_db(lambda: self.writer.write(records), "write")
-            self._account(result, time.perf_counter() - started)
-            await self._commit_for_monitoring(result)
-            if result.dead_letters:
-                await self._publish_dead_letters(result)
+            await self._queue.put((records, await self._classify(records)))
         await self._check_reset_and_lag()
+
+    @staticmethod
+    async def _classify(records: list[Record]) -> list[Any]:
+        """Decode in slices, yielding between them: the writer's round trips
+        to PostgreSQL (about ten a batch) then wait microseconds, not the
+        tens of milliseconds a whole batch takes to decode."""
+        out: list[Any] = []
+        for start in range(0, len(records), 256):
+            out.extend(classify(r) for r in records[start:start + 256])
+            await asyncio.sleep(0)
+        return out
+
+    async def _write_loop(self) -> None:
+        while True:
+            item = await self._queue.get()
+            if item is None:
+                return
+            records, classified = item
+            self._writing = True
+            try:
+                started = time.perf_counter()
+                result = await self._retry_db(
+                    lambda: self.writer.write(records, classified=classified), "write"
+                )
+                self._account(result, time.perf_counter() - started)
+                await self._commit_for_monitoring(result)
+                if result.dead_letters:
+                    await self._publish_dead_letters(result)
+            finally:
+                self._writing = False
+                self._queue.task_done()
+
+    async def drain(self) -> None:
+        """Wait until every fetched batch is written."""
+        await self._queue.join()
 
     def _account(self, result: WriteResult, seconds: float) -> None:
         m = self.metrics

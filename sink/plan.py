@@ -10,6 +10,7 @@ so the result equals applying the events one by one.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from usertrail.errors import EventValidationError
 from usertrail.producers import events
@@ -27,9 +28,8 @@ WRONG_KEY = "wrong_key"  # the record key is not the user id: per-user order is 
 UNKNOWN_USER = "unknown_user"  # "park" mode and the user is not in "User"
 
 
-@dataclass(frozen=True, slots=True)
-class Record:
-    """A Kafka record, as the sink needs it."""
+class Record(NamedTuple):
+    """A Kafka record, as the sink needs it (a tuple: one is made per record)."""
 
     topic: str
     partition: int

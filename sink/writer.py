@@ -132,29 +132,35 @@ class Writer:
         return {int(p): int(o) for p, o in rows}
 
     # --- one batch ------------------------------------------------------------------
-    async def write(self, records: Sequence[Record], *, positions: bool = True) -> WriteResult:
+    async def write(
+        self, records: Sequence[Record], *, positions: bool = True,
+        classified: Sequence[Decoded | DeadLetter] | None = None,
+    ) -> WriteResult:
         """Write a batch (records in log order per partition) in one transaction.
         Connection errors propagate (the caller retries the same batch).
-        ``positions=False`` (re-driving dead letters) leaves positions alone."""
+        ``positions=False`` (re-driving dead letters) leaves positions alone;
+        ``classified`` is ``classify`` of each record, if already done."""
         try:
-            return await self._write(records, positions=positions)
+            return await self._write(records, positions=positions, classified=classified)
         except (psycopg.DataError, psycopg.IntegrityError) as exc:
             # Bad data, not a bad database: find the record and dead-letter it.
             # (A ProgrammingError is a missing schema or our bug: it stops us.)
             return await self._isolate(records, exc, positions)
 
     async def _write(
-        self, records: Sequence[Record], unapplicable: str | None = None, positions: bool = True
+        self, records: Sequence[Record], unapplicable: str | None = None, positions: bool = True,
+        classified: Sequence[Decoded | DeadLetter] | None = None,
     ) -> WriteResult:
         result = WriteResult(records=len(records))
         decoded: list[Decoded] = []
-        for record in records:
+        for i, record in enumerate(records):
             key = (record.topic, record.partition)
-            result.positions[key] = max(result.positions.get(key, 0), record.offset + 1)
+            if record.offset >= result.positions.get(key, 0):
+                result.positions[key] = record.offset + 1
             if unapplicable is not None:
                 result.dead_letters.append(DeadLetter(record, UNAPPLICABLE, unapplicable))
                 continue
-            item = classify(record)
+            item = classified[i] if classified is not None else classify(record)
             if isinstance(item, DeadLetter):
                 result.dead_letters.append(item)
             else:

@@ -1,0 +1,142 @@
+"""Sink rows/s against a raw COPY of the same rows, in the same run.
+
+Both write the same interactions into a freshly migrated database each round
+(the full schema: the foreign key to "User" and the three indexes), with the
+users already in "User". The raw COPY sends pre-built COPY text; the sink
+reads a pre-filled topic, validates, plans and writes as in production. The
+sink is timed from its first written batch to its last (the group join
+before it is not throughput). Prints each round and the median ratio
+sink/raw (target: >= 0.7).
+
+    ./dev bench sink_rate [--rows 100000] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import tempfile
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import psycopg
+from aiokafka import AIOKafkaProducer
+from pydantic import SecretStr
+
+from usertrail.embedded import EmbeddedBroker, EmbeddedPostgres, free_port
+from usertrail.migrations import runner
+from usertrail.producers.events import Interaction, build, encode
+from usertrail.producers.ids import uuid7
+from usertrail.settings import Settings
+from usertrail.sink.consumer import Sink, SinkOptions
+from usertrail.sink.writer import interaction_copy_rows
+from usertrail.topics import TopicSpec, ensure_topics
+
+USERS = 5000
+
+
+def make_events(n: int) -> list[Interaction]:
+    t0 = datetime(2026, 1, 1, tzinfo=UTC)
+    out = []
+    for i in range(n):
+        event = build("interaction", event_id=uuid7(), user_id=f"user-{i % USERS}",
+                      occurred_at=t0 + timedelta(milliseconds=i), source="bench",
+                      type="reading", service=("saju", "tarot", "astrology")[i % 3],
+                      theme=("love", "career", None)[i % 3], rating=1 + i % 5,
+                      metadata={"duration": i % 600})
+        assert isinstance(event, Interaction)
+        out.append(event)
+    return out
+
+
+def fresh_database(pg: EmbeddedPostgres, name: str) -> str:
+    admin = f"postgresql://postgres@127.0.0.1:{pg.port}/postgres"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        conn.execute(f'CREATE DATABASE "{name}"')
+    url = f"postgresql://postgres@127.0.0.1:{pg.port}/{name}"
+    engine = runner.make_engine(Settings(database_url=url))
+    runner.upgrade(engine)
+    engine.dispose()
+    with psycopg.connect(url) as conn:
+        conn.execute('INSERT INTO "User" (id) SELECT \'user-\' || g FROM generate_series(0, %s) g',
+                     (USERS - 1,))
+    return url
+
+
+def raw_copy(url: str, data: bytes, rows: int) -> float:
+    with psycopg.connect(url) as conn:
+        started = time.perf_counter()
+        with conn.cursor() as cur, cur.copy(
+            'COPY "UserInteraction" (id, "userId", "createdAt", type, service, theme, rating, '
+            "metadata) FROM STDIN"
+        ) as copy:
+            copy.write(data)
+        conn.commit()
+        return rows / (time.perf_counter() - started)
+
+
+async def sink_round(settings: Settings, rows: int, batch: int) -> float:
+    sink = Sink(settings, SinkOptions(group=f"bench-{uuid7()}", batch_max_records=batch))
+    task = asyncio.create_task(sink.run())
+    first_at = first_count = None
+    while sink.written.records < rows:
+        if task.done():
+            task.result()
+        if first_at is None and sink.written.records:
+            first_at, first_count = time.perf_counter(), sink.written.records
+        await asyncio.sleep(0.002)
+    ended = time.perf_counter()
+    sink.stop()
+    await task
+    assert first_at is not None and first_count is not None
+    return (rows - first_count) / (ended - first_at)
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rows", type=int, default=100_000)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=5000, help="sink records per transaction")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        broker = EmbeddedBroker(port=free_port(), log_path=Path(tmp) / "tansu.log")
+        pg = EmbeddedPostgres(data_dir=Path(tmp) / "pg", port=free_port(), database="bench")
+        broker.start()
+        pg.start()
+        try:
+            events = make_events(args.rows)
+            data = interaction_copy_rows(events)
+            base = Settings(kafka_bootstrap_servers=broker.bootstrap_servers,
+                            events_topic="bench.events", data_dir=Path(tmp),
+                            group_session_timeout_ms=2000, group_heartbeat_interval_ms=200)
+            await ensure_topics(base, [TopicSpec("bench.events", 8)])
+            producer = AIOKafkaProducer(bootstrap_servers=broker.bootstrap_servers,
+                                        linger_ms=20, max_batch_size=512 * 1024)
+            await producer.start()
+            for e in events:
+                await producer.send("bench.events", encode(e), key=e.user_id.encode())
+            await producer.stop()
+
+            ratios = []
+            for r in range(args.rounds):
+                raw = raw_copy(fresh_database(pg, "bench_raw"), data, args.rows)
+                url = fresh_database(pg, "bench_sink")
+                sink = await sink_round(base.model_copy(update={"database_url": SecretStr(url)}),
+                                        args.rows, args.batch)
+                with psycopg.connect(url) as conn:
+                    count = conn.execute('SELECT count(*) FROM "UserInteraction"').fetchone()
+                assert count is not None and count[0] == args.rows, count
+                ratios.append(sink / raw)
+                print(f"round {r + 1}: raw COPY {raw:,.0f} rows/s   sink {sink:,.0f} rows/s   "
+                      f"ratio {sink / raw:.2f}")
+            print(f"median ratio sink/raw COPY: {statistics.median(ratios):.2f} (target >= 0.7)")
+        finally:
+            broker.stop()
+            pg.stop()
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
