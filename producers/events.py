@@ -10,7 +10,7 @@ an event is made.
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
@@ -31,6 +31,7 @@ from pydantic.alias_generators import to_camel
 from usertrail.errors import EventValidationError
 
 SCHEMA_VERSION = 1
+_ZERO = timedelta(0)
 EVENT_MAX_BYTES = 32 * 1024
 """Largest event accepted, as wire JSON; ``metadata`` (``answers`` of an
 onboarding, ``notificationSettings`` of preferences) is what can grow."""
@@ -93,7 +94,9 @@ class EventBase(_Frozen):
     @field_validator("occurred_at")
     @classmethod
     def _to_utc(cls, value: datetime) -> datetime:
-        return value if value.tzinfo is UTC else value.astimezone(UTC)
+        if value.tzinfo is UTC or value.utcoffset() == _ZERO:
+            return value  # already UTC (parsed "Z" carries pydantic's own UTC tzinfo)
+        return value.astimezone(UTC)
 
 
 class Interaction(EventBase):

@@ -99,6 +99,10 @@ class Writer:
         self.consumer = consumer
         self.unknown_users = unknown_users
         self._conn: psycopg.AsyncConnection[Any] | None = None
+        # Users known to exist in "User" (created or seen by this writer): not
+        # inserted again. If the product deletes one, the foreign key says so,
+        # and the cache is dropped and the batch written again.
+        self._known_users: set[str] = set()
 
     async def connect(self) -> None:
         if self._conn is not None and not self._conn.closed:
@@ -141,7 +145,13 @@ class Writer:
         ``positions=False`` (re-driving dead letters) leaves positions alone;
         ``classified`` is ``classify`` of each record, if already done."""
         try:
-            return await self._write(records, positions=positions, classified=classified)
+            try:
+                return await self._write(records, positions=positions, classified=classified)
+            except psycopg.errors.ForeignKeyViolation:
+                if not self._known_users:
+                    raise
+                self._known_users.clear()  # a user was deleted meanwhile
+                return await self._write(records, positions=positions, classified=classified)
         except (psycopg.DataError, psycopg.IntegrityError) as exc:
             # Bad data, not a bad database: find the record and dead-letter it.
             # (A ProgrammingError is a missing schema or our bug: it stops us.)
@@ -171,23 +181,27 @@ class Writer:
                 if self.unknown_users == "park":
                     decoded = await self._park_unknown(cur, decoded, result)
                 write_plan = plan([d.event for d in decoded])
-                if self.unknown_users == "create" and write_plan.users:
+                new_users = write_plan.users - self._known_users
+                if self.unknown_users == "create" and new_users:
                     await cur.execute(
                         'INSERT INTO "User" (id) SELECT unnest(%s::text[]) ON CONFLICT DO NOTHING',
-                        (sorted(write_plan.users),),
+                        (sorted(new_users),),
                     )
                 await self._erase(cur, write_plan, result)
                 await self._interactions(cur, write_plan, result)
                 await self._preferences(cur, write_plan.preferences, result)
                 await self._dead_letters(cur, result.dead_letters)
-                if not positions:
-                    return result
-                await cur.executemany(
-                    "INSERT INTO usertrail_positions (consumer, topic, partition, next_offset) "
-                    "VALUES (%s, %s, %s, %s) ON CONFLICT (consumer, topic, partition) DO UPDATE "
-                    "SET next_offset = EXCLUDED.next_offset, updated_at = now()",
-                    [(self.consumer, t, p, o) for (t, p), o in result.positions.items()],
-                )
+                if positions:
+                    await cur.executemany(
+                        "INSERT INTO usertrail_positions (consumer, topic, partition, next_offset) "
+                        "VALUES (%s, %s, %s, %s) ON CONFLICT (consumer, topic, partition) DO UPDATE "
+                        "SET next_offset = EXCLUDED.next_offset, updated_at = now()",
+                        [(self.consumer, t, p, o) for (t, p), o in result.positions.items()],
+                    )
+        # committed: these users exist now
+        if len(self._known_users) > 1_000_000:
+            self._known_users.clear()
+        self._known_users |= write_plan.users
         return result
 
     async def _isolate(
