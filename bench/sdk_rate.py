@@ -23,11 +23,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from aiokafka import AIOKafkaProducer
-
-from usertrail.embedded import EmbeddedBroker, free_port
 from usertrail.producers import TrackingClient
 from usertrail.producers.events import build, encode, key
 from usertrail.producers.ids import uuid7
+
+from usertrail.embedded import EmbeddedBroker, free_port
 from usertrail.settings import Settings
 from usertrail.topics import ensure_topics
 

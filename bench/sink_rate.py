@@ -24,14 +24,14 @@ from pathlib import Path
 import psycopg
 from aiokafka import AIOKafkaProducer
 from pydantic import SecretStr
-
-from usertrail.embedded import EmbeddedBroker, EmbeddedPostgres, free_port
 from usertrail.migrations import runner
 from usertrail.producers.events import Interaction, build, encode
 from usertrail.producers.ids import uuid7
-from usertrail.settings import Settings
 from usertrail.sink.consumer import Sink, SinkOptions
 from usertrail.sink.writer import interaction_copy_rows
+
+from usertrail.embedded import EmbeddedBroker, EmbeddedPostgres, free_port
+from usertrail.settings import Settings
 from usertrail.topics import TopicSpec, ensure_topics
 
 USERS = 5000

@@ -23,11 +23,11 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, Engine, create_engine, text
 from sqlalchemy.exc import OperationalError, ProgrammingError
+from usertrail.migrations.catalog import Snapshot, diff, snapshot
+from usertrail.sink.models import PIPELINE_TABLES, PRODUCT_TABLES
 
 from usertrail.errors import UsertrailError
-from usertrail.migrations.catalog import Snapshot, diff, snapshot
 from usertrail.settings import Settings
-from usertrail.sink.models import PIPELINE_TABLES, PRODUCT_TABLES
 
 log = logging.getLogger("usertrail.migrations")
 

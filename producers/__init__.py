@@ -4,14 +4,6 @@ Apps depend on this package: build events through a client's ``track_*``
 methods (validated at the call) or the models in ``events``.
 """
 
-from usertrail.errors import (
-    BrokerUnavailableError,
-    BufferFullError,
-    ClientClosedError,
-    DeliveryError,
-    EventValidationError,
-    UsertrailError,
-)
 from usertrail.producers.client import DeliveryReport, SyncTrackingClient, TrackingClient
 from usertrail.producers.events import (
     Event,
@@ -24,6 +16,15 @@ from usertrail.producers.events import (
     encode,
 )
 from usertrail.producers.ids import uuid7
+
+from usertrail.errors import (
+    BrokerUnavailableError,
+    BufferFullError,
+    ClientClosedError,
+    DeliveryError,
+    EventValidationError,
+    UsertrailError,
+)
 
 __all__ = [
     # clients

@@ -31,6 +31,10 @@ from typing import Any, Literal, TypeVar
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaConnectionError, KafkaError, UnknownError
 from aiokafka.partitioner import DefaultPartitioner
+from usertrail.producers import events
+from usertrail.producers.events import EventBase
+from usertrail.producers.ids import uuid7
+from usertrail.producers.spool import Spool, SpooledRecord
 
 from usertrail.errors import (
     BrokerUnavailableError,
@@ -39,10 +43,6 @@ from usertrail.errors import (
     DeliveryError,
     EventValidationError,
 )
-from usertrail.producers import events
-from usertrail.producers.events import EventBase
-from usertrail.producers.ids import uuid7
-from usertrail.producers.spool import Spool, SpooledRecord
 from usertrail.settings import Settings
 
 log = logging.getLogger("usertrail.producers")

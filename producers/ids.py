@@ -34,7 +34,7 @@ def uuid7() -> str:
     # Uniqueness, not secrecy: the random module (reseeded after fork) is enough.
     rand_b = random.getrandbits(62)
     value = (ms & 0xFFFF_FFFF_FFFF) << 80 | 0x7 << 76 | counter << 64 | 0b10 << 62 | rand_b
-    h = "%032x" % value
+    h = f"{value:032x}"
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 

@@ -30,11 +30,11 @@ from aiokafka import (
     TopicPartition,
 )
 from aiokafka.errors import KafkaError, OffsetOutOfRangeError
-
-from usertrail.settings import Settings
 from usertrail.sink.metrics import SinkMetrics
 from usertrail.sink.plan import Record, classify
-from usertrail.sink.writer import UnknownUsers, WriteResult, Writer
+from usertrail.sink.writer import UnknownUsers, Writer, WriteResult
+
+from usertrail.settings import Settings
 
 log = logging.getLogger("usertrail.sink")
 
@@ -215,7 +215,7 @@ class Sink:
             try:
                 started = time.perf_counter()
                 result = await self._retry_db(
-                    lambda: self.writer.write(records, classified=classified), "write"
+                    lambda r=records, c=classified: self.writer.write(r, classified=c), "write"
                 )
                 self._account(result, time.perf_counter() - started)
                 await self._commit_for_monitoring(result)

@@ -12,10 +12,10 @@ from datetime import datetime
 from typing import Any
 
 import psycopg
-
-from usertrail.settings import Settings
 from usertrail.sink.plan import Record
 from usertrail.sink.writer import UnknownUsers, Writer
+
+from usertrail.settings import Settings
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from usertrail.errors import EventValidationError
 from usertrail.producers import events
 from usertrail.producers.events import (
     EventBase,
@@ -21,6 +20,8 @@ from usertrail.producers.events import (
     PreferencesUpdated,
     UserErased,
 )
+
+from usertrail.errors import EventValidationError
 
 # dead-letter reasons
 INVALID = "invalid"  # not JSON, wrong shape, a broken rule

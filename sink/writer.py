@@ -31,7 +31,6 @@ import psycopg
 from psycopg import sql
 from psycopg.types.json import Jsonb
 from pydantic_core import to_json
-
 from usertrail.producers.events import Interaction, PreferencesUpdated
 from usertrail.sink.plan import (
     UNKNOWN_USER,
@@ -193,8 +192,9 @@ class Writer:
                 await self._dead_letters(cur, result.dead_letters)
                 if positions:
                     await cur.executemany(
-                        "INSERT INTO usertrail_positions (consumer, topic, partition, next_offset) "
-                        "VALUES (%s, %s, %s, %s) ON CONFLICT (consumer, topic, partition) DO UPDATE "
+                        "INSERT INTO usertrail_positions (consumer, topic, partition, "
+                        "next_offset) VALUES (%s, %s, %s, %s) "
+                        "ON CONFLICT (consumer, topic, partition) DO UPDATE "
                         "SET next_offset = EXCLUDED.next_offset, updated_at = now()",
                         [(self.consumer, t, p, o) for (t, p), o in result.positions.items()],
                     )

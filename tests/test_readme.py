@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import subprocess
@@ -9,9 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from usertrail.producers import decode
 
 from tests.conftest import create_topics, read_all
-from usertrail.producers import decode
 from usertrail.settings import Settings
 
 README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
@@ -28,8 +29,10 @@ async def test_readme_snippet_runs_and_its_events_arrive(index: int, settings: S
     await create_topics(settings)
     env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": settings.bootstrap_servers,
            "USERTRAIL_EVENTS_TOPIC": settings.events_topic, "USERTRAIL_DATA_DIR": str(tmp_path)}
-    result = subprocess.run([sys.executable, "-c", SNIPPETS[index]], env=env,
-                            capture_output=True, text=True, timeout=60)
+    result = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-c", SNIPPETS[index]], env=env,
+        capture_output=True, text=True, timeout=60,
+    )
     assert result.returncode == 0, result.stderr
     expected = len(re.findall(r"\.(track_\w+|erase_user)\(", SNIPPETS[index]))
     records = await read_all(settings, settings.events_topic, expected=expected)

@@ -129,9 +129,9 @@ def test_up_creates_topics_with_their_configuration(tmp_path: Path) -> None:
 
 
 def test_every_subcommand_has_help() -> None:
-    from usertrail.cli import build_parser
-
     import argparse
+
+    from usertrail.cli import build_parser
 
     def leaves(parser: argparse.ArgumentParser, path: str) -> list[tuple[str, argparse.ArgumentParser]]:
         subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
@@ -150,8 +150,8 @@ def test_up_runs_the_pipeline_events_become_rows(tmp_path: Path) -> None:
     import asyncio
 
     import psycopg
-
     from usertrail.producers import TrackingClient
+
     from usertrail.settings import Settings
 
     proc, _, kafka, pg = _start_up(tmp_path)

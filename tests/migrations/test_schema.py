@@ -10,12 +10,12 @@ import pytest
 import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-
-from usertrail.cli import main
 from usertrail.migrations import runner
 from usertrail.migrations.catalog import diff, snapshot
-from usertrail.settings import Settings
 from usertrail.sink.models import PRODUCT_TABLES, Base
+
+from usertrail.cli import main
+from usertrail.settings import Settings
 
 SEEDS_SQL = (Path(__file__).resolve().parent.parent / "fixtures" / "seeds.sql").read_text()
 

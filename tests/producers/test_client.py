@@ -9,12 +9,17 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from usertrail.producers import SyncTrackingClient, TrackingClient, decode, encode
+from usertrail.producers.events import build
 
 from tests.conftest import create_topics, read_all
 from usertrail.embedded import EmbeddedBroker
-from usertrail.errors import BrokerUnavailableError, BufferFullError, ClientClosedError, EventValidationError
-from usertrail.producers import SyncTrackingClient, TrackingClient, decode, encode
-from usertrail.producers.events import build
+from usertrail.errors import (
+    BrokerUnavailableError,
+    BufferFullError,
+    ClientClosedError,
+    EventValidationError,
+)
 from usertrail.settings import Settings
 
 

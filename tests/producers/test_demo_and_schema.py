@@ -7,11 +7,12 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from tests.conftest import create_topics, read_all
-from usertrail.cli import main
 from usertrail.producers import decode
 from usertrail.producers.demo import plan
 from usertrail.producers.events import Interaction, OnboardingCompleted, json_schemas
+
+from tests.conftest import create_topics, read_all
+from usertrail.cli import main
 from usertrail.settings import Settings
 
 

@@ -10,18 +10,19 @@ from typing import Any
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-
-from usertrail.errors import EventValidationError
 from usertrail.producers import events
 from usertrail.producers.events import EVENT_MAX_BYTES, build, decode, encode
 from usertrail.producers.ids import uuid7, uuid7_time_ms
+
+from usertrail.errors import EventValidationError
 
 slugs = st.from_regex(r"\A[a-z0-9]{1,10}(?:[-_][a-z0-9]{1,10}){0,2}\Z")
 user_ids = st.text(
     alphabet=st.characters(blacklist_categories=("Cc", "Cs")), min_size=1, max_size=40
 ).filter(lambda s: s.strip())
 times = st.datetimes(
-    min_value=datetime(2000, 1, 1), max_value=datetime(2100, 1, 1),
+    # hypothesis takes naive bounds and adds the timezones itself
+    min_value=datetime(2000, 1, 1), max_value=datetime(2100, 1, 1),  # noqa: DTZ001
     timezones=st.sampled_from([UTC, timezone(timedelta(hours=9)), timezone(timedelta(hours=-5))]),
 )
 json_scalars = st.none() | st.booleans() | st.integers(-(2**53), 2**53) | st.text(max_size=20) | (

@@ -11,11 +11,11 @@ from typing import Any
 
 import psycopg
 import pytest
+from usertrail.migrations import runner
+from usertrail.sink.consumer import Sink, SinkOptions
 
 from usertrail.embedded import EmbeddedPostgres
-from usertrail.migrations import runner
 from usertrail.settings import Settings
-from usertrail.sink.consumer import Sink, SinkOptions
 
 _dbs = itertools.count()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -9,17 +10,17 @@ from pathlib import Path
 
 import pytest
 from aiokafka import AIOKafkaProducer
+from usertrail.producers import TrackingClient, encode
+from usertrail.producers.events import build
+from usertrail.producers.ids import uuid7
+from usertrail.sink import dlq
+from usertrail.sink.consumer import Sink, SinkOptions
 
 from tests.conftest import create_topics
 from tests.sink.conftest import query, run_sink_until
 from usertrail.cli import main
 from usertrail.embedded import EmbeddedBroker
-from usertrail.producers import TrackingClient, encode
-from usertrail.producers.events import build
-from usertrail.producers.ids import uuid7
 from usertrail.settings import Settings
-from usertrail.sink import dlq
-from usertrail.sink.consumer import SinkOptions
 
 T0 = datetime(2026, 5, 1, 12, 0, tzinfo=UTC)
 
@@ -92,7 +93,7 @@ async def test_erasure_deletes_the_users_rows_and_later_events_come_back(
     settings = settings_factory(broker, database_url=database_url)
     await create_topics(settings)
     async with TrackingClient(source="web", settings=settings) as client:
-        for i in range(5):
+        for _ in range(5):
             await client.track_interaction(user_id="gone", type="chat", service="saju")
             await client.track_interaction(user_id="stays", type="chat", service="saju")
         await client.track_preferences(user_id="gone", tone_preference="formal")
@@ -193,3 +194,32 @@ async def test_a_restarted_sink_resumes_at_its_stored_positions(
     second = await run_sink_until(settings, rows_done(database_url, count, 400))
     assert query(database_url, count) == [(400,)]
     assert second.written.records == 100, "resumed at the stored positions, nothing re-read"
+
+
+async def test_a_user_deleted_by_the_product_is_created_again_not_dead_lettered(
+    settings_factory: Callable[..., Settings], broker: EmbeddedBroker, database_url: str,
+) -> None:
+    settings = settings_factory(broker, database_url=database_url)
+    await create_topics(settings)
+    positions = "SELECT coalesce(sum(next_offset), 0) FROM usertrail_positions"
+
+    async def send(n: int) -> None:
+        async with TrackingClient(source="web", settings=settings) as client:
+            for _ in range(n):
+                await client.track_interaction(user_id="deleted", type="chat", service="saju")
+
+    sink = Sink(settings, SinkOptions())  # one sink: its writer caches known users
+    task = asyncio.create_task(sink.run())
+    try:
+        await send(3)
+        while query(database_url, positions)[0][0] < 3:
+            await asyncio.sleep(0.1)
+        query(database_url, 'DELETE FROM "User" WHERE id = %s RETURNING id', ("deleted",))
+        await send(2)
+        while query(database_url, positions)[0][0] < 5:
+            await asyncio.sleep(0.1)
+    finally:
+        sink.stop()
+        await asyncio.wait_for(task, 30)
+    assert query(database_url, 'SELECT count(*) FROM "UserInteraction"') == [(2,)]
+    assert query(database_url, "SELECT count(*) FROM usertrail_dead_letters") == [(0,)]

@@ -14,13 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+from usertrail.producers import TrackingClient
+from usertrail.sink.consumer import Sink, SinkOptions
 
 from tests.conftest import create_topics
 from tests.sink.conftest import make_database, query
 from usertrail.embedded import EmbeddedBroker, EmbeddedPostgres, free_port
-from usertrail.producers import TrackingClient
 from usertrail.settings import Settings
-from usertrail.sink.consumer import Sink, SinkOptions
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
