@@ -31,13 +31,18 @@ from usertrail.embedded import EmbeddedBroker, free_port
 from usertrail.settings import Settings
 from usertrail.topics import ensure_topics
 
-OPTIONS = {"acks": "all", "compression_type": "lz4", "linger_ms": 5,
-           "max_batch_size": 256 * 1024}
+OPTIONS = {"acks": "all", "compression_type": "lz4", "linger_ms": 5, "max_batch_size": 256 * 1024}
 
 
 def fields(i: int) -> dict[str, object]:
-    return {"user_id": f"user-{i % 1000}", "type": "reading", "service": "tarot",
-            "theme": "love", "rating": 1 + i % 5, "metadata": {"duration": i % 600}}
+    return {
+        "user_id": f"user-{i % 1000}",
+        "type": "reading",
+        "service": "tarot",
+        "theme": "love",
+        "rating": 1 + i % 5,
+        "metadata": {"duration": i % 600},
+    }
 
 
 async def raw_round(settings: Settings, n: int) -> float:
@@ -87,8 +92,11 @@ async def main() -> None:
         else:
             broker = EmbeddedBroker(port=free_port(), log_path=Path(tmp) / "tansu.log")
             broker.start()
-            settings = Settings(kafka_bootstrap_servers=broker.bootstrap_servers,
-                                data_dir=Path(tmp), events_topic="bench.events")
+            settings = Settings(
+                kafka_bootstrap_servers=broker.bootstrap_servers,
+                data_dir=Path(tmp),
+                events_topic="bench.events",
+            )
         try:
             await ensure_topics(settings)
             await raw_round(settings, 2000)  # warm up connections and code paths
@@ -98,8 +106,10 @@ async def main() -> None:
                 raw = await raw_round(settings, args.events)
                 sdk = await sdk_round(settings, args.events)
                 ratios.append(sdk / raw)
-                print(f"round {r + 1}: raw send {raw:,.0f} ev/s   SDK track_interaction "
-                      f"{sdk:,.0f} ev/s   ratio {sdk / raw:.2f}")
+                print(
+                    f"round {r + 1}: raw send {raw:,.0f} ev/s   SDK track_interaction "
+                    f"{sdk:,.0f} ev/s   ratio {sdk / raw:.2f}"
+                )
             print(f"median ratio SDK/raw: {statistics.median(ratios):.2f} (target >= 0.8)")
         finally:
             if broker is not None:

@@ -41,11 +41,18 @@ def make_events(n: int) -> list[Interaction]:
     t0 = datetime(2026, 1, 1, tzinfo=UTC)
     out = []
     for i in range(n):
-        event = build("interaction", event_id=uuid7(), user_id=f"user-{i % USERS}",
-                      occurred_at=t0 + timedelta(milliseconds=i), source="bench",
-                      type="reading", service=("saju", "tarot", "astrology")[i % 3],
-                      theme=("love", "career", None)[i % 3], rating=1 + i % 5,
-                      metadata={"duration": i % 600})
+        event = build(
+            "interaction",
+            event_id=uuid7(),
+            user_id=f"user-{i % USERS}",
+            occurred_at=t0 + timedelta(milliseconds=i),
+            source="bench",
+            type="reading",
+            service=("saju", "tarot", "astrology")[i % 3],
+            theme=("love", "career", None)[i % 3],
+            rating=1 + i % 5,
+            metadata={"duration": i % 600},
+        )
         assert isinstance(event, Interaction)
         out.append(event)
     return out
@@ -61,18 +68,23 @@ def fresh_database(pg: EmbeddedPostgres, name: str) -> str:
     runner.upgrade(engine)
     engine.dispose()
     with psycopg.connect(url) as conn:
-        conn.execute('INSERT INTO "User" (id) SELECT \'user-\' || g FROM generate_series(0, %s) g',
-                     (USERS - 1,))
+        conn.execute(
+            "INSERT INTO \"User\" (id) SELECT 'user-' || g FROM generate_series(0, %s) g",
+            (USERS - 1,),
+        )
     return url
 
 
 def raw_copy(url: str, data: bytes, rows: int) -> float:
     with psycopg.connect(url) as conn:
         started = time.perf_counter()
-        with conn.cursor() as cur, cur.copy(
-            'COPY "UserInteraction" (id, "userId", "createdAt", type, service, theme, rating, '
-            "metadata) FROM STDIN"
-        ) as copy:
+        with (
+            conn.cursor() as cur,
+            cur.copy(
+                'COPY "UserInteraction" (id, "userId", "createdAt", type, service, theme, rating, '
+                "metadata) FROM STDIN"
+            ) as copy,
+        ):
             copy.write(data)
         conn.commit()
         return rows / (time.perf_counter() - started)
@@ -109,12 +121,17 @@ async def main() -> None:
         try:
             events = make_events(args.rows)
             data = interaction_copy_rows(events)
-            base = Settings(kafka_bootstrap_servers=broker.bootstrap_servers,
-                            events_topic="bench.events", data_dir=Path(tmp),
-                            group_session_timeout_ms=2000, group_heartbeat_interval_ms=200)
+            base = Settings(
+                kafka_bootstrap_servers=broker.bootstrap_servers,
+                events_topic="bench.events",
+                data_dir=Path(tmp),
+                group_session_timeout_ms=2000,
+                group_heartbeat_interval_ms=200,
+            )
             await ensure_topics(base, [TopicSpec("bench.events", 8)])
-            producer = AIOKafkaProducer(bootstrap_servers=broker.bootstrap_servers,
-                                        linger_ms=20, max_batch_size=512 * 1024)
+            producer = AIOKafkaProducer(
+                bootstrap_servers=broker.bootstrap_servers, linger_ms=20, max_batch_size=512 * 1024
+            )
             await producer.start()
             for e in events:
                 await producer.send("bench.events", encode(e), key=e.user_id.encode())
@@ -124,14 +141,17 @@ async def main() -> None:
             for r in range(args.rounds):
                 raw = raw_copy(fresh_database(pg, "bench_raw"), data, args.rows)
                 url = fresh_database(pg, "bench_sink")
-                sink = await sink_round(base.model_copy(update={"database_url": SecretStr(url)}),
-                                        args.rows, args.batch)
+                sink = await sink_round(
+                    base.model_copy(update={"database_url": SecretStr(url)}), args.rows, args.batch
+                )
                 with psycopg.connect(url) as conn:
                     count = conn.execute('SELECT count(*) FROM "UserInteraction"').fetchone()
                 assert count is not None and count[0] == args.rows, count
                 ratios.append(sink / raw)
-                print(f"round {r + 1}: raw COPY {raw:,.0f} rows/s   sink {sink:,.0f} rows/s   "
-                      f"ratio {sink / raw:.2f}")
+                print(
+                    f"round {r + 1}: raw COPY {raw:,.0f} rows/s   sink {sink:,.0f} rows/s   "
+                    f"ratio {sink / raw:.2f}"
+                )
             print(f"median ratio sink/raw COPY: {statistics.median(ratios):.2f} (target >= 0.7)")
         finally:
             broker.stop()

@@ -63,9 +63,12 @@ def snapshot(conn: Connection, schema: str, tables: Iterable[str] | None = None)
         if (t := table(tname)) is not None:
             if tname == PRODUCT_OWNED and col != "id":
                 continue
-            t["columns"][col] = {"type": type_, "not null": notnull,
-                                 "default": unqualify(default) if default else None,
-                                 "identity": identity or None}
+            t["columns"][col] = {
+                "type": type_,
+                "not null": notnull,
+                "default": unqualify(default) if default else None,
+                "identity": identity or None,
+            }
     for tname, name, definition in conn.execute(text(_INDEXES), {"schema": schema}):
         if (t := table(tname)) is not None:
             if tname == PRODUCT_OWNED and name != "User_pkey":
@@ -96,11 +99,14 @@ def diff(expected: Snapshot, actual: Snapshot) -> list[str]:
                 if name not in have:
                     lines.append(f'table "{tname}": {label} "{name}" missing ({_fmt(want[name])})')
                 elif name not in want:
-                    lines.append(f'table "{tname}": {label} "{name}" not expected '
-                                 f"({_fmt(have[name])})")
+                    lines.append(
+                        f'table "{tname}": {label} "{name}" not expected ({_fmt(have[name])})'
+                    )
                 elif want[name] != have[name]:
-                    lines.append(f'table "{tname}": {label} "{name}" is {_fmt(have[name])}, '
-                                 f"expected {_fmt(want[name])}")
+                    lines.append(
+                        f'table "{tname}": {label} "{name}" is {_fmt(have[name])}, '
+                        f"expected {_fmt(want[name])}"
+                    )
     return lines
 
 

@@ -152,7 +152,7 @@ def status(engine: Engine) -> Status:
         cur = current(conn)
     order = revisions()
     done = order[: order.index(cur) + 1] if cur else []
-    return Status(cur, order[-1], order[len(done):], done)
+    return Status(cur, order[-1], order[len(done) :], done)
 
 
 def check(engine: Engine) -> list[str]:
@@ -162,8 +162,11 @@ def check(engine: Engine) -> list[str]:
         cur = current(conn)
         differences = diff(expected, live_snapshot(conn))
     if cur != head():
-        differences.insert(0, f"database is at revision {cur or 'base'}, head is {head()} "
-                              "(run `usertrail db migrate`)")
+        differences.insert(
+            0,
+            f"database is at revision {cur or 'base'}, head is {head()} "
+            "(run `usertrail db migrate`)",
+        )
     return differences
 
 

@@ -386,8 +386,9 @@ class TrackingClient:
         else:
             self.spool.append(batch.records)
             self._spooled += count
-            log.warning("%d events not delivered (%r); spooled to %s", count, error,
-                        self.spool.path)
+            log.warning(
+                "%d events not delivered (%r); spooled to %s", count, error, self.spool.path
+            )
             if batch.future is not None:
                 batch.future.set_exception(DeliveryError(f"spooled after {error!r}"))
         if self._on_delivery is not None:
@@ -418,8 +419,13 @@ class TrackingClient:
     ) -> str:
         """A reading, chat, feedback or share. Returns the event id."""
         fields: dict[str, Any] = {
-            "user_id": user_id, "type": type, "service": service, "theme": theme,
-            "rating": rating, "occurred_at": occurred_at, "event_id": event_id,
+            "user_id": user_id,
+            "type": type,
+            "service": service,
+            "theme": theme,
+            "rating": rating,
+            "occurred_at": occurred_at,
+            "event_id": event_id,
         }
         if metadata is not None:
             fields["metadata"] = metadata
@@ -439,13 +445,20 @@ class TrackingClient:
         event_id: str | None = None,
     ) -> str:
         """Explicit preferences; only the fields given change. Returns the event id."""
-        return await self._track("preferences.updated", {
-            "user_id": user_id, "preferred_language": preferred_language,
-            "preferred_themes": _list_or_none(preferred_themes),
-            "preferred_services": _list_or_none(preferred_services),
-            "notification_settings": notification_settings, "reading_length": reading_length,
-            "tone_preference": tone_preference, "occurred_at": occurred_at, "event_id": event_id,
-        })
+        return await self._track(
+            "preferences.updated",
+            {
+                "user_id": user_id,
+                "preferred_language": preferred_language,
+                "preferred_themes": _list_or_none(preferred_themes),
+                "preferred_services": _list_or_none(preferred_services),
+                "notification_settings": notification_settings,
+                "reading_length": reading_length,
+                "tone_preference": tone_preference,
+                "occurred_at": occurred_at,
+                "event_id": event_id,
+            },
+        )
 
     async def track_onboarding(
         self,
@@ -460,8 +473,12 @@ class TrackingClient:
     ) -> str:
         """The onboarding answers (cold-start segments). Returns the event id."""
         fields: dict[str, Any] = {
-            "user_id": user_id, "interests": list(interests), "services": list(services),
-            "experience": experience, "occurred_at": occurred_at, "event_id": event_id,
+            "user_id": user_id,
+            "interests": list(interests),
+            "services": list(services),
+            "experience": experience,
+            "occurred_at": occurred_at,
+            "event_id": event_id,
         }
         if answers is not None:
             fields["answers"] = answers

@@ -34,21 +34,56 @@ class Persona:
 
 
 PERSONAS = (
-    Persona("tarot-love", 0.25, 1.0, {"tarot": 0.85, "astrology": 0.15},
-            {"love": 0.8, "family": 0.2}, {5: 0.6, 4: 0.3, 3: 0.1},
-            {"reading": 0.7, "chat": 0.2, "feedback": 0.05, "share": 0.05}, ("love",)),
-    Persona("career-saju", 0.25, 1.0, {"saju": 0.9, "tarot": 0.1},
-            {"career": 0.75, "money": 0.25}, {5: 0.3, 4: 0.5, 3: 0.2},
-            {"reading": 0.75, "chat": 0.15, "feedback": 0.1}, ("career", "money")),
-    Persona("critic", 0.15, 0.8, {"saju": 0.4, "tarot": 0.3, "astrology": 0.3},
-            {"love": 0.3, "career": 0.3, "health": 0.4}, {1: 0.45, 2: 0.4, 3: 0.15},
-            {"reading": 0.6, "feedback": 0.4}, ()),
-    Persona("heavy", 0.1, 5.0, {s: 1.0 for s in SERVICES},
-            {t: 1.0 for t in THEMES}, {5: 0.4, 4: 0.4, 3: 0.2},
-            {"reading": 0.6, "chat": 0.3, "share": 0.1}, ("growth",)),
-    Persona("astro-dabbler", 0.1, 0.4, {"astrology": 0.8, "dream": 0.2},
-            {"health": 0.5, "growth": 0.5}, {4: 0.5, 3: 0.5},
-            {"reading": 0.8, "share": 0.2}, ("health",)),
+    Persona(
+        "tarot-love",
+        0.25,
+        1.0,
+        {"tarot": 0.85, "astrology": 0.15},
+        {"love": 0.8, "family": 0.2},
+        {5: 0.6, 4: 0.3, 3: 0.1},
+        {"reading": 0.7, "chat": 0.2, "feedback": 0.05, "share": 0.05},
+        ("love",),
+    ),
+    Persona(
+        "career-saju",
+        0.25,
+        1.0,
+        {"saju": 0.9, "tarot": 0.1},
+        {"career": 0.75, "money": 0.25},
+        {5: 0.3, 4: 0.5, 3: 0.2},
+        {"reading": 0.75, "chat": 0.15, "feedback": 0.1},
+        ("career", "money"),
+    ),
+    Persona(
+        "critic",
+        0.15,
+        0.8,
+        {"saju": 0.4, "tarot": 0.3, "astrology": 0.3},
+        {"love": 0.3, "career": 0.3, "health": 0.4},
+        {1: 0.45, 2: 0.4, 3: 0.15},
+        {"reading": 0.6, "feedback": 0.4},
+        (),
+    ),
+    Persona(
+        "heavy",
+        0.1,
+        5.0,
+        {s: 1.0 for s in SERVICES},
+        {t: 1.0 for t in THEMES},
+        {5: 0.4, 4: 0.4, 3: 0.2},
+        {"reading": 0.6, "chat": 0.3, "share": 0.1},
+        ("growth",),
+    ),
+    Persona(
+        "astro-dabbler",
+        0.1,
+        0.4,
+        {"astrology": 0.8, "dream": 0.2},
+        {"health": 0.5, "growth": 0.5},
+        {4: 0.5, 3: 0.5},
+        {"reading": 0.8, "share": 0.2},
+        ("health",),
+    ),
     Persona("new", 0.15, 0.0, {}, {}, {}, {}, ("love", "career")),
 )
 
@@ -76,12 +111,16 @@ def plan(
         for i in range(users)
     ]
     for user_id, persona in people:  # everyone onboards first
-        yield DemoCall("track_onboarding", {
-            "user_id": user_id, "interests": list(persona.interests),
-            "services": [s for s, w in persona.services.items() if w >= 0.5],
-            "experience": "new" if persona.name == "new" else "regular",
-            "occurred_at": start,
-        })
+        yield DemoCall(
+            "track_onboarding",
+            {
+                "user_id": user_id,
+                "interests": list(persona.interests),
+                "services": [s for s, w in persona.services.items() if w >= 0.5],
+                "experience": "new" if persona.name == "new" else "regular",
+                "occurred_at": start,
+            },
+        )
     active = [(u, p) for u, p in people if p.activity > 0]
     if not active:
         return
@@ -92,16 +131,22 @@ def plan(
         count = round(budget * persona.activity / total_weight)
         times = sorted(start + timedelta(seconds=rng.uniform(1, span)) for _ in range(count))
         if count and rng.random() < 0.3:
-            yield DemoCall("track_preferences", {
-                "user_id": user_id, "preferred_themes": list(persona.themes)[:2],
-                "reading_length": rng.choice(["short", "medium", "long"]),
-                "tone_preference": rng.choice(["casual", "formal", "mystical"]),
-                "occurred_at": times[0],
-            })
+            yield DemoCall(
+                "track_preferences",
+                {
+                    "user_id": user_id,
+                    "preferred_themes": list(persona.themes)[:2],
+                    "reading_length": rng.choice(["short", "medium", "long"]),
+                    "tone_preference": rng.choice(["casual", "formal", "mystical"]),
+                    "occurred_at": times[0],
+                },
+            )
         for at in times:
             kind = _pick(rng, persona.types)
             fields: dict[str, Any] = {
-                "user_id": user_id, "type": kind, "service": _pick(rng, persona.services),
+                "user_id": user_id,
+                "type": kind,
+                "service": _pick(rng, persona.services),
                 "occurred_at": at,
             }
             if kind == "reading":

@@ -34,8 +34,11 @@ _ZERO = timedelta(0)
 EVENT_MAX_BYTES = 32 * 1024
 """Largest event accepted, as wire JSON; ``metadata`` (``answers`` of an
 onboarding, ``notificationSettings`` of preferences) is what can grow."""
-_FREE_FORM = {"interaction": "metadata", "onboarding.completed": "answers",
-              "preferences.updated": "notification_settings"}
+_FREE_FORM = {
+    "interaction": "metadata",
+    "onboarding.completed": "answers",
+    "preferences.updated": "notification_settings",
+}
 USER_ID_MAX = 191
 INTERACTION_TYPES = ("reading", "chat", "feedback", "share")
 
@@ -113,9 +116,7 @@ class PreferencesUpdated(EventBase):
     """Explicit preferences; only the fields carried change (``None`` = not carried)."""
 
     kind: Literal["preferences.updated"] = "preferences.updated"
-    preferred_language: (
-        Annotated[str, Field(max_length=35, pattern=LANGUAGE_PATTERN)] | None
-    ) = None
+    preferred_language: Annotated[str, Field(max_length=35, pattern=LANGUAGE_PATTERN)] | None = None
     preferred_themes: Annotated[list[Slug], Field(max_length=50)] | None = None
     preferred_services: Annotated[list[Slug], Field(max_length=50)] | None = None
     notification_settings: JsonObject | None = None

@@ -67,14 +67,19 @@ class _Positions(ConsumerRebalanceListener):  # type: ignore[misc]
 
 class Sink:
     def __init__(
-        self, settings: Settings, options: SinkOptions | None = None,
+        self,
+        settings: Settings,
+        options: SinkOptions | None = None,
         metrics: SinkMetrics | None = None,
     ) -> None:
         self.settings = settings
         self.options = options or SinkOptions()
         self.metrics = metrics or SinkMetrics()
-        self.writer = Writer(settings.database_dsn(), consumer=self.options.group,
-                             unknown_users=self.options.unknown_users)
+        self.writer = Writer(
+            settings.database_dsn(),
+            consumer=self.options.group,
+            unknown_users=self.options.unknown_users,
+        )
         self.consumer = AIOKafkaConsumer(
             group_id=self.options.group,
             enable_auto_commit=False,
@@ -112,8 +117,11 @@ class Sink:
                 self.consumer.seek(tp, stored[tp.partition])
             else:
                 await self.consumer.seek_to_beginning(tp)  # the log is the source of truth
-        log.info("assigned partitions %s at %s", sorted(tp.partition for tp in assigned),
-                 {p: stored.get(p, 0) for p in sorted(tp.partition for tp in assigned)})
+        log.info(
+            "assigned partitions %s at %s",
+            sorted(tp.partition for tp in assigned),
+            {p: stored.get(p, 0) for p in sorted(tp.partition for tp in assigned)},
+        )
 
     async def _retry_db(self, action: Any, what: str) -> Any:
         delay = 0.2
@@ -123,8 +131,12 @@ class Sink:
                 return await action()
             except psycopg.OperationalError as exc:
                 self.metrics.retries.labels("database").inc()
-                log.warning("database unavailable (%s) during %s; retrying in %.1fs",
-                            str(exc).strip().splitlines()[0], what, delay)
+                log.warning(
+                    "database unavailable (%s) during %s; retrying in %.1fs",
+                    str(exc).strip().splitlines()[0],
+                    what,
+                    delay,
+                )
                 await self.writer.close()
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.options.max_backoff)
@@ -201,7 +213,7 @@ class Sink:
         tens of milliseconds a whole batch takes to decode."""
         out: list[Any] = []
         for start in range(0, len(records), 256):
-            out.extend(classify(r) for r in records[start:start + 256])
+            out.extend(classify(r) for r in records[start : start + 256])
             await asyncio.sleep(0)
         return out
 
@@ -252,15 +264,23 @@ class Sink:
             for dead in result.dead_letters:
                 r = dead.record
                 await self.producer.send(
-                    self.settings.dead_letter_topic, r.value, key=r.key,
-                    headers=[("reason", dead.reason.encode()),
-                             ("error", dead.error[:1000].encode()),
-                             ("source", f"{r.topic}/{r.partition}/{r.offset}".encode())],
+                    self.settings.dead_letter_topic,
+                    r.value,
+                    key=r.key,
+                    headers=[
+                        ("reason", dead.reason.encode()),
+                        ("error", dead.error[:1000].encode()),
+                        ("source", f"{r.topic}/{r.partition}/{r.offset}".encode()),
+                    ],
                 )
             await self.producer.flush()
         except KafkaError as exc:
-            log.warning("could not publish %d dead letters to %s (they are in the table): %r",
-                        len(result.dead_letters), self.settings.dead_letter_topic, exc)
+            log.warning(
+                "could not publish %d dead letters to %s (they are in the table): %r",
+                len(result.dead_letters),
+                self.settings.dead_letter_topic,
+                exc,
+            )
 
     async def _commit_for_monitoring(self, result: WriteResult) -> None:
         offsets = {TopicPartition(t, p): o for (t, p), o in result.positions.items()}
@@ -285,13 +305,16 @@ class Sink:
             log.error(
                 "stored position of %s[%d] is beyond the end of the log: the log was reset "
                 "(an embedded broker restarted?). Reading it again from the start; writes are "
-                "idempotent, so nothing is duplicated.", tp.topic, tp.partition,
+                "idempotent, so nothing is duplicated.",
+                tp.topic,
+                tp.partition,
             )
             await self.consumer.seek_to_beginning(tp)
 
 
-async def run_sink(settings: Settings, options: SinkOptions | None = None,
-                   metrics_port: int | None = None) -> None:
+async def run_sink(
+    settings: Settings, options: SinkOptions | None = None, metrics_port: int | None = None
+) -> None:
     import signal
 
     sink = Sink(settings, options)

@@ -36,21 +36,34 @@ class DeadLetterRow:
 
     def as_json(self) -> dict[str, Any]:
         return {
-            "id": self.id, "reason": self.reason, "error": self.error, "topic": self.topic,
-            "partition": self.partition, "offset": self.offset, "eventId": self.event_id,
-            "userId": self.user_id, "receivedAt": self.received_at.isoformat(),
+            "id": self.id,
+            "reason": self.reason,
+            "error": self.error,
+            "topic": self.topic,
+            "partition": self.partition,
+            "offset": self.offset,
+            "eventId": self.event_id,
+            "userId": self.user_id,
+            "receivedAt": self.received_at.isoformat(),
             "retries": self.retries,
             "resolvedAt": self.resolved_at.isoformat() if self.resolved_at else None,
             "value": self.value.decode(errors="replace")[:2000] if self.value else None,
         }
 
 
-_COLUMNS = ("id, reason, error, topic, partition, \"offset\", event_id, user_id, received_at, "
-            "retries, resolved_at, key, value")
+_COLUMNS = (
+    'id, reason, error, topic, partition, "offset", event_id, user_id, received_at, '
+    "retries, resolved_at, key, value"
+)
 
 
-def list_dead_letters(settings: Settings, *, reason: str | None = None,
-                      include_resolved: bool = False, limit: int = 1000) -> list[DeadLetterRow]:
+def list_dead_letters(
+    settings: Settings,
+    *,
+    reason: str | None = None,
+    include_resolved: bool = False,
+    limit: int = 1000,
+) -> list[DeadLetterRow]:
     query = f"SELECT {_COLUMNS} FROM usertrail_dead_letters WHERE (%s::text IS NULL OR reason = %s)"
     if not include_resolved:
         query += " AND resolved_at IS NULL"
@@ -60,12 +73,14 @@ def list_dead_letters(settings: Settings, *, reason: str | None = None,
     return [DeadLetterRow(*row) for row in rows]
 
 
-async def retry(settings: Settings, *, reason: str | None = None,
-                unknown_users: UnknownUsers = "park") -> tuple[int, int]:
+async def retry(
+    settings: Settings, *, reason: str | None = None, unknown_users: UnknownUsers = "park"
+) -> tuple[int, int]:
     """Re-drive unresolved dead letters; returns (resolved, still failing)."""
     pending = list_dead_letters(settings, reason=reason, limit=1_000_000)
-    writer = Writer(settings.database_dsn(), consumer="usertrail-dlq-retry",
-                    unknown_users=unknown_users)
+    writer = Writer(
+        settings.database_dsn(), consumer="usertrail-dlq-retry", unknown_users=unknown_users
+    )
     await writer.connect()
     resolved = failing = 0
     try:

@@ -88,9 +88,7 @@ class UserPreferences(Base):
     preferredServices: Mapped[list[str] | None] = mapped_column(JSONB)
     notificationSettings: Mapped[dict[str, object] | None] = mapped_column(JSONB)
     readingLength: Mapped[str | None] = mapped_column(sa.Text, server_default=sa.text("'medium'"))
-    tonePreference: Mapped[str | None] = mapped_column(
-        sa.Text, server_default=sa.text("'casual'")
-    )
+    tonePreference: Mapped[str | None] = mapped_column(sa.Text, server_default=sa.text("'casual'"))
 
 
 class UserVector(Base):
@@ -145,8 +143,9 @@ class DeadLetter(Base):
     __tablename__ = "usertrail_dead_letters"
     __table_args__ = (
         sa.PrimaryKeyConstraint("id", name="usertrail_dead_letters_pkey"),
-        sa.UniqueConstraint("topic", "partition", "offset",
-                            name="usertrail_dead_letters_topic_partition_offset_key"),
+        sa.UniqueConstraint(
+            "topic", "partition", "offset", name="usertrail_dead_letters_topic_partition_offset_key"
+        ),
         sa.Index("usertrail_dead_letters_reason_idx", "reason", "resolved_at"),
     )
 

@@ -63,9 +63,11 @@ def classify(record: Record) -> Decoded | DeadLetter:
         return DeadLetter(record, INVALID, str(exc))
     if record.key != event.user_id.encode():
         return DeadLetter(
-            record, WRONG_KEY,
+            record,
+            WRONG_KEY,
             f"record key {record.key!r} is not the user id {event.user_id!r}",
-            event.event_id, event.user_id,
+            event.event_id,
+            event.user_id,
         )
     return Decoded(record, event)
 

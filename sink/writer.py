@@ -136,7 +136,10 @@ class Writer:
 
     # --- one batch ------------------------------------------------------------------
     async def write(
-        self, records: Sequence[Record], *, positions: bool = True,
+        self,
+        records: Sequence[Record],
+        *,
+        positions: bool = True,
         classified: Sequence[Decoded | DeadLetter] | None = None,
     ) -> WriteResult:
         """Write a batch (records in log order per partition) in one transaction.
@@ -157,7 +160,10 @@ class Writer:
             return await self._isolate(records, exc, positions)
 
     async def _write(
-        self, records: Sequence[Record], unapplicable: str | None = None, positions: bool = True,
+        self,
+        records: Sequence[Record],
+        unapplicable: str | None = None,
+        positions: bool = True,
         classified: Sequence[Decoded | DeadLetter] | None = None,
     ) -> WriteResult:
         result = WriteResult(records=len(records))
@@ -209,10 +215,16 @@ class Writer:
     ) -> WriteResult:
         """Find the record(s) the database refuses by halving the batch."""
         if len(records) == 1:
-            log.error("record %s:%d@%d cannot be applied: %s", records[0].topic,
-                      records[0].partition, records[0].offset, exc)
-            return await self._write(records, unapplicable=f"{type(exc).__name__}: {exc}",
-                                     positions=positions)
+            log.error(
+                "record %s:%d@%d cannot be applied: %s",
+                records[0].topic,
+                records[0].partition,
+                records[0].offset,
+                exc,
+            )
+            return await self._write(
+                records, unapplicable=f"{type(exc).__name__}: {exc}", positions=positions
+            )
         log.warning("batch of %d refused (%s); isolating the record", len(records), exc)
         mid = len(records) // 2
         merged = WriteResult()
@@ -240,10 +252,15 @@ class Writer:
             if d.event.user_id in known or d.event.kind == "user.erased":
                 kept.append(d)
             else:
-                result.dead_letters.append(DeadLetter(
-                    d.record, UNKNOWN_USER, f'user {d.event.user_id!r} is not in "User"',
-                    d.event.event_id, d.event.user_id,
-                ))
+                result.dead_letters.append(
+                    DeadLetter(
+                        d.record,
+                        UNKNOWN_USER,
+                        f'user {d.event.user_id!r} is not in "User"',
+                        d.event.event_id,
+                        d.event.user_id,
+                    )
+                )
         return kept
 
     async def _erase(
@@ -315,12 +332,21 @@ class Writer:
         if not dead:
             return
         await cur.executemany(
-            "INSERT INTO usertrail_dead_letters (reason, error, topic, partition, \"offset\", key, "
+            'INSERT INTO usertrail_dead_letters (reason, error, topic, partition, "offset", key, '
             "value, event_id, user_id) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) "
             'ON CONFLICT (topic, partition, "offset") DO NOTHING',
             [
-                (d.reason, d.error[:10_000], d.record.topic, d.record.partition, d.record.offset,
-                 d.record.key, d.record.value, d.event_id, d.user_id)
+                (
+                    d.reason,
+                    d.error[:10_000],
+                    d.record.topic,
+                    d.record.partition,
+                    d.record.offset,
+                    d.record.key,
+                    d.record.value,
+                    d.event_id,
+                    d.user_id,
+                )
                 for d in dead
             ],
         )

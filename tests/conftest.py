@@ -123,7 +123,9 @@ __all__ = ["TopicSpec", "create_topics", "read_all", "unique"]
 
 
 # --- databases ------------------------------------------------------------------------
-PG15_URL = os.environ.get("USERTRAIL_TEST_PG15_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+PG15_URL = os.environ.get(
+    "USERTRAIL_TEST_PG15_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
 
 
 def _server_url(request: pytest.FixtureRequest, which: str) -> str:

@@ -53,8 +53,9 @@ def test_usertrail_services_parse_and_their_environment_is_valid(
             monkeypatch.setenv(key, re.sub(r"\$\{(\w+):-([^}]*)\}", r"\2", str(value)))
         settings = Settings()
         assert not settings.embedded_kafka and not settings.embedded_db
-        dockerfile = ROOT / service["build"]["context"].replace("..", ".") / service["build"][
-            "dockerfile"]
+        dockerfile = (
+            ROOT / service["build"]["context"].replace("..", ".") / service["build"]["dockerfile"]
+        )
         for src in re.findall(r"^COPY (.+) \S+$", dockerfile.read_text(), re.M):
             for part in src.split():
                 assert (ROOT / part).exists(), f"{dockerfile} copies missing {part}"

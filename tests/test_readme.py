@@ -24,14 +24,23 @@ def test_readme_has_snippets() -> None:
 
 
 @pytest.mark.parametrize("index", range(len(SNIPPETS)))
-async def test_readme_snippet_runs_and_its_events_arrive(index: int, settings: Settings,
-                                                         tmp_path: Path) -> None:
+async def test_readme_snippet_runs_and_its_events_arrive(
+    index: int, settings: Settings, tmp_path: Path
+) -> None:
     await create_topics(settings)
-    env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": settings.bootstrap_servers,
-           "USERTRAIL_EVENTS_TOPIC": settings.events_topic, "USERTRAIL_DATA_DIR": str(tmp_path)}
+    env = {
+        **os.environ,
+        "KAFKA_BOOTSTRAP_SERVERS": settings.bootstrap_servers,
+        "USERTRAIL_EVENTS_TOPIC": settings.events_topic,
+        "USERTRAIL_DATA_DIR": str(tmp_path),
+    }
     result = await asyncio.to_thread(
-        subprocess.run, [sys.executable, "-c", SNIPPETS[index]], env=env,
-        capture_output=True, text=True, timeout=60,
+        subprocess.run,
+        [sys.executable, "-c", SNIPPETS[index]],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode == 0, result.stderr
     expected = len(re.findall(r"\.(track_\w+|erase_user)\(", SNIPPETS[index]))

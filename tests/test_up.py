@@ -20,11 +20,28 @@ from usertrail.embedded import free_port
 def _start_up(tmp_path: Path) -> tuple[subprocess.Popen[str], list[int], int, int]:
     kafka, pg = free_port(), free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "usertrail.cli", "up", "--data-dir", str(tmp_path / "data"),
-         "--kafka-port", str(kafka), "--postgres-port", str(pg), "--partitions", "3"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env={k: v for k, v in os.environ.items()
-             if k not in ("KAFKA_BOOTSTRAP_SERVERS", "DATABASE_URL")},
+        [
+            sys.executable,
+            "-m",
+            "usertrail.cli",
+            "up",
+            "--data-dir",
+            str(tmp_path / "data"),
+            "--kafka-port",
+            str(kafka),
+            "--postgres-port",
+            str(pg),
+            "--partitions",
+            "3",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={
+            k: v
+            for k, v in os.environ.items()
+            if k not in ("KAFKA_BOOTSTRAP_SERVERS", "DATABASE_URL")
+        },
     )
     assert proc.stdout is not None
     pids: list[int] = []
@@ -100,6 +117,7 @@ def test_up_creates_topics_with_their_configuration(tmp_path: Path) -> None:
 
     proc, _, kafka, _ = _start_up(tmp_path)
     try:
+
         async def describe() -> tuple[dict[str, int], dict[str, dict[str, str]]]:
             admin = AIOKafkaAdminClient(bootstrap_servers=f"127.0.0.1:{kafka}")
             await admin.start()
@@ -120,8 +138,11 @@ def test_up_creates_topics_with_their_configuration(tmp_path: Path) -> None:
                 await admin.close()
 
         partitions, configs = asyncio.run(describe())
-        assert partitions == {"usertrail.events": 3, "usertrail.profiles": 3,
-                              "usertrail.deadletter": 1}
+        assert partitions == {
+            "usertrail.events": 3,
+            "usertrail.profiles": 3,
+            "usertrail.deadletter": 1,
+        }
         assert configs["usertrail.events"]["retention.ms"] == "-1"
         assert configs["usertrail.profiles"]["cleanup.policy"] == "compact"
     finally:
@@ -133,7 +154,9 @@ def test_every_subcommand_has_help() -> None:
 
     from usertrail.cli import build_parser
 
-    def leaves(parser: argparse.ArgumentParser, path: str) -> list[tuple[str, argparse.ArgumentParser]]:
+    def leaves(
+        parser: argparse.ArgumentParser, path: str
+    ) -> list[tuple[str, argparse.ArgumentParser]]:
         subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
         if not subs:
             return [(path, parser)]
@@ -160,9 +183,12 @@ def test_up_runs_the_pipeline_events_become_rows(tmp_path: Path) -> None:
 
         async def send() -> list[str]:
             async with TrackingClient(source="web", settings=settings) as client:
-                return [await client.track_interaction(user_id=f"u{i}", type="reading",
-                                                       service="tarot", rating=5)
-                        for i in range(20)]
+                return [
+                    await client.track_interaction(
+                        user_id=f"u{i}", type="reading", service="tarot", rating=5
+                    )
+                    for i in range(20)
+                ]
 
         ids = asyncio.run(send())
         url = f"postgresql://postgres@127.0.0.1:{pg}/usertrail"

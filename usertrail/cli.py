@@ -41,21 +41,41 @@ _SETTING_FLAGS = {
 def _common() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("connection (flag > environment > default)")
-    g.add_argument("--bootstrap-servers", metavar="HOST:PORT",
-                   help="Kafka brokers [env KAFKA_BOOTSTRAP_SERVERS; default: the embedded "
-                        "broker on 127.0.0.1:19092]")
-    g.add_argument("--database-url", metavar="URL",
-                   help="PostgreSQL URL [env DATABASE_URL; default: the embedded PostgreSQL "
-                        "on 127.0.0.1:55432/usertrail]")
-    g.add_argument("--data-dir", type=Path, metavar="DIR",
-                   help="embedded data, spool files [env USERTRAIL_DATA_DIR; default .usertrail]")
-    g.add_argument("--kafka-port", type=int, metavar="PORT",
-                   help="embedded broker port [env USERTRAIL_EMBEDDED_KAFKA_PORT; default 19092]")
-    g.add_argument("--postgres-port", type=int, metavar="PORT",
-                   help="embedded PostgreSQL port [env USERTRAIL_EMBEDDED_POSTGRES_PORT; "
-                        "default 55432]")
-    g.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-                   help="[env USERTRAIL_LOG_LEVEL; default INFO]")
+    g.add_argument(
+        "--bootstrap-servers",
+        metavar="HOST:PORT",
+        help="Kafka brokers [env KAFKA_BOOTSTRAP_SERVERS; default: the embedded "
+        "broker on 127.0.0.1:19092]",
+    )
+    g.add_argument(
+        "--database-url",
+        metavar="URL",
+        help="PostgreSQL URL [env DATABASE_URL; default: the embedded PostgreSQL "
+        "on 127.0.0.1:55432/usertrail]",
+    )
+    g.add_argument(
+        "--data-dir",
+        type=Path,
+        metavar="DIR",
+        help="embedded data, spool files [env USERTRAIL_DATA_DIR; default .usertrail]",
+    )
+    g.add_argument(
+        "--kafka-port",
+        type=int,
+        metavar="PORT",
+        help="embedded broker port [env USERTRAIL_EMBEDDED_KAFKA_PORT; default 19092]",
+    )
+    g.add_argument(
+        "--postgres-port",
+        type=int,
+        metavar="PORT",
+        help="embedded PostgreSQL port [env USERTRAIL_EMBEDDED_POSTGRES_PORT; default 55432]",
+    )
+    g.add_argument(
+        "--log-level",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="[env USERTRAIL_LOG_LEVEL; default INFO]",
+    )
     return p
 
 
@@ -99,12 +119,16 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
         for name in created:
             log.info("created topic %s", name)
         print("usertrail is up", flush=True)
-        print(f"  Kafka:      {settings.bootstrap_servers}"
-              f"{'  (embedded tansu, memory only)' if settings.embedded_kafka else ''}")
+        print(
+            f"  Kafka:      {settings.bootstrap_servers}"
+            f"{'  (embedded tansu, memory only)' if settings.embedded_kafka else ''}"
+        )
         db = settings.embedded_database_url if settings.embedded_db else "(DATABASE_URL)"
         print(f"  PostgreSQL: {db}{'  (embedded)' if settings.embedded_db else ''}")
-        print(f"  topics:     {settings.events_topic}, {settings.profiles_topic}, "
-              f"{settings.dead_letter_topic}")
+        print(
+            f"  topics:     {settings.events_topic}, {settings.profiles_topic}, "
+            f"{settings.dead_letter_topic}"
+        )
         if args.only_setup:
             print("  set-up done (--only-setup): topics and schema are ready.", flush=True)
             return 0
@@ -176,9 +200,11 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
             )
             report = await client.flush()
             elapsed = time.perf_counter() - started
-            print(f"sent {sent} events for {args.users} users in {elapsed:.1f}s "
-                  f"({sent / max(elapsed, 1e-9):,.0f}/s); delivered {report.delivered}, "
-                  f"spooled {report.spooled}")
+            print(
+                f"sent {sent} events for {args.users} users in {elapsed:.1f}s "
+                f"({sent / max(elapsed, 1e-9):,.0f}/s); delivered {report.delivered}, "
+                f"spooled {report.spooled}"
+            )
             return sent, report
 
     _, report = asyncio.run(go())
@@ -189,8 +215,12 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_sink(args: argparse.Namespace, settings: Settings) -> int:
     from usertrail.sink.consumer import SinkOptions, run_sink
 
-    options = SinkOptions(group=args.group, unknown_users=args.unknown_users,
-                          batch_max_records=args.batch_max, batch_max_wait_ms=args.batch_wait_ms)
+    options = SinkOptions(
+        group=args.group,
+        unknown_users=args.unknown_users,
+        batch_max_records=args.batch_max,
+        batch_max_wait_ms=args.batch_wait_ms,
+    )
     asyncio.run(run_sink(settings, options, metrics_port=args.metrics_port))
     return 0
 
@@ -199,19 +229,23 @@ def cmd_dlq(args: argparse.Namespace, settings: Settings) -> int:
     from usertrail.sink import dlq
 
     if args.dlq_command == "list":
-        rows = dlq.list_dead_letters(settings, reason=args.reason,
-                                     include_resolved=args.all, limit=args.limit)
+        rows = dlq.list_dead_letters(
+            settings, reason=args.reason, include_resolved=args.all, limit=args.limit
+        )
         if args.json:
             print(json.dumps([r.as_json() for r in rows], indent=2))
             return 0
         for r in rows:
             state = f"resolved {r.resolved_at:%Y-%m-%d %H:%M}" if r.resolved_at else "open"
-            print(f"#{r.id} {r.reason:<13} {r.topic}[{r.partition}]@{r.offset} "
-                  f"user={r.user_id or '-'} retries={r.retries} {state}\n    {r.error[:300]}")
+            print(
+                f"#{r.id} {r.reason:<13} {r.topic}[{r.partition}]@{r.offset} "
+                f"user={r.user_id or '-'} retries={r.retries} {state}\n    {r.error[:300]}"
+            )
         print(f"{len(rows)} dead letter(s)")
         return 0
     resolved, failing = asyncio.run(
-        dlq.retry(settings, reason=args.reason, unknown_users=args.unknown_users))
+        dlq.retry(settings, reason=args.reason, unknown_users=args.unknown_users)
+    )
     print(f"re-driven: {resolved} applied, {failing} still failing")
     return 0 if failing == 0 else 1
 
@@ -241,8 +275,11 @@ def cmd_db(args: argparse.Namespace, settings: Settings) -> int:
                 print(f"  applied  {rev}")
             for rev in st.pending:
                 print(f"  pending  {rev}")
-            print("Database schema is up to date." if not st.pending
-                  else f"{len(st.pending)} migration(s) pending: run `usertrail db migrate`.")
+            print(
+                "Database schema is up to date."
+                if not st.pending
+                else f"{len(st.pending)} migration(s) pending: run `usertrail db migrate`."
+            )
         elif args.db_command == "check":
             differences = runner.check(engine)
             if differences:
@@ -286,116 +323,192 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="usertrail",
         description="Event-sourced user-interaction tracking: SDK -> Kafka -> stream "
-                    "aggregates and segments -> PostgreSQL.",
+        "aggregates and segments -> PostgreSQL.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     up = sub.add_parser(
-        "up", parents=[common], help="run the pipeline (embedded broker and database by default)",
+        "up",
+        parents=[common],
+        help="run the pipeline (embedded broker and database by default)",
         description="Start the embedded broker (tansu) and PostgreSQL unless real servers are "
-                    "configured, create the topics, migrate the embedded database, run the "
-                    "pipeline's workers (the sink), print how to connect, and run until "
-                    "Ctrl-C or SIGTERM, which stop everything started here.")
-    up.add_argument("--partitions", type=int, metavar="N",
-                    help="partitions of usertrail.events when created "
-                         "[env USERTRAIL_EVENTS_PARTITIONS; default 8]")
-    up.add_argument("--only-setup", action="store_true",
-                    help="create the topics and prepare the database, then exit "
-                         "(a deployment's init step)")
-    up.add_argument("--migrate", action="store_true",
-                    help="upgrade a real database (DATABASE_URL) to the newest schema first; "
-                         "the embedded one is always migrated")
+        "configured, create the topics, migrate the embedded database, run the "
+        "pipeline's workers (the sink), print how to connect, and run until "
+        "Ctrl-C or SIGTERM, which stop everything started here.",
+    )
+    up.add_argument(
+        "--partitions",
+        type=int,
+        metavar="N",
+        help="partitions of usertrail.events when created "
+        "[env USERTRAIL_EVENTS_PARTITIONS; default 8]",
+    )
+    up.add_argument(
+        "--only-setup",
+        action="store_true",
+        help="create the topics and prepare the database, then exit (a deployment's init step)",
+    )
+    up.add_argument(
+        "--migrate",
+        action="store_true",
+        help="upgrade a real database (DATABASE_URL) to the newest schema first; "
+        "the embedded one is always migrated",
+    )
     up.set_defaults(func=cmd_up)
 
     schema = sub.add_parser(
-        "schema", parents=[common], help="write the JSON Schema of every event kind",
+        "schema",
+        parents=[common],
+        help="write the JSON Schema of every event kind",
         description="Write the JSON Schema of each event kind, for producers in other "
-                    "languages. Without --out, print them all as one JSON object.")
-    schema.add_argument("--out", type=Path, metavar="DIR",
-                        help="write <kind>.schema.json files into DIR")
+        "languages. Without --out, print them all as one JSON object.",
+    )
+    schema.add_argument(
+        "--out", type=Path, metavar="DIR", help="write <kind>.schema.json files into DIR"
+    )
     schema.set_defaults(func=cmd_schema)
 
     demo = sub.add_parser(
-        "demo", parents=[common], help="send realistic demo traffic through the SDK",
+        "demo",
+        parents=[common],
+        help="send realistic demo traffic through the SDK",
         description="Send demo traffic through the SDK: users with distinct habits (tarot and "
-                    "love, career saju, critics, heavy users, new users with only onboarding).")
+        "love, career saju, critics, heavy users, new users with only onboarding).",
+    )
     demo.add_argument("--users", type=int, default=100, help="number of users (default 100)")
-    demo.add_argument("--events", type=int, default=5000,
-                      help="number of events in all (default 5000)")
+    demo.add_argument(
+        "--events", type=int, default=5000, help="number of events in all (default 5000)"
+    )
     demo.add_argument("--seed", type=int, default=7, help="random seed (default 7)")
     demo.set_defaults(func=cmd_demo)
 
     sink = sub.add_parser(
-        "sink", parents=[common], help="write usertrail.events to PostgreSQL (a group member)",
+        "sink",
+        parents=[common],
+        help="write usertrail.events to PostgreSQL (a group member)",
         description="Consume usertrail.events and write the product's rows: interactions, "
-                    "preferences, erasures. Members of one group share the partitions; the "
-                    "position of each partition is stored with the rows, in one transaction. "
-                    "SIGTERM finishes the batch in hand and exits.")
-    sink.add_argument("--group", default="usertrail-sink", help="consumer group (default "
-                      "usertrail-sink)")
-    sink.add_argument("--unknown-users", choices=["create", "park"], default="create",
-                      help="an event for a user missing from \"User\": create a minimal row "
-                           "(default) or park it as a dead letter (reason unknown_user)")
-    sink.add_argument("--batch-max", type=int, default=5000, metavar="N",
-                      help="records per transaction at most (default 5000)")
-    sink.add_argument("--batch-wait-ms", type=int, default=200, metavar="MS",
-                      help="how long to wait to fill a batch (default 200)")
-    sink.add_argument("--metrics-port", type=int, metavar="PORT",
-                      help="serve Prometheus metrics on 127.0.0.1:PORT/metrics")
+        "preferences, erasures. Members of one group share the partitions; the "
+        "position of each partition is stored with the rows, in one transaction. "
+        "SIGTERM finishes the batch in hand and exits.",
+    )
+    sink.add_argument(
+        "--group", default="usertrail-sink", help="consumer group (default usertrail-sink)"
+    )
+    sink.add_argument(
+        "--unknown-users",
+        choices=["create", "park"],
+        default="create",
+        help='an event for a user missing from "User": create a minimal row '
+        "(default) or park it as a dead letter (reason unknown_user)",
+    )
+    sink.add_argument(
+        "--batch-max",
+        type=int,
+        default=5000,
+        metavar="N",
+        help="records per transaction at most (default 5000)",
+    )
+    sink.add_argument(
+        "--batch-wait-ms",
+        type=int,
+        default=200,
+        metavar="MS",
+        help="how long to wait to fill a batch (default 200)",
+    )
+    sink.add_argument(
+        "--metrics-port",
+        type=int,
+        metavar="PORT",
+        help="serve Prometheus metrics on 127.0.0.1:PORT/metrics",
+    )
     sink.set_defaults(func=cmd_sink)
 
     dlq_parser = sub.add_parser(
-        "dlq", help="dead letters: list, retry",
+        "dlq",
+        help="dead letters: list, retry",
         description="Events that failed validation or could not be applied, with their reason "
-                    "and original bytes (table usertrail_dead_letters).")
+        "and original bytes (table usertrail_dead_letters).",
+    )
     dlqsub = dlq_parser.add_subparsers(dest="dlq_command", required=True, metavar="DLQ_COMMAND")
-    dlq_list = dlqsub.add_parser("list", parents=[common], help="list dead letters",
-                                 description="List open dead letters (--all: resolved too).")
-    dlq_list.add_argument("--reason", help="only this reason (invalid, wrong_key, "
-                                           "unknown_user, unapplicable)")
+    dlq_list = dlqsub.add_parser(
+        "list",
+        parents=[common],
+        help="list dead letters",
+        description="List open dead letters (--all: resolved too).",
+    )
+    dlq_list.add_argument(
+        "--reason", help="only this reason (invalid, wrong_key, unknown_user, unapplicable)"
+    )
     dlq_list.add_argument("--all", action="store_true", help="include resolved ones")
     dlq_list.add_argument("--limit", type=int, default=100, help="at most N (default 100)")
     dlq_list.add_argument("--json", action="store_true", help="print JSON")
     dlq_retry = dlqsub.add_parser(
-        "retry", parents=[common], help="re-drive open dead letters through the sink",
+        "retry",
+        parents=[common],
+        help="re-drive open dead letters through the sink",
         description="Re-drive open dead letters through the sink's writer, oldest first. Those "
-                    "that apply are marked resolved; the others stay open with one more retry.")
+        "that apply are marked resolved; the others stay open with one more retry.",
+    )
     dlq_retry.add_argument("--reason", help="only this reason")
-    dlq_retry.add_argument("--unknown-users", choices=["create", "park"], default="park",
-                           help="for events of users still missing (default park: stay dead)")
+    dlq_retry.add_argument(
+        "--unknown-users",
+        choices=["create", "park"],
+        default="park",
+        help="for events of users still missing (default park: stay dead)",
+    )
     dlq_parser.set_defaults(func=cmd_dlq)
 
     db = sub.add_parser(
-        "db", help="the product's schema: migrate, downgrade, status, check, validate",
-        description="Manage the PostgreSQL schema (the seeds' tables, exactly) with alembic.")
+        "db",
+        help="the product's schema: migrate, downgrade, status, check, validate",
+        description="Manage the PostgreSQL schema (the seeds' tables, exactly) with alembic.",
+    )
     dbsub = db.add_subparsers(dest="db_command", required=True, metavar="DB_COMMAND")
     migrate = dbsub.add_parser(
-        "migrate", parents=[common], help="upgrade to the newest revision",
+        "migrate",
+        parents=[common],
+        help="upgrade to the newest revision",
         description="Upgrade the database to the newest revision. With --adopt, tables that "
-                    "already exist (made by Prisma from the same seeds) are stamped instead "
-                    "of created when they match exactly; when they differ, nothing is changed "
-                    "and the differences are printed. Data is never dropped or rewritten.")
-    migrate.add_argument("--adopt", action="store_true",
-                         help="adopt existing matching tables (the seed's 'Option B: baseline')")
+        "already exist (made by Prisma from the same seeds) are stamped instead "
+        "of created when they match exactly; when they differ, nothing is changed "
+        "and the differences are printed. Data is never dropped or rewritten.",
+    )
+    migrate.add_argument(
+        "--adopt",
+        action="store_true",
+        help="adopt existing matching tables (the seed's 'Option B: baseline')",
+    )
     down = dbsub.add_parser(
-        "downgrade", parents=[common], help="downgrade to a revision (or 'base')",
+        "downgrade",
+        parents=[common],
+        help="downgrade to a revision (or 'base')",
         description="Downgrade to REV, running each revision's rollback (the seeds' rollback "
-                    "sections). Dropping the segment columns keeps every other column and row.")
+        "sections). Dropping the segment columns keeps every other column and row.",
+    )
     down.add_argument("revision", metavar="REV", help="target revision id, 'base' or -N")
     dbsub.add_parser(
-        "status", parents=[common], help="current revision and pending ones",
+        "status",
+        parents=[common],
+        help="current revision and pending ones",
         description="Show the current revision, what is applied and what is pending "
-                    "(like `prisma migrate status`).")
+        "(like `prisma migrate status`).",
+    )
     dbsub.add_parser(
-        "check", parents=[common], help="drift between the migrations and the live database",
+        "check",
+        parents=[common],
+        help="drift between the migrations and the live database",
         description="Compare the live tables (columns, types, defaults, nullability, indexes, "
-                    "constraints) with what the migrations define; exit code 1 and a list of "
-                    "differences when they differ.")
+        "constraints) with what the migrations define; exit code 1 and a list of "
+        "differences when they differ.",
+    )
     validate = dbsub.add_parser(
-        "validate", parents=[common], help="seed 002 validation report (segment coverage)",
+        "validate",
+        parents=[common],
+        help="seed 002 validation report (segment coverage)",
         description="Run the seed 002 validation queries: how many vectors have segments, the "
-                    "percentage, and the distribution of primary segments with their average "
-                    "confidence.")
+        "percentage, and the distribution of primary segments with their average "
+        "confidence.",
+    )
     validate.add_argument("--json", action="store_true", help="print JSON for machines")
     db.set_defaults(func=cmd_db)
     return parser

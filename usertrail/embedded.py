@@ -176,8 +176,14 @@ class EmbeddedPostgres(_Child):
             entry = pwd.getpwnam(PG_SYSTEM_USER)
         except KeyError:
             subprocess.run(
-                ["useradd", "--system", "--no-create-home", "-s", "/usr/sbin/nologin",
-                 PG_SYSTEM_USER],
+                [
+                    "useradd",
+                    "--system",
+                    "--no-create-home",
+                    "-s",
+                    "/usr/sbin/nologin",
+                    PG_SYSTEM_USER,
+                ],
                 check=True,
                 capture_output=True,
             )
@@ -213,8 +219,17 @@ class EmbeddedPostgres(_Child):
             if pgdata.exists():
                 shutil.rmtree(pgdata)  # a half-made directory from a failed initdb
             result = subprocess.run(
-                [str(bins / "initdb"), "-D", str(pgdata), "--auth=trust", "-U", "postgres",
-                 "--encoding=UTF8", "--locale=C.UTF-8", "--no-instructions"],
+                [
+                    str(bins / "initdb"),
+                    "-D",
+                    str(pgdata),
+                    "--auth=trust",
+                    "-U",
+                    "postgres",
+                    "--encoding=UTF8",
+                    "--locale=C.UTF-8",
+                    "--no-instructions",
+                ],
                 capture_output=True,
                 **user_kw,  # type: ignore[arg-type]
             )
@@ -227,9 +242,21 @@ class EmbeddedPostgres(_Child):
             if ids is not None:
                 os.chown(log_path, *ids)
             self.proc = subprocess.Popen(
-                [str(bins / "postgres"), "-D", str(pgdata), "-h", "127.0.0.1",
-                 "-p", str(self.port), "-k", str(self.data_dir),
-                 "-c", "max_connections=200", "-c", "fsync=on"],
+                [
+                    str(bins / "postgres"),
+                    "-D",
+                    str(pgdata),
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    str(self.port),
+                    "-k",
+                    str(self.data_dir),
+                    "-c",
+                    "max_connections=200",
+                    "-c",
+                    "fsync=on",
+                ],
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,

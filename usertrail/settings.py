@@ -35,9 +35,7 @@ class Settings(BaseSettings):
         ),
         description="host:port[,host:port]; unset = the embedded broker",
     )
-    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = (
-        "PLAINTEXT"
-    )
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     kafka_sasl_mechanism: (
         Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER", "GSSAPI"] | None
     ) = None
@@ -51,9 +49,7 @@ class Settings(BaseSettings):
     # --- database ---------------------------------------------------------
     database_url: SecretStr | None = Field(
         default=None,
-        validation_alias=AliasChoices(
-            "database_url", "USERTRAIL_DATABASE_URL", "DATABASE_URL"
-        ),
+        validation_alias=AliasChoices("database_url", "USERTRAIL_DATABASE_URL", "DATABASE_URL"),
         description="postgresql://...; unset = the embedded PostgreSQL",
     )
 

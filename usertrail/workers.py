@@ -33,7 +33,9 @@ class Workers:
     def _spawn(self, index: int) -> None:
         proc = subprocess.Popen(
             [sys.executable, "-m", "usertrail.cli", *self.commands[index]],
-            env=self.env, preexec_fn=_die_with_parent, stdin=subprocess.DEVNULL,
+            env=self.env,
+            preexec_fn=_die_with_parent,
+            stdin=subprocess.DEVNULL,
         )
         self.procs[index] = proc
         log.info("%s pid %d", self.commands[index][0], proc.pid)
@@ -48,7 +50,7 @@ class Workers:
             if code is None:
                 continue
             count, since = self.restarts.get(index, (0, 0.0))
-            delay = min(2.0 ** count, 30.0)
+            delay = min(2.0**count, 30.0)
             if time.monotonic() - since < delay:
                 continue
             log.error("%s exited with code %s; restarting", self.commands[index][0], code)

@@ -48,7 +48,9 @@ def fresh(database_factory: Callable[[], str]) -> Callable[[], tuple[str, sa.Eng
         e.dispose()
 
 
-def test_migrations_make_the_seeds_schema_exactly(fresh: Callable[[], tuple[str, sa.Engine]]) -> None:
+def test_migrations_make_the_seeds_schema_exactly(
+    fresh: Callable[[], tuple[str, sa.Engine]],
+) -> None:
     _, seeded = fresh()
     _, migrated = fresh()
     run_sql(seeded, SEEDS_SQL)
@@ -58,11 +60,15 @@ def test_migrations_make_the_seeds_schema_exactly(fresh: Callable[[], tuple[str,
     assert diff(expected, actual) == []
     # and the whole of "User" too, since here both are the minimal one
     with seeded.connect() as a, migrated.connect() as b:
-        cols = "SELECT column_name, data_type, is_nullable, column_default FROM " \
-               "information_schema.columns WHERE table_name = 'User' ORDER BY ordinal_position"
+        cols = (
+            "SELECT column_name, data_type, is_nullable, column_default FROM "
+            "information_schema.columns WHERE table_name = 'User' ORDER BY ordinal_position"
+        )
         assert a.exec_driver_sql(cols).all() == b.exec_driver_sql(cols).all()
-        rules = "SELECT conname, delete_rule FROM information_schema.referential_constraints r " \
-                "JOIN pg_constraint c ON c.conname = r.constraint_name ORDER BY 1"
+        rules = (
+            "SELECT conname, delete_rule FROM information_schema.referential_constraints r "
+            "JOIN pg_constraint c ON c.conname = r.constraint_name ORDER BY 1"
+        )
         assert a.exec_driver_sql(rules).all() == b.exec_driver_sql(rules).all()
         assert {rule for _, rule in b.exec_driver_sql(rules)} == {"CASCADE"}
 
@@ -71,11 +77,16 @@ def test_models_match_the_migrations(fresh: Callable[[], tuple[str, sa.Engine]])
     _, engine = fresh()
     runner.upgrade(engine)
     with engine.connect() as conn:
-        ctx = MigrationContext.configure(conn, opts={
-            "compare_type": True, "compare_server_default": True,
-            "include_name": lambda name, kind, parent: kind != "table"
-            or name != runner.VERSION_TABLE,
-        })
+        ctx = MigrationContext.configure(
+            conn,
+            opts={
+                "compare_type": True,
+                "compare_server_default": True,
+                "include_name": lambda name, kind, parent: (
+                    kind != "table" or name != runner.VERSION_TABLE
+                ),
+            },
+        )
         assert compare_metadata(ctx, Base.metadata) == []
 
 
@@ -97,13 +108,16 @@ def test_downgrading_segments_keeps_every_row_and_other_column(
 ) -> None:
     _, engine = fresh()
     runner.upgrade(engine)
-    run_sql(engine, """
+    run_sql(
+        engine,
+        """
         INSERT INTO "User" (id) VALUES ('u1'), ('u2'), ('u3');
         INSERT INTO user_vectors (id, "userId", vector, "updatedAt", segments, "primarySegment",
                                   "segmentConfidence", "lastSegmentUpdate")
         SELECT 'v' || id, id, jsonb_build_object('love', 0.5), '2026-01-02 03:04:05.678',
                '[{"id": "x"}]', 'tarot-lover', 0.75, '2026-01-02' FROM "User";
-    """)
+    """,
+    )
     keep = 'SELECT id, "userId", vector, "createdAt", "updatedAt" FROM user_vectors ORDER BY id'
     with engine.connect() as conn:
         before = conn.exec_driver_sql(keep).all()
@@ -115,22 +129,32 @@ def test_downgrading_segments_keeps_every_row_and_other_column(
     runner.upgrade(engine)
     with engine.connect() as conn:
         assert conn.exec_driver_sql(keep).all() == before
-        assert conn.exec_driver_sql(
-            'SELECT count(*) FROM user_vectors WHERE "primarySegment" IS NULL').scalar() == 3
+        assert (
+            conn.exec_driver_sql(
+                'SELECT count(*) FROM user_vectors WHERE "primarySegment" IS NULL'
+            ).scalar()
+            == 3
+        )
 
 
 def test_adopting_a_database_made_from_the_seeds(
     fresh: Callable[[], tuple[str, sa.Engine]], capsys: pytest.CaptureFixture[str]
 ) -> None:
     url, engine = fresh()
-    run_sql(engine, SEEDS_SQL + """
+    run_sql(
+        engine,
+        SEEDS_SQL
+        + """
         INSERT INTO "User" (id) VALUES ('u1');
         INSERT INTO "UserInteraction" (id, "userId", type, service) VALUES ('i1', 'u1', 'chat', 'saju');
-    """)
+    """,
+    )
     assert main(["db", "migrate", "--database-url", url]) == 2
     assert "--adopt" in capsys.readouterr().err
     assert main(["db", "migrate", "--adopt", "--database-url", url]) == 0
-    assert "adopted the existing tables as revision 0003_add_user_segments" in capsys.readouterr().out
+    assert (
+        "adopted the existing tables as revision 0003_add_user_segments" in capsys.readouterr().out
+    )
     assert main(["db", "check", "--database-url", url]) == 0
     assert "No drift" in capsys.readouterr().out
     with engine.connect() as conn:
@@ -177,8 +201,11 @@ def test_an_existing_product_user_table_is_used_and_never_dropped(
     fresh: Callable[[], tuple[str, sa.Engine]],
 ) -> None:
     _, engine = fresh()
-    run_sql(engine, 'CREATE TABLE "User" (id TEXT PRIMARY KEY, email TEXT UNIQUE, name TEXT);'
-                    "INSERT INTO \"User\" VALUES ('u1', 'a@b.c', 'Ada');")
+    run_sql(
+        engine,
+        'CREATE TABLE "User" (id TEXT PRIMARY KEY, email TEXT UNIQUE, name TEXT);'
+        "INSERT INTO \"User\" VALUES ('u1', 'a@b.c', 'Ada');",
+    )
     runner.upgrade(engine)
     assert runner.check(engine) == []  # the product's own columns are not drift
     runner.downgrade(engine, "base")
@@ -202,16 +229,21 @@ def test_validate_prints_the_seed_report(
 ) -> None:
     url, engine = fresh()
     runner.upgrade(engine)
-    run_sql(engine, """
+    run_sql(
+        engine,
+        """
         INSERT INTO "User" (id) SELECT 'u' || g FROM generate_series(1, 4) g;
         INSERT INTO user_vectors (id, "userId", "updatedAt", "primarySegment", "segmentConfidence")
         VALUES ('v1', 'u1', now(), 'tarot-lover', 0.8), ('v2', 'u2', now(), 'tarot-lover', 0.6),
                ('v3', 'u3', now(), 'critic', 0.9), ('v4', 'u4', now(), NULL, NULL);
-    """)
+    """,
+    )
     assert main(["db", "validate", "--json", "--database-url", url]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report == {
-        "total": 4, "with_segments": 3, "percentage": 75.0,
+        "total": 4,
+        "with_segments": 3,
+        "percentage": 75.0,
         "distribution": [
             {"primarySegment": "tarot-lover", "count": 2, "avg_confidence": 0.7},
             {"primarySegment": "critic", "count": 1, "avg_confidence": 0.9},

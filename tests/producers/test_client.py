@@ -29,8 +29,12 @@ async def test_async_client_events_read_back_byte_for_byte(settings: Settings) -
     async with TrackingClient(source="web", settings=settings) as client:
         for i in range(200):
             event_id = await client.track_interaction(
-                user_id=f"user-{i % 7}", type="reading", service="tarot", theme="love",
-                rating=1 + i % 5, metadata={"duration": i, "nested": {"ok": [1, None]}},
+                user_id=f"user-{i % 7}",
+                type="reading",
+                service="tarot",
+                theme="love",
+                rating=1 + i % 5,
+                metadata={"duration": i, "nested": {"ok": [1, None]}},
             )
             sent[event_id] = None
         await client.track_preferences(user_id="user-1", tone_preference="formal")
@@ -72,8 +76,12 @@ async def test_sync_client_delivers_everything_on_close(settings: Settings) -> N
 
     def app() -> list[str]:
         with SyncTrackingClient(source="flask", settings=settings) as client:
-            return [client.track_interaction(user_id="s1", type="feedback", service="astrology",
-                                             rating=2) for _ in range(50)]
+            return [
+                client.track_interaction(
+                    user_id="s1", type="feedback", service="astrology", rating=2
+                )
+                for _ in range(50)
+            ]
 
     ids = await asyncio.to_thread(app)
     records = await read_all(settings, settings.events_topic, expected=50)
@@ -88,11 +96,16 @@ async def test_invalid_input_raises_at_the_call_and_sends_nothing(settings: Sett
             await client.track_interaction(user_id="u", type="reading", service="saju", rating=9)
         assert info.value.fields == ["rating"]
         with pytest.raises(EventValidationError, match="metadata"):
-            await client.track_interaction(user_id="u", type="reading", service="saju",
-                                           metadata={"at": datetime.now(UTC)})
+            await client.track_interaction(
+                user_id="u", type="reading", service="saju", metadata={"at": datetime.now(UTC)}
+            )
         with pytest.raises(EventValidationError, match="occurred_at"):
-            await client.track_interaction(user_id="u", type="reading", service="saju",
-                                           occurred_at=datetime(2026, 1, 1))  # noqa: DTZ001
+            await client.track_interaction(
+                user_id="u",
+                type="reading",
+                service="saju",
+                occurred_at=datetime(2026, 1, 1),  # noqa: DTZ001 naive on purpose
+            )
         await client.track_interaction(user_id="u", type="reading", service="saju", rating=4)
     records = await read_all(settings, settings.events_topic, expected=1)
     assert len(records) == 1 and json.loads(records[0][2] or b"")["rating"] == 4
@@ -104,8 +117,9 @@ async def test_sending_before_start_is_a_clear_error(settings: Settings) -> None
         await client.track_interaction(user_id="u", type="chat", service="saju")
 
 
-async def test_unreachable_broker_is_a_retriable_error(settings_factory: Callable[..., Settings],
-                                                       broker: EmbeddedBroker) -> None:
+async def test_unreachable_broker_is_a_retriable_error(
+    settings_factory: Callable[..., Settings], broker: EmbeddedBroker
+) -> None:
     settings = settings_factory(broker, kafka_bootstrap_servers="127.0.0.1:1")
     client = TrackingClient(source="web", settings=settings, delivery_timeout=2)
     with pytest.raises(BrokerUnavailableError) as info:
@@ -113,14 +127,23 @@ async def test_unreachable_broker_is_a_retriable_error(settings_factory: Callabl
     assert info.value.retriable
 
 
-async def test_full_buffer_waits_then_raises(broker_factory: Callable[..., EmbeddedBroker],
-                                            settings_factory: Callable[..., Settings],
-                                            tmp_path: Path) -> None:
+async def test_full_buffer_waits_then_raises(
+    broker_factory: Callable[..., EmbeddedBroker],
+    settings_factory: Callable[..., Settings],
+    tmp_path: Path,
+) -> None:
     broker = broker_factory()
     settings = settings_factory(broker)
     await create_topics(settings)
-    client = TrackingClient(source="web", settings=settings, buffer_size=3, buffer_timeout=0.3,
-                            delivery_timeout=2, linger_ms=0, spool_path=tmp_path / "s.jsonl")
+    client = TrackingClient(
+        source="web",
+        settings=settings,
+        buffer_size=3,
+        buffer_timeout=0.3,
+        delivery_timeout=2,
+        linger_ms=0,
+        spool_path=tmp_path / "s.jsonl",
+    )
     await client.start()
     broker.stop()  # nothing will be acknowledged now
     for _ in range(3):
@@ -143,15 +166,24 @@ async def test_broker_outage_spools_and_next_start_resends_each_event_once(
     spool = tmp_path / "spool.jsonl"
     failures: list[str] = []
 
-    client = TrackingClient(source="web", settings=settings, delivery_timeout=2, spool_path=spool,
-                            on_delivery=lambda eid, err: failures.append(eid) if err else None)
+    client = TrackingClient(
+        source="web",
+        settings=settings,
+        delivery_timeout=2,
+        spool_path=spool,
+        on_delivery=lambda eid, err: failures.append(eid) if err else None,
+    )
     await client.start()
-    before = [await client.track_interaction(user_id=f"u{i}", type="chat", service="saju")
-              for i in range(10)]
+    before = [
+        await client.track_interaction(user_id=f"u{i}", type="chat", service="saju")
+        for i in range(10)
+    ]
     assert (await client.flush()).delivered == 10
     broker.stop()
-    during = [await client.track_interaction(user_id=f"u{i}", type="reading", service="tarot",
-                                             rating=5) for i in range(30)]
+    during = [
+        await client.track_interaction(user_id=f"u{i}", type="reading", service="tarot", rating=5)
+        for i in range(30)
+    ]
     report = await client.close()
     assert report.delivered == 0 and report.spooled == 30
     assert sorted(failures) == sorted(during), "every failure reached the callback"
@@ -174,8 +206,13 @@ async def test_broker_outage_spools_and_next_start_resends_each_event_once(
 async def test_send_returns_a_delivery_future(settings: Settings) -> None:
     await create_topics(settings)
     async with TrackingClient(source="web", settings=settings) as client:
-        event = build("user.erased", event_id="01a2a000-0000-7000-8000-000000000001",
-                      user_id="gone", occurred_at=datetime.now(UTC), source="web")
+        event = build(
+            "user.erased",
+            event_id="01a2a000-0000-7000-8000-000000000001",
+            user_id="gone",
+            occurred_at=datetime.now(UTC),
+            source="web",
+        )
         future = await client.send(event)
         metadata = await future
         assert metadata.topic == settings.events_topic and metadata.offset >= 0

@@ -37,8 +37,17 @@ def test_demo_plan_is_deterministic_and_has_distinct_habits() -> None:
 
 async def test_demo_command_sends_through_the_sdk(settings: Settings, tmp_path: Path) -> None:
     await create_topics(settings)
-    argv = ["demo", "--users", "20", "--events", "400",
-            "--bootstrap-servers", settings.bootstrap_servers, "--data-dir", str(tmp_path)]
+    argv = [
+        "demo",
+        "--users",
+        "20",
+        "--events",
+        "400",
+        "--bootstrap-servers",
+        settings.bootstrap_servers,
+        "--data-dir",
+        str(tmp_path),
+    ]
     import os
 
     os.environ["USERTRAIL_EVENTS_TOPIC"] = settings.events_topic

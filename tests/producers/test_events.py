@@ -22,15 +22,22 @@ user_ids = st.text(
 ).filter(lambda s: s.strip())
 times = st.datetimes(
     # hypothesis takes naive bounds and adds the timezones itself
-    min_value=datetime(2000, 1, 1), max_value=datetime(2100, 1, 1),  # noqa: DTZ001
+    min_value=datetime(2000, 1, 1),  # noqa: DTZ001
+    max_value=datetime(2100, 1, 1),  # noqa: DTZ001
     timezones=st.sampled_from([UTC, timezone(timedelta(hours=9)), timezone(timedelta(hours=-5))]),
 )
-json_scalars = st.none() | st.booleans() | st.integers(-(2**53), 2**53) | st.text(max_size=20) | (
-    st.floats(allow_nan=False, allow_infinity=False)
+json_scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**53), 2**53)
+    | st.text(max_size=20)
+    | (st.floats(allow_nan=False, allow_infinity=False))
 )
 json_values = st.recursive(
     json_scalars,
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
     max_leaves=20,
 )
 metadata = st.dictionaries(st.text(max_size=10), json_values, max_size=5)
@@ -41,20 +48,29 @@ def _v7(ms: int, rand_a: int, rand_b: int) -> str:
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
-event_ids = st.builds(_v7, st.integers(0, 2**48 - 1), st.integers(0, 2**12 - 1),
-                      st.integers(0, 2**62 - 1))
+event_ids = st.builds(
+    _v7, st.integers(0, 2**48 - 1), st.integers(0, 2**12 - 1), st.integers(0, 2**62 - 1)
+)
 
 
 def envelope(**extra: Any) -> st.SearchStrategy[dict[str, Any]]:
     return st.fixed_dictionaries(
-        {"event_id": event_ids, "user_id": user_ids, "occurred_at": times,
-         "source": st.sampled_from(["web", "ios", "backend"]), **extra}
+        {
+            "event_id": event_ids,
+            "user_id": user_ids,
+            "occurred_at": times,
+            "source": st.sampled_from(["web", "ios", "backend"]),
+            **extra,
+        }
     )
 
 
 interactions = envelope(
-    type=st.sampled_from(events.INTERACTION_TYPES), service=slugs,
-    theme=st.none() | slugs, rating=st.none() | st.integers(1, 5), metadata=metadata,
+    type=st.sampled_from(events.INTERACTION_TYPES),
+    service=slugs,
+    theme=st.none() | slugs,
+    rating=st.none() | st.integers(1, 5),
+    metadata=metadata,
 ).map(lambda f: build("interaction", **f))
 preferences = envelope(
     preferred_language=st.sampled_from(["en", "ko", "pt-BR"]),
@@ -65,7 +81,8 @@ preferences = envelope(
     tone_preference=st.none() | st.sampled_from(["casual", "formal", "mystical"]),
 ).map(lambda f: build("preferences.updated", **f))
 onboardings = envelope(
-    interests=st.lists(slugs, max_size=4), services=st.lists(slugs, max_size=3),
+    interests=st.lists(slugs, max_size=4),
+    services=st.lists(slugs, max_size=3),
     experience=st.none() | st.sampled_from(["new", "casual", "regular", "expert"]),
     answers=metadata,
 ).map(lambda f: build("onboarding.completed", **f))
@@ -96,8 +113,12 @@ def test_wire_form_is_camel_case_utc_json(event: events.EventBase) -> None:
 
 def _interaction(**changes: Any) -> dict[str, Any]:
     fields: dict[str, Any] = {
-        "event_id": uuid7(), "user_id": "u1", "occurred_at": datetime.now(UTC),
-        "source": "web", "type": "reading", "service": "saju",
+        "event_id": uuid7(),
+        "user_id": "u1",
+        "occurred_at": datetime.now(UTC),
+        "source": "web",
+        "type": "reading",
+        "service": "saju",
     }
     fields.update(changes)
     return fields
@@ -167,13 +188,24 @@ def test_not_json_is_a_validation_error() -> None:
 
 def test_preferences_must_carry_something() -> None:
     with pytest.raises(EventValidationError, match="at least one preference"):
-        build("preferences.updated", event_id=uuid7(), user_id="u", occurred_at=datetime.now(UTC),
-              source="web")
+        build(
+            "preferences.updated",
+            event_id=uuid7(),
+            user_id="u",
+            occurred_at=datetime.now(UTC),
+            source="web",
+        )
 
 
 def test_preferences_report_only_carried_fields() -> None:
-    event = build("preferences.updated", event_id=uuid7(), user_id="u",
-                  occurred_at=datetime.now(UTC), source="web", tone_preference="mystical")
+    event = build(
+        "preferences.updated",
+        event_id=uuid7(),
+        user_id="u",
+        occurred_at=datetime.now(UTC),
+        source="web",
+        tone_preference="mystical",
+    )
     assert isinstance(event, events.PreferencesUpdated)
     assert event.carried() == {"tonePreference": "mystical"}
 
@@ -194,8 +226,9 @@ def test_occurred_at_is_normalised_to_utc() -> None:
 @given(event_ids)
 def test_any_uuid7_is_a_valid_event_id(event_id: str) -> None:
     assert uuid.UUID(event_id).version == 7
-    build("user.erased", event_id=event_id, user_id="u", occurred_at=datetime.now(UTC),
-          source="web")
+    build(
+        "user.erased", event_id=event_id, user_id="u", occurred_at=datetime.now(UTC), source="web"
+    )
 
 
 def test_uuid7_ids_are_time_ordered_and_unique() -> None:

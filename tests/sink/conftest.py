@@ -22,8 +22,9 @@ _dbs = itertools.count()
 
 def make_database(pg: EmbeddedPostgres) -> str:
     name = f"sink_{os.getpid()}_{next(_dbs)}"
-    with psycopg.connect(f"postgresql://postgres@127.0.0.1:{pg.port}/postgres",
-                         autocommit=True) as conn:
+    with psycopg.connect(
+        f"postgresql://postgres@127.0.0.1:{pg.port}/postgres", autocommit=True
+    ) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
     url = f"postgresql://postgres@127.0.0.1:{pg.port}/{name}"
     engine = runner.make_engine(Settings(database_url=url))

@@ -29,15 +29,20 @@ def rows_done(url: str, sql: str, expected: int) -> Callable[[], bool]:
     return lambda: query(url, sql)[0][0] >= expected
 
 
-async def test_every_column_equals_the_event(settings_factory: Callable[..., Settings],
-                                             broker: EmbeddedBroker, database_url: str) -> None:
+async def test_every_column_equals_the_event(
+    settings_factory: Callable[..., Settings], broker: EmbeddedBroker, database_url: str
+) -> None:
     settings = settings_factory(broker, database_url=database_url)
     await create_topics(settings)
     sent = []
     async with TrackingClient(source="web", settings=settings) as client:
         for i in range(40):
-            fields = {"user_id": f"u{i % 6}", "type": ["reading", "chat", "feedback", "share"][i % 4],
-                      "service": ["saju", "tarot"][i % 2], "occurred_at": T0 + timedelta(seconds=i)}
+            fields = {
+                "user_id": f"u{i % 6}",
+                "type": ["reading", "chat", "feedback", "share"][i % 4],
+                "service": ["saju", "tarot"][i % 2],
+                "occurred_at": T0 + timedelta(seconds=i),
+            }
             if i % 3:
                 fields["theme"] = "love"
             if i % 5:
@@ -46,10 +51,15 @@ async def test_every_column_equals_the_event(settings_factory: Callable[..., Set
                 fields["metadata"] = {"duration": i, "nested": {"a": [1, "x\\y", None]}}
             await client.track_interaction(**fields)
             sent.append(fields)
-    await run_sink_until(settings, rows_done(database_url, 'SELECT count(*) FROM "UserInteraction"', 40))
+    await run_sink_until(
+        settings, rows_done(database_url, 'SELECT count(*) FROM "UserInteraction"', 40)
+    )
 
-    rows = query(database_url, 'SELECT id, "userId", "createdAt", type, service, theme, rating, '
-                               'metadata FROM "UserInteraction" ORDER BY "createdAt"')
+    rows = query(
+        database_url,
+        'SELECT id, "userId", "createdAt", type, service, theme, rating, '
+        'metadata FROM "UserInteraction" ORDER BY "createdAt"',
+    )
     assert len(rows) == 40
     for row, fields in zip(rows, sent, strict=True):
         _, user, created, type_, service, theme, rating, metadata = row
@@ -62,33 +72,52 @@ async def test_every_column_equals_the_event(settings_factory: Callable[..., Set
 
 
 async def test_preferences_change_only_carried_fields_newer_over_older(
-    settings_factory: Callable[..., Settings], broker: EmbeddedBroker, database_url: str,
+    settings_factory: Callable[..., Settings],
+    broker: EmbeddedBroker,
+    database_url: str,
 ) -> None:
     settings = settings_factory(broker, database_url=database_url)
     await create_topics(settings)
     async with TrackingClient(source="web", settings=settings) as client:
-        await client.track_preferences(user_id="p1", tone_preference="formal",
-                                       preferred_themes=["love"], occurred_at=T0)
-        await client.track_preferences(user_id="p1", reading_length="short",
-                                       occurred_at=T0 + timedelta(hours=1))
+        await client.track_preferences(
+            user_id="p1", tone_preference="formal", preferred_themes=["love"], occurred_at=T0
+        )
+        await client.track_preferences(
+            user_id="p1", reading_length="short", occurred_at=T0 + timedelta(hours=1)
+        )
         # an older event arriving late never overwrites the newer state
-        await client.track_preferences(user_id="p1", tone_preference="casual",
-                                       occurred_at=T0 - timedelta(hours=1))
+        await client.track_preferences(
+            user_id="p1", tone_preference="casual", occurred_at=T0 - timedelta(hours=1)
+        )
         await client.track_preferences(user_id="p2", preferred_language="ko", occurred_at=T0)
-    done = rows_done(database_url, "SELECT coalesce(sum(next_offset), 0) FROM usertrail_positions", 4)
+    done = rows_done(
+        database_url, "SELECT coalesce(sum(next_offset), 0) FROM usertrail_positions", 4
+    )
     await run_sink_until(settings, done)
-    rows = query(database_url, 'SELECT "userId", "preferredLanguage", "preferredThemes", '
-                               '"readingLength", "tonePreference", "createdAt", "updatedAt" '
-                               'FROM "UserPreferences" ORDER BY "userId"')
+    rows = query(
+        database_url,
+        'SELECT "userId", "preferredLanguage", "preferredThemes", '
+        '"readingLength", "tonePreference", "createdAt", "updatedAt" '
+        'FROM "UserPreferences" ORDER BY "userId"',
+    )
     assert rows == [
-        ("p1", "en", ["love"], "short", "formal", T0.replace(tzinfo=None),
-         (T0 + timedelta(hours=1)).replace(tzinfo=None)),
+        (
+            "p1",
+            "en",
+            ["love"],
+            "short",
+            "formal",
+            T0.replace(tzinfo=None),
+            (T0 + timedelta(hours=1)).replace(tzinfo=None),
+        ),
         ("p2", "ko", None, "medium", "casual", T0.replace(tzinfo=None), T0.replace(tzinfo=None)),
     ]
 
 
 async def test_erasure_deletes_the_users_rows_and_later_events_come_back(
-    settings_factory: Callable[..., Settings], broker: EmbeddedBroker, database_url: str,
+    settings_factory: Callable[..., Settings],
+    broker: EmbeddedBroker,
+    database_url: str,
 ) -> None:
     settings = settings_factory(broker, database_url=database_url)
     await create_topics(settings)
@@ -99,37 +128,56 @@ async def test_erasure_deletes_the_users_rows_and_later_events_come_back(
         await client.track_preferences(user_id="gone", tone_preference="formal")
         await client.erase_user(user_id="gone")
         after = await client.track_interaction(user_id="gone", type="share", service="tarot")
-    done = rows_done(database_url, "SELECT coalesce(sum(next_offset), 0) FROM usertrail_positions", 13)
+    done = rows_done(
+        database_url, "SELECT coalesce(sum(next_offset), 0) FROM usertrail_positions", 13
+    )
     await run_sink_until(settings, done)
-    assert query(database_url, 'SELECT id FROM "UserInteraction" WHERE "userId" = %s', ("gone",)) \
-        == [(after,)]
+    assert query(
+        database_url, 'SELECT id FROM "UserInteraction" WHERE "userId" = %s', ("gone",)
+    ) == [(after,)]
     assert query(database_url, 'SELECT count(*) FROM "UserPreferences"') == [(0,)]
-    assert query(database_url, 'SELECT count(*) FROM "UserInteraction" WHERE "userId" = %s',
-                 ("stays",)) == [(5,)]
+    assert query(
+        database_url, 'SELECT count(*) FROM "UserInteraction" WHERE "userId" = %s', ("stays",)
+    ) == [(5,)]
 
 
 async def test_poison_messages_become_dead_letters_and_valid_ones_are_written(
-    settings_factory: Callable[..., Settings], broker: EmbeddedBroker, database_url: str,
-    capsys: pytest.CaptureFixture[str], tmp_path: Path,
+    settings_factory: Callable[..., Settings],
+    broker: EmbeddedBroker,
+    database_url: str,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
 ) -> None:
     settings = settings_factory(broker, database_url=database_url)
     await create_topics(settings)
 
     def valid(i: int) -> bytes:
-        return encode(build("interaction", event_id=uuid7(), user_id="v", occurred_at=T0,
-                            source="raw", type="reading", service="saju", rating=3,
-                            metadata={"i": i}))
+        return encode(
+            build(
+                "interaction",
+                event_id=uuid7(),
+                user_id="v",
+                occurred_at=T0,
+                source="raw",
+                type="reading",
+                service="saju",
+                rating=3,
+                metadata={"i": i},
+            )
+        )
 
     good = json.loads(valid(0))
     poison = {
         "not_json": b"\xff\x00 definitely not json",
         "wrong_shape": json.dumps({"hello": "world"}).encode(),
         "rating_9": json.dumps({**good, "eventId": uuid7(), "rating": 9}).encode(),
-        "big_metadata": json.dumps({**good, "eventId": uuid7(),
-                                    "metadata": {"blob": "x" * (2 * 1024 * 1024)}}).encode(),
+        "big_metadata": json.dumps(
+            {**good, "eventId": uuid7(), "metadata": {"blob": "x" * (2 * 1024 * 1024)}}
+        ).encode(),
     }
-    producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers,
-                                max_request_size=8 * 1024 * 1024)
+    producer = AIOKafkaProducer(
+        bootstrap_servers=settings.bootstrap_servers, max_request_size=8 * 1024 * 1024
+    )
     await producer.start()
     try:
         for i, value in enumerate(poison.values()):
@@ -155,7 +203,9 @@ async def test_poison_messages_become_dead_letters_and_valid_ones_are_written(
 
 
 async def test_park_mode_then_retry_once_the_user_exists(
-    settings_factory: Callable[..., Settings], broker: EmbeddedBroker, database_url: str,
+    settings_factory: Callable[..., Settings],
+    broker: EmbeddedBroker,
+    database_url: str,
 ) -> None:
     settings = settings_factory(broker, database_url=database_url)
     await create_topics(settings)
@@ -171,15 +221,19 @@ async def test_park_mode_then_retry_once_the_user_exists(
 
     query(database_url, 'INSERT INTO "User" (id) VALUES (%s) RETURNING id', ("stranger",))
     assert await dlq.retry(settings) == (1, 0)
-    assert query(database_url, 'SELECT id FROM "UserInteraction" WHERE "userId" = %s',
-                 ("stranger",)) == [(parked,)]
+    assert query(
+        database_url, 'SELECT id FROM "UserInteraction" WHERE "userId" = %s', ("stranger",)
+    ) == [(parked,)]
     assert dlq.list_dead_letters(settings) == []
-    assert query(database_url, "SELECT retries, resolved_at IS NOT NULL FROM "
-                               "usertrail_dead_letters") == [(2, True)]
+    assert query(
+        database_url, "SELECT retries, resolved_at IS NOT NULL FROM usertrail_dead_letters"
+    ) == [(2, True)]
 
 
 async def test_a_restarted_sink_resumes_at_its_stored_positions(
-    settings_factory: Callable[..., Settings], broker: EmbeddedBroker, database_url: str,
+    settings_factory: Callable[..., Settings],
+    broker: EmbeddedBroker,
+    database_url: str,
 ) -> None:
     settings = settings_factory(broker, database_url=database_url)
     await create_topics(settings)
@@ -197,7 +251,9 @@ async def test_a_restarted_sink_resumes_at_its_stored_positions(
 
 
 async def test_a_user_deleted_by_the_product_is_created_again_not_dead_lettered(
-    settings_factory: Callable[..., Settings], broker: EmbeddedBroker, database_url: str,
+    settings_factory: Callable[..., Settings],
+    broker: EmbeddedBroker,
+    database_url: str,
 ) -> None:
     settings = settings_factory(broker, database_url=database_url)
     await create_topics(settings)

@@ -34,15 +34,17 @@ def make_events(n: int, resend_every: int = 25, seed: int = 1) -> list[dict[str,
         if i and i % resend_every == 0:
             calls.append(dict(rng.choice(calls)))
             continue
-        calls.append({
-            "user_id": f"user-{rng.randrange(500)}",
-            "type": rng.choice(["reading", "chat", "feedback", "share"]),
-            "service": rng.choice(["saju", "tarot", "astrology"]),
-            "theme": rng.choice([None, "love", "career", "health"]),
-            "rating": rng.choice([None, 1, 2, 3, 4, 5]),
-            "metadata": {"n": i},
-            "occurred_at": T0 + timedelta(seconds=i),
-        })
+        calls.append(
+            {
+                "user_id": f"user-{rng.randrange(500)}",
+                "type": rng.choice(["reading", "chat", "feedback", "share"]),
+                "service": rng.choice(["saju", "tarot", "astrology"]),
+                "theme": rng.choice([None, "love", "career", "health"]),
+                "rating": rng.choice([None, 1, 2, 3, 4, 5]),
+                "metadata": {"n": i},
+                "occurred_at": T0 + timedelta(seconds=i),
+            }
+        )
     return calls
 
 
@@ -80,26 +82,42 @@ def resolve_resends(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def assert_rows_equal_events(url: str, sent: dict[str, Any]) -> None:
-    rows = query(url, 'SELECT id, "userId", "createdAt", type, service, theme, rating, metadata '
-                      'FROM "UserInteraction"')
+    rows = query(
+        url,
+        'SELECT id, "userId", "createdAt", type, service, theme, rating, metadata '
+        'FROM "UserInteraction"',
+    )
     assert len(rows) == len(sent), f"{len(rows)} rows for {len(sent)} distinct events"
     for event_id, user, created, type_, service, theme, rating, metadata in rows:
         f = sent[event_id]
         assert (user, type_, service, theme, rating, metadata) == (
-            f["user_id"], f["type"], f["service"], f["theme"], f["rating"], f["metadata"])
+            f["user_id"],
+            f["type"],
+            f["service"],
+            f["theme"],
+            f["rating"],
+            f["metadata"],
+        )
         assert created == f["occurred_at"].replace(tzinfo=None)
 
 
 def sink_process(settings: Settings, url: str, log: Path) -> subprocess.Popen[bytes]:
-    env = {**os.environ,
-           "KAFKA_BOOTSTRAP_SERVERS": settings.bootstrap_servers, "DATABASE_URL": url,
-           "USERTRAIL_EVENTS_TOPIC": settings.events_topic,
-           "USERTRAIL_DEAD_LETTER_TOPIC": settings.dead_letter_topic,
-           "USERTRAIL_GROUP_SESSION_TIMEOUT_MS": "2000",
-           "USERTRAIL_GROUP_HEARTBEAT_INTERVAL_MS": "200"}
+    env = {
+        **os.environ,
+        "KAFKA_BOOTSTRAP_SERVERS": settings.bootstrap_servers,
+        "DATABASE_URL": url,
+        "USERTRAIL_EVENTS_TOPIC": settings.events_topic,
+        "USERTRAIL_DEAD_LETTER_TOPIC": settings.dead_letter_topic,
+        "USERTRAIL_GROUP_SESSION_TIMEOUT_MS": "2000",
+        "USERTRAIL_GROUP_HEARTBEAT_INTERVAL_MS": "200",
+    }
     with open(log, "ab") as out:
-        return subprocess.Popen([sys.executable, "-m", "usertrail.cli", "sink", "--batch-max",
-                                 "2000"], env=env, stdout=out, stderr=subprocess.STDOUT)
+        return subprocess.Popen(
+            [sys.executable, "-m", "usertrail.cli", "sink", "--batch-max", "2000"],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
 
 
 def count_rows(url: str) -> int:
@@ -119,7 +137,9 @@ async def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> 
 
 
 async def test_sigkill_at_random_moments_leaves_exactly_one_row_per_event(
-    settings_factory: Callable[..., Settings], broker: EmbeddedBroker, database_url: str,
+    settings_factory: Callable[..., Settings],
+    broker: EmbeddedBroker,
+    database_url: str,
     tmp_path: Path,
 ) -> None:
     settings = settings_factory(broker, database_url=database_url)
@@ -160,7 +180,8 @@ async def test_sigkill_at_random_moments_leaves_exactly_one_row_per_event(
 
 
 async def test_database_restart_and_broker_outage_need_no_manual_step(
-    settings_factory: Callable[..., Settings], broker_factory: Callable[..., EmbeddedBroker],
+    settings_factory: Callable[..., Settings],
+    broker_factory: Callable[..., EmbeddedBroker],
     tmp_path: Path,
 ) -> None:
     own_broker = broker_factory()
@@ -199,7 +220,9 @@ async def test_database_restart_and_broker_outage_need_no_manual_step(
 
 
 async def test_two_sinks_split_the_partitions_and_write_each_event_once(
-    settings_factory: Callable[..., Settings], broker: EmbeddedBroker, database_url: str,
+    settings_factory: Callable[..., Settings],
+    broker: EmbeddedBroker,
+    database_url: str,
 ) -> None:
     settings = settings_factory(broker, database_url=database_url)
     await create_topics(settings)
@@ -208,6 +231,7 @@ async def test_two_sinks_split_the_partitions_and_write_each_event_once(
     sinks = [Sink(settings, SinkOptions()), Sink(settings, SinkOptions())]
     tasks = [asyncio.create_task(sink.run()) for sink in sinks]
     try:
+
         def split() -> bool:
             a, b = (set(s.consumer.assignment()) for s in sinks)
             return bool(a) and bool(b) and not a & b and len(a | b) == 4
@@ -218,9 +242,9 @@ async def test_two_sinks_split_the_partitions_and_write_each_event_once(
         await wait_for(lambda: count_rows(database_url) >= len(sent), 60, "all rows")
         await asyncio.sleep(1)
         assert split(), "the split held"
-        assert all(s.written.records > before for s, before in zip(sinks, written_before,
-                                                                    strict=True)), \
-            "both members wrote events of the second half"
+        assert all(
+            s.written.records > before for s, before in zip(sinks, written_before, strict=True)
+        ), "both members wrote events of the second half"
     finally:
         for sink in sinks:
             sink.stop()
