@@ -1,0 +1,288 @@
+"""The fold and the segment rules: pure, so property-tested without a broker."""
+
+from __future__ import annotations
+
+import dataclasses
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from usertrail.producers.events import EventBase, build
+from usertrail.stream.fold import FAVOURITE_WINDOW, Profile, fold, fold_all, from_json, to_json
+from usertrail.stream.segments import load_rules, segment
+
+from usertrail.errors import ConfigurationError
+
+RULES = load_rules()
+CONFIG = RULES.affinity_config()
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+USER = "u1"
+
+
+def _v7(n: int) -> str:
+    h = f"{(1_700_000_000_000 + n) << 80 | 0x7 << 76 | 0b10 << 62 | n:032x}"
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+@st.composite
+def event_lists(draw: st.DrawFn, erasures: bool = False) -> list[EventBase]:
+    n = draw(st.integers(0, 60))
+    # distinct, mostly increasing event times (apps' clocks are not perfect)
+    seconds = draw(st.lists(st.integers(0, 90 * 86400), min_size=n, max_size=n, unique=True))
+    out: list[EventBase] = []
+    for i, sec in enumerate(seconds):
+        common = {
+            "event_id": _v7(i),
+            "user_id": USER,
+            "source": "t",
+            "occurred_at": T0 + timedelta(seconds=sec),
+        }
+        kind = draw(
+            st.sampled_from(
+                ["interaction"] * 8
+                + ["preferences.updated", "onboarding.completed"]
+                + (["user.erased"] if erasures else [])
+            )
+        )
+        if kind == "interaction":
+            out.append(
+                build(
+                    kind,
+                    **common,
+                    type=draw(st.sampled_from(["reading", "chat", "feedback", "share"])),
+                    service=draw(st.sampled_from(["saju", "tarot", "astrology", "x"])),
+                    theme=draw(st.none() | st.sampled_from(["love", "career", "health"])),
+                    rating=draw(st.none() | st.integers(1, 5)),
+                )
+            )
+        elif kind == "preferences.updated":
+            out.append(
+                build(kind, **common, tone_preference=draw(st.sampled_from(["casual", "formal"])))
+            )
+        elif kind == "onboarding.completed":
+            out.append(
+                build(
+                    kind,
+                    **common,
+                    interests=draw(
+                        st.lists(st.sampled_from(["love", "career"]), max_size=2, unique=True)
+                    ),
+                )
+            )
+        else:
+            out.append(build(kind, **common))
+    return out
+
+
+def fold_seq(events: list[tuple[EventBase, int | None]], start: Profile | None = None) -> Profile:
+    profile = start or Profile(USER)
+    for event, offset in events:
+        profile = fold(profile, event, offset, config=CONFIG)
+    return profile
+
+
+def data_of(p: Profile) -> dict[str, Any]:
+    """The profile without its exactly-once bookkeeping."""
+    d = dataclasses.asdict(p)
+    for key in ("last_offset", "recent_ids"):
+        d.pop(key)
+    return d
+
+
+@given(event_lists(erasures=True), st.data())
+def test_same_profile_however_split_even_through_the_changelog(
+    events: list[EventBase], data: st.DataObject
+) -> None:
+    with_offsets = [(e, i) for i, e in enumerate(events)]
+    whole = fold_seq(with_offsets)
+    cut = data.draw(st.integers(0, len(events)))
+    restored = from_json(to_json(fold_seq(with_offsets[:cut])))  # a changelog round trip
+    assert fold_seq(with_offsets[cut:], restored) == whole
+
+
+@given(event_lists(), st.data())
+def test_repeats_and_redeliveries_change_nothing(
+    events: list[EventBase], data: st.DataObject
+) -> None:
+    plain = fold_seq([(e, i) for i, e in enumerate(events)])
+    noisy: list[tuple[EventBase, int | None]] = []
+    offset = 0
+    for i, event in enumerate(events):
+        noisy.append((event, offset))
+        if data.draw(st.booleans()):  # redelivered after a crash: same offset again
+            noisy.append((event, offset))
+        offset += 1
+        if i and data.draw(st.integers(0, 4)) == 0:  # an app resends an earlier event
+            noisy.append((events[data.draw(st.integers(max(0, i - 50), i))], offset))
+            offset += 1
+    assert data_of(fold_seq(noisy)) == data_of(plain)
+
+
+@given(event_lists(), event_lists())
+def test_erasure_in_the_middle_leaves_only_what_follows(
+    before: list[EventBase], after: list[EventBase]
+) -> None:
+    shifted = [
+        e.model_copy(
+            update={"event_id": _v7(1000 + i), "occurred_at": e.occurred_at + timedelta(days=100)}
+        )
+        for i, e in enumerate(after)
+    ]
+    erase = build(
+        "user.erased",
+        event_id=_v7(999),
+        user_id=USER,
+        source="t",
+        occurred_at=T0 + timedelta(days=95),
+    )
+    p = fold_seq([(e, None) for e in [*before, erase, *shifted]])
+    fresh = fold_seq([(e, None) for e in shifted])
+    got, want = data_of(p), data_of(fresh)
+    got.pop("now"), want.pop("now")
+    got.pop("erased_at"), want.pop("erased_at")
+    assert got == want
+    assert p.erased_at == (erase.occurred_at if not shifted else None)
+
+
+def seed_query(events: list[EventBase]) -> dict[str, int]:
+    """The seed's Prisma query, literally: readings rated >= 4, newest first,
+    take 20, count the themes."""
+    rows = [
+        e
+        for e in events
+        if e.kind == "interaction"
+        and e.type == "reading"  # type: ignore[attr-defined]
+        and e.rating is not None
+        and e.rating >= 4
+    ]  # type: ignore[attr-defined]
+    rows.sort(key=lambda e: e.occurred_at, reverse=True)
+    counts: dict[str, int] = {}
+    for e in rows[:FAVOURITE_WINDOW]:
+        if e.theme:  # type: ignore[attr-defined]
+            counts[e.theme] = counts.get(e.theme, 0) + 1  # type: ignore[attr-defined]
+    return counts
+
+
+@settings(max_examples=200)
+@given(event_lists())
+def test_favourite_themes_equal_the_seed_query(events: list[EventBase]) -> None:
+    assert fold_seq([(e, None) for e in events]).favourite_themes() == seed_query(events)
+
+
+@given(event_lists(erasures=True))
+def test_every_score_is_in_0_1_and_has_a_reason(events: list[EventBase]) -> None:
+    result = segment(fold_seq([(e, i) for i, e in enumerate(events)]), RULES)
+    for a in result.assignments:
+        assert 0 <= a.score <= 1 and a.reasons and all(r.strip() for r in a.reasons)
+    if result.assignments:
+        assert result.primary_segment == max(result.assignments, key=lambda a: a.score).segment
+        assert result.segment_confidence is not None and 0 <= result.segment_confidence <= 1
+    else:
+        assert result.primary_segment is None
+
+
+def interactions(n: int, **fields: Any) -> list[EventBase]:
+    return [
+        build(
+            "interaction",
+            event_id=_v7(i),
+            user_id=USER,
+            source="t",
+            occurred_at=T0 + timedelta(hours=i),
+            **fields,
+        )
+        for i in range(n)
+    ]
+
+
+def test_segments_mean_what_they_say() -> None:
+    tarot = fold_all(
+        USER,
+        [
+            (e, None)
+            for e in interactions(9, type="reading", service="tarot", theme="love", rating=5)
+        ],
+        config=CONFIG,
+    )
+    result = segment(tarot, RULES)
+    ids = {a.segment: a for a in result.assignments}
+    assert ids["tarot-devotee"].reasons == ["9 of 9 interactions were tarot"]
+    assert "advocate" in ids and "romance-focused" in ids
+    critic = fold_all(
+        USER,
+        [(e, None) for e in interactions(6, type="feedback", service="saju", rating=1)],
+        config=CONFIG,
+    )
+    assert segment(critic, RULES).primary_segment in ("critic", "saju-regular")
+    assert "average rating 1.0 over 6 ratings" in {
+        r for a in segment(critic, RULES).assignments for r in a.reasons
+    }
+    newcomer = fold_all(
+        USER,
+        [
+            (
+                build(
+                    "onboarding.completed",
+                    event_id=_v7(1),
+                    user_id=USER,
+                    source="t",
+                    occurred_at=T0,
+                    interests=["love"],
+                ),
+                None,
+            )
+        ],
+        config=CONFIG,
+    )
+    cold = segment(newcomer, RULES)
+    assert cold.primary_segment == "love-seeker"
+    assert cold.segment_confidence is not None and cold.segment_confidence < 0.1  # one answer
+
+
+def test_confidence_grows_with_evidence() -> None:
+    def confidence(n: int) -> float:
+        p = fold_all(
+            USER, [(e, None) for e in interactions(n, type="chat", service="tarot")], config=CONFIG
+        )
+        value = segment(p, RULES).segment_confidence
+        assert value is not None
+        return value
+
+    assert confidence(5) < confidence(10) < confidence(40)
+
+
+DEFAULT_TEXT = (Path(__file__).parent / ".." / ".." / "stream" / "rules.toml").read_text()
+
+
+def line_of(text: str, needle: str) -> int:
+    return next(i + 1 for i, line in enumerate(text.splitlines()) if needle in line)
+
+
+BAD_SHARE = DEFAULT_TEXT.replace("min_share = 0.6", "min_share = 6", 1)
+BAD_KIND = DEFAULT_TEXT.replace('kind = "engagement"', 'kind = "astrology"')
+KIND_HEADER = line_of(BAD_KIND, 'kind = "astrology"') - 2  # its [[segment]] line
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("[affinity\n", ":1: not valid TOML"),
+        (
+            BAD_SHARE,
+            f":{line_of(BAD_SHARE, 'min_share = 6')}: segment.2.min_share: "
+            "Input should be less than or equal to 1",
+        ),
+        (BAD_KIND, f":{KIND_HEADER}: segment.6: Input tag"),
+    ],
+)
+def test_a_malformed_rules_file_is_refused_with_the_line(
+    tmp_path: Path, text: str, expected: str
+) -> None:
+    path = tmp_path / "rules.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigurationError) as info:
+        load_rules(path)
+    assert f"{path}{expected}" in str(info.value)
