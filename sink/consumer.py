@@ -79,6 +79,7 @@ class Sink:
             settings.database_dsn(),
             consumer=self.options.group,
             unknown_users=self.options.unknown_users,
+            profiles_topic=settings.profiles_topic,
         )
         self.consumer = AIOKafkaConsumer(
             group_id=self.options.group,
@@ -143,7 +144,9 @@ class Sink:
 
     async def run(self) -> None:
         await self._retry_db(lambda: self._noop(), "connect")
-        self.consumer.subscribe([self.settings.events_topic], listener=_Positions(self))
+        self.consumer.subscribe(
+            [self.settings.events_topic, self.settings.profiles_topic], listener=_Positions(self)
+        )
         await self._start_consumer()
         await self.producer.start()
         writer = asyncio.create_task(self._write_loop())
@@ -247,12 +250,14 @@ class Sink:
         m.batch_seconds.observe(seconds)
         m.rows.labels("UserInteraction").inc(result.interactions)
         m.rows.labels("UserPreferences").inc(result.preferences)
+        m.rows.labels("user_vectors").inc(result.vectors)
         for dead in result.dead_letters:
             m.dead_letters.labels(dead.reason).inc()
         w = self.written
         w.records += result.records
         w.interactions += result.interactions
         w.preferences += result.preferences
+        w.vectors += result.vectors
         w.erased += result.erased
         w.dead_letters += result.dead_letters
         w.positions.update(result.positions)

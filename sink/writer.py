@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC
 from typing import Any, Literal
 
 import psycopg
@@ -32,8 +33,11 @@ from psycopg import sql
 from psycopg.types.json import Jsonb
 from pydantic_core import to_json
 from usertrail.producers.events import Interaction, PreferencesUpdated
+from usertrail.producers.profiles import ProfileMessage, decode_profile
 from usertrail.sink.plan import (
+    INVALID,
     UNKNOWN_USER,
+    WRONG_KEY,
     DeadLetter,
     Decoded,
     Record,
@@ -41,6 +45,8 @@ from usertrail.sink.plan import (
     classify,
     plan,
 )
+
+from usertrail.errors import EventValidationError
 
 log = logging.getLogger("usertrail.sink")
 
@@ -78,11 +84,53 @@ def interaction_copy_rows(interactions: Iterable[Interaction]) -> bytes:
     return "".join(lines).encode()
 
 
+def classify_profile(record: Record) -> tuple[str, ProfileMessage | None] | DeadLetter:
+    """A ``usertrail.profiles`` record: (user, message), (user, None) for a
+    tombstone, or a dead letter."""
+    if record.key is None:
+        return DeadLetter(record, INVALID, "profile record without a key (user id)")
+    user = record.key.decode(errors="replace")
+    if record.value is None:
+        return user, None
+    try:
+        message = decode_profile(record.value)
+    except EventValidationError as exc:
+        return DeadLetter(record, INVALID, str(exc), None, user)
+    if message.user_id != user:
+        return DeadLetter(
+            record, WRONG_KEY, f"profile of {message.user_id!r} keyed {user!r}", None, user
+        )
+    return user, message
+
+
+@dataclass
+class _ProfileWrite:
+    """What a batch does to one user's ``user_vectors`` row."""
+
+    record: Record
+    message: ProfileMessage | None  # the newest message (event time) after `erased`
+    erased: bool  # a tombstone came first: delete, then write `message` if any
+
+
+def _merge_profile(
+    profiles: dict[str, _ProfileWrite], record: Record, user: str, message: ProfileMessage | None
+) -> None:
+    current = profiles.get(user)
+    if message is None:
+        profiles[user] = _ProfileWrite(record, None, True)
+    elif current is None:
+        profiles[user] = _ProfileWrite(record, message, False)
+    elif current.message is None or current.message.updated_at <= message.updated_at:
+        profiles[user] = _ProfileWrite(record, message, current.erased)
+    # else: an older message than one already in the batch: the newer stands
+
+
 @dataclass
 class WriteResult:
     records: int = 0
     interactions: int = 0  # rows inserted (duplicates excluded)
     preferences: int = 0
+    vectors: int = 0
     erased: int = 0
     dead_letters: list[DeadLetter] = field(default_factory=list)
     positions: dict[tuple[str, int], int] = field(default_factory=dict)
@@ -92,9 +140,15 @@ class Writer:
     """Owns one connection; ``write`` is one batch, one transaction."""
 
     def __init__(
-        self, conninfo: str, *, consumer: str, unknown_users: UnknownUsers = "create"
+        self,
+        conninfo: str,
+        *,
+        consumer: str,
+        unknown_users: UnknownUsers = "create",
+        profiles_topic: str | None = None,
     ) -> None:
         self._conninfo = conninfo
+        self.profiles_topic = profiles_topic
         self.consumer = consumer
         self.unknown_users = unknown_users
         self._conn: psycopg.AsyncConnection[Any] | None = None
@@ -168,12 +222,20 @@ class Writer:
     ) -> WriteResult:
         result = WriteResult(records=len(records))
         decoded: list[Decoded] = []
+        profiles: dict[str, _ProfileWrite] = {}
         for i, record in enumerate(records):
             key = (record.topic, record.partition)
             if record.offset >= result.positions.get(key, 0):
                 result.positions[key] = record.offset + 1
             if unapplicable is not None:
                 result.dead_letters.append(DeadLetter(record, UNAPPLICABLE, unapplicable))
+                continue
+            if record.topic == self.profiles_topic:
+                profile = classify_profile(record)
+                if isinstance(profile, DeadLetter):
+                    result.dead_letters.append(profile)
+                else:
+                    _merge_profile(profiles, record, *profile)
                 continue
             item = classified[i] if classified is not None else classify(record)
             if isinstance(item, DeadLetter):
@@ -185,7 +247,9 @@ class Writer:
             async with conn.cursor() as cur:
                 if self.unknown_users == "park":
                     decoded = await self._park_unknown(cur, decoded, result)
+                    profiles = await self._park_profiles(cur, profiles, result)
                 write_plan = plan([d.event for d in decoded])
+                write_plan.users |= {u for u, w in profiles.items() if w.message is not None}
                 new_users = write_plan.users - self._known_users
                 if self.unknown_users == "create" and new_users:
                     await cur.execute(
@@ -195,6 +259,7 @@ class Writer:
                 await self._erase(cur, write_plan, result)
                 await self._interactions(cur, write_plan, result)
                 await self._preferences(cur, write_plan.preferences, result)
+                await self._profiles(cur, profiles, result)
                 await self._dead_letters(cur, result.dead_letters)
                 if positions:
                     await cur.executemany(
@@ -233,6 +298,7 @@ class Writer:
             merged.records += part.records
             merged.interactions += part.interactions
             merged.preferences += part.preferences
+            merged.vectors += part.vectors
             merged.erased += part.erased
             merged.dead_letters += part.dead_letters
             for key, offset in part.positions.items():
@@ -327,6 +393,75 @@ class Writer:
             )
             await cur.execute(query, (event.event_id, event.user_id, at, at, *values))
             result.preferences += max(cur.rowcount, 0)
+
+    async def _park_profiles(
+        self,
+        cur: psycopg.AsyncCursor[Any],
+        profiles: dict[str, _ProfileWrite],
+        result: WriteResult,
+    ) -> dict[str, _ProfileWrite]:
+        wanted = [u for u, w in profiles.items() if w.message is not None]
+        if not wanted:
+            return profiles
+        await cur.execute('SELECT id FROM "User" WHERE id = ANY(%s)', (wanted,))
+        known = {row[0] for row in await cur.fetchall()}
+        kept = {}
+        for user, w in profiles.items():
+            if w.message is None or user in known:
+                kept[user] = w
+            else:
+                record = w.record
+                result.dead_letters.append(
+                    DeadLetter(record, UNKNOWN_USER, f'user {user!r} is not in "User"', None, user)
+                )
+        return kept
+
+    async def _profiles(
+        self,
+        cur: psycopg.AsyncCursor[Any],
+        profiles: dict[str, _ProfileWrite],
+        result: WriteResult,
+    ) -> None:
+        """``user_vectors``: newer over older (by event time); a tombstone deletes."""
+        gone = [u for u, w in profiles.items() if w.erased]
+        if gone:
+            await cur.execute('DELETE FROM user_vectors WHERE "userId" = ANY(%s)', (gone,))
+        rows = []
+        for user, w in profiles.items():
+            m = w.message
+            if m is None:
+                continue
+            at = m.updated_at.astimezone(UTC).replace(tzinfo=None)
+            rows.append(
+                (
+                    user,
+                    user,
+                    Jsonb(m.vector),
+                    at,
+                    at,
+                    Jsonb([a.model_dump(by_alias=True) for a in m.segments]),
+                    m.primary_segment,
+                    m.segment_confidence,
+                    None
+                    if m.last_segment_update is None
+                    else m.last_segment_update.astimezone(UTC).replace(tzinfo=None),
+                )
+            )
+        if not rows:
+            return
+        await cur.executemany(
+            'INSERT INTO user_vectors (id, "userId", vector, "createdAt", "updatedAt", segments, '
+            '"primarySegment", "segmentConfidence", "lastSegmentUpdate") '
+            "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) "
+            'ON CONFLICT ("userId") DO UPDATE SET vector = EXCLUDED.vector, '
+            '"updatedAt" = EXCLUDED."updatedAt", segments = EXCLUDED.segments, '
+            '"primarySegment" = EXCLUDED."primarySegment", '
+            '"segmentConfidence" = EXCLUDED."segmentConfidence", '
+            '"lastSegmentUpdate" = EXCLUDED."lastSegmentUpdate" '
+            'WHERE user_vectors."updatedAt" <= EXCLUDED."updatedAt"',
+            rows,
+        )
+        result.vectors += len(rows)
 
     async def _dead_letters(self, cur: psycopg.AsyncCursor[Any], dead: list[DeadLetter]) -> None:
         if not dead:

@@ -279,3 +279,67 @@ async def test_a_user_deleted_by_the_product_is_created_again_not_dead_lettered(
         await asyncio.wait_for(task, 30)
     assert query(database_url, 'SELECT count(*) FROM "UserInteraction"') == [(2,)]
     assert query(database_url, "SELECT count(*) FROM usertrail_dead_letters") == [(0,)]
+
+
+def profile_message(user: str, at: datetime, primary: str, vector: float) -> bytes:
+    from usertrail.producers.profiles import ProfileMessage, SegmentAssignment, encode_profile
+
+    return encode_profile(
+        ProfileMessage(
+            user_id=user,
+            updated_at=at,
+            vector={"theme:love": vector},
+            segments=[SegmentAssignment(segment=primary, score=0.8, reasons=["8 of 10 readings"])],
+            primary_segment=primary,
+            segment_confidence=0.5,
+            last_segment_update=at,
+        )
+    )
+
+
+async def test_profiles_become_user_vectors_newer_over_older_and_tombstones_delete(
+    settings_factory: Callable[..., Settings],
+    broker: EmbeddedBroker,
+    database_url: str,
+) -> None:
+    settings = settings_factory(broker, database_url=database_url)
+    await create_topics(settings)
+    topic = settings.profiles_topic
+    producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers)
+    await producer.start()
+    try:
+        send = producer.send_and_wait
+        await send(topic, profile_message("a", T0, "tarot-devotee", 1.0), key=b"a")
+        await send(topic, profile_message("a", T0 + timedelta(hours=2), "advocate", 2.0), key=b"a")
+        # an older profile arriving late does not overwrite the newer one
+        await send(topic, profile_message("a", T0 + timedelta(hours=1), "critic", 3.0), key=b"a")
+        await send(topic, profile_message("b", T0, "critic", 0.5), key=b"b")
+        await send(topic, None, key=b"b")  # b was erased
+        await send(topic, b'{"userId": "c"}', key=b"c")  # not a profile
+    finally:
+        await producer.stop()
+    done = rows_done(
+        database_url,
+        f"SELECT coalesce(sum(next_offset), 0) FROM usertrail_positions WHERE topic = '{topic}'",
+        6,
+    )
+    await run_sink_until(settings, done)
+    rows = query(
+        database_url,
+        'SELECT id, "userId", vector, "primarySegment", "segmentConfidence", segments, '
+        '"updatedAt", "lastSegmentUpdate" FROM user_vectors',
+    )
+    later = (T0 + timedelta(hours=2)).replace(tzinfo=None)
+    assert rows == [
+        (
+            "a",
+            "a",
+            {"theme:love": 2.0},
+            "advocate",
+            0.5,
+            [{"segment": "advocate", "score": 0.8, "reasons": ["8 of 10 readings"]}],
+            later,
+            later,
+        )
+    ]
+    assert [d.reason for d in dlq.list_dead_letters(settings)] == ["invalid"]

@@ -1,0 +1,77 @@
+"""The contract of ``usertrail.profiles``: what the stream publishes for a
+user when their segments or affinity vector change, and what the sink
+writes to ``user_vectors``.
+
+Keyed by user id, compacted. A record with a null value is a tombstone: the
+user was erased, and their ``user_vectors`` row goes. All times are event
+times (DESIGN.md rule 1), so a replay publishes identical messages.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+)
+from pydantic.alias_generators import to_camel
+from usertrail.producers.events import UserId
+
+from usertrail.errors import EventValidationError
+
+PROFILE_SCHEMA_VERSION = 1
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(
+        frozen=True,
+        extra="forbid",
+        alias_generator=to_camel,
+        validate_by_name=True,
+        validate_by_alias=True,
+        serialize_by_alias=True,
+        allow_inf_nan=False,
+    )
+
+
+class SegmentAssignment(_Model):
+    segment: str
+    score: Annotated[float, Field(ge=0, le=1)]
+    reasons: Annotated[list[str], Field(min_length=1)]
+
+
+class ProfileMessage(_Model):
+    """One user's published profile (``user_vectors`` row material)."""
+
+    user_id: UserId
+    schema_version: int = PROFILE_SCHEMA_VERSION
+    updated_at: AwareDatetime  # the newest event time folded into the profile
+    vector: dict[str, float]
+    segments: list[SegmentAssignment]
+    primary_segment: str | None
+    segment_confidence: Annotated[float, Field(ge=0, le=1)] | None
+    last_segment_update: AwareDatetime | None  # event time the segments last changed
+    source_offset: int | None = None  # of the last event folded in (diagnostics)
+
+
+_ADAPTER: TypeAdapter[ProfileMessage] = TypeAdapter(ProfileMessage)
+
+
+def encode_profile(message: ProfileMessage) -> bytes:
+    return message.__pydantic_serializer__.to_json(message, by_alias=True)
+
+
+def decode_profile(data: bytes) -> ProfileMessage:
+    try:
+        return _ADAPTER.validate_json(data)
+    except ValidationError as exc:
+        errors = [
+            (".".join(str(p) for p in e["loc"]) or "profile", e["msg"])
+            for e in exc.errors(include_url=False)
+        ]
+        raise EventValidationError("profile", errors) from None

@@ -1,0 +1,50 @@
+"""The writer's rules across batches, on the real database (no broker needed)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from usertrail.sink.plan import Record
+from usertrail.sink.writer import Writer
+
+from tests.sink.conftest import query
+from tests.sink.test_sink import profile_message
+
+T0 = datetime(2026, 5, 1, tzinfo=UTC)
+P = "profiles"
+
+
+def rec(offset: int, user: str, value: bytes | None) -> Record:
+    return Record(P, 0, offset, user.encode(), value)
+
+
+async def test_an_older_profile_in_a_later_batch_does_not_overwrite(database_url: str) -> None:
+    writer = Writer(database_url, consumer="c", profiles_topic=P)
+    await writer.connect()
+    try:
+        await writer.write([rec(0, "a", profile_message("a", T0 + timedelta(hours=2), "new", 2))])
+        await writer.write([rec(1, "a", profile_message("a", T0, "old", 1))])
+        assert query(database_url, 'SELECT "primarySegment" FROM user_vectors') == [("new",)]
+        await writer.write([rec(2, "a", profile_message("a", T0 + timedelta(hours=3), "newer", 3))])
+        assert query(database_url, 'SELECT "primarySegment" FROM user_vectors') == [("newer",)]
+    finally:
+        await writer.close()
+
+
+async def test_tombstone_then_a_newer_profile_in_one_batch(database_url: str) -> None:
+    writer = Writer(database_url, consumer="c", profiles_topic=P)
+    await writer.connect()
+    try:
+        late = T0 + timedelta(days=1)
+        await writer.write([rec(0, "a", profile_message("a", late, "before-erasure", 1))])
+        # erased, then new activity: the row must hold only what came after
+        await writer.write(
+            [rec(1, "a", None), rec(2, "a", profile_message("a", T0, "after-erasure", 2))]
+        )
+        assert query(database_url, 'SELECT "primarySegment" FROM user_vectors') == [
+            ("after-erasure",)
+        ]
+        await writer.write([rec(3, "a", None)])
+        assert query(database_url, "SELECT count(*) FROM user_vectors") == [(0,)]
+    finally:
+        await writer.close()
