@@ -53,11 +53,11 @@ def _start_up(tmp_path: Path) -> tuple[subprocess.Popen[str], list[int], int, in
         if not line:
             break
         lines.append(line)
-        if m := re.search(r"(postgres|tansu broker|sink) pid (\d+)", line):
+        if m := re.search(r"(postgres|tansu broker|sink|stream) pid (\d+)", line):
             pids.append(int(m.group(2)))
         if line.startswith("usertrail is up"):
             ready = True
-        if ready and len(pids) == 3:
+        if ready and len(pids) == 4:
             return proc, pids, kafka, pg
     _stop(proc, signal.SIGKILL)
     raise AssertionError("usertrail up did not come up:\n" + "".join(lines))
@@ -95,7 +95,7 @@ def _listening(port: int) -> bool:
 @pytest.mark.parametrize("how", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL])
 def test_up_then_stop_leaves_no_process(tmp_path: Path, how: signal.Signals) -> None:
     proc, pids, kafka, pg = _start_up(tmp_path)
-    assert len(pids) == 3, "broker, database and sink"
+    assert len(pids) == 4, "broker, database, stream and sink"
     everything = _descendants(pids)
     assert len(everything) > 2, "postgres runs its helper processes"
     assert _listening(kafka) and _listening(pg)

@@ -105,7 +105,7 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     signal.signal(signal.SIGINT, _raise_stop)
     from usertrail.workers import Workers
 
-    workers = Workers(settings, [["sink"]])
+    workers = Workers(settings, [["stream"], ["sink"]])
     stack = EmbeddedStack(
         data_dir=settings.data_dir,
         kafka_port=settings.embedded_kafka_port if settings.embedded_kafka else None,
@@ -137,7 +137,8 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
             print(f"    export KAFKA_BOOTSTRAP_SERVERS={settings.bootstrap_servers}")
             if settings.embedded_db:
                 print(f"    export DATABASE_URL={settings.embedded_database_url}")
-        print("  workers:    sink (usertrail.events -> PostgreSQL)")
+        print("  workers:    stream (profiles and segments; GET http://127.0.0.1:6066/profiles/ID)")
+        print("              sink (usertrail.events and usertrail.profiles -> PostgreSQL)")
         print("  Ctrl-C stops everything started here.", flush=True)
         workers.start()
         while True:
@@ -222,6 +223,19 @@ def cmd_sink(args: argparse.Namespace, settings: Settings) -> int:
         batch_max_wait_ms=args.batch_wait_ms,
     )
     asyncio.run(run_sink(settings, options, metrics_port=args.metrics_port))
+    return 0
+
+
+def cmd_stream(args: argparse.Namespace, settings: Settings) -> int:
+    import faust
+
+    from usertrail.stream.app import create_app
+    from usertrail.stream.segments import load_rules
+
+    rules = load_rules(args.rules)
+    app = create_app(settings, rules, web_port=args.web_port)
+    worker = faust.Worker(app, loglevel=settings.log_level.lower(), quiet=True)
+    worker.execute_from_commandline()
     return 0
 
 
@@ -422,6 +436,31 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve Prometheus metrics on 127.0.0.1:PORT/metrics",
     )
     sink.set_defaults(func=cmd_sink)
+
+    stream = sub.add_parser(
+        "stream",
+        parents=[common],
+        help="the faust worker: per-user profiles and segments",
+        description="Fold usertrail.events into per-user profiles (a faust table, changelog-"
+        "backed), evaluate the segment rules and publish changed profiles to "
+        "usertrail.profiles. Workers of one group share the partitions. "
+        "GET /profiles/{userId} on the web port answers from whichever worker "
+        "owns the user.",
+    )
+    stream.add_argument(
+        "--rules",
+        type=Path,
+        metavar="PATH",
+        help="segment rules (TOML); default: the shipped stream/rules.toml",
+    )
+    stream.add_argument(
+        "--web-port",
+        type=int,
+        default=6066,
+        metavar="PORT",
+        help="port of the worker's web server on 127.0.0.1 (default 6066)",
+    )
+    stream.set_defaults(func=cmd_stream)
 
     dlq_parser = sub.add_parser(
         "dlq",

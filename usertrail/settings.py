@@ -58,6 +58,7 @@ class Settings(BaseSettings):
     profiles_topic: str = "usertrail.profiles"
     dead_letter_topic: str = "usertrail.deadletter"
     events_partitions: int = Field(default=8, ge=1, le=10_000)
+    stream_app_id: str = "usertrail-stream"  # the faust app: group id, changelog prefix
     replication_factor: int = Field(default=1, ge=1)
 
     # --- embedded stack ---------------------------------------------------
@@ -65,6 +66,10 @@ class Settings(BaseSettings):
     embedded_kafka_port: int = Field(default=19092, ge=1, le=65535)
     embedded_postgres_port: int = Field(default=55432, ge=1, le=65535)
     embedded_database: str = "usertrail"
+
+    # Is the broker the embedded tansu? Unset: exactly when no bootstrap
+    # servers are given. Its workarounds (BROKER.md) apply only then.
+    tansu: bool | None = None
 
     # Consumer-group timing. Unset: Kafka's defaults on a real cluster; on
     # the embedded broker, short ones, because tansu holds the first
@@ -79,6 +84,10 @@ class Settings(BaseSettings):
     @property
     def embedded_kafka(self) -> bool:
         return self.kafka_bootstrap_servers is None
+
+    @property
+    def is_tansu(self) -> bool:
+        return self.embedded_kafka if self.tansu is None else self.tansu
 
     @property
     def embedded_database_url(self) -> str:
@@ -112,7 +121,7 @@ class Settings(BaseSettings):
 
     def group_options(self) -> dict[str, Any]:
         """Consumer-group timing for aiokafka consumers."""
-        fast = self.embedded_kafka
+        fast = self.is_tansu
         session = self.group_session_timeout_ms or (2000 if fast else 10_000)
         heartbeat = self.group_heartbeat_interval_ms or (200 if fast else 3000)
         return {
