@@ -15,6 +15,8 @@ worker recovers exactly its own users (``test_stream`` checks both agree).
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import json
 import logging
 from dataclasses import dataclass
@@ -171,7 +173,27 @@ def create_app(
             elif out is not None:
                 await profiles_out.send(key=user.encode(), value=encode_profile(out))
 
+    @app.task
+    async def know_the_changelog() -> None:
+        # faust's table router asks the producer's metadata for the
+        # changelog's partitions and fails (a 500) until it has them.
+        producer = app.producer._ensure_producer()
+        await producer.partitions_for(table.changelog_topic.get_topic_name())
+        routable.set()
+
+    routable = asyncio.Event()
+
+    def when_routable(view: Any) -> Any:
+        @functools.wraps(view)
+        async def guarded(web: Any, request: Any, **kwargs: Any) -> Any:
+            if not routable.is_set():
+                return web.json({"error": "starting: try again shortly"}, status=503)
+            return await view(web, request, **kwargs)
+
+        return guarded
+
     @app.page("/profiles/{user_id}")
+    @when_routable
     @app.table_route(table=table, match_info="user_id")
     async def get_profile(web: Any, request: Any, user_id: str) -> Any:
         state = load_state(table.get(user_id.encode()))

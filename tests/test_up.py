@@ -38,9 +38,12 @@ def _start_up(tmp_path: Path) -> tuple[subprocess.Popen[str], list[int], int, in
         stderr=subprocess.STDOUT,
         text=True,
         env={
-            k: v
-            for k, v in os.environ.items()
-            if k not in ("KAFKA_BOOTSTRAP_SERVERS", "DATABASE_URL")
+            **{
+                k: v
+                for k, v in os.environ.items()
+                if k not in ("KAFKA_BOOTSTRAP_SERVERS", "DATABASE_URL")
+            },
+            "USERTRAIL_STREAM_WEB_PORT": str(free_port()),
         },
     )
     assert proc.stdout is not None

@@ -137,7 +137,10 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
             print(f"    export KAFKA_BOOTSTRAP_SERVERS={settings.bootstrap_servers}")
             if settings.embedded_db:
                 print(f"    export DATABASE_URL={settings.embedded_database_url}")
-        print("  workers:    stream (profiles and segments; GET http://127.0.0.1:6066/profiles/ID)")
+        print(
+            "  workers:    stream (profiles and segments; GET "
+            f"http://127.0.0.1:{settings.stream_web_port}/profiles/ID)"
+        )
         print("              sink (usertrail.events and usertrail.profiles -> PostgreSQL)")
         print("  Ctrl-C stops everything started here.", flush=True)
         workers.start()
@@ -233,7 +236,7 @@ def cmd_stream(args: argparse.Namespace, settings: Settings) -> int:
     from usertrail.stream.segments import load_rules
 
     rules = load_rules(args.rules)
-    app = create_app(settings, rules, web_port=args.web_port)
+    app = create_app(settings, rules, web_port=args.web_port or settings.stream_web_port)
     worker = faust.Worker(app, loglevel=settings.log_level.lower(), quiet=True)
     worker.execute_from_commandline()
     return 0
@@ -456,9 +459,9 @@ def build_parser() -> argparse.ArgumentParser:
     stream.add_argument(
         "--web-port",
         type=int,
-        default=6066,
         metavar="PORT",
-        help="port of the worker's web server on 127.0.0.1 (default 6066)",
+        help="port of the worker's web server on 127.0.0.1 "
+        "[env USERTRAIL_STREAM_WEB_PORT; default 6066]",
     )
     stream.set_defaults(func=cmd_stream)
 

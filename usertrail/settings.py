@@ -59,6 +59,7 @@ class Settings(BaseSettings):
     dead_letter_topic: str = "usertrail.deadletter"
     events_partitions: int = Field(default=8, ge=1, le=10_000)
     stream_app_id: str = "usertrail-stream"  # the faust app: group id, changelog prefix
+    stream_web_port: int = Field(default=6066, ge=1, le=65535)  # GET /profiles/{userId}
     replication_factor: int = Field(default=1, ge=1)
 
     # --- embedded stack ---------------------------------------------------
