@@ -234,7 +234,9 @@ async def test_two_sinks_split_the_partitions_and_write_each_event_once(
 
         def split() -> bool:
             a, b = (set(s.consumer.assignment()) for s in sinks)
-            return bool(a) and bool(b) and not a & b and len(a | b) == 4
+            return (
+                bool(a) and bool(b) and not a & b and len(a | b) == 2 * settings.events_partitions
+            )  # events + profiles
 
         await wait_for(split, 60, "both members to hold partitions")
         written_before = [s.written.records for s in sinks]
