@@ -63,7 +63,9 @@ JsonObject = dict[str, JsonValue]
 Rating = Annotated[StrictInt, Field(ge=1, le=5)]
 
 
-class _Frozen(BaseModel):
+class ContractModel(BaseModel):
+    """The contract's model settings: frozen, extra=forbid, camelCase on the wire."""
+
     model_config = ConfigDict(
         frozen=True,
         extra="forbid",
@@ -83,7 +85,7 @@ Source = Annotated[str, Field(min_length=1, max_length=100, pattern=TEXT_ID_PATT
 _SOURCE_ADAPTER: TypeAdapter[str] = TypeAdapter(Source)
 
 
-class EventBase(_Frozen):
+class EventBase(ContractModel):
     """The envelope every event carries (``kind`` is set by each subclass)."""
 
     event_id: EventId

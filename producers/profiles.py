@@ -13,39 +13,24 @@ from typing import Annotated
 
 from pydantic import (
     AwareDatetime,
-    BaseModel,
-    ConfigDict,
     Field,
     TypeAdapter,
     ValidationError,
 )
-from pydantic.alias_generators import to_camel
-from usertrail.producers.events import UserId
+from usertrail.producers.events import ContractModel, UserId
 
 from usertrail.errors import EventValidationError
 
 PROFILE_SCHEMA_VERSION = 1
 
 
-class _Model(BaseModel):
-    model_config = ConfigDict(
-        frozen=True,
-        extra="forbid",
-        alias_generator=to_camel,
-        validate_by_name=True,
-        validate_by_alias=True,
-        serialize_by_alias=True,
-        allow_inf_nan=False,
-    )
-
-
-class SegmentAssignment(_Model):
+class SegmentAssignment(ContractModel):
     segment: str
     score: Annotated[float, Field(ge=0, le=1)]
     reasons: Annotated[list[str], Field(min_length=1)]
 
 
-class ProfileMessage(_Model):
+class ProfileMessage(ContractModel):
     """One user's published profile (``user_vectors`` row material)."""
 
     user_id: UserId

@@ -253,14 +253,7 @@ class Sink:
         m.rows.labels("user_vectors").inc(result.vectors)
         for dead in result.dead_letters:
             m.dead_letters.labels(dead.reason).inc()
-        w = self.written
-        w.records += result.records
-        w.interactions += result.interactions
-        w.preferences += result.preferences
-        w.vectors += result.vectors
-        w.erased += result.erased
-        w.dead_letters += result.dead_letters
-        w.positions.update(result.positions)
+        self.written.add(result)
 
     async def _publish_dead_letters(self, result: WriteResult) -> None:
         """Also on the dead-letter topic, for tools that watch it (the table,

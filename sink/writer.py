@@ -135,6 +135,17 @@ class WriteResult:
     dead_letters: list[DeadLetter] = field(default_factory=list)
     positions: dict[tuple[str, int], int] = field(default_factory=dict)
 
+    def add(self, other: WriteResult) -> None:
+        """Account ``other`` (a later or sibling batch) into this one."""
+        self.records += other.records
+        self.interactions += other.interactions
+        self.preferences += other.preferences
+        self.vectors += other.vectors
+        self.erased += other.erased
+        self.dead_letters += other.dead_letters
+        for key, offset in other.positions.items():
+            self.positions[key] = max(self.positions.get(key, 0), offset)
+
 
 class Writer:
     """Owns one connection; ``write`` is one batch, one transaction."""
@@ -294,15 +305,7 @@ class Writer:
         mid = len(records) // 2
         merged = WriteResult()
         for half in (records[:mid], records[mid:]):
-            part = await self.write(half, positions=positions)
-            merged.records += part.records
-            merged.interactions += part.interactions
-            merged.preferences += part.preferences
-            merged.vectors += part.vectors
-            merged.erased += part.erased
-            merged.dead_letters += part.dead_letters
-            for key, offset in part.positions.items():
-                merged.positions[key] = max(merged.positions.get(key, 0), offset)
+            merged.add(await self.write(half, positions=positions))
         return merged
 
     async def _park_unknown(
