@@ -402,8 +402,29 @@ class TrackingClient:
             fields["occurred_at"] = datetime.now(UTC)
         fields["source"] = self.source
         event, wire = events.build_encoded(kind, fields)
-        await self._enqueue(SpooledRecord(self.topic, event.user_id.encode(), wire), event.event_id)
+        record = SpooledRecord(self.topic, event.user_id.encode(), wire)
+        if not self._append_now(record, event.event_id):
+            await self._enqueue(record, event.event_id)
         return event.event_id
+
+    def _append_now(self, record: SpooledRecord, event_id: str) -> bool:
+        """The common case without an await: room in the buffer, the key's
+        partition known, an open batch with room. False: take ``_enqueue``."""
+        if self._producer is None or self._buffered >= self._buffer_size:
+            return False
+        partition = self._key_partitions.get((record.topic, record.key))
+        if partition is None:
+            return False
+        batch = self._open.get((record.topic, partition))
+        if batch is None:
+            batch = self._new_batch(self._producer, (record.topic, partition))
+        if batch.builder.append(key=record.key, value=record.value, timestamp=None) is None:
+            return False  # full: _enqueue ships it and opens the next
+        batch.records.append(record)
+        if self._on_delivery is not None:
+            batch.ids.append(event_id)
+        self._buffered += 1
+        return True
 
     async def track_interaction(
         self,
@@ -422,11 +443,13 @@ class TrackingClient:
             "user_id": user_id,
             "type": type,
             "service": service,
-            "theme": theme,
-            "rating": rating,
-            "occurred_at": occurred_at,
-            "event_id": event_id,
+            "occurred_at": occurred_at or datetime.now(UTC),
+            "event_id": event_id or uuid7(),
         }
+        if theme is not None:
+            fields["theme"] = theme
+        if rating is not None:
+            fields["rating"] = rating
         if metadata is not None:
             fields["metadata"] = metadata
         return await self._track("interaction", fields)

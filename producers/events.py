@@ -10,7 +10,7 @@ an event is made.
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
@@ -22,7 +22,6 @@ from pydantic import (
     StrictInt,
     TypeAdapter,
     ValidationError,
-    field_validator,
     model_validator,
 )
 from pydantic.alias_generators import to_camel
@@ -30,7 +29,6 @@ from pydantic.alias_generators import to_camel
 from usertrail.errors import EventValidationError
 
 SCHEMA_VERSION = 1
-_ZERO = timedelta(0)
 EVENT_MAX_BYTES = 32 * 1024
 """Largest event accepted, as wire JSON; ``metadata`` (``answers`` of an
 onboarding, ``notificationSettings`` of preferences) is what can grow."""
@@ -94,13 +92,10 @@ class EventBase(ContractModel):
     schema_version: Literal[1] = SCHEMA_VERSION
     source: Source
 
-    # On the wire: RFC 3339 in UTC with "Z" (pydantic's form for UTC values).
-    @field_validator("occurred_at")
-    @classmethod
-    def _to_utc(cls, value: datetime) -> datetime:
-        if value.tzinfo is UTC or value.utcoffset() == _ZERO:
-            return value  # already UTC (parsed "Z" carries pydantic's own UTC tzinfo)
-        return value.astimezone(UTC)
+    # Events made here (build, the SDK) carry occurredAt in UTC, written
+    # RFC 3339 with "Z"; an event from another producer keeps the offset it
+    # was written with: the instant is the same, and every consumer compares
+    # instants and converts to UTC when it writes a row.
 
 
 class Interaction(EventBase):
@@ -204,6 +199,9 @@ def build_encoded(kind: str, fields: dict[str, Any]) -> tuple[EventBase, bytes]:
     model = EVENT_TYPES.get(kind)
     if model is None:
         raise EventValidationError(kind, [("kind", f"must be one of {sorted(EVENT_TYPES)}")])
+    at = fields.get("occurred_at")
+    if isinstance(at, datetime) and at.tzinfo is not None and at.tzinfo is not UTC:
+        fields = {**fields, "occurred_at": at.astimezone(UTC)}  # naive: refused below
     try:
         event = model.__pydantic_validator__.validate_python(fields)
     except ValidationError as exc:
