@@ -124,6 +124,9 @@ def create_app(
         # batch + 1 (BROKER.md 1): table recovery is only exact when faust's
         # own producer writes one record per batch. Not on a real cluster.
         producer_max_batch_size=1 if settings.is_tansu else 16384,
+        # faust's own files (rocksdb tables, if chosen) under our data
+        # directory, never in the working directory
+        datadir=str(settings.data_dir / "faust" / settings.stream_app_id),
         web_port=web_port,
         web_host="127.0.0.1",
         web_bind="127.0.0.1",
