@@ -108,6 +108,8 @@ def create_app(
     settings: Settings, rules: Rules, *, web_port: int = 6066, store: str = "memory://"
 ) -> faust.App:
     group = settings.group_options()
+    datadir = settings.data_dir / "faust" / settings.stream_app_id
+    datadir.mkdir(parents=True, exist_ok=True)
     app = faust.App(
         settings.stream_app_id,
         broker=[f"kafka://{host}" for host in settings.bootstrap_servers.split(",")],
@@ -126,7 +128,7 @@ def create_app(
         producer_max_batch_size=1 if settings.is_tansu else 16384,
         # faust's own files (rocksdb tables, if chosen) under our data
         # directory, never in the working directory
-        datadir=str(settings.data_dir / "faust" / settings.stream_app_id),
+        datadir=str(datadir),
         web_port=web_port,
         web_host="127.0.0.1",
         web_bind="127.0.0.1",
