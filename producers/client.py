@@ -65,6 +65,7 @@ class _Batch:
     ids: list[str] = field(default_factory=list)
     timer: asyncio.TimerHandle | None = None
     future: asyncio.Future[Any] | None = None
+    shipped: bool = False  # set before the first await of _ship: one send only
 
 
 @dataclass(frozen=True, slots=True)
@@ -338,6 +339,11 @@ class TrackingClient:
             task.add_done_callback(self._shipping.discard)
 
     async def _ship(self, batch: _Batch) -> None:
+        # A linger timer's task, flush() and a full batch can each ask to ship
+        # the same batch; only the first one sends it.
+        if batch.shipped:
+            return
+        batch.shipped = True
         if self._open.get((batch.topic, batch.partition)) is batch:
             del self._open[(batch.topic, batch.partition)]
         if batch.timer is not None:
