@@ -276,8 +276,3 @@ def json_schemas() -> dict[str, dict[str, Any]]:
         )
         schemas[kind] = schema
     return schemas
-
-
-def now() -> datetime:
-    """The wall-clock time for *new* events (apps only: projections never call it)."""
-    return datetime.now(UTC)

@@ -82,9 +82,6 @@ class WritePlan:
     preferences: list[PreferencesUpdated] = field(default_factory=list)
     users: set[str] = field(default_factory=set)  # users that must exist in "User"
 
-    def __len__(self) -> int:
-        return len(self.interactions) + len(self.preferences) + len(self.erase)
-
 
 def plan(decoded: list[EventBase]) -> WritePlan:
     """Fold events (in log order) into the writes of one transaction."""

@@ -14,7 +14,7 @@ from aiokafka import AIOKafkaConsumer
 
 from usertrail.embedded import EmbeddedBroker, EmbeddedPostgres, free_port
 from usertrail.settings import Settings
-from usertrail.topics import TopicSpec, ensure_topics
+from usertrail.topics import ensure_topics
 
 _counter = itertools.count()
 
@@ -119,7 +119,7 @@ async def read_all(
     return out
 
 
-__all__ = ["TopicSpec", "create_topics", "read_all", "unique"]
+__all__ = ["create_topics", "read_all", "unique"]
 
 
 # --- databases ------------------------------------------------------------------------
