@@ -311,20 +311,28 @@ class TrackingClient:
         if partition is None:
             partition = await self._partition(record.topic, record.key)
         tp = (record.topic, partition)
+        if event_id is None and self._on_delivery is not None:
+            event_id = _event_id_of(record.value)
         batch = self._open.get(tp)
         if batch is None:
             batch = self._new_batch(producer, tp)
-        if batch.builder.append(key=record.key, value=record.value, timestamp=None) is None:
+        if not self._add(batch, record, event_id):
             await self._ship(batch)  # full
             batch = self._new_batch(producer, tp)
-            if batch.builder.append(key=record.key, value=record.value, timestamp=None) is None:
+            if not self._add(batch, record, event_id):
                 self._open.pop(tp, None)
                 raise EventValidationError("any", [("event", "too large for one Kafka batch")])
-        batch.records.append(record)
-        if self._on_delivery is not None:
-            batch.ids.append(event_id if event_id is not None else _event_id_of(record.value))
-        self._buffered += 1
         return batch
+
+    def _add(self, batch: _Batch, record: SpooledRecord, event_id: str | None) -> bool:
+        """Append to a batch and account for it; False when the batch is full."""
+        if batch.builder.append(key=record.key, value=record.value, timestamp=None) is None:
+            return False
+        batch.records.append(record)
+        if self._on_delivery is not None and event_id is not None:
+            batch.ids.append(event_id)
+        self._buffered += 1
+        return True
 
     def _new_batch(self, producer: AIOKafkaProducer, tp: tuple[str, int]) -> _Batch:
         batch = _Batch(tp[0], tp[1], producer.create_batch())
@@ -428,13 +436,7 @@ class TrackingClient:
         batch = self._open.get((record.topic, partition))
         if batch is None:
             batch = self._new_batch(self._producer, (record.topic, partition))
-        if batch.builder.append(key=record.key, value=record.value, timestamp=None) is None:
-            return False  # full: _enqueue ships it and opens the next
-        batch.records.append(record)
-        if self._on_delivery is not None:
-            batch.ids.append(event_id)
-        self._buffered += 1
-        return True
+        return self._add(batch, record, event_id)  # full: _enqueue ships it, opens the next
 
     async def track_interaction(
         self,

@@ -209,14 +209,17 @@ class Sink:
             await self._queue.put((records, await self._classify(records)))
         await self._check_reset_and_lag()
 
-    @staticmethod
-    async def _classify(records: list[Record]) -> list[Any]:
-        """Decode in slices, yielding between them: the writer's round trips
-        to PostgreSQL (about ten a batch) then wait microseconds, not the
-        tens of milliseconds a whole batch takes to decode."""
+    async def _classify(self, records: list[Record]) -> list[Any]:
+        """Decode events in slices, yielding between them: the writer's round
+        trips to PostgreSQL (about ten a batch) then wait microseconds, not
+        the tens of milliseconds a whole batch takes to decode. Profile
+        records are the writer's to decode (None here)."""
+        profiles = self.settings.profiles_topic
         out: list[Any] = []
         for start in range(0, len(records), 256):
-            out.extend(classify(r) for r in records[start : start + 256])
+            out.extend(
+                None if r.topic == profiles else classify(r) for r in records[start : start + 256]
+            )
             await asyncio.sleep(0)
         return out
 

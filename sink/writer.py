@@ -205,7 +205,7 @@ class Writer:
         records: Sequence[Record],
         *,
         positions: bool = True,
-        classified: Sequence[Decoded | DeadLetter] | None = None,
+        classified: Sequence[Decoded | DeadLetter | None] | None = None,
     ) -> WriteResult:
         """Write a batch (records in log order per partition) in one transaction.
         Connection errors propagate (the caller retries the same batch).
@@ -229,7 +229,7 @@ class Writer:
         records: Sequence[Record],
         unapplicable: str | None = None,
         positions: bool = True,
-        classified: Sequence[Decoded | DeadLetter] | None = None,
+        classified: Sequence[Decoded | DeadLetter | None] | None = None,
     ) -> WriteResult:
         result = WriteResult(records=len(records))
         decoded: list[Decoded] = []
@@ -248,7 +248,9 @@ class Writer:
                 else:
                     _merge_profile(profiles, record, *profile)
                 continue
-            item = classified[i] if classified is not None else classify(record)
+            item = classified[i] if classified is not None else None
+            if item is None:
+                item = classify(record)
             if isinstance(item, DeadLetter):
                 result.dead_letters.append(item)
             else:
@@ -257,8 +259,13 @@ class Writer:
         async with conn.transaction():
             async with conn.cursor() as cur:
                 if self.unknown_users == "park":
-                    decoded = await self._park_unknown(cur, decoded, result)
-                    profiles = await self._park_profiles(cur, profiles, result)
+                    known = await self._existing_users(
+                        cur,
+                        {d.event.user_id for d in decoded}
+                        | {u for u, w in profiles.items() if w.message is not None},
+                    )
+                    decoded = self._park_unknown(known, decoded, result)
+                    profiles = self._park_profiles(known, profiles, result)
                 write_plan = plan([d.event for d in decoded])
                 write_plan.users |= {u for u, w in profiles.items() if w.message is not None}
                 new_users = write_plan.users - self._known_users
@@ -308,14 +315,17 @@ class Writer:
             merged.add(await self.write(half, positions=positions))
         return merged
 
-    async def _park_unknown(
-        self, cur: psycopg.AsyncCursor[Any], decoded: list[Decoded], result: WriteResult
-    ) -> list[Decoded]:
-        users = sorted({d.event.user_id for d in decoded})
+    @staticmethod
+    async def _existing_users(cur: psycopg.AsyncCursor[Any], users: set[str]) -> set[str]:
         if not users:
-            return decoded
-        await cur.execute('SELECT id FROM "User" WHERE id = ANY(%s)', (users,))
-        known = {row[0] for row in await cur.fetchall()}
+            return set()
+        await cur.execute('SELECT id FROM "User" WHERE id = ANY(%s)', (sorted(users),))
+        return {row[0] for row in await cur.fetchall()}
+
+    @staticmethod
+    def _park_unknown(
+        known: set[str], decoded: list[Decoded], result: WriteResult
+    ) -> list[Decoded]:
         kept = []
         for d in decoded:
             if d.event.user_id in known or d.event.kind == "user.erased":
@@ -397,17 +407,10 @@ class Writer:
             await cur.execute(query, (event.event_id, event.user_id, at, at, *values))
             result.preferences += max(cur.rowcount, 0)
 
-    async def _park_profiles(
-        self,
-        cur: psycopg.AsyncCursor[Any],
-        profiles: dict[str, _ProfileWrite],
-        result: WriteResult,
+    @staticmethod
+    def _park_profiles(
+        known: set[str], profiles: dict[str, _ProfileWrite], result: WriteResult
     ) -> dict[str, _ProfileWrite]:
-        wanted = [u for u, w in profiles.items() if w.message is not None]
-        if not wanted:
-            return profiles
-        await cur.execute('SELECT id FROM "User" WHERE id = ANY(%s)', (wanted,))
-        known = {row[0] for row in await cur.fetchall()}
         kept = {}
         for user, w in profiles.items():
             if w.message is None or user in known:

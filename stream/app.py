@@ -44,6 +44,9 @@ class UserState:
     profile: Profile
     segments_changed_at: datetime | None = None
     published: str | None = None  # signature of the last published message
+    # (segment, score) of the profile's segmentation, so the next event need
+    # not segment the previous profile again to see whether segments changed
+    segment_key: tuple[tuple[str, float], ...] | None = None
 
 
 _STATE = TypeAdapter(UserState)
@@ -87,21 +90,25 @@ def step(
     if profile is before.profile:
         return before, None, False
     if profile.erased_at is not None and event.kind == "user.erased":
-        return UserState(profile), None, True  # the caller publishes a tombstone
+        erased_key = _segment_key(segment(profile, rules))
+        return UserState(profile, segment_key=erased_key), None, True  # publish a tombstone
     seg = segment(profile, rules)
-    old_seg = segment(before.profile, rules) if state is not None else None
-    seg_key = [(a.segment, round(a.score, 6)) for a in seg.assignments]
+    seg_key = _segment_key(seg)
     changed_at = before.segments_changed_at
-    if old_seg is None or seg_key != [(a.segment, round(a.score, 6)) for a in old_seg.assignments]:
+    if state is None or seg_key != before.segment_key:
         changed_at = profile.now
-    new = UserState(profile, changed_at, before.published)
+    new = UserState(profile, changed_at, before.published, seg_key)
     message = message_for(new, seg, offset)
     signature = json.dumps(
         [message.vector, seg_key, message.primary_segment, message.segment_confidence]
     )
     if signature == before.published:
         return new, None, True
-    return UserState(profile, changed_at, signature), message, True
+    return UserState(profile, changed_at, signature, seg_key), message, True
+
+
+def _segment_key(seg: Segmentation) -> tuple[tuple[str, float], ...]:
+    return tuple((a.segment, round(a.score, 6)) for a in seg.assignments)
 
 
 def create_app(
