@@ -2,28 +2,40 @@
 
 ``create_app(settings, rules)`` builds the app; nothing here runs at import.
 The agent only moves bytes and calls the pure functions (``fold``,
-``segment``): per event it reads the user's state from the table, folds the
-event in (a redelivered or resent event leaves it unchanged, DESIGN.md
-rule 2), writes it back and, when the user's segments or vector changed,
-publishes a ``ProfileMessage`` to ``usertrail.profiles``.
+``segment``): it takes the events in batches, folds each user's events of a
+batch into the user's state (a redelivered or resent event leaves it
+unchanged, DESIGN.md rule 2), writes each changed state once and, when the
+user's segments or vector changed, publishes a ``ProfileMessage`` to
+``usertrail.profiles``. Every write of a batch is acknowledged by the broker
+before faust may commit the batch's offsets.
 
-The table is co-partitioned with the events: faust writes a key to the
-changelog partition of the event being processed, which is the partition
-the producers' murmur2 partitioner chose for the same user id, so every
-worker recovers exactly its own users (``test_stream`` checks both agree).
+Each partition's applied offset lives in the table next to the users, so a
+restarted worker knows exactly which records its state holds and refuses a
+record that does not follow it (``Positions``): the committed group offset
+is where reading starts, never what decides.
+
+The table is co-partitioned with the events: the worker writes a user's
+state to the changelog partition of the user's events, which is the
+partition the producers' murmur2 partitioner chose for the same user id, so
+every worker recovers exactly its own users.
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import functools
 import json
 import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
 import faust
+from aiokafka.errors import KafkaError
+from faust.types import TP
 from pydantic import TypeAdapter
 from usertrail.producers.profiles import ProfileMessage, SegmentAssignment, encode_profile
 from usertrail.sink.plan import Decoded, Record, classify
@@ -35,6 +47,10 @@ from usertrail.settings import Settings
 log = logging.getLogger("usertrail.stream")
 
 TABLE = "profiles"
+BATCH = 1000
+"""Events folded per batch at most (each batch's writes awaited once)."""
+BATCH_WITHIN = 0.05
+"""Seconds a batch waits to fill before it is folded anyway."""
 
 
 @dataclass(frozen=True)
@@ -111,6 +127,96 @@ def _segment_key(seg: Segmentation) -> tuple[tuple[str, float], ...]:
     return tuple((a.segment, round(a.score, 6)) for a in seg.assignments)
 
 
+APPLIED = b"\x00usertrail/applied/"
+"""Table key prefix of a partition's applied offset (no user id starts
+with a control character, so it never collides with a user)."""
+RESEEK_SECONDS = 10.0
+
+
+def applied_key(partition: int) -> bytes:
+    return APPLIED + str(partition).encode()
+
+
+class Verdict(enum.Enum):
+    FOLD = "fold"  # the next record of its partition
+    DONE = "done"  # at or below the applied offset: already in the state
+    GAP = "gap"  # beyond the next offset: a record in between never came
+
+
+class Positions:
+    """Which records a worker folds: per partition, exactly the one after the
+    applied offset recovered with the table. The committed group offset is
+    only where faust starts reading; faust has been seen to deliver a
+    partition's records with holes right after a restart and to commit past
+    them. A hole is refused and the partition re-read from the applied
+    offset. When the re-read itself starts beyond that offset, the log does
+    not hold it (on Apache Kafka, transaction markers take offsets) and the
+    hole is accepted.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self.resync: dict[int, _Resync] = {}
+
+    def admit(self, partition: int, offset: int, applied: int | None) -> Verdict:
+        if applied is None or offset == applied + 1:
+            self.resync.pop(partition, None)
+            return Verdict.FOLD
+        if offset <= applied:
+            return Verdict.DONE
+        r = self.resync.get(partition)
+        if r is not None and r.want == applied + 1 and r.seeks and offset < r.high:
+            # offsets went back: this is the re-read, and it starts past `want`
+            log.warning(
+                "partition %d: offsets %d-%d are not in the log; carrying on at %d",
+                partition,
+                applied + 1,
+                offset - 1,
+                offset,
+            )
+            self.resync.pop(partition, None)
+            return Verdict.FOLD
+        if r is not None:
+            r.high = max(r.high, offset)
+        else:
+            self.resync[partition] = _Resync(applied + 1, high=offset)
+        return Verdict.GAP
+
+    def should_seek(self, partition: int, want: int) -> bool:
+        """Whether to seek now: once per hole, again after RESEEK_SECONDS
+        without the re-read arriving."""
+        now = self.clock()
+        r = self.resync.get(partition)
+        if r is None or r.want != want:
+            r = self.resync[partition] = _Resync(want, high=want)
+        if r.seeks and now - r.last_at < RESEEK_SECONDS:
+            return False
+        r.seeks += 1
+        r.last_at = now
+        return True
+
+
+class _DeliverEverything(dict[Any, Any]):
+    """faust's consumer remembers the last offset it delivered per partition
+    and drops fetched records below it, and counts a jump in offsets as a
+    gap it may commit over. After ``Positions`` seeks back, records still in
+    flight from before the seek raise that remembered offset again, so the
+    re-read would be dropped for good. With nothing remembered faust
+    delivers every fetched record and commits only acked offsets without
+    holes; records already applied are skipped by ``Positions``."""
+
+    def __getitem__(self, key: Any) -> None:
+        return None
+
+
+@dataclass
+class _Resync:
+    want: int
+    high: int  # highest offset refused since the hole was seen
+    seeks: int = 0
+    last_at: float = 0.0
+
+
 def create_app(
     settings: Settings, rules: Rules, *, web_port: int = 6066, store: str = "memory://"
 ) -> faust.App:
@@ -165,25 +271,91 @@ def create_app(
         value_type=bytes,
     )
 
+    positions = Positions()
+    app.consumer._read_offset = _DeliverEverything()
+
     @app.agent(events)
     async def fold_events(stream: faust.StreamT[bytes]) -> None:
-        async for event in stream.events():
+        # Batches, acked by faust only when this body asks for the next one;
+        # a batch's changelog records and profiles are awaited (broker acks)
+        # before that. faust's own commit-time flush
+        # (ProducerBuffer.flush_atmost) gives up after 0.1 s without a send.
+        async for batch in stream.take_events(BATCH, within=BATCH_WITHIN):
+            await fold_batch(batch)
+
+    def applied_offset(partition: int) -> int | None:
+        raw = table.data.get(applied_key(partition))
+        return None if raw is None else int(raw)
+
+    async def fold_batch(batch: Sequence[faust.EventT]) -> None:
+        applied: dict[int, int | None] = {}
+        gaps: dict[int, int] = {}
+        per_user: dict[bytes, tuple[int, list[Decoded]]] = {}
+        for event in batch:
             message = event.message
-            item = classify(
-                Record(message.topic, message.partition, message.offset, message.key, message.value)
-            )
+            partition, offset = message.partition, message.offset
+            if partition not in applied:
+                applied[partition] = applied_offset(partition)
+            verdict = positions.admit(partition, offset, applied[partition])
+            if verdict is Verdict.DONE:
+                continue
+            if verdict is Verdict.GAP:
+                gaps[partition] = cast(int, applied[partition]) + 1
+                continue
+            applied[partition] = offset
+            item = classify(Record(message.topic, partition, offset, message.key, message.value))
             if not isinstance(item, Decoded):
                 continue  # the sink dead-letters it, with its reason and bytes
-            user = item.event.user_id
-            key = user.encode()
-            state, out, changed = step(load_state(table.get(key)), item, rules)
+            key = item.event.user_id.encode()
+            per_user.setdefault(key, (partition, []))[1].append(item)
+        pending: list[Awaitable[Any]] = []
+        for key, (partition, items) in per_user.items():
+            before = load_state(table.get(key))
+            state, out, changed, erased = before, None, False, False
+            for item in items:
+                state, message_out, did = step(state, item, rules)
+                if did:
+                    changed = True
+                    erased = item.event.kind == "user.erased"
+                    if erased:
+                        out = None
+                    elif message_out is not None:
+                        out = message_out
             if not changed:
                 continue
-            table[key] = dump_state(state)
-            if item.event.kind == "user.erased":
-                await profiles_out.send(key=user.encode(), value=None)
+            assert state is not None
+            value = dump_state(state)
+            # the store and the changelog directly (what table[key] = value
+            # does), so the changelog partition is the event's and the send
+            # can be awaited
+            table.data[key] = value
+            pending.append(table.send_changelog(partition, key, value))
+            if erased:
+                pending.append(profiles_out.send_soon(key=key, value=None))
             elif out is not None:
-                await profiles_out.send(key=user.encode(), value=encode_profile(out))
+                pending.append(profiles_out.send_soon(key=key, value=encode_profile(out)))
+        # Each partition's applied offset goes last to its changelog
+        # partition: records of one partition land in order, so a recovered
+        # applied offset implies every state write before it.
+        for partition, offset in applied.items():
+            if offset is not None and offset != applied_offset(partition):
+                mark, value = applied_key(partition), str(offset).encode()
+                table.data[mark] = value
+                pending.append(table.send_changelog(partition, mark, value))
+        if pending:
+            await asyncio.gather(*pending)
+        for partition, want in gaps.items():
+            if positions.should_seek(partition, want):
+                log.warning(
+                    "%s[%d]: delivery skipped to a later offset; re-reading from %d",
+                    settings.events_topic,
+                    partition,
+                    want,
+                )
+                try:
+                    await app.consumer.seek_wait({TP(settings.events_topic, partition): want})
+                except KafkaError as exc:  # revoked meanwhile: its new owner re-reads
+                    log.warning("seek of partition %d failed: %r", partition, exc)
 
     @app.task
     async def know_the_changelog() -> None:

@@ -42,7 +42,14 @@ def stream_process(settings: Settings, web_port: int, log: Path) -> subprocess.P
     }
     with open(log, "ab") as out:
         return subprocess.Popen(
-            [sys.executable, "-m", "usertrail.cli", "stream", "--log-level", "WARNING"],
+            [
+                sys.executable,
+                "-m",
+                "usertrail.cli",
+                "stream",
+                "--log-level",
+                os.environ.get("USERTRAIL_TEST_LOG_LEVEL", "WARNING"),
+            ],
             env=env,
             stdout=out,
             stderr=subprocess.STDOUT,

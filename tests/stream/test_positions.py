@@ -1,0 +1,68 @@
+"""Which records the worker folds: exactly the next one of each partition."""
+
+from __future__ import annotations
+
+from usertrail.stream.app import RESEEK_SECONDS, Positions, Verdict
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_next_offset_folds_and_older_ones_are_done() -> None:
+    p = Positions()
+    assert p.admit(0, 5, None) is Verdict.FOLD  # nothing applied yet
+    assert p.admit(0, 6, 5) is Verdict.FOLD
+    assert p.admit(0, 5, 5) is Verdict.DONE
+    assert p.admit(0, 0, 5) is Verdict.DONE
+
+
+def test_a_hole_is_refused_until_the_re_read_brings_it() -> None:
+    clock = Clock()
+    p = Positions(clock)
+    assert p.admit(1, 9, 5) is Verdict.GAP
+    assert p.should_seek(1, 6)
+    # records fetched before the seek keep coming: still refused, no new seek
+    assert p.admit(1, 10, 5) is Verdict.GAP
+    assert p.admit(1, 11, 5) is Verdict.GAP
+    assert not p.should_seek(1, 6)
+    # the re-read arrives at the missing offset
+    assert p.admit(1, 6, 5) is Verdict.FOLD
+    assert p.resync == {}
+
+
+def test_a_re_read_that_starts_past_the_hole_proves_the_hole_real() -> None:
+    p = Positions(Clock())
+    assert p.admit(2, 9, 5) is Verdict.GAP
+    assert p.should_seek(2, 6)
+    assert p.admit(2, 12, 5) is Verdict.GAP
+    # offsets went back, yet not to 6: offsets 6-7 are not in the log
+    assert p.admit(2, 8, 5) is Verdict.FOLD
+
+
+def test_offsets_going_back_before_any_seek_prove_nothing() -> None:
+    p = Positions(Clock())
+    assert p.admit(3, 12, 5) is Verdict.GAP
+    assert p.admit(3, 9, 5) is Verdict.GAP  # no seek yet: not a re-read
+
+
+def test_seeks_again_when_the_re_read_never_comes() -> None:
+    clock = Clock()
+    p = Positions(clock)
+    assert p.admit(0, 9, 5) is Verdict.GAP
+    assert p.should_seek(0, 6)
+    clock.now += RESEEK_SECONDS - 1
+    assert not p.should_seek(0, 6)
+    clock.now += 2
+    assert p.should_seek(0, 6)
+
+
+def test_partitions_are_independent() -> None:
+    p = Positions(Clock())
+    assert p.admit(0, 9, 5) is Verdict.GAP
+    assert p.admit(1, 6, 5) is Verdict.FOLD
+    assert set(p.resync) == {0}

@@ -1,0 +1,124 @@
+"""The worker under SIGKILL: killed at random moments and restarted, it still
+ends with every profile equal to the pure fold, no event lost or counted
+twice (DESIGN.md rule 2)."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import signal
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+from aiokafka import AIOKafkaConsumer
+from usertrail.producers import TrackingClient, demo
+from usertrail.stream.app import APPLIED, TABLE, load_state
+from usertrail.stream.fold import Profile, fold_all
+
+from tests.conftest import create_topics, unique
+from tests.stream.test_worker import RULES, events_by_user, stream_process
+from usertrail.embedded import EmbeddedBroker, free_port
+from usertrail.settings import Settings
+
+
+async def changelog_states(settings: Settings) -> dict[str, Profile]:
+    """The last state of every user in the table's changelog: what a worker
+    starting now would recover."""
+    topic = f"{settings.stream_app_id}-{TABLE}-changelog"
+    consumer = AIOKafkaConsumer(
+        topic,
+        bootstrap_servers=settings.bootstrap_servers,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        group_id=None,
+    )
+    await consumer.start()
+    states: dict[str, Profile] = {}
+    try:
+        partitions = consumer.assignment()
+        while not partitions:
+            await asyncio.sleep(0.1)
+            partitions = consumer.assignment()
+        while True:
+            batch = await consumer.getmany(timeout_ms=300)
+            for records in batch.values():
+                for r in records:
+                    if r.key.startswith(APPLIED):  # type: ignore[union-attr]
+                        continue  # a partition's applied offset
+                    state = load_state(r.value)
+                    if state is not None:
+                        states[r.key.decode()] = state.profile  # type: ignore[union-attr]
+            # read to the high-water mark fetches carry (BROKER.md 1)
+            behind = 0
+            for tp in partitions:
+                high = consumer.highwater(tp)
+                if high is None or await consumer.position(tp) < high:
+                    behind += 1
+            if not behind:
+                return states
+    finally:
+        await asyncio.wait_for(consumer.stop(), 10)
+
+
+def kill(proc: subprocess.Popen[bytes]) -> None:
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+async def test_sigkill_ten_times_loses_and_doubles_nothing(
+    settings_factory: Callable[..., Settings], broker: EmbeddedBroker, tmp_path: Path
+) -> None:
+    settings = settings_factory(broker, stream_app_id=unique("restart"))
+    await create_topics(settings)
+    async with TrackingClient(source="demo", settings=settings) as client:
+        sent = await demo.run(client, demo.plan(users=200, events=50_000, seed=21))
+    by_user = await events_by_user(settings, sent)
+    want = {
+        user: fold_all(user, events, config=RULES.affinity_config())
+        for user, events in by_user.items()
+    }
+    last = {user: max(o for _, o in events) for user, events in by_user.items()}
+    log = tmp_path / "stream.log"
+    rng = random.Random(5)
+    progress = []
+    for _ in range(10):
+        proc = stream_process(settings, free_port(), log)
+        await asyncio.sleep(rng.uniform(4.0, 9.0))  # start-up is about 3.5 s
+        kill(proc)
+        states = await changelog_states(settings)
+        progress.append(
+            sum(
+                sum(1 for _, o in by_user[u] if o <= (p.last_offset or -1))
+                for u, p in states.items()
+            )
+        )
+    # the kills fell while the worker was folding, not before or after it
+    steps = [b - a for a, b in zip([0, *progress], progress, strict=False)]
+    assert sum(1 for s in steps if s > 0) >= 7 and progress[-1] < sent, progress
+    proc = stream_process(settings, free_port(), log)
+    try:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 180
+        while True:
+            states = await changelog_states(settings)
+            done = [u for u in want if u in states and states[u].last_offset == last[u]]
+            if len(done) == len(want) or loop.time() > deadline:
+                break
+            await asyncio.sleep(1)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            kill(proc)
+    assert len(done) == len(want), f"{len(want) - len(done)} users never caught up"
+
+    def missing(user: str) -> list[int]:
+        ids = set(want[user].recent_ids) - set(states[user].recent_ids)
+        return [o for e, o in by_user[user] if e.event_id in ids]
+
+    wrong = [u for u in want if states[u] != want[u]]
+    detail = [(u, states[u].interactions - want[u].interactions, missing(u)) for u in wrong[:10]]
+    assert not wrong, f"{len(wrong)} of {len(want)} profiles differ from the fold: {detail}"
+    assert "Traceback" not in log.read_text()
