@@ -289,13 +289,14 @@ def create_app(
 
     async def fold_batch(batch: Sequence[faust.EventT]) -> None:
         applied: dict[int, int | None] = {}
+        recovered: dict[int, int | None] = {}  # as the batch found them
         gaps: dict[int, int] = {}
         per_user: dict[bytes, tuple[int, list[Decoded]]] = {}
         for event in batch:
             message = event.message
             partition, offset = message.partition, message.offset
             if partition not in applied:
-                applied[partition] = applied_offset(partition)
+                applied[partition] = recovered[partition] = applied_offset(partition)
             verdict = positions.admit(partition, offset, applied[partition])
             if verdict is Verdict.DONE:
                 continue
@@ -338,7 +339,7 @@ def create_app(
         # partition: records of one partition land in order, so a recovered
         # applied offset implies every state write before it.
         for partition, offset in applied.items():
-            if offset is not None and offset != applied_offset(partition):
+            if offset is not None and offset != recovered[partition]:
                 mark, value = applied_key(partition), str(offset).encode()
                 table.data[mark] = value
                 pending.append(table.send_changelog(partition, mark, value))
