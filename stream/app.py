@@ -149,9 +149,9 @@ class Positions:
     only where faust starts reading; faust has been seen to deliver a
     partition's records with holes right after a restart and to commit past
     them. A hole is refused and the partition re-read from the applied
-    offset. When the re-read itself starts beyond that offset, the log does
-    not hold it (on Apache Kafka, transaction markers take offsets) and the
-    hole is accepted.
+    offset, again every ``RESEEK_SECONDS`` until the record comes: a hole is
+    never skipped (offsets going back prove nothing, since faust also seeks
+    to committed offsets that lie past the hole).
     """
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
@@ -164,22 +164,6 @@ class Positions:
             return Verdict.FOLD
         if offset <= applied:
             return Verdict.DONE
-        r = self.resync.get(partition)
-        if r is not None and r.want == applied + 1 and r.seeks and offset < r.high:
-            # offsets went back: this is the re-read, and it starts past `want`
-            log.warning(
-                "partition %d: offsets %d-%d are not in the log; carrying on at %d",
-                partition,
-                applied + 1,
-                offset - 1,
-                offset,
-            )
-            self.resync.pop(partition, None)
-            return Verdict.FOLD
-        if r is not None:
-            r.high = max(r.high, offset)
-        else:
-            self.resync[partition] = _Resync(applied + 1, high=offset)
         return Verdict.GAP
 
     def should_seek(self, partition: int, want: int) -> bool:
@@ -188,10 +172,16 @@ class Positions:
         now = self.clock()
         r = self.resync.get(partition)
         if r is None or r.want != want:
-            r = self.resync[partition] = _Resync(want, high=want)
-        if r.seeks and now - r.last_at < RESEEK_SECONDS:
+            r = self.resync[partition] = _Resync(want, since=now)
+        elif now - r.last_at < RESEEK_SECONDS:
             return False
-        r.seeks += 1
+        else:
+            log.error(
+                "partition %d: offset %d still missing %.0f s after re-reading; retrying",
+                partition,
+                want,
+                now - r.since,
+            )
         r.last_at = now
         return True
 
@@ -212,8 +202,7 @@ class _DeliverEverything(dict[Any, Any]):
 @dataclass
 class _Resync:
     want: int
-    high: int  # highest offset refused since the hole was seen
-    seeks: int = 0
+    since: float
     last_at: float = 0.0
 
 
