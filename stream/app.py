@@ -25,22 +25,19 @@ from __future__ import annotations
 import asyncio
 import enum
 import functools
-import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any, cast
 
 import faust
 from aiokafka.errors import KafkaError
 from faust.types import TP
-from pydantic import TypeAdapter
-from usertrail.producers.profiles import ProfileMessage, SegmentAssignment, encode_profile
+from usertrail.producers.profiles import encode_profile
 from usertrail.sink.plan import Decoded, Record, classify
-from usertrail.stream.fold import Profile, fold
-from usertrail.stream.segments import Rules, Segmentation, segment
+from usertrail.stream.segments import Rules, segment
+from usertrail.stream.state import UserState, advance, dump_state, load_state, message_for
 
 from usertrail.settings import Settings
 
@@ -51,80 +48,8 @@ BATCH = 1000
 """Events folded per batch at most (each batch's writes awaited once)."""
 BATCH_WITHIN = 0.05
 """Seconds a batch waits to fill before it is folded anyway."""
-
-
-@dataclass(frozen=True)
-class UserState:
-    """A table value: the fold state and what was last published."""
-
-    profile: Profile
-    segments_changed_at: datetime | None = None
-    published: str | None = None  # signature of the last published message
-    # (segment, score) of the profile's segmentation, so the next event need
-    # not segment the previous profile again to see whether segments changed
-    segment_key: tuple[tuple[str, float], ...] | None = None
-
-
-_STATE = TypeAdapter(UserState)
-
-
-def dump_state(state: UserState) -> bytes:
-    """A table value as the changelog stores it."""
-    return _STATE.dump_json(state)
-
-
-def load_state(data: bytes | None) -> UserState | None:
-    return None if data is None else _STATE.validate_json(data)
-
-
-def message_for(state: UserState, seg: Segmentation, offset: int | None) -> ProfileMessage:
-    p = state.profile
-    assert p.now is not None
-    return ProfileMessage(
-        user_id=p.user_id,
-        updated_at=p.now,
-        vector={k: round(v, 9) for k, v in sorted(p.affinity.items())},
-        segments=[
-            SegmentAssignment(segment=a.segment, score=round(a.score, 6), reasons=a.reasons)
-            for a in seg.assignments
-        ],
-        primary_segment=seg.primary_segment,
-        segment_confidence=seg.segment_confidence,
-        last_segment_update=state.segments_changed_at,
-        source_offset=offset,
-    )
-
-
-def step(
-    state: UserState | None, item: Decoded, rules: Rules
-) -> tuple[UserState, ProfileMessage | None, bool]:
-    """One event through the fold: (new state, message to publish or None,
-    whether anything changed). Pure: the agent only stores and sends."""
-    event, offset = item.event, item.record.offset
-    before = state or UserState(Profile(event.user_id))
-    profile = fold(before.profile, event, offset, config=rules.affinity_config())
-    if profile is before.profile:
-        return before, None, False
-    if profile.erased_at is not None and event.kind == "user.erased":
-        erased_key = _segment_key(segment(profile, rules))
-        return UserState(profile, segment_key=erased_key), None, True  # publish a tombstone
-    seg = segment(profile, rules)
-    seg_key = _segment_key(seg)
-    changed_at = before.segments_changed_at
-    if state is None or seg_key != before.segment_key:
-        changed_at = profile.now
-    new = UserState(profile, changed_at, before.published, seg_key)
-    message = message_for(new, seg, offset)
-    signature = json.dumps(
-        [message.vector, seg_key, message.primary_segment, message.segment_confidence]
-    )
-    if signature == before.published:
-        return new, None, True
-    return UserState(profile, changed_at, signature, seg_key), message, True
-
-
-def _segment_key(seg: Segmentation) -> tuple[tuple[str, float], ...]:
-    return tuple((a.segment, round(a.score, 6)) for a in seg.assignments)
+DECODED_STATES = 20_000
+"""Users whose decoded state is kept beside the table's bytes."""
 
 
 APPLIED = b"\x00usertrail/applied/"
@@ -207,8 +132,15 @@ class _Resync:
 
 
 def create_app(
-    settings: Settings, rules: Rules, *, web_port: int = 6066, store: str = "memory://"
+    settings: Settings,
+    rules: Rules,
+    *,
+    web_port: int = 6066,
+    store: str = "memory://",
+    on_batch: Callable[[int], None] | None = None,
 ) -> faust.App:
+    """The worker's faust app. ``on_batch(n)`` is called after each batch of
+    ``n`` records is folded and all its writes are acknowledged."""
     group = settings.group_options()
     datadir = settings.data_dir / "faust" / settings.stream_app_id
     datadir.mkdir(parents=True, exist_ok=True)
@@ -271,6 +203,30 @@ def create_app(
         # (ProducerBuffer.flush_atmost) gives up after 0.1 s without a send.
         async for batch in stream.take_events(BATCH, within=BATCH_WITHIN):
             await fold_batch(batch)
+            if on_batch is not None:
+                on_batch(len(batch))
+
+    # Decoded states beside the table's bytes, a bounded number, valid only
+    # while the table holds the very bytes they were decoded from (recovery
+    # and rebalances replace them).
+    decoded: dict[bytes, tuple[bytes, UserState]] = {}
+
+    def state_of(key: bytes) -> UserState | None:
+        raw = table.data.get(key)
+        hit = decoded.pop(key, None)
+        if hit is not None and hit[0] is raw:
+            decoded[key] = hit  # most recently used last
+            return hit[1]
+        state = load_state(raw)
+        if raw is not None and state is not None:
+            remember(key, raw, state)
+        return state
+
+    def remember(key: bytes, raw: bytes, state: UserState) -> None:
+        decoded.pop(key, None)
+        decoded[key] = (raw, state)
+        if len(decoded) > DECODED_STATES:
+            del decoded[next(iter(decoded))]
 
     def applied_offset(partition: int) -> int | None:
         raw = table.data.get(applied_key(partition))
@@ -300,30 +256,23 @@ def create_app(
             per_user.setdefault(key, (partition, []))[1].append(item)
         pending: list[Awaitable[Any]] = []
         for key, (partition, items) in per_user.items():
-            before = load_state(table.get(key))
-            state, out, changed, erased = before, None, False, False
-            for item in items:
-                state, message_out, did = step(state, item, rules)
-                if did:
-                    changed = True
-                    erased = item.event.kind == "user.erased"
-                    if erased:
-                        out = None
-                    elif message_out is not None:
-                        out = message_out
-            if not changed:
+            result = advance(
+                state_of(key),
+                items[0].event.user_id,
+                [(item.event, item.record.offset) for item in items],
+                rules,
+            )
+            if result is None:
                 continue
-            assert state is not None
-            value = dump_state(state)
+            value = dump_state(result.state)
             # the store and the changelog directly (what table[key] = value
             # does), so the changelog partition is the event's and the send
             # can be awaited
             table.data[key] = value
+            remember(key, value, result.state)
             pending.append(table.send_changelog(partition, key, value))
-            if erased:
-                pending.append(profiles_out.send_soon(key=key, value=None))
-            elif out is not None:
-                pending.append(profiles_out.send_soon(key=key, value=encode_profile(out)))
+            message = None if result.message is None else encode_profile(result.message)
+            pending.append(profiles_out.send_soon(key=key, value=message))
         # Each partition's applied offset goes last to its changelog
         # partition: records of one partition land in order, so a recovered
         # applied offset implies every state write before it.
@@ -373,8 +322,7 @@ def create_app(
         state = load_state(table.get(user_id.encode()))
         if state is None or state.profile.erased_at is not None:
             return web.json({"error": f"unknown user {user_id!r}"}, status=404)
-        seg = segment(state.profile, rules)
-        body = message_for(state, seg, state.profile.last_offset).model_dump(
+        body = message_for(state, segment(state.profile, rules)).model_dump(
             mode="json", by_alias=True
         )
         p = state.profile

@@ -8,16 +8,18 @@ growing with both the score and the amount of evidence behind it.
 
 from __future__ import annotations
 
+import bisect
 import math
 import re
 import tomllib
-from datetime import timedelta
+from collections.abc import Sequence
+from datetime import datetime, timedelta
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal, NamedTuple, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from usertrail.stream.fold import AffinityConfig, Profile
+from usertrail.stream.fold import AffinityConfig
 
 from usertrail.errors import ConfigurationError
 
@@ -178,75 +180,141 @@ class Segmentation(BaseModel):
     segment_confidence: float | None
 
 
-def _assign(rule: Rule, p: Profile) -> Assignment | None:
-    n = p.interactions
-    if isinstance(rule, ColdStart):
-        interests = (p.onboarding or {}).get("interests", [])
-        if rule.interest in interests and n <= rule.max_interactions:
-            return Assignment(
-                segment=rule.id,
-                score=rule.score,
-                evidence=1,
-                reasons=[
-                    f"declared an interest in {rule.interest} at onboarding",
-                    f"{n} interaction{'s' if n != 1 else ''} so far",
-                ],
-            )
-        return None
-    if isinstance(rule, ServiceShare):
+class Facts(Protocol):
+    """What rules read: a ``Profile``, or a ``Folding`` between events."""
+
+    @property
+    def interactions(self) -> int: ...
+    @property
+    def counts_by_service(self) -> dict[str, int]: ...
+    @property
+    def counts_by_theme(self) -> dict[str, int]: ...
+    @property
+    def rating_sum_by_service(self) -> dict[str, int]: ...
+    @property
+    def rating_count_by_service(self) -> dict[str, int]: ...
+    @property
+    def onboarding(self) -> dict[str, Any] | None: ...
+    @property
+    def now(self) -> datetime | None: ...
+    @property
+    def recent_activity(self) -> Sequence[datetime]: ...
+
+
+class _Totals(NamedTuple):
+    """Sums every rule reads, taken once per evaluation."""
+
+    interactions: int
+    themed: int
+    ratings: int
+    rating_sum: int
+
+    @classmethod
+    def of(cls, p: Facts) -> _Totals:
+        return cls(
+            p.interactions,
+            sum(p.counts_by_theme.values()),
+            sum(p.rating_count_by_service.values()),
+            sum(p.rating_sum_by_service.values()),
+        )
+
+
+def _match(rule: Rule, p: Facts, t: _Totals) -> tuple[float, int] | None:
+    """(score, evidence) when ``rule`` selects ``p``: the one place a rule is
+    decided; ``_reasons`` only words what this found."""
+    kind = rule.kind
+    if kind == "service_share":
+        assert isinstance(rule, ServiceShare)
+        n = t.interactions
         count = p.counts_by_service.get(rule.service, 0)
         if n >= rule.min_interactions and count / n >= rule.min_share:
-            return Assignment(
-                segment=rule.id,
-                score=count / n,
-                evidence=n,
-                reasons=[f"{count} of {n} interactions were {rule.service}"],
-            )
+            return count / n, n
         return None
-    if isinstance(rule, ThemeShare):
-        themed = sum(p.counts_by_theme.values())
+    if kind == "theme_share":
+        assert isinstance(rule, ThemeShare)
+        themed = t.themed
         count = p.counts_by_theme.get(rule.theme, 0)
         if themed >= rule.min_interactions and count / themed >= rule.min_share:
-            return Assignment(
-                segment=rule.id,
-                score=count / themed,
-                evidence=themed,
-                reasons=[f"{count} of {themed} interactions with a theme were about {rule.theme}"],
-            )
+            return count / themed, themed
         return None
-    if isinstance(rule, Engagement):
+    if kind == "rating_average":
+        assert isinstance(rule, RatingAverage)
+        ratings = t.ratings
+        if ratings < rule.min_ratings:
+            return None
+        average = t.rating_sum / ratings
+        if rule.max_average is not None and average <= rule.max_average:
+            return (5 - average) / 4, ratings
+        if rule.min_average is not None and average >= rule.min_average:
+            return (average - 1) / 4, ratings
+        return None
+    if kind == "engagement":
+        assert isinstance(rule, Engagement)
         if p.now is None:
             return None
-        since = p.now - timedelta(days=rule.window_days)
-        recent = sum(1 for t in p.recent_activity if t > since)
+        recent = _recent(p, rule)
         if recent >= rule.min_interactions:
-            return Assignment(
-                segment=rule.id,
-                score=min(1.0, recent / (2 * rule.min_interactions)),
-                evidence=recent,
-                reasons=[
-                    f"{recent} interactions in the {rule.window_days:g} days up to {p.now:%Y-%m-%d}"
-                ],
-            )
+            return min(1.0, recent / (2 * rule.min_interactions)), recent
         return None
-    ratings = sum(p.rating_count_by_service.values())
-    if ratings < rule.min_ratings:
-        return None
-    average = sum(p.rating_sum_by_service.values()) / ratings
-    reason = f"average rating {average:.1f} over {ratings} ratings"
-    if rule.max_average is not None and average <= rule.max_average:
-        return Assignment(
-            segment=rule.id, score=(5 - average) / 4, evidence=ratings, reasons=[reason]
-        )
-    if rule.min_average is not None and average >= rule.min_average:
-        return Assignment(
-            segment=rule.id, score=(average - 1) / 4, evidence=ratings, reasons=[reason]
-        )
+    assert isinstance(rule, ColdStart)
+    if t.interactions <= rule.max_interactions:
+        interests = (p.onboarding or {}).get("interests", ())
+        if rule.interest in interests:
+            return rule.score, 1
     return None
 
 
-def segment(profile: Profile, rules: Rules) -> Segmentation:
-    assignments = [a for rule in rules.segments if (a := _assign(rule, profile)) is not None]
+def _recent(p: Facts, rule: Engagement) -> int:
+    """Interactions after ``now - window`` (``recent_activity`` is sorted)."""
+    assert p.now is not None
+    since = p.now - timedelta(days=rule.window_days)
+    activity = p.recent_activity
+    return len(activity) - bisect.bisect_right(activity, since)
+
+
+def _reasons(rule: Rule, p: Facts) -> list[str]:
+    if isinstance(rule, ColdStart):
+        n = p.interactions
+        return [
+            f"declared an interest in {rule.interest} at onboarding",
+            f"{n} interaction{'s' if n != 1 else ''} so far",
+        ]
+    if isinstance(rule, ServiceShare):
+        count = p.counts_by_service.get(rule.service, 0)
+        return [f"{count} of {p.interactions} interactions were {rule.service}"]
+    if isinstance(rule, ThemeShare):
+        themed = sum(p.counts_by_theme.values())
+        count = p.counts_by_theme.get(rule.theme, 0)
+        return [f"{count} of {themed} interactions with a theme were about {rule.theme}"]
+    if isinstance(rule, Engagement):
+        assert p.now is not None
+        return [
+            f"{_recent(p, rule)} interactions in the {rule.window_days:g} days "
+            f"up to {p.now:%Y-%m-%d}"
+        ]
+    ratings = sum(p.rating_count_by_service.values())
+    average = sum(p.rating_sum_by_service.values()) / ratings
+    return [f"average rating {average:.1f} over {ratings} ratings"]
+
+
+def segment_key(p: Facts, rules: Rules) -> tuple[tuple[str, float], ...]:
+    """(segment, score to 6 places) of every assignment: what ``segment``
+    decides, without its reasons, cheap enough to ask after every event."""
+    t = _Totals.of(p)
+    return tuple(
+        (rule.id, round(m[0], 6))
+        for rule in rules.segments
+        if (m := _match(rule, p, t)) is not None
+    )
+
+
+def segment(profile: Facts, rules: Rules) -> Segmentation:
+    t = _Totals.of(profile)
+    assignments = [
+        Assignment(segment=rule.id, score=m[0], evidence=m[1], reasons=_reasons(rule, profile))
+        for rule in rules.segments
+        if (m := _match(rule, profile, t)) is not None
+    ]
     if not assignments:
         return Segmentation(assignments=[], primary_segment=None, segment_confidence=None)
     best = max(assignments, key=lambda a: a.score)  # max keeps the first of equals

@@ -11,10 +11,11 @@ import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
-from aiokafka import AIOKafkaConsumer
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from usertrail.producers import TrackingClient, demo
-from usertrail.stream.app import APPLIED, TABLE, load_state
+from usertrail.stream.app import APPLIED, TABLE
 from usertrail.stream.fold import Profile, fold_all
+from usertrail.stream.state import load_state
 
 from tests.conftest import create_topics, unique
 from tests.stream.test_worker import RULES, events_by_user, stream_process
@@ -61,6 +62,34 @@ async def changelog_states(settings: Settings) -> dict[str, Profile]:
         await asyncio.wait_for(consumer.stop(), 10)
 
 
+async def changelog_written(settings: Settings) -> int:
+    """Records in the table's changelog so far (the worker's producer writes
+    one record per batch on tansu, so its end offsets are exact)."""
+    topic = f"{settings.stream_app_id}-{TABLE}-changelog"
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap_servers, group_id=None)
+    await consumer.start()
+    try:
+        partitions = consumer.partitions_for_topic(topic) or set()
+        ends = await consumer.end_offsets([TopicPartition(topic, p) for p in partitions])
+        return sum(ends.values())
+    finally:
+        await asyncio.wait_for(consumer.stop(), 10)
+
+
+async def kill_while_folding(
+    settings: Settings, proc: subprocess.Popen[bytes], rng: random.Random
+) -> None:
+    """SIGKILL at a random moment within 1.5 s of this life's first write
+    (start-up and recovery take seconds, more as the changelog grows)."""
+    before = await changelog_written(settings)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 60
+    while await changelog_written(settings) == before and loop.time() < deadline:
+        await asyncio.sleep(0.1)
+    await asyncio.sleep(rng.uniform(0.0, 1.5))
+    kill(proc)
+
+
 def kill(proc: subprocess.Popen[bytes]) -> None:
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -84,8 +113,7 @@ async def test_sigkill_ten_times_loses_and_doubles_nothing(
     progress = []
     for _ in range(10):
         proc = stream_process(settings, free_port(), log)
-        await asyncio.sleep(rng.uniform(4.0, 9.0))  # start-up is about 3.5 s
-        kill(proc)
+        await kill_while_folding(settings, proc, rng)
         states = await changelog_states(settings)
         progress.append(
             sum(
