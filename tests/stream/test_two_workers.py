@@ -1,0 +1,114 @@
+"""Two workers in one group: they split the partitions, each answers
+``/profiles`` for users the other owns, and when one is killed the other
+takes its users over, every profile still equal to the pure fold."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from usertrail.producers import TrackingClient, demo
+from usertrail.stream.fold import fold_all
+
+from tests.conftest import create_topics, unique
+from tests.stream.test_restart import changelog_states, kill
+from tests.stream.test_worker import (
+    RULES,
+    events_by_user,
+    expected_view,
+    get,
+    stream_process,
+    wait_for_profile,
+    worker_view,
+)
+from usertrail.embedded import EmbeddedBroker, free_port
+from usertrail.settings import Settings
+
+
+async def owners(web_port: int, topic: str, timeout: float = 90.0) -> dict[str, list[int]]:
+    """The changelog partitions each worker owns, as faust's router tells
+    (GET /router/), once the assignment covers every partition."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    seen: Any = None
+    while loop.time() < deadline:
+        try:
+            status, body = await asyncio.to_thread(get, f"http://127.0.0.1:{web_port}/router/")
+        except OSError:
+            status, body = 0, {}
+        if status == 200:
+            seen = {url: sorted(topics.get(topic, [])) for url, topics in body.items()}
+            seen = {url: parts for url, parts in seen.items() if parts}
+            if seen:
+                return seen
+        await asyncio.sleep(0.5)
+    raise AssertionError(f"no assignment from worker on {web_port}: {seen}")
+
+
+async def wait_for_split(
+    web_port: int, topic: str, workers: int, partitions: int
+) -> dict[str, list[int]]:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 120
+    while True:
+        split = await owners(web_port, topic)
+        every = sorted(p for parts in split.values() for p in parts)
+        if len(split) == workers and every == list(range(partitions)):
+            return split
+        if loop.time() > deadline:
+            raise AssertionError(f"partitions never split over {workers} workers: {split}")
+        await asyncio.sleep(0.5)
+
+
+async def test_two_workers_split_answer_for_each_other_and_take_over(
+    settings_factory: Callable[..., Settings], broker: EmbeddedBroker, tmp_path: Path
+) -> None:
+    settings = settings_factory(broker, stream_app_id=unique("pair"))
+    await create_topics(settings)
+    changelog = f"{settings.stream_app_id}-profiles-changelog"
+    ports = free_port(), free_port()
+    procs = [stream_process(settings, port, tmp_path / f"w{i}.log") for i, port in enumerate(ports)]
+    try:
+        split = await wait_for_split(ports[0], changelog, 2, settings.events_partitions)
+        assert sorted(split) == sorted(f"http://127.0.0.1:{p}" for p in ports)
+
+        async with TrackingClient(source="demo", settings=settings) as client:
+            sent = await demo.run(client, demo.plan(users=40, events=4000, seed=8))
+        by_user = await events_by_user(settings, sent)
+        # every user through both workers: one owns it, the other forwards
+        for user, events in by_user.items():
+            last = max(o for _, o in events)
+            for port in ports:
+                body = await wait_for_profile(port, user, last)
+                assert worker_view(body) == expected_view(events), (user, port)
+        for port in ports:
+            status, _ = await asyncio.to_thread(get, f"http://127.0.0.1:{port}/profiles/nobody")
+            assert status == 404
+
+        kill(procs[1])  # SIGKILL: no goodbye to the group
+        survivor = await wait_for_split(ports[0], changelog, 1, settings.events_partitions)
+        assert list(survivor) == [f"http://127.0.0.1:{ports[0]}"]
+        async with TrackingClient(source="demo", settings=settings) as client:
+            more = await demo.run(client, demo.plan(users=40, events=3000, seed=9))
+        by_user = await events_by_user(settings, sent + more)
+        for user, events in by_user.items():
+            body = await wait_for_profile(ports[0], user, max(o for _, o in events))
+            assert worker_view(body) == expected_view(events), user
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    kill(proc)
+    # what a restart would recover: whole profiles, bookkeeping included
+    states = await changelog_states(settings)
+    for user, events in by_user.items():
+        assert states[user] == fold_all(user, events, config=RULES.affinity_config()), user
+    for i in range(2):
+        assert "Traceback" not in (tmp_path / f"w{i}.log").read_text()
