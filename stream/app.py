@@ -56,6 +56,9 @@ APPLIED = b"\x00usertrail/applied/"
 """Table key prefix of a partition's applied offset (no user id starts
 with a control character, so it never collides with a user)."""
 RESEEK_SECONDS = 10.0
+SKIP_AHEAD = 1000
+"""Records below a partition's applied offset that make the worker jump
+forward instead of skipping them one by one."""
 
 
 def applied_key(partition: int) -> bytes:
@@ -82,6 +85,7 @@ class Positions:
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self.clock = clock
         self.resync: dict[int, _Resync] = {}
+        self.skipped: dict[int, tuple[int, float]] = {}
 
     def admit(self, partition: int, offset: int, applied: int | None) -> Verdict:
         if applied is None or offset == applied + 1:
@@ -90,6 +94,22 @@ class Positions:
         if offset <= applied:
             return Verdict.DONE
         return Verdict.GAP
+
+    def skip_to(self, partition: int, offset: int, applied: int) -> int | None:
+        """Where to jump when ``offset`` lies far below the applied offset:
+        ``replay stream`` moved the state ahead, and the group's committed
+        offset could not follow (tansu keeps stopped members in the group,
+        so it refuses a commit from outside it). Everything up to the
+        applied offset is in the state, so jumping to the next is safe. Once
+        per target, again after RESEEK_SECONDS."""
+        if applied - offset < SKIP_AHEAD:
+            return None
+        want, now = applied + 1, self.clock()
+        last = self.skipped.get(partition)
+        if last is not None and last[0] == want and now - last[1] < RESEEK_SECONDS:
+            return None
+        self.skipped[partition] = (want, now)
+        return want
 
     def should_seek(self, partition: int, want: int) -> bool:
         """Whether to seek now: once per hole, again after RESEEK_SECONDS
@@ -236,6 +256,7 @@ def create_app(
         applied: dict[int, int | None] = {}
         recovered: dict[int, int | None] = {}  # as the batch found them
         gaps: dict[int, int] = {}
+        ahead: dict[int, int] = {}
         per_user: dict[bytes, tuple[int, list[Decoded]]] = {}
         for event in batch:
             message = event.message
@@ -244,6 +265,10 @@ def create_app(
                 applied[partition] = recovered[partition] = applied_offset(partition)
             verdict = positions.admit(partition, offset, applied[partition])
             if verdict is Verdict.DONE:
+                if partition not in ahead:
+                    target = positions.skip_to(partition, offset, cast(int, applied[partition]))
+                    if target is not None:
+                        ahead[partition] = target
                 continue
             if verdict is Verdict.GAP:
                 gaps[partition] = cast(int, applied[partition]) + 1
@@ -291,10 +316,22 @@ def create_app(
                     partition,
                     want,
                 )
-                try:
-                    await app.consumer.seek_wait({TP(settings.events_topic, partition): want})
-                except KafkaError as exc:  # revoked meanwhile: its new owner re-reads
-                    log.warning("seek of partition %d failed: %r", partition, exc)
+                await seek(partition, want)
+        for partition, want in ahead.items():
+            if partition not in gaps:
+                log.info(
+                    "%s[%d]: state already holds up to %d; reading on from there",
+                    settings.events_topic,
+                    partition,
+                    want - 1,
+                )
+                await seek(partition, want)
+
+    async def seek(partition: int, offset: int) -> None:
+        try:
+            await app.consumer.seek_wait({TP(settings.events_topic, partition): offset})
+        except KafkaError as exc:  # revoked meanwhile: its new owner reads it
+            log.warning("seek of partition %d failed: %r", partition, exc)
 
     @app.task
     async def know_the_changelog() -> None:

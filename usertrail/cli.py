@@ -15,6 +15,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
+from datetime import datetime
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -233,13 +234,76 @@ def cmd_stream(args: argparse.Namespace, settings: Settings) -> int:
     import faust
 
     from usertrail.stream.app import create_app
+    from usertrail.stream.replay import hold_worker_lock
     from usertrail.stream.segments import load_rules
 
     rules = load_rules(args.rules)
     app = create_app(settings, rules, web_port=args.web_port or settings.stream_web_port)
+    lock = hold_worker_lock(settings)  # tells `replay stream` this worker lives
     worker = faust.Worker(app, loglevel=settings.log_level.lower(), quiet=True)
     worker.execute_from_commandline()
+    lock.close()
     return 0
+
+
+def _timestamp(text: str) -> datetime:
+    try:
+        at = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not an ISO 8601 time: {text!r} (for example 2026-11-01T00:00:00Z)"
+        ) from None
+    if at.tzinfo is None:
+        raise argparse.ArgumentTypeError(f"{text!r} has no time zone (add Z or +09:00)")
+    return at
+
+
+def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
+    from usertrail.stream import replay
+    from usertrail.stream.segments import load_rules
+
+    rules = load_rules(args.rules)
+
+    async def run() -> dict[str, int]:
+        await replay.refuse_if_live(settings)
+        bar: replay.Progress | None = None
+
+        def progress(done: int, total: int) -> None:
+            nonlocal bar
+            if bar is None:
+                bar = replay.Progress(total, "replay")
+            bar.add(done - bar.done)
+
+        rebuilt = await replay.rebuild(settings, rules, since=args.since, progress=progress)
+        if bar is not None:
+            bar.close()
+        await replay.refuse_if_live(settings)  # none started meanwhile
+        return await replay.publish(settings, rules, rebuilt)
+
+    started = time.monotonic()
+    written = asyncio.run(run())
+    print(
+        f"replayed {written['records']:,} events into {written['users']:,} profiles "
+        f"({written['removed']:,} removed) in {time.monotonic() - started:.1f}s; "
+        f"workers of {settings.stream_app_id!r} carry on after them"
+        + ("" if written["committed"] else " (from the applied offsets; see the warning)")
+    )
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
+    from usertrail.stream import replay
+    from usertrail.stream.segments import load_rules
+
+    live, folded, differences = asyncio.run(
+        replay.verify_profiles(settings, load_rules(args.rules))
+    )
+    print(f"profiles: {live:,} live, {folded:,} from the log, {len(differences):,} differ")
+    for d in differences[: args.limit]:
+        print(f"  {d.key}: {d.what}")
+    if len(differences) > args.limit:
+        print(f"  ... and {len(differences) - args.limit:,} more")
+    return 1 if differences else 0
 
 
 def cmd_dlq(args: argparse.Namespace, settings: Settings) -> int:
@@ -464,6 +528,53 @@ def build_parser() -> argparse.ArgumentParser:
         "[env USERTRAIL_STREAM_WEB_PORT; default 6066]",
     )
     stream.set_defaults(func=cmd_stream)
+
+    replay_parser = sub.add_parser(
+        "replay",
+        help="rebuild projections from the log",
+        description="Rebuild what is derived from usertrail.events by reading the log again.",
+    )
+    replay_sub = replay_parser.add_subparsers(dest="replay_command", required=True)
+    replay_stream = replay_sub.add_parser(
+        "stream",
+        parents=[common],
+        help="rebuild every profile (stop the stream workers first)",
+        description="Read usertrail.events with plain aiokafka up to its current end, fold it "
+        "with the worker's own functions, write each user's final profile once to the "
+        "table's changelog and to usertrail.profiles, and set the worker group's offsets "
+        "so workers started afterwards carry on exactly after the rebuilt point. Users "
+        "the rebuild does not have are removed. Refuses while workers of the group run. "
+        "To roll out a changed segment rule: stop the workers, replay with --rules, "
+        "start the workers with the same --rules, then verify.",
+    )
+    replay_stream.add_argument(
+        "--from",
+        dest="since",
+        type=_timestamp,
+        metavar="TIME",
+        help="fold only events that happened at or after TIME (ISO 8601 with a zone); "
+        "found per partition by a binary search over occurredAt",
+    )
+    replay_stream.add_argument(
+        "--rules", type=Path, metavar="PATH", help="segment rules (TOML); default: shipped"
+    )
+    replay_stream.set_defaults(func=cmd_replay)
+
+    verify = sub.add_parser(
+        "verify",
+        parents=[common],
+        help="compare the live profiles with a fresh fold of the log",
+        description="Fold usertrail.events afresh (nothing is written) and compare every "
+        "user's state with the live table's changelog (what workers recover). Prints "
+        "the counts and each differing user; exit code 1 on any difference.",
+    )
+    verify.add_argument(
+        "--rules", type=Path, metavar="PATH", help="segment rules the workers run with"
+    )
+    verify.add_argument(
+        "--limit", type=int, default=50, metavar="N", help="differences listed (default 50)"
+    )
+    verify.set_defaults(func=cmd_verify)
 
     dlq_parser = sub.add_parser(
         "dlq",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from usertrail.stream.app import RESEEK_SECONDS, Positions, Verdict
+from usertrail.stream.app import RESEEK_SECONDS, SKIP_AHEAD, Positions, Verdict
 
 
 class Clock:
@@ -62,3 +62,15 @@ def test_partitions_are_independent() -> None:
     assert p.should_seek(0, 6)
     assert p.admit(1, 6, 5) is Verdict.FOLD
     assert set(p.resync) == {0}
+
+
+def test_far_below_the_applied_offset_the_worker_jumps_ahead_once() -> None:
+    clock = Clock()
+    p = Positions(clock)
+    # a replay left the state at 50,000; the group offset still says 10
+    assert p.skip_to(0, 10, 50_000) == 50_001
+    assert p.skip_to(0, 11, 50_000) is None  # in flight from before the jump
+    assert p.skip_to(0, 49_500, 50_000) is None  # close enough: skipped one by one
+    clock.now += RESEEK_SECONDS
+    assert p.skip_to(0, 12, 50_000) == 50_001  # the jump did not take: again
+    assert p.skip_to(1, 0, SKIP_AHEAD) == SKIP_AHEAD + 1  # partitions are apart

@@ -1,0 +1,468 @@
+"""``replay stream`` and ``verify``: every profile rebuilt from the log with
+plain aiokafka and the worker's own ``advance``, at the speed of a raw
+consumer (DESIGN.md "Replay").
+
+``rebuild`` reads ``usertrail.events`` up to the high-water marks it finds at
+the start, in large batches, and folds them. ``publish`` then writes each
+user's final state once to the table's changelog (on the user's partition,
+as the worker does), tombstones users the rebuild no longer has, writes each
+partition's applied offset after its users, publishes the final profiles to
+``usertrail.profiles`` and commits the worker group's offsets at the rebuilt
+point, so live workers carry on exactly after it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.errors import CommitFailedError
+from aiokafka.structs import OffsetAndMetadata
+from usertrail.producers.events import decode
+from usertrail.producers.profiles import encode_profile
+from usertrail.sink.plan import Decoded, Record, classify
+from usertrail.stream.app import APPLIED, TABLE, applied_key
+from usertrail.stream.segments import Rules, segment
+from usertrail.stream.state import UserState, advance, dump_state, load_state, message_for
+
+from usertrail.errors import EventValidationError, UsertrailError
+from usertrail.settings import Settings
+
+log = logging.getLogger("usertrail.replay")
+
+FOLD_EVERY = 50_000
+"""Records read before they are folded (each user's share in one advance)."""
+
+
+class WorkersRunning(UsertrailError):
+    """The worker group has live members: a replay would race them."""
+
+
+def changelog_topic(settings: Settings) -> str:
+    return f"{settings.stream_app_id}-{TABLE}-changelog"
+
+
+@dataclass
+class Rebuilt:
+    states: dict[bytes, UserState] = field(default_factory=dict)
+    partition_of: dict[bytes, int] = field(default_factory=dict)
+    ends: dict[int, int] = field(default_factory=dict)  # next offset per partition
+    starts: dict[int, int] = field(default_factory=dict)
+    records: int = 0
+
+
+class Progress:
+    """One stderr line: done, rate and time left."""
+
+    def __init__(self, total: int, label: str, out: Any = sys.stderr) -> None:
+        self.total, self.label, self.out = total, label, out
+        self.started = self.shown = time.monotonic()
+        self.done = 0
+
+    def add(self, n: int) -> None:
+        self.done += n
+        now = time.monotonic()
+        if now - self.shown >= 0.5 or self.done >= self.total:
+            self.shown = now
+            rate = self.done / max(now - self.started, 1e-9)
+            left = (self.total - self.done) / rate if rate else 0.0
+            width = 30
+            filled = int(width * self.done / self.total) if self.total else width
+            self.out.write(
+                f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] "
+                f"{self.done:,}/{self.total:,}  {rate:,.0f}/s  {left:,.0f}s left "
+            )
+            self.out.flush()
+
+    def close(self) -> None:
+        self.out.write("\n")
+        self.out.flush()
+
+
+@dataclass(frozen=True)
+class Member:
+    member_id: str
+    client_host: str
+
+
+async def group_members(settings: Settings, group: str) -> list[Member]:
+    admin = AIOKafkaAdminClient(**settings.kafka_options(), request_timeout_ms=15000)
+    await admin.start()
+    try:
+        responses = await admin.describe_consumer_groups([group])
+    finally:
+        await admin.close()
+    members = []
+    for response in responses:
+        for described in response.groups:
+            # (error_code, group_id, state, protocol_type, protocol, members, ...)
+            for member_id, _client_id, client_host, *_ in described[5]:
+                members.append(Member(member_id, client_host))
+    return members
+
+
+def _lock_dir(settings: Settings) -> Path:
+    return settings.data_dir / "stream-workers" / settings.stream_app_id
+
+
+def hold_worker_lock(settings: Settings) -> Any:
+    """Called by each ``usertrail stream`` process: an exclusive lock on a
+    file of its own, held until the process ends (SIGKILL included), so a
+    replay on this machine can tell a live worker from a stale group member.
+    Returns the open file; keep it."""
+    directory = _lock_dir(settings)
+    directory.mkdir(parents=True, exist_ok=True)
+    handle = open(directory / f"{os.getpid()}.lock", "w")  # noqa: SIM115 - held for life
+    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return handle
+
+
+def local_workers(settings: Settings) -> list[str]:
+    """Worker processes on this machine (sharing its data directory) that
+    are alive; stale lock files are removed."""
+    live = []
+    directory = _lock_dir(settings)
+    for path in sorted(directory.glob("*.lock")) if directory.is_dir() else []:
+        with open(path, "a") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                live.append(f"pid {path.stem}")
+                continue
+        path.unlink(missing_ok=True)
+    return live
+
+
+async def live_workers(settings: Settings) -> list[str]:
+    """The worker group's live members. Apache Kafka drops a member whose
+    heartbeats stop, so its group description is the answer. tansu keeps
+    every member it ever had (even after LeaveGroup) and describes them
+    without metadata, so on the embedded broker -- one machine by design --
+    the workers' lock files in the data directory are what tells."""
+    found = local_workers(settings)
+    if not settings.is_tansu:
+        members = await group_members(settings, settings.stream_app_id)
+        if len(members) > len(found):
+            found += [m.client_host or m.member_id for m in members[len(found) :]]
+    return found
+
+
+async def refuse_if_live(settings: Settings) -> None:
+    workers = await live_workers(settings)
+    if workers:
+        raise WorkersRunning(
+            f"{len(workers)} stream worker(s) of group {settings.stream_app_id!r} are "
+            f"running ({', '.join(workers)}); stop them (usertrail stream / usertrail up) "
+            "before replaying, then start them again: they carry on after the replayed point"
+        )
+
+
+def _consumer(settings: Settings, **extra: Any) -> AIOKafkaConsumer:
+    return AIOKafkaConsumer(
+        **settings.kafka_options(),
+        group_id=None,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        max_partition_fetch_bytes=8 * 1024 * 1024,
+        fetch_max_bytes=64 * 1024 * 1024,
+        **extra,
+    )
+
+
+async def _high_waters(consumer: AIOKafkaConsumer, tps: list[TopicPartition]) -> dict[int, int]:
+    """Each partition's high-water mark, as fetch responses carry it (tansu's
+    end offsets are wrong after multi-record batches, BROKER.md 1)."""
+    for tp in tps:
+        consumer.seek(tp, 0)
+    ends: dict[int, int] = {}
+    deadline = time.monotonic() + 30
+    while len(ends) < len(tps):
+        await consumer.getmany(*tps, timeout_ms=200, max_records=1)
+        for tp in tps:
+            high = consumer.highwater(tp)
+            if high is not None:
+                ends[tp.partition] = high
+        if time.monotonic() > deadline:
+            missing = sorted(tp.partition for tp in tps if tp.partition not in ends)
+            raise UsertrailError(f"no high-water mark for partitions {missing}")
+    return ends
+
+
+async def _occurred_at(
+    consumer: AIOKafkaConsumer, tp: TopicPartition, offset: int, end: int
+) -> datetime | None:
+    """``occurredAt`` of the first valid event at or after ``offset``; None
+    when there is none before ``end``."""
+    consumer.seek(tp, offset)
+    while offset < end:
+        batch = await consumer.getmany(tp, timeout_ms=1000, max_records=1)
+        for r in batch.get(tp, []):
+            offset = r.offset + 1
+            try:
+                return decode(r.value or b"").occurred_at
+            except EventValidationError:
+                continue  # the sink dead-letters it; the next one tells
+    return None
+
+
+async def first_offset_at(
+    consumer: AIOKafkaConsumer, tp: TopicPartition, end: int, since: datetime
+) -> int:
+    """The first offset whose event happened at or after ``since``, by binary
+    search over ``occurredAt`` (tansu's offsets_for_times goes by arrival time
+    and answers 0 past the end, BROKER.md 3). Assumes a partition's events
+    are in event-time order, as the SDK sends them."""
+    low, high = 0, end
+    while low < high:
+        middle = (low + high) // 2
+        at = await _occurred_at(consumer, tp, middle, end)
+        if at is not None and at < since:
+            low = middle + 1
+        else:
+            high = middle
+    return low
+
+
+async def rebuild(
+    settings: Settings,
+    rules: Rules,
+    *,
+    since: datetime | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> Rebuilt:
+    """Fold the events log (from ``since``, or the start) up to the
+    high-water marks found now. ``progress(done, total)`` after each batch."""
+    consumer = _consumer(settings)
+    await consumer.start()
+    out = Rebuilt()
+    try:
+        partitions = consumer.partitions_for_topic(settings.events_topic)
+        if not partitions:
+            raise UsertrailError(f"topic {settings.events_topic!r} does not exist")
+        tps = [TopicPartition(settings.events_topic, p) for p in sorted(partitions)]
+        consumer.assign(tps)
+        out.ends = await _high_waters(consumer, tps)
+        for tp in tps:
+            end = out.ends[tp.partition]
+            start = 0 if since is None else await first_offset_at(consumer, tp, end, since)
+            out.starts[tp.partition] = start
+            consumer.seek(tp, start)
+        total = sum(out.ends[p] - out.starts[p] for p in out.ends)
+        active = [tp for tp in tps if out.starts[tp.partition] < out.ends[tp.partition]]
+        pending: dict[bytes, tuple[int, list[Any]]] = {}
+        count = 0
+        while active:
+            batch = await consumer.getmany(*active, timeout_ms=1000, max_records=20_000)
+            for tp, records in batch.items():
+                end = out.ends[tp.partition]
+                for r in records:
+                    if r.offset >= end:
+                        break
+                    item = classify(Record(r.topic, r.partition, r.offset, r.key, r.value))
+                    count += 1
+                    if not isinstance(item, Decoded):
+                        continue  # the worker skips it too; the sink dead-letters it
+                    key = item.event.user_id.encode()
+                    pending.setdefault(key, (r.partition, []))[1].append((item.event, r.offset))
+                if records and records[-1].offset + 1 >= end:
+                    active.remove(tp)
+                    consumer.pause(tp)
+            if len(pending) and (count - out.records >= FOLD_EVERY or not active):
+                _fold(out, pending, rules)
+                pending = {}
+                out.records = count
+            if progress is not None:
+                progress(count, total)
+        _fold(out, pending, rules)
+        out.records = count
+    finally:
+        await asyncio.wait_for(consumer.stop(), 10)
+    return out
+
+
+def _fold(out: Rebuilt, pending: dict[bytes, tuple[int, list[Any]]], rules: Rules) -> None:
+    for key, (partition, items) in pending.items():
+        result = advance(out.states.get(key), items[0][0].user_id, items, rules)
+        if result is not None:
+            out.states[key] = result.state
+            out.partition_of[key] = partition
+
+
+@dataclass
+class Live:
+    """The last value of every key in the table's changelog: what a worker
+    starting now recovers."""
+
+    states: dict[bytes, UserState] = field(default_factory=dict)
+    partition_of: dict[bytes, int] = field(default_factory=dict)
+    applied: dict[int, int] = field(default_factory=dict)
+
+
+async def live_states(settings: Settings) -> Live:
+    consumer = _consumer(settings)
+    await consumer.start()
+    live = Live()
+    try:
+        topic = changelog_topic(settings)
+        partitions = consumer.partitions_for_topic(topic) or set()
+        tps = [TopicPartition(topic, p) for p in sorted(partitions)]
+        if not tps:
+            return live
+        consumer.assign(tps)
+        ends = await _high_waters(consumer, tps)
+        active = [tp for tp in tps if ends[tp.partition] > 0]
+        for tp in tps:
+            consumer.seek(tp, 0)
+        raw: dict[bytes, bytes | None] = {}
+        while active:
+            batch = await consumer.getmany(*active, timeout_ms=1000, max_records=20_000)
+            for tp, records in batch.items():
+                for r in records:
+                    if r.offset >= ends[tp.partition]:
+                        break
+                    assert r.key is not None
+                    if r.key.startswith(APPLIED):
+                        live.applied[int(r.key[len(APPLIED) :])] = int(r.value or b"-1")
+                    else:
+                        raw[r.key] = r.value
+                        live.partition_of[r.key] = r.partition
+                if records and records[-1].offset + 1 >= ends[tp.partition]:
+                    active.remove(tp)
+                    consumer.pause(tp)
+        for key, value in raw.items():
+            state = load_state(value)
+            if state is not None:
+                live.states[key] = state
+    finally:
+        await asyncio.wait_for(consumer.stop(), 10)
+    return live
+
+
+async def publish(settings: Settings, rules: Rules, rebuilt: Rebuilt) -> dict[str, int]:
+    """Write the rebuilt states where the live worker would have: changelog,
+    applied offsets, profiles, group offsets. Returns what was written."""
+    live = await live_states(settings)
+    gone = [key for key in live.states if key not in rebuilt.states]
+    producer = AIOKafkaProducer(
+        **settings.kafka_options(),
+        acks="all",
+        # tansu's end offsets are only right with one record per batch, and
+        # faust's table recovery reads them (BROKER.md 1)
+        max_batch_size=1 if settings.is_tansu else 1024 * 1024,
+        linger_ms=0 if settings.is_tansu else 20,
+    )
+    await producer.start()
+    changelog = changelog_topic(settings)
+    try:
+        sends = []
+        for key, state in rebuilt.states.items():
+            sends.append(
+                await producer.send(
+                    changelog, dump_state(state), key=key, partition=rebuilt.partition_of[key]
+                )
+            )
+        for key in gone:  # a tombstone where the worker would find it
+            sends.append(
+                await producer.send(changelog, None, key=key, partition=live.partition_of[key])
+            )
+        await asyncio.gather(*sends)
+        sends = []
+        # each partition's applied offset after its users (same partition: in order)
+        for partition, end in rebuilt.ends.items():
+            if end > 0:
+                sends.append(
+                    await producer.send(
+                        changelog,
+                        str(end - 1).encode(),
+                        key=applied_key(partition),
+                        partition=partition,
+                    )
+                )
+        for key, state in rebuilt.states.items():
+            if state.profile.erased_at is not None:
+                value = None
+            else:
+                value = encode_profile(message_for(state, segment(state.profile, rules)))
+            sends.append(await producer.send(settings.profiles_topic, value, key=key))
+        for key in gone:
+            sends.append(await producer.send(settings.profiles_topic, None, key=key))
+        await asyncio.gather(*sends)
+    finally:
+        await producer.stop()
+    committed = await commit_positions(settings, rebuilt.ends)
+    return {
+        "users": len(rebuilt.states),
+        "removed": len(gone),
+        "records": rebuilt.records,
+        "committed": int(committed),
+    }
+
+
+async def commit_positions(settings: Settings, ends: dict[int, int]) -> bool:
+    """The worker group's committed offsets at the rebuilt point. The
+    consumer never joins the group: it commits as a standalone member, which
+    a group without live members accepts."""
+    consumer = AIOKafkaConsumer(
+        **settings.kafka_options(), group_id=settings.stream_app_id, enable_auto_commit=False
+    )
+    await consumer.start()
+    try:
+        tps = {TopicPartition(settings.events_topic, p): end for p, end in ends.items()}
+        consumer.assign(list(tps))
+        await consumer.commit({tp: OffsetAndMetadata(end, "") for tp, end in tps.items()})
+        return True
+    except CommitFailedError:
+        # tansu keeps stopped members in the group forever and refuses a
+        # commit from outside it. The applied offsets written with the
+        # states are what decides: a worker reading below them jumps ahead.
+        log.warning(
+            "the broker refused the group offsets (it still lists stopped members); "
+            "workers will jump to the replayed point from the applied offsets instead"
+        )
+        return False
+    finally:
+        await asyncio.wait_for(consumer.stop(), 10)
+
+
+@dataclass
+class Difference:
+    key: str
+    what: str
+
+
+async def verify_profiles(settings: Settings, rules: Rules) -> tuple[int, int, list[Difference]]:
+    """The live table (its changelog) against a fresh fold of the log: (live
+    users, folded users, differences)."""
+    rebuilt = await rebuild(settings, rules)
+    live = (await live_states(settings)).states
+    out = []
+    for key in sorted(set(live) | set(rebuilt.states)):
+        a, b = live.get(key), rebuilt.states.get(key)
+        name = key.decode(errors="replace")
+        if a is None:
+            out.append(Difference(name, "in the log, missing from the live table"))
+        elif b is None:
+            out.append(Difference(name, "in the live table, not in the log"))
+        elif a != b:
+            fields = [
+                f
+                for f in a.profile.__dataclass_fields__
+                if getattr(a.profile, f) != getattr(b.profile, f)
+            ]
+            if a.segments_changed_at != b.segments_changed_at:
+                fields.append("segments_changed_at")
+            if a.segment_key != b.segment_key:
+                fields.append("segments")
+            out.append(Difference(name, "differs: " + ", ".join(fields)))
+    return len(live), len(rebuilt.states), out

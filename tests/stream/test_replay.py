@@ -1,0 +1,214 @@
+"""``replay stream`` and ``verify`` against the real broker: a replay gives
+the live profiles back, ``verify`` names what differs, ``--from`` folds only
+what happened since, and workers carry on after the replayed point."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from aiokafka import AIOKafkaProducer
+from usertrail.producers import TrackingClient, demo
+from usertrail.producers.events import EventBase
+from usertrail.producers.profiles import decode_profile
+from usertrail.stream.app import TABLE
+from usertrail.stream.fold import Profile, fold_all
+from usertrail.stream.replay import live_states
+from usertrail.stream.segments import load_rules, segment
+from usertrail.stream.state import dump_state
+
+from tests.conftest import create_topics, read_all, unique
+from tests.stream.test_restart import changelog_states, kill
+from tests.stream.test_worker import RULES, events_by_user, stream_process
+from usertrail.embedded import EmbeddedBroker, free_port
+from usertrail.settings import Settings
+
+CONFIG = RULES.affinity_config()
+
+
+def cli(settings: Settings, data_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {
+        **os.environ,
+        "KAFKA_BOOTSTRAP_SERVERS": settings.bootstrap_servers,
+        "USERTRAIL_TANSU": "true",
+        "USERTRAIL_EVENTS_TOPIC": settings.events_topic,
+        "USERTRAIL_PROFILES_TOPIC": settings.profiles_topic,
+        "USERTRAIL_EVENTS_PARTITIONS": str(settings.events_partitions),
+        "USERTRAIL_STREAM_APP_ID": settings.stream_app_id,
+        "USERTRAIL_DATA_DIR": str(data_dir),
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "usertrail.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def want(by_user: dict[str, list[tuple[EventBase, int]]]) -> dict[str, Profile]:
+    return {u: fold_all(u, events, config=CONFIG) for u, events in by_user.items()}
+
+
+async def caught_up(settings: Settings, expected: dict[str, Profile]) -> dict[str, Profile]:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 120
+    while True:
+        states = await changelog_states(settings)
+        if all(states.get(u) == p for u, p in expected.items()) or loop.time() > deadline:
+            return states
+        await asyncio.sleep(1)
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        kill(proc)
+
+
+async def test_replay_gives_the_live_profiles_back_and_verify_names_differences(
+    settings_factory: Callable[..., Settings], broker: EmbeddedBroker, tmp_path: Path
+) -> None:
+    settings = settings_factory(broker, stream_app_id=unique("replay"))
+    await create_topics(settings)
+    log = tmp_path / "stream.log"
+    proc = stream_process(settings, free_port(), log)
+    try:
+        async with TrackingClient(source="demo", settings=settings) as client:
+            sent = await demo.run(client, demo.plan(users=30, events=3000, seed=4))
+        by_user = await events_by_user(settings, sent)
+        expected = want(by_user)
+        assert await caught_up(settings, expected) == expected
+        refused = cli(settings, tmp_path, "replay", "stream")
+        assert refused.returncode == 2, refused
+        assert "stop them" in refused.stderr
+    finally:
+        stop(proc)
+
+    checked = cli(settings, tmp_path, "verify")
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert "30 live, 30 from the log, 0 differ" in checked.stdout
+
+    # a profile altered by hand (one count off) and one removed
+    live = await live_states(settings)
+    victim, gone = sorted(live.states)[:2]
+    state = live.states[victim]
+    counts = dict(state.profile.counts_by_type)
+    counts["reading"] = counts.get("reading", 0) + 1
+    altered = type(state)(
+        type(state.profile)(**{**state.profile.__dict__, "counts_by_type": counts}),
+        state.segments_changed_at,
+        state.segment_key,
+    )
+    topic = f"{settings.stream_app_id}-{TABLE}-changelog"
+    producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers, max_batch_size=1)
+    await producer.start()
+    try:
+        await producer.send_and_wait(
+            topic, dump_state(altered), key=victim, partition=live.partition_of[victim]
+        )
+        await producer.send_and_wait(topic, None, key=gone, partition=live.partition_of[gone])
+    finally:
+        await producer.stop()
+    checked = cli(settings, tmp_path, "verify")
+    assert checked.returncode == 1, checked.stdout + checked.stderr
+    assert f"{victim.decode()}: differs: counts_by_type" in checked.stdout
+    assert f"{gone.decode()}: in the log, missing from the live table" in checked.stdout
+
+    replayed = cli(settings, tmp_path, "replay", "stream")
+    assert replayed.returncode == 0, replayed.stderr
+    assert "replayed 3,0" in replayed.stdout and "into 30 profiles" in replayed.stdout
+    assert await changelog_states(settings) == expected
+    assert cli(settings, tmp_path, "verify").returncode == 0
+    # each partition's applied offset is the replayed point: every record, no more
+    applied = (await live_states(settings)).applied
+    assert sum(offset + 1 for offset in applied.values()) == sent
+
+    # workers started now carry on after the replayed point, counting nothing twice
+    proc = stream_process(settings, free_port(), log)
+    try:
+        async with TrackingClient(source="demo", settings=settings) as client:
+            more = await demo.run(client, demo.plan(users=30, events=1000, seed=6))
+        by_user = await events_by_user(settings, sent + more)
+        expected = want(by_user)
+        assert await caught_up(settings, expected) == expected
+    finally:
+        stop(proc)
+    assert "Traceback" not in log.read_text()
+
+
+async def test_replay_from_a_time_folds_only_what_happened_since(
+    settings_factory: Callable[..., Settings], broker: EmbeddedBroker, tmp_path: Path
+) -> None:
+    settings = settings_factory(broker, stream_app_id=unique("since"))
+    await create_topics(settings)
+    t0 = datetime(2026, 3, 1, tzinfo=UTC)
+    async with TrackingClient(source="demo", settings=settings) as client:
+        for i in range(1200):  # in event-time order, as live apps send
+            await client.track_interaction(
+                user_id=f"u{i % 40}",
+                type="reading",
+                service=("saju", "tarot")[i % 2],
+                theme=("love", "career", "health")[i % 3],
+                rating=1 + i % 5,
+                occurred_at=t0 + timedelta(minutes=i),
+            )
+    by_user = await events_by_user(settings, 1200)
+    since = t0 + timedelta(minutes=777, seconds=30)
+    replayed = cli(settings, tmp_path, "replay", "stream", "--from", since.isoformat())
+    assert replayed.returncode == 0, replayed.stderr
+    recent = {
+        u: [(e, o) for e, o in events if e.occurred_at >= since] for u, events in by_user.items()
+    }
+    expected = {u: fold_all(u, ev, config=CONFIG) for u, ev in recent.items() if ev}
+    assert 0 < sum(len(ev) for ev in recent.values()) < 1200
+    assert await changelog_states(settings) == expected
+    # a second replay from the start brings every user back
+    assert cli(settings, tmp_path, "replay", "stream").returncode == 0
+    assert await changelog_states(settings) == want(by_user)
+
+
+async def test_a_changed_rule_replayed_moves_exactly_the_users_it_selects(
+    settings_factory: Callable[..., Settings], broker: EmbeddedBroker, tmp_path: Path
+) -> None:
+    settings = settings_factory(broker, stream_app_id=unique("rule"))
+    await create_topics(settings)
+    async with TrackingClient(source="demo", settings=settings) as client:
+        sent = await demo.run(client, demo.plan(users=60, events=3000, seed=12))
+    profiles = want(await events_by_user(settings, sent))
+    assert cli(settings, tmp_path, "replay", "stream").returncode == 0
+    # power users: 20 interactions in 30 days are enough now, instead of 60
+    text = (Path(__file__).parents[2] / "stream" / "rules.toml").read_text()
+    assert text.count("min_interactions = 60") == 1
+    changed = tmp_path / "rules.toml"
+    changed.write_text(text.replace("min_interactions = 60", "min_interactions = 20"))
+    new_rules = load_rules(changed)
+    moved = {
+        u
+        for u, p in profiles.items()
+        if segment(p, RULES).primary_segment != segment(p, new_rules).primary_segment
+    }
+    assert moved and len(moved) < len(profiles)
+    before = await last_primaries(settings, len(profiles))
+    replayed = cli(settings, tmp_path, "replay", "stream", "--rules", str(changed))
+    assert replayed.returncode == 0, replayed.stderr
+    after = await last_primaries(settings, 2 * len(profiles))
+    assert {u for u in profiles if before[u] != after[u]} == moved
+    assert all(after[u] == segment(p, new_rules).primary_segment for u, p in profiles.items())
+    assert cli(settings, tmp_path, "verify", "--rules", str(changed)).returncode == 0
+
+
+async def last_primaries(settings: Settings, expected: int) -> dict[str, str | None]:
+    out: dict[str, str | None] = {}
+    for _, key, value in await read_all(settings, settings.profiles_topic, expected):
+        assert key is not None and value is not None
+        out[key.decode()] = decode_profile(value).primary_segment
+    return out
