@@ -38,6 +38,7 @@ from usertrail.stream.state import UserState, advance, dump_state, load_state, m
 
 from usertrail.errors import EventValidationError, UsertrailError
 from usertrail.settings import Settings
+from usertrail.topics import TopicSpec, ensure_topics
 
 log = logging.getLogger("usertrail.replay")
 
@@ -352,6 +353,12 @@ async def live_states(settings: Settings) -> Live:
 async def publish(settings: Settings, rules: Rules, rebuilt: Rebuilt) -> dict[str, int]:
     """Write the rebuilt states where the live worker would have: changelog,
     applied offsets, profiles, group offsets. Returns what was written."""
+    # the changelog faust would create, if no worker ever ran: one partition
+    # per events partition (the worker writes a user where their events are)
+    await ensure_topics(
+        settings,
+        [TopicSpec(changelog_topic(settings), len(rebuilt.ends), {"cleanup.policy": "compact"})],
+    )
     live = await live_states(settings)
     gone = [key for key in live.states if key not in rebuilt.states]
     producer = AIOKafkaProducer(

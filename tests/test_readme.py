@@ -47,3 +47,23 @@ async def test_readme_snippet_runs_and_its_events_arrive(
     records = await read_all(settings, settings.events_topic, expected=expected)
     assert len(records) == expected
     assert all(decode(value or b"").source in ("web", "backend") for _, _, value in records)
+
+
+COMMANDS = sorted(
+    {
+        " ".join(w for w in line.split("#")[0].split()[2:] if not w.startswith("-"))
+        for block in re.findall(r"```bash\n(.*?)```", README, re.S)
+        for line in block.splitlines()
+        if line.startswith("./dev usertrail ")
+    }
+)
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_readme_commands_exist(command: str) -> None:
+    from usertrail.cli import build_parser
+
+    words = [w for w in command.split() if not w.isdigit()]
+    with pytest.raises(SystemExit) as exited:
+        build_parser().parse_args([*words, "--help"])
+    assert exited.value.code == 0, command

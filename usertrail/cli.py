@@ -237,7 +237,7 @@ def cmd_stream(args: argparse.Namespace, settings: Settings) -> int:
     from usertrail.stream.replay import hold_worker_lock
     from usertrail.stream.segments import load_rules
 
-    rules = load_rules(args.rules)
+    rules = load_rules(args.rules or settings.rules)
     app = create_app(settings, rules, web_port=args.web_port or settings.stream_web_port)
     lock = hold_worker_lock(settings)  # tells `replay stream` this worker lives
     worker = faust.Worker(app, loglevel=settings.log_level.lower(), quiet=True)
@@ -262,7 +262,7 @@ def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
     from usertrail.stream import replay
     from usertrail.stream.segments import load_rules
 
-    rules = load_rules(args.rules)
+    rules = load_rules(args.rules or settings.rules)
 
     async def run() -> dict[str, int]:
         await replay.refuse_if_live(settings)
@@ -296,7 +296,7 @@ def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
     from usertrail.stream.segments import load_rules
 
     live, folded, differences = asyncio.run(
-        replay.verify_profiles(settings, load_rules(args.rules))
+        replay.verify_profiles(settings, load_rules(args.rules or settings.rules))
     )
     print(f"profiles: {live:,} live, {folded:,} from the log, {len(differences):,} differ")
     for d in differences[: args.limit]:
@@ -518,7 +518,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--rules",
         type=Path,
         metavar="PATH",
-        help="segment rules (TOML); default: the shipped stream/rules.toml",
+        help="segment rules (TOML) [env USERTRAIL_RULES; default: the shipped stream/rules.toml]",
     )
     stream.add_argument(
         "--web-port",
@@ -556,7 +556,10 @@ def build_parser() -> argparse.ArgumentParser:
         "found per partition by a binary search over occurredAt",
     )
     replay_stream.add_argument(
-        "--rules", type=Path, metavar="PATH", help="segment rules (TOML); default: shipped"
+        "--rules",
+        type=Path,
+        metavar="PATH",
+        help="segment rules (TOML) [env USERTRAIL_RULES; default: the shipped ones]",
     )
     replay_stream.set_defaults(func=cmd_replay)
 
@@ -569,7 +572,10 @@ def build_parser() -> argparse.ArgumentParser:
         "the counts and each differing user; exit code 1 on any difference.",
     )
     verify.add_argument(
-        "--rules", type=Path, metavar="PATH", help="segment rules the workers run with"
+        "--rules",
+        type=Path,
+        metavar="PATH",
+        help="segment rules the workers run with [env USERTRAIL_RULES]",
     )
     verify.add_argument(
         "--limit", type=int, default=50, metavar="N", help="differences listed (default 50)"

@@ -61,6 +61,9 @@ class Settings(BaseSettings):
     stream_app_id: str = "usertrail-stream"  # the faust app: group id, changelog prefix
     stream_web_port: int = Field(default=6066, ge=1, le=65535)  # GET /profiles/{userId}
     replication_factor: int = Field(default=1, ge=1)
+    # segment rules (TOML) of the stream, replay and verify; unset: the shipped
+    # stream/rules.toml. The workers `usertrail up` runs read it too.
+    rules: Path | None = None
 
     # --- embedded stack ---------------------------------------------------
     data_dir: Path = Path(".usertrail")
