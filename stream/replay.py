@@ -66,8 +66,8 @@ class Rebuilt:
 class Progress:
     """One stderr line: done, rate and time left."""
 
-    def __init__(self, total: int, label: str, out: Any = sys.stderr) -> None:
-        self.total, self.label, self.out = total, label, out
+    def __init__(self, total: int, label: str, out: Any = None) -> None:
+        self.total, self.label, self.out = total, label, out or sys.stderr
         self.started = self.shown = time.monotonic()
         self.done = 0
 

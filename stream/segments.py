@@ -63,8 +63,16 @@ class RatingAverage(_Rule):
     min_ratings: int = Field(ge=1)
 
 
+class Fallback(_Rule):
+    """Everyone no other rule selects (so every user has a segment, as the
+    seed's validation report expects: coverage 100%)."""
+
+    kind: Literal["fallback"]
+    score: float = Field(ge=0, le=1)
+
+
 Rule = Annotated[
-    ColdStart | ServiceShare | ThemeShare | Engagement | RatingAverage,
+    ColdStart | ServiceShare | ThemeShare | Engagement | RatingAverage | Fallback,
     Field(discriminator="kind"),
 ]
 
@@ -97,7 +105,14 @@ class Rules(BaseModel):
 
 
 DEFAULT_RULES = "rules.toml"
-_KINDS = ("cold_start", "service_share", "theme_share", "engagement", "rating_average")
+_KINDS = (
+    "cold_start",
+    "service_share",
+    "theme_share",
+    "engagement",
+    "rating_average",
+    "fallback",
+)
 
 
 def load_rules(path: Path | None = None) -> Rules:
@@ -256,6 +271,8 @@ def _match(rule: Rule, p: Facts, t: _Totals) -> tuple[float, int] | None:
         if recent >= rule.min_interactions:
             return min(1.0, recent / (2 * rule.min_interactions)), recent
         return None
+    if kind == "fallback":
+        return None  # decided after every other rule: see _fallback
     assert isinstance(rule, ColdStart)
     if t.interactions <= rule.max_interactions:
         interests = (p.onboarding or {}).get("interests", ())
@@ -301,11 +318,18 @@ def segment_key(p: Facts, rules: Rules) -> tuple[tuple[str, float], ...]:
     """(segment, score to 6 places) of every assignment: what ``segment``
     decides, without its reasons, cheap enough to ask after every event."""
     t = _Totals.of(p)
-    return tuple(
+    key = tuple(
         (rule.id, round(m[0], 6))
         for rule in rules.segments
         if (m := _match(rule, p, t)) is not None
     )
+    if not key and (fallback := _fallback(rules)) is not None:
+        return ((fallback.id, round(fallback.score, 6)),)
+    return key
+
+
+def _fallback(rules: Rules) -> Fallback | None:
+    return next((r for r in rules.segments if isinstance(r, Fallback)), None)
 
 
 def segment(profile: Facts, rules: Rules) -> Segmentation:
@@ -315,6 +339,16 @@ def segment(profile: Facts, rules: Rules) -> Segmentation:
         for rule in rules.segments
         if (m := _match(rule, profile, t)) is not None
     ]
+    if not assignments and (fallback := _fallback(rules)) is not None:
+        n = t.interactions
+        assignments = [
+            Assignment(
+                segment=fallback.id,
+                score=fallback.score,
+                evidence=n,
+                reasons=[f"no other segment fits yet ({n} interaction{'s' if n != 1 else ''})"],
+            )
+        ]
     if not assignments:
         return Segmentation(assignments=[], primary_segment=None, segment_confidence=None)
     best = max(assignments, key=lambda a: a.score)  # max keeps the first of equals

@@ -306,6 +306,42 @@ def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
     return 1 if differences else 0
 
 
+def cmd_segments(args: argparse.Namespace, settings: Settings) -> int:
+    from usertrail.migrations import runner
+    from usertrail.stream import replay
+    from usertrail.stream.backfill import backfill
+    from usertrail.stream.segments import load_rules
+
+    rules = load_rules(args.rules or settings.rules)
+    bar: replay.Progress | None = None
+
+    def progress(done: int, total: int) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = replay.Progress(total, "backfill")
+        bar.add(done - bar.done)
+
+    result = backfill(settings.database_dsn(), rules, progress=progress)
+    if bar is not None:
+        bar.close()
+    print(
+        f"segments computed for {result.users:,} users ({result.created:,} vectors created) "
+        f"from {result.interactions:,} interactions"
+        + (
+            f"; {result.refused:,} rows the event contract refuses left out"
+            if result.refused
+            else ""
+        )
+    )
+    print()
+    engine = runner.make_engine(settings)
+    try:
+        _print_validation(runner.validate(engine))
+    finally:
+        engine.dispose()
+    return 0
+
+
 def cmd_dlq(args: argparse.Namespace, settings: Settings) -> int:
     from usertrail.sink import dlq
 
@@ -562,6 +598,31 @@ def build_parser() -> argparse.ArgumentParser:
         help="segment rules (TOML) [env USERTRAIL_RULES; default: the shipped ones]",
     )
     replay_stream.set_defaults(func=cmd_replay)
+
+    segments_parser = sub.add_parser(
+        "segments",
+        help="segments in the database: backfill",
+        description="Segments of users already in the database.",
+    )
+    segments_sub = segments_parser.add_subparsers(dest="segments_command", required=True)
+    backfill_parser = segments_sub.add_parser(
+        "backfill",
+        parents=[common],
+        help="seed 002's data migration: segments for every user from the database",
+        description="For databases that existed before the pipeline: fold each user's "
+        '"UserInteraction" rows and "UserPreferences" (preferred themes and services as '
+        "onboarding answers) with the stream's own functions, write segments, "
+        "primarySegment, segmentConfidence and lastSegmentUpdate to user_vectors (creating "
+        "missing rows), then print seed 002's validation report. Idempotent: a second run "
+        "writes the same values.",
+    )
+    backfill_parser.add_argument(
+        "--rules",
+        type=Path,
+        metavar="PATH",
+        help="segment rules (TOML) [env USERTRAIL_RULES; default: the shipped ones]",
+    )
+    backfill_parser.set_defaults(func=cmd_segments)
 
     verify = sub.add_parser(
         "verify",

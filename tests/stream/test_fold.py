@@ -177,11 +177,12 @@ def test_every_score_is_in_0_1_and_has_a_reason(events: list[EventBase]) -> None
     result = segment(fold_seq([(e, i) for i, e in enumerate(events)]), RULES)
     for a in result.assignments:
         assert 0 <= a.score <= 1 and a.reasons and all(r.strip() for r in a.reasons)
-    if result.assignments:
-        assert result.primary_segment == max(result.assignments, key=lambda a: a.score).segment
-        assert result.segment_confidence is not None and 0 <= result.segment_confidence <= 1
-    else:
-        assert result.primary_segment is None
+    # the default rules end with a fallback: every user has a segment
+    assert result.assignments
+    assert result.primary_segment == max(result.assignments, key=lambda a: a.score).segment
+    assert result.segment_confidence is not None and 0 <= result.segment_confidence <= 1
+    if result.primary_segment == "explorer":
+        assert [a.segment for a in result.assignments] == ["explorer"]
 
 
 def interactions(n: int, **fields: Any) -> list[EventBase]:
