@@ -17,7 +17,10 @@ config = context.config
 connection = config.attributes["connection"]
 schema = config.attributes.get("schema")
 if schema:
-    connection.execute(text(f'SET search_path TO "{schema}"'))
+    # the schema first; "also" (replay db's shadow tables) lets references
+    # such as the product's "User" resolve to the live table behind it
+    also = "".join(f', "{s}"' for s in config.attributes.get("also", ()))
+    connection.execute(text(f'SET search_path TO "{schema}"{also}'))
 
 context.configure(
     connection=connection,

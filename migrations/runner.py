@@ -52,13 +52,22 @@ def make_engine(settings: Settings) -> Engine:
     return create_engine(settings.sqlalchemy_url(), pool_pre_ping=True)
 
 
-def _config(conn: Connection, schema: str | None = None) -> Config:
+def _config(conn: Connection, schema: str | None = None, also: tuple[str, ...] = ()) -> Config:
     cfg = Config()
     cfg.set_main_option("script_location", str(SCRIPT_LOCATION))
     cfg.attributes["connection"] = conn
     if schema is not None:
         cfg.attributes["schema"] = schema
+        cfg.attributes["also"] = also
     return cfg
+
+
+def upgrade_into(conn: Connection, schema: str, also: tuple[str, ...] = ("public",)) -> None:
+    """The migrations' tables in ``schema`` (created by the caller), with
+    names the migrations do not create there (the product's "User")
+    resolved in ``also``: shadow tables identical to the live ones."""
+    command.upgrade(_config(conn, schema=schema, also=also), "head")
+    conn.execute(text("SET search_path TO DEFAULT"))
 
 
 @functools.cache

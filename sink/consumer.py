@@ -71,12 +71,16 @@ class Sink:
         settings: Settings,
         options: SinkOptions | None = None,
         metrics: SinkMetrics | None = None,
+        *,
+        dsn: str | None = None,
     ) -> None:
+        """``dsn``: where to write instead of the settings' database
+        (``replay db`` writes shadow tables through a search_path)."""
         self.settings = settings
         self.options = options or SinkOptions()
         self.metrics = metrics or SinkMetrics()
         self.writer = Writer(
-            settings.database_dsn(),
+            dsn or settings.database_dsn(),
             consumer=self.options.group,
             unknown_users=self.options.unknown_users,
             profiles_topic=settings.profiles_topic,

@@ -14,19 +14,15 @@ point, so live workers carry on exactly after it.
 from __future__ import annotations
 
 import asyncio
-import fcntl
 import logging
-import os
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import CommitFailedError
 from aiokafka.structs import OffsetAndMetadata
 from usertrail.producers.events import decode
@@ -36,6 +32,7 @@ from usertrail.stream.app import APPLIED, TABLE, applied_key
 from usertrail.stream.segments import Rules, segment
 from usertrail.stream.state import UserState, advance, dump_state, load_state, message_for
 
+from usertrail import liveness
 from usertrail.errors import EventValidationError, UsertrailError
 from usertrail.settings import Settings
 from usertrail.topics import TopicSpec, ensure_topics
@@ -44,10 +41,6 @@ log = logging.getLogger("usertrail.replay")
 
 FOLD_EVERY = 50_000
 """Records read before they are folded (each user's share in one advance)."""
-
-
-class WorkersRunning(UsertrailError):
-    """The worker group has live members: a replay would race them."""
 
 
 def changelog_topic(settings: Settings) -> str:
@@ -91,82 +84,8 @@ class Progress:
         self.out.flush()
 
 
-@dataclass(frozen=True)
-class Member:
-    member_id: str
-    client_host: str
-
-
-async def group_members(settings: Settings, group: str) -> list[Member]:
-    admin = AIOKafkaAdminClient(**settings.kafka_options(), request_timeout_ms=15000)
-    await admin.start()
-    try:
-        responses = await admin.describe_consumer_groups([group])
-    finally:
-        await admin.close()
-    members = []
-    for response in responses:
-        for described in response.groups:
-            # (error_code, group_id, state, protocol_type, protocol, members, ...)
-            for member_id, _client_id, client_host, *_ in described[5]:
-                members.append(Member(member_id, client_host))
-    return members
-
-
-def _lock_dir(settings: Settings) -> Path:
-    return settings.data_dir / "stream-workers" / settings.stream_app_id
-
-
-def hold_worker_lock(settings: Settings) -> Any:
-    """Called by each ``usertrail stream`` process: an exclusive lock on a
-    file of its own, held until the process ends (SIGKILL included), so a
-    replay on this machine can tell a live worker from a stale group member.
-    Returns the open file; keep it."""
-    directory = _lock_dir(settings)
-    directory.mkdir(parents=True, exist_ok=True)
-    handle = open(directory / f"{os.getpid()}.lock", "w")  # noqa: SIM115 - held for life
-    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    return handle
-
-
-def local_workers(settings: Settings) -> list[str]:
-    """Worker processes on this machine (sharing its data directory) that
-    are alive; stale lock files are removed."""
-    live = []
-    directory = _lock_dir(settings)
-    for path in sorted(directory.glob("*.lock")) if directory.is_dir() else []:
-        with open(path, "a") as handle:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                live.append(f"pid {path.stem}")
-                continue
-        path.unlink(missing_ok=True)
-    return live
-
-
-async def live_workers(settings: Settings) -> list[str]:
-    """The worker group's live members. Apache Kafka drops a member whose
-    heartbeats stop, so its group description is the answer. tansu keeps
-    every member it ever had (even after LeaveGroup) and describes them
-    without metadata, so on the embedded broker -- one machine by design --
-    the workers' lock files in the data directory are what tells."""
-    found = local_workers(settings)
-    if not settings.is_tansu:
-        members = await group_members(settings, settings.stream_app_id)
-        if len(members) > len(found):
-            found += [m.client_host or m.member_id for m in members[len(found) :]]
-    return found
-
-
 async def refuse_if_live(settings: Settings) -> None:
-    workers = await live_workers(settings)
-    if workers:
-        raise WorkersRunning(
-            f"{len(workers)} stream worker(s) of group {settings.stream_app_id!r} are "
-            f"running ({', '.join(workers)}); stop them (usertrail stream / usertrail up) "
-            "before replaying, then start them again: they carry on after the replayed point"
-        )
+    await liveness.refuse_if_live(settings, settings.stream_app_id, "stream", "usertrail stream")
 
 
 def _consumer(settings: Settings, **extra: Any) -> AIOKafkaConsumer:

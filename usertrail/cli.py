@@ -22,6 +22,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from usertrail import liveness
 from usertrail.errors import UsertrailError
 from usertrail.settings import Settings
 
@@ -226,7 +227,9 @@ def cmd_sink(args: argparse.Namespace, settings: Settings) -> int:
         batch_max_records=args.batch_max,
         batch_max_wait_ms=args.batch_wait_ms,
     )
+    lock = liveness.hold_worker_lock(settings, options.group)  # for `replay db`
     asyncio.run(run_sink(settings, options, metrics_port=args.metrics_port))
+    lock.close()
     return 0
 
 
@@ -234,12 +237,11 @@ def cmd_stream(args: argparse.Namespace, settings: Settings) -> int:
     import faust
 
     from usertrail.stream.app import create_app
-    from usertrail.stream.replay import hold_worker_lock
     from usertrail.stream.segments import load_rules
 
     rules = load_rules(args.rules or settings.rules)
     app = create_app(settings, rules, web_port=args.web_port or settings.stream_web_port)
-    lock = hold_worker_lock(settings)  # tells `replay stream` this worker lives
+    lock = liveness.hold_worker_lock(settings, settings.stream_app_id)  # for `replay stream`
     worker = faust.Worker(app, loglevel=settings.log_level.lower(), quiet=True)
     worker.execute_from_commandline()
     lock.close()
@@ -291,19 +293,85 @@ def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_replay_db(args: argparse.Namespace, settings: Settings) -> int:
+    from usertrail.sink import rebuild
+    from usertrail.stream import replay
+
+    async def refuse() -> None:
+        await liveness.refuse_if_live(settings, args.group, "sink", "usertrail sink")
+
+    bar: replay.Progress | None = None
+
+    def progress(done: int, total: int) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = replay.Progress(total, "replay db")
+        bar.add(done - bar.done)
+
+    started = time.monotonic()
+    asyncio.run(refuse())
+    if args.in_place:
+        rebuild.refuse_unless_empty(settings, args.group)
+        group = asyncio.run(rebuild.build(settings, schema="public", progress=progress))
+        rebuild.hand_over(settings, group, args.group)
+    else:
+        rebuild.make_shadow(settings)
+        try:
+            group = asyncio.run(rebuild.build(settings, progress=progress))
+            asyncio.run(refuse())  # none started meanwhile
+            rebuild.swap(settings, group, args.group)
+        except BaseException:
+            rebuild.drop_shadow(settings)
+            raise
+    if bar is not None:
+        bar.close()
+    counts = rebuild.live_rows(settings)
+    print(
+        f"rebuilt {', '.join(f'{t} ({n:,} rows)' for t, n in counts.items())} "
+        f"{'in place' if args.in_place else 'and swapped them in'} in "
+        f"{time.monotonic() - started:.1f}s; sink group {args.group!r} carries on after them"
+    )
+    return 0
+
+
 def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
     from usertrail.stream import replay
     from usertrail.stream.segments import load_rules
 
-    live, folded, differences = asyncio.run(
-        replay.verify_profiles(settings, load_rules(args.rules or settings.rules))
-    )
-    print(f"profiles: {live:,} live, {folded:,} from the log, {len(differences):,} differ")
-    for d in differences[: args.limit]:
-        print(f"  {d.key}: {d.what}")
-    if len(differences) > args.limit:
-        print(f"  ... and {len(differences) - args.limit:,} more")
-    return 1 if differences else 0
+    different = False
+    if args.only in (None, "profiles"):
+        live, folded, differences = asyncio.run(
+            replay.verify_profiles(settings, load_rules(args.rules or settings.rules))
+        )
+        print(f"profiles: {live:,} live, {folded:,} from the log, {len(differences):,} differ")
+        for d in differences[: args.limit]:
+            print(f"  {d.key}: {d.what}")
+        if len(differences) > args.limit:
+            print(f"  ... and {len(differences) - args.limit:,} more")
+        different |= bool(differences)
+    if args.only in (None, "database"):
+        from usertrail.sink import rebuild
+
+        rebuild.make_shadow(settings)
+        try:
+            asyncio.run(rebuild.build(settings))
+            tables = rebuild.compare(settings)
+        finally:
+            rebuild.drop_shadow(settings)
+        for t in tables:
+            print(
+                f"{t.table}: {t.live:,} live, {t.rebuilt:,} from the log, "
+                f"{len(t.only_live) + len(t.only_rebuilt) + len(t.differ):,} differ"
+            )
+            for label, keys in (
+                ("differs", t.differ),
+                ("live only", t.only_live),
+                ("missing from the live table", t.only_rebuilt),
+            ):
+                for key in keys[: args.limit]:
+                    print(f"  {key}: {label}")
+            different |= not t.same
+    return 1 if different else 0
 
 
 def cmd_segments(args: argparse.Namespace, settings: Settings) -> int:
@@ -598,6 +666,30 @@ def build_parser() -> argparse.ArgumentParser:
         help="segment rules (TOML) [env USERTRAIL_RULES; default: the shipped ones]",
     )
     replay_stream.set_defaults(func=cmd_replay)
+    replay_db = replay_sub.add_parser(
+        "db",
+        parents=[common],
+        help="rebuild the database projections from the topics (stop the sinks first)",
+        description='Rebuild "UserInteraction", "UserPreferences" and user_vectors from '
+        "usertrail.events and usertrail.profiles, up to their current ends, with the sink "
+        "itself, into shadow tables the migrations make (same columns, defaults, indexes, "
+        "constraints and names), then swap them in within one transaction: readers see the "
+        "old tables or the new ones, never a half-built one. The sink group's positions "
+        "come along, so sinks started afterwards carry on after the rebuilt point. Refuses "
+        "while sinks of the group run.",
+    )
+    replay_db.add_argument(
+        "--in-place",
+        action="store_true",
+        help="write straight into the live tables (they must be empty: a new database)",
+    )
+    replay_db.add_argument(
+        "--group",
+        default="usertrail-sink",
+        metavar="NAME",
+        help="the sink group whose positions the rebuilt tables carry (default usertrail-sink)",
+    )
+    replay_db.set_defaults(func=cmd_replay_db)
 
     segments_parser = sub.add_parser(
         "segments",
@@ -627,16 +719,23 @@ def build_parser() -> argparse.ArgumentParser:
     verify = sub.add_parser(
         "verify",
         parents=[common],
-        help="compare the live profiles with a fresh fold of the log",
-        description="Fold usertrail.events afresh (nothing is written) and compare every "
-        "user's state with the live table's changelog (what workers recover). Prints "
-        "the counts and each differing user; exit code 1 on any difference.",
+        help="compare the live profiles and tables with what the log implies",
+        description="Fold usertrail.events afresh and compare every user's state with the "
+        "stream table's changelog (what workers recover); rebuild the database "
+        "projections into scratch shadow tables and compare them with the live tables. "
+        "Prints per table the counts and each differing key; exit code 1 on any difference. "
+        "Nothing live is written.",
     )
     verify.add_argument(
         "--rules",
         type=Path,
         metavar="PATH",
         help="segment rules the workers run with [env USERTRAIL_RULES]",
+    )
+    verify.add_argument(
+        "--only",
+        choices=["profiles", "database"],
+        help="check only the stream's profiles or only the database (default: both)",
     )
     verify.add_argument(
         "--limit", type=int, default=50, metavar="N", help="differences listed (default 50)"

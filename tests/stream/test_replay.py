@@ -93,7 +93,7 @@ async def test_replay_gives_the_live_profiles_back_and_verify_names_differences(
     finally:
         stop(proc)
 
-    checked = cli(settings, tmp_path, "verify")
+    checked = cli(settings, tmp_path, "verify", "--only", "profiles")
     assert checked.returncode == 0, checked.stdout + checked.stderr
     assert "30 live, 30 from the log, 0 differ" in checked.stdout
 
@@ -118,7 +118,7 @@ async def test_replay_gives_the_live_profiles_back_and_verify_names_differences(
         await producer.send_and_wait(topic, None, key=gone, partition=live.partition_of[gone])
     finally:
         await producer.stop()
-    checked = cli(settings, tmp_path, "verify")
+    checked = cli(settings, tmp_path, "verify", "--only", "profiles")
     assert checked.returncode == 1, checked.stdout + checked.stderr
     assert f"{victim.decode()}: differs: counts_by_type" in checked.stdout
     assert f"{gone.decode()}: in the log, missing from the live table" in checked.stdout
@@ -127,7 +127,7 @@ async def test_replay_gives_the_live_profiles_back_and_verify_names_differences(
     assert replayed.returncode == 0, replayed.stderr
     assert "replayed 3,0" in replayed.stdout and "into 30 profiles" in replayed.stdout
     assert await changelog_states(settings) == expected
-    assert cli(settings, tmp_path, "verify").returncode == 0
+    assert cli(settings, tmp_path, "verify", "--only", "profiles").returncode == 0
     # each partition's applied offset is the replayed point: every record, no more
     applied = (await live_states(settings)).applied
     assert sum(offset + 1 for offset in applied.values()) == sent
@@ -203,7 +203,10 @@ async def test_a_changed_rule_replayed_moves_exactly_the_users_it_selects(
     after = await last_primaries(settings, 2 * len(profiles))
     assert {u for u in profiles if before[u] != after[u]} == moved
     assert all(after[u] == segment(p, new_rules).primary_segment for u, p in profiles.items())
-    assert cli(settings, tmp_path, "verify", "--rules", str(changed)).returncode == 0
+    assert (
+        cli(settings, tmp_path, "verify", "--only", "profiles", "--rules", str(changed)).returncode
+        == 0
+    )
 
 
 async def last_primaries(settings: Settings, expected: int) -> dict[str, str | None]:

@@ -1,0 +1,230 @@
+"""``replay db`` and the database half of ``verify``: the sink's projections
+rebuilt from the topics into shadow tables.
+
+The shadow tables are made by the migrations themselves in the schema
+``usertrail_shadow`` (their references to the product's ``"User"`` resolve to
+the live table), so their columns, defaults, indexes and constraints are the
+live ones, names included. The very ``Sink`` writes them, through a
+connection whose search_path puts the shadow schema first, from the start of
+``usertrail.events`` and ``usertrail.profiles`` up to the high-water marks
+found at the start. ``swap`` then moves the live tables out and the shadow
+tables in within one transaction, so readers see the old tables or the new
+ones, never a half-built one; ``compare`` lists what differs instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import psycopg
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from psycopg.conninfo import make_conninfo
+from usertrail.migrations import runner
+from usertrail.sink.consumer import GROUP, Sink, SinkOptions
+from usertrail.stream.replay import _high_waters
+
+from usertrail.errors import UsertrailError
+from usertrail.settings import Settings
+
+log = logging.getLogger("usertrail.rebuild")
+
+SHADOW = "usertrail_shadow"
+REPLACED = "usertrail_replaced"
+REBUILT = ("UserInteraction", "UserPreferences", "user_vectors", "usertrail_positions")
+"""Swapped in: the projections and the positions they were written up to."""
+
+# What identifies a row, and the columns compared (what the log decides:
+# ids and createdAt the database gives by default are left out)
+COMPARED: dict[str, tuple[str, tuple[str, ...]]] = {
+    "UserInteraction": (
+        "id",
+        ("userId", "createdAt", "type", "service", "theme", "rating", "metadata"),
+    ),
+    "UserPreferences": (
+        "userId",
+        (
+            "updatedAt",
+            "preferredLanguage",
+            "preferredThemes",
+            "preferredServices",
+            "notificationSettings",
+            "readingLength",
+            "tonePreference",
+        ),
+    ),
+    "user_vectors": (
+        "userId",
+        ("vector", "segments", "primarySegment", "segmentConfidence", "lastSegmentUpdate"),
+    ),
+}
+
+
+@dataclass
+class TableDiff:
+    table: str
+    live: int
+    rebuilt: int
+    only_live: list[str] = field(default_factory=list)
+    only_rebuilt: list[str] = field(default_factory=list)
+    differ: list[str] = field(default_factory=list)
+
+    @property
+    def same(self) -> bool:
+        return not (self.only_live or self.only_rebuilt or self.differ)
+
+
+def _shadow_dsn(dsn: str, schema: str) -> str:
+    return make_conninfo(dsn, options=f"-c search_path={schema},public")
+
+
+def make_shadow(settings: Settings, schema: str = SHADOW) -> None:
+    engine = runner.make_engine(settings)
+    try:
+        with engine.connect() as conn, conn.begin():
+            conn.exec_driver_sql(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+            conn.exec_driver_sql(f'CREATE SCHEMA "{schema}"')
+            runner.upgrade_into(conn, schema)
+    finally:
+        engine.dispose()
+
+
+async def _ends(settings: Settings) -> dict[tuple[str, int], int]:
+    consumer = AIOKafkaConsumer(**settings.kafka_options(), group_id=None, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        ends: dict[tuple[str, int], int] = {}
+        for topic in (settings.events_topic, settings.profiles_topic):
+            partitions = consumer.partitions_for_topic(topic) or set()
+            tps = [TopicPartition(topic, p) for p in sorted(partitions)]
+            consumer.assign(tps)
+            for p, end in (await _high_waters(consumer, tps)).items():
+                ends[(topic, p)] = end
+        return ends
+    finally:
+        await asyncio.wait_for(consumer.stop(), 10)
+
+
+async def build(
+    settings: Settings,
+    *,
+    schema: str = SHADOW,
+    progress: Callable[[int, int], None] | None = None,
+) -> str:
+    """Write the projections of the topics, up to their current ends, into
+    ``schema`` with the sink; returns the consumer name its positions carry."""
+    ends = await _ends(settings)
+    group = f"usertrail-replay-db-{uuid.uuid4().hex[:12]}"
+    dsn = _shadow_dsn(settings.database_dsn(), schema)
+    sink = Sink(settings, SinkOptions(group=group), dsn=dsn)
+    task = asyncio.create_task(sink.run())
+    total = sum(ends.values())
+    try:
+        async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+            while True:
+                if task.done():
+                    task.result()
+                    raise UsertrailError("the sink stopped before the rebuild was complete")
+                rows = await (
+                    await conn.execute(
+                        "SELECT topic, partition, next_offset FROM usertrail_positions "
+                        "WHERE consumer = %s",
+                        (group,),
+                    )
+                ).fetchall()
+                at = {(t, p): o for t, p, o in rows}
+                done = sum(min(at.get(k, 0), end) for k, end in ends.items())
+                if progress is not None:
+                    progress(done, total)
+                if done >= total:
+                    break
+                await asyncio.sleep(0.2)
+    finally:
+        sink.stop()
+        await asyncio.wait_for(task, 60)
+    return group
+
+
+def swap(settings: Settings, group: str, live_group: str = GROUP, schema: str = SHADOW) -> None:
+    """The rebuilt tables in, the live ones out, in one transaction. Dead
+    letters found again are merged into the live table; the positions are
+    handed to the live sink's group, so it carries on after the rebuilt point."""
+    with psycopg.connect(settings.database_dsn()) as conn:
+        for table in REBUILT:
+            conn.execute(f'LOCK TABLE public."{table}" IN ACCESS EXCLUSIVE MODE')
+        conn.execute(
+            "INSERT INTO public.usertrail_dead_letters (reason, error, topic, partition, "
+            '"offset", key, value, event_id, user_id, received_at, retries, resolved_at) '
+            'SELECT reason, error, topic, partition, "offset", key, value, event_id, user_id, '
+            f'received_at, retries, resolved_at FROM "{schema}".usertrail_dead_letters '
+            'ON CONFLICT (topic, partition, "offset") DO NOTHING'
+        )
+        conn.execute(f'DELETE FROM "{schema}".usertrail_positions WHERE consumer <> %s', (group,))
+        conn.execute(f'UPDATE "{schema}".usertrail_positions SET consumer = %s', (live_group,))
+        conn.execute(f'DROP SCHEMA IF EXISTS "{REPLACED}" CASCADE')
+        conn.execute(f'CREATE SCHEMA "{REPLACED}"')
+        for table in REBUILT:
+            conn.execute(f'ALTER TABLE public."{table}" SET SCHEMA "{REPLACED}"')
+            conn.execute(f'ALTER TABLE "{schema}"."{table}" SET SCHEMA public')
+        conn.commit()
+        conn.execute(f'DROP SCHEMA "{REPLACED}" CASCADE')
+        conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
+        conn.commit()
+
+
+def drop_shadow(settings: Settings, schema: str = SHADOW) -> None:
+    with psycopg.connect(settings.database_dsn(), autocommit=True) as conn:
+        conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+
+
+def live_rows(settings: Settings) -> dict[str, int]:
+    with psycopg.connect(settings.database_dsn()) as conn:
+        return {
+            t: int(conn.execute(f'SELECT count(*) FROM public."{t}"').fetchone()[0])  # type: ignore[index]
+            for t in COMPARED
+        }
+
+
+def compare(settings: Settings, schema: str = SHADOW, limit: int = 1000) -> list[TableDiff]:
+    out = []
+    with psycopg.connect(settings.database_dsn()) as conn:
+        for table, (key, columns) in COMPARED.items():
+            cols = ", ".join(f'"{c}"' for c in (key, *columns))
+            live = f'SELECT {cols} FROM public."{table}"'
+            rebuilt = f'SELECT {cols} FROM "{schema}"."{table}"'
+            diff = TableDiff(
+                table,
+                int(conn.execute(f'SELECT count(*) FROM public."{table}"').fetchone()[0]),  # type: ignore[index]
+                int(conn.execute(f'SELECT count(*) FROM "{schema}"."{table}"').fetchone()[0]),  # type: ignore[index]
+            )
+            only_live = {r[0] for r in conn.execute(f"{live} EXCEPT {rebuilt} LIMIT {limit}")}
+            only_rebuilt = {r[0] for r in conn.execute(f"{rebuilt} EXCEPT {live} LIMIT {limit}")}
+            both = only_live & only_rebuilt  # the key on both sides: the row differs
+            diff.differ = sorted(both)
+            diff.only_live = sorted(only_live - both)
+            diff.only_rebuilt = sorted(only_rebuilt - both)
+            out.append(diff)
+    return out
+
+
+def refuse_unless_empty(settings: Settings, live_group: str) -> None:
+    counts = live_rows(settings)
+    if any(counts.values()):
+        raise UsertrailError(
+            f"--in-place needs empty tables; these have rows: "
+            f"{', '.join(f'{t} ({n:,})' for t, n in counts.items() if n)}. "
+            "Without --in-place the rebuild goes to shadow tables and is swapped in."
+        )
+
+
+def hand_over(settings: Settings, group: str, live_group: str) -> None:
+    """The positions the rebuild wrote, as the live sink group's."""
+    with psycopg.connect(settings.database_dsn()) as conn:
+        conn.execute("DELETE FROM usertrail_positions WHERE consumer = %s", (live_group,))
+        conn.execute(
+            "UPDATE usertrail_positions SET consumer = %s WHERE consumer = %s", (live_group, group)
+        )
+        conn.commit()
