@@ -14,11 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+import pytest
 from usertrail.producers import TrackingClient
 from usertrail.sink.consumer import Sink, SinkOptions
 
 from tests.conftest import create_topics
 from tests.sink.conftest import make_database, query
+from usertrail.cli import main
 from usertrail.embedded import EmbeddedBroker, EmbeddedPostgres, free_port
 from usertrail.settings import Settings
 
@@ -107,7 +109,9 @@ def sink_process(settings: Settings, url: str, log: Path) -> subprocess.Popen[by
         "KAFKA_BOOTSTRAP_SERVERS": settings.bootstrap_servers,
         "DATABASE_URL": url,
         "USERTRAIL_EVENTS_TOPIC": settings.events_topic,
+        "USERTRAIL_PROFILES_TOPIC": settings.profiles_topic,
         "USERTRAIL_DEAD_LETTER_TOPIC": settings.dead_letter_topic,
+        "USERTRAIL_DATA_DIR": str(settings.data_dir),
         "USERTRAIL_GROUP_SESSION_TIMEOUT_MS": "2000",
         "USERTRAIL_GROUP_HEARTBEAT_INTERVAL_MS": "200",
     }
@@ -176,6 +180,22 @@ async def test_sigkill_at_random_moments_leaves_exactly_one_row_per_event(
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0, (tmp_path / "sink.log").read_text()[-3000:]
     assert kills >= 10
+    assert_rows_equal_events(database_url, sent)
+    # what the crashes left is what a rebuild from the log gives
+    args = ["--database-url", database_url, "--log-level", "WARNING"]
+    env = {
+        "KAFKA_BOOTSTRAP_SERVERS": settings.bootstrap_servers,
+        "USERTRAIL_TANSU": "true",
+        "USERTRAIL_EVENTS_TOPIC": settings.events_topic,
+        "USERTRAIL_PROFILES_TOPIC": settings.profiles_topic,
+        "USERTRAIL_DEAD_LETTER_TOPIC": settings.dead_letter_topic,
+        "USERTRAIL_DATA_DIR": str(settings.data_dir),
+    }
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in env.items():
+            patch.setenv(name, value)
+        assert await asyncio.to_thread(main, ["verify", "--only", "database", *args]) == 0
+        assert await asyncio.to_thread(main, ["replay", "db", *args]) == 0
     assert_rows_equal_events(database_url, sent)
 
 

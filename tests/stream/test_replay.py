@@ -5,10 +5,8 @@ what happened since, and workers carry on after the replayed point."""
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import subprocess
-import sys
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -25,31 +23,11 @@ from usertrail.stream.state import dump_state
 
 from tests.conftest import create_topics, read_all, unique
 from tests.stream.test_restart import changelog_states, kill
-from tests.stream.test_worker import RULES, events_by_user, stream_process
+from tests.stream.test_worker import RULES, cli, events_by_user, stream_process
 from usertrail.embedded import EmbeddedBroker, free_port
 from usertrail.settings import Settings
 
 CONFIG = RULES.affinity_config()
-
-
-def cli(settings: Settings, data_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {
-        **os.environ,
-        "KAFKA_BOOTSTRAP_SERVERS": settings.bootstrap_servers,
-        "USERTRAIL_TANSU": "true",
-        "USERTRAIL_EVENTS_TOPIC": settings.events_topic,
-        "USERTRAIL_PROFILES_TOPIC": settings.profiles_topic,
-        "USERTRAIL_EVENTS_PARTITIONS": str(settings.events_partitions),
-        "USERTRAIL_STREAM_APP_ID": settings.stream_app_id,
-        "USERTRAIL_DATA_DIR": str(data_dir),
-    }
-    return subprocess.run(
-        [sys.executable, "-m", "usertrail.cli", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
 
 
 def want(by_user: dict[str, list[tuple[EventBase, int]]]) -> dict[str, Profile]:

@@ -18,7 +18,7 @@ from usertrail.stream.fold import Profile, fold_all
 from usertrail.stream.state import load_state
 
 from tests.conftest import create_topics, unique
-from tests.stream.test_worker import RULES, events_by_user, stream_process
+from tests.stream.test_worker import RULES, cli, events_by_user, stream_process
 from usertrail.embedded import EmbeddedBroker, free_port
 from usertrail.settings import Settings
 
@@ -150,3 +150,9 @@ async def test_sigkill_ten_times_loses_and_doubles_nothing(
     detail = [(u, states[u].interactions - want[u].interactions, missing(u)) for u in wrong[:10]]
     assert not wrong, f"{len(wrong)} of {len(want)} profiles differ from the fold: {detail}"
     assert "Traceback" not in log.read_text()
+    # what the crashes left is what a rebuild from the log gives
+    checked = cli(settings, tmp_path, "verify", "--only", "profiles")
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    replayed = cli(settings, tmp_path, "replay", "stream")
+    assert replayed.returncode == 0, replayed.stderr
+    assert await changelog_states(settings) == want

@@ -56,6 +56,26 @@ def stream_process(settings: Settings, web_port: int, log: Path) -> subprocess.P
         )
 
 
+def cli(settings: Settings, data_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {
+        **os.environ,
+        "KAFKA_BOOTSTRAP_SERVERS": settings.bootstrap_servers,
+        "USERTRAIL_TANSU": "true",
+        "USERTRAIL_EVENTS_TOPIC": settings.events_topic,
+        "USERTRAIL_PROFILES_TOPIC": settings.profiles_topic,
+        "USERTRAIL_EVENTS_PARTITIONS": str(settings.events_partitions),
+        "USERTRAIL_STREAM_APP_ID": settings.stream_app_id,
+        "USERTRAIL_DATA_DIR": str(data_dir),
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "usertrail.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
 async def events_by_user(
     settings: Settings, expected: int
 ) -> dict[str, list[tuple[EventBase, int]]]:
