@@ -53,9 +53,11 @@ class Clock:
         self.result = result
         self.count = 0
         self.first: tuple[float, int] | None = None
+        self.batches = 0
 
     def add(self, n: int) -> None:
         self.count += n
+        self.batches += 1
         now = time.perf_counter()
         if self.first is None:
             self.first = (now, self.count)
@@ -63,7 +65,9 @@ class Clock:
             started, done = self.first
             rate = (self.count - done) / (now - started) if now > started else 0.0
             # a file: faust's worker sends whatever is printed to its log
-            self.result.write_text(json.dumps({"events": self.count, "rate": rate}))
+            self.result.write_text(
+                json.dumps({"events": self.count, "rate": rate, "batches": self.batches})
+            )
             self.expected = sys.maxsize  # report once
 
 
@@ -102,7 +106,9 @@ def child(role: str, expected: int, result: Path) -> None:
                     decode(value)
                 clock.add(len(values))
 
-    faust.Worker(app, loglevel="warning", quiet=True).execute_from_commandline()
+    worker = faust.Worker(app, loglevel="warning", quiet=True)
+    worker.spinner = None  # as usertrail stream does: it sets the root logger to DEBUG
+    worker.execute_from_commandline()
 
 
 def spawn(role: str, env: dict[str, str], expected: int, log: Path, result: Path) -> Any:
@@ -126,7 +132,9 @@ async def run_child(role: str, env: dict[str, str], expected: int, tmp: Path) ->
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise SystemExit(f"{role} gave no result:\n{log.read_text()[-3000:]}")
             await asyncio.sleep(0.2)
-        return float(json.loads(result.read_text())["rate"])
+        got = json.loads(result.read_text())
+        print(f"  {role}: {got['events']:,} events in {got['batches']:,} batches", flush=True)
+        return float(got["rate"])
     finally:
         proc.terminate()
         try:

@@ -243,6 +243,9 @@ def cmd_stream(args: argparse.Namespace, settings: Settings) -> int:
     app = create_app(settings, rules, web_port=args.web_port or settings.stream_web_port)
     lock = liveness.hold_worker_lock(settings, settings.stream_app_id)  # for `replay stream`
     worker = faust.Worker(app, loglevel=settings.log_level.lower(), quiet=True)
+    # faust's terminal spinner sets the root logger to DEBUG at levels of
+    # WARNING and above, so every debug line of aiokafka and faust is built
+    worker.spinner = None
     worker.execute_from_commandline()
     lock.close()
     return 0
