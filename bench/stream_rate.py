@@ -37,7 +37,7 @@ from usertrail.producers.ids import uuid7
 from usertrail.stream.fold import Profile, fold
 from usertrail.stream.segments import load_rules
 
-from usertrail.embedded import EmbeddedBroker, free_port
+from usertrail.embedded import EmbeddedBroker, _die_with_parent, free_port
 from usertrail.settings import Settings
 from usertrail.topics import TopicSpec, ensure_topics
 
@@ -119,6 +119,7 @@ def spawn(role: str, env: dict[str, str], expected: int, log: Path, result: Path
             env=env,
             stdout=out,
             stderr=subprocess.STDOUT,
+            preexec_fn=_die_with_parent,  # never outlives the benchmark
         )
 
 

@@ -48,6 +48,8 @@ class SinkOptions:
     batch_max_records: int = 5000
     batch_max_wait_ms: int = 200
     max_backoff: float = 10.0
+    # False for replay db: its dead letters are on the topic already
+    publish_dead_letters: bool = True
 
 
 class _Positions(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -112,20 +114,21 @@ class Sink:
     async def seek_to_stored(self, assigned: Sequence[TopicPartition]) -> None:
         if not assigned:
             return
-        topic = self.settings.events_topic
-        stored = await self._retry_db(
-            lambda: self.writer.positions(topic, [tp.partition for tp in assigned]),
-            "read positions",
-        )
+        stored: dict[TopicPartition, int] = {}
+        for topic in sorted({tp.topic for tp in assigned}):  # events and profiles
+            partitions = [tp.partition for tp in assigned if tp.topic == topic]
+            found = await self._retry_db(
+                lambda t=topic, ps=partitions: self.writer.positions(t, ps), "read positions"
+            )
+            stored.update({TopicPartition(topic, p): o for p, o in found.items()})
         for tp in assigned:
-            if tp.partition in stored:
-                self.consumer.seek(tp, stored[tp.partition])
+            if tp in stored:
+                self.consumer.seek(tp, stored[tp])
             else:
                 await self.consumer.seek_to_beginning(tp)  # the log is the source of truth
         log.info(
-            "assigned partitions %s at %s",
-            sorted(tp.partition for tp in assigned),
-            {p: stored.get(p, 0) for p in sorted(tp.partition for tp in assigned)},
+            "assigned %s",
+            {f"{tp.topic}[{tp.partition}]": stored.get(tp, 0) for tp in sorted(assigned)},
         )
 
     async def _retry_db(self, action: Any, what: str) -> Any:
@@ -265,6 +268,8 @@ class Sink:
     async def _publish_dead_letters(self, result: WriteResult) -> None:
         """Also on the dead-letter topic, for tools that watch it (the table,
         written in the batch's transaction, is the record of truth)."""
+        if not self.options.publish_dead_letters:
+            return
         try:
             for dead in result.dead_letters:
                 r = dead.record

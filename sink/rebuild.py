@@ -119,7 +119,7 @@ async def build(
     ends = await _ends(settings)
     group = f"usertrail-replay-db-{uuid.uuid4().hex[:12]}"
     dsn = _shadow_dsn(settings.database_dsn(), schema)
-    sink = Sink(settings, SinkOptions(group=group), dsn=dsn)
+    sink = Sink(settings, SinkOptions(group=group, publish_dead_letters=False), dsn=dsn)
     task = asyncio.create_task(sink.run())
     total = sum(ends.values())
     try:

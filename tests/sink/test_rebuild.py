@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiokafka import AIOKafkaProducer
 from pydantic import SecretStr
 from usertrail.producers import TrackingClient, demo
 from usertrail.sink.consumer import GROUP
@@ -17,7 +18,7 @@ from usertrail.sink.rebuild import COMPARED, _ends
 from usertrail.stream import replay
 from usertrail.stream.segments import load_rules
 
-from tests.conftest import create_topics
+from tests.conftest import create_topics, read_all
 from tests.sink.conftest import make_database, query, run_sink_until
 from usertrail import liveness
 from usertrail.cli import main
@@ -73,6 +74,12 @@ async def test_replay_db_swaps_in_tables_equal_to_the_live_ones(
     async with TrackingClient(source="demo", settings=settings) as client:
         await demo.run(client, demo.plan(users=40, events=2000, seed=3))
         await client.erase_user(user_id="demo-00007")
+    producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers)
+    await producer.start()
+    try:  # a poison message: a dead letter, once
+        await producer.send_and_wait(settings.events_topic, b"not json", key=b"demo-00001")
+    finally:
+        await producer.stop()
     rules = load_rules()
     await replay.publish(settings, rules, await replay.rebuild(settings, rules))  # profiles
     ends = await _ends(settings)
@@ -103,6 +110,9 @@ async def test_replay_db_swaps_in_tables_equal_to_the_live_ones(
 
     assert await cli(settings, "replay", "db") == 0
     assert tables(url) == live
+    # the dead letter found again is not a second one, in the table or on the topic
+    assert query(url, "SELECT count(*) FROM usertrail_dead_letters") == [(1,)]
+    assert len(await read_all(settings, settings.dead_letter_topic, 2, timeout=3)) == 1
     assert positions(url) == {k: e for k, e in ends.items() if e}
     assert await cli(settings, "db", "check") == 0
     assert await cli(settings, "verify", "--only", "database") == 0

@@ -343,3 +343,47 @@ async def test_profiles_become_user_vectors_newer_over_older_and_tombstones_dele
         )
     ]
     assert [d.reason for d in dlq.list_dead_letters(settings)] == ["invalid"]
+
+
+async def test_a_restarted_sink_resumes_each_topic_at_its_own_position(
+    settings_factory: Callable[..., Settings],
+    broker: EmbeddedBroker,
+    database_url: str,
+) -> None:
+    """Events and profiles share partition numbers, not offsets: a restart
+    must not seek a profiles partition to the events' position."""
+    settings = settings_factory(broker, database_url=database_url)
+    await create_topics(settings)
+    producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers)
+    await producer.start()
+    try:
+        for i in range(8):  # partition 0 of the events: position 8
+            event = build(
+                "interaction",
+                event_id=uuid7(),
+                user_id="p0",
+                source="web",
+                occurred_at=T0 + timedelta(minutes=i),
+                type="chat",
+                service="saju",
+            )
+            await producer.send_and_wait(
+                settings.events_topic, encode(event), key=b"p0", partition=0
+            )
+        for i in range(5):  # partition 0 of the profiles: position 5
+            message = profile_message(f"u{i}", T0, "critic", 0.5)
+            await producer.send_and_wait(
+                settings.profiles_topic, message, key=f"u{i}".encode(), partition=0
+            )
+        positions = "SELECT coalesce(sum(next_offset), 0) FROM usertrail_positions"
+        await run_sink_until(settings, rows_done(database_url, positions, 13))
+        for i in range(5, 15):  # offsets 5..14 while the sink is down
+            message = profile_message(f"u{i}", T0, "critic", 0.5)
+            await producer.send_and_wait(
+                settings.profiles_topic, message, key=f"u{i}".encode(), partition=0
+            )
+    finally:
+        await producer.stop()
+    await run_sink_until(settings, rows_done(database_url, positions, 23))
+    users = {r[0] for r in query(database_url, 'SELECT "userId" FROM user_vectors')}
+    assert users == {f"u{i}" for i in range(15)}
