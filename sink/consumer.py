@@ -29,7 +29,7 @@ from aiokafka import (
     ConsumerRebalanceListener,
     TopicPartition,
 )
-from aiokafka.errors import KafkaError, OffsetOutOfRangeError
+from aiokafka.errors import KafkaError, NoOffsetForPartitionError, OffsetOutOfRangeError
 from usertrail.sink.metrics import SinkMetrics
 from usertrail.sink.plan import Record, classify
 from usertrail.sink.writer import UnknownUsers, Writer, WriteResult
@@ -201,6 +201,13 @@ class Sink:
             )
         except OffsetOutOfRangeError as exc:
             await self._log_reset(list(exc.args[0]) if exc.args else [])
+            return
+        except NoOffsetForPartitionError as exc:
+            # aiokafka looked for a committed offset while the assignment
+            # listener was still reading the stored positions: seek again
+            lost = [tp for tp in exc.args if isinstance(tp, TopicPartition)]
+            log.info("no position for %s yet; seeking to the stored positions", lost)
+            await self.seek_to_stored([tp for tp in lost if tp in self.consumer.assignment()])
             return
         except KafkaError as exc:
             log.warning("broker error while fetching: %r", exc)
