@@ -25,7 +25,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from psycopg.conninfo import make_conninfo
 from usertrail.migrations import runner
 from usertrail.sink.consumer import GROUP, Sink, SinkOptions
-from usertrail.stream.replay import _high_waters
+from usertrail.stream.replay import high_waters
 
 from usertrail.errors import UsertrailError
 from usertrail.settings import Settings
@@ -101,7 +101,7 @@ async def _ends(settings: Settings) -> dict[tuple[str, int], int]:
             partitions = consumer.partitions_for_topic(topic) or set()
             tps = [TopicPartition(topic, p) for p in sorted(partitions)]
             consumer.assign(tps)
-            for p, end in (await _high_waters(consumer, tps)).items():
+            for p, end in (await high_waters(consumer, tps)).items():
                 ends[(topic, p)] = end
         return ends
     finally:

@@ -100,7 +100,7 @@ def _consumer(settings: Settings, **extra: Any) -> AIOKafkaConsumer:
     )
 
 
-async def _high_waters(consumer: AIOKafkaConsumer, tps: list[TopicPartition]) -> dict[int, int]:
+async def high_waters(consumer: AIOKafkaConsumer, tps: list[TopicPartition]) -> dict[int, int]:
     """Each partition's high-water mark, as fetch responses carry it (tansu's
     end offsets are wrong after multi-record batches, BROKER.md 1)."""
     for tp in tps:
@@ -172,7 +172,7 @@ async def rebuild(
             raise UsertrailError(f"topic {settings.events_topic!r} does not exist")
         tps = [TopicPartition(settings.events_topic, p) for p in sorted(partitions)]
         consumer.assign(tps)
-        out.ends = await _high_waters(consumer, tps)
+        out.ends = await high_waters(consumer, tps)
         for tp in tps:
             end = out.ends[tp.partition]
             start = 0 if since is None else await first_offset_at(consumer, tp, end, since)
@@ -240,7 +240,7 @@ async def live_states(settings: Settings) -> Live:
         if not tps:
             return live
         consumer.assign(tps)
-        ends = await _high_waters(consumer, tps)
+        ends = await high_waters(consumer, tps)
         active = [tp for tp in tps if ends[tp.partition] > 0]
         for tp in tps:
             consumer.seek(tp, 0)
