@@ -21,11 +21,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import psycopg
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer
 from psycopg.conninfo import make_conninfo
 from usertrail.migrations import runner
 from usertrail.sink.consumer import GROUP, Sink, SinkOptions
-from usertrail.stream.replay import high_waters
+from usertrail.stream.replay import high_waters, partitions_of
 
 from usertrail.errors import UsertrailError
 from usertrail.settings import Settings
@@ -98,8 +98,9 @@ async def _ends(settings: Settings) -> dict[tuple[str, int], int]:
     try:
         ends: dict[tuple[str, int], int] = {}
         for topic in (settings.events_topic, settings.profiles_topic):
-            partitions = consumer.partitions_for_topic(topic) or set()
-            tps = [TopicPartition(topic, p) for p in sorted(partitions)]
+            tps = await partitions_of(consumer, topic)
+            if not tps:
+                raise UsertrailError(f"topic {topic!r} does not exist")
             consumer.assign(tps)
             for p, end in (await high_waters(consumer, tps)).items():
                 ends[(topic, p)] = end

@@ -100,6 +100,14 @@ def _consumer(settings: Settings, **extra: Any) -> AIOKafkaConsumer:
     )
 
 
+async def partitions_of(consumer: AIOKafkaConsumer, topic: str) -> list[TopicPartition]:
+    """A topic's partitions from metadata fetched now; [] if it does not
+    exist. (A consumer's own metadata shrinks to the topics assigned to it,
+    refreshed in the background, so asking it is a race.)"""
+    cluster = await consumer._client.fetch_all_metadata()
+    return [TopicPartition(topic, p) for p in sorted(cluster.partitions_for_topic(topic) or ())]
+
+
 async def high_waters(consumer: AIOKafkaConsumer, tps: list[TopicPartition]) -> dict[int, int]:
     """Each partition's high-water mark, as fetch responses carry it (tansu's
     end offsets are wrong after multi-record batches, BROKER.md 1)."""
@@ -167,10 +175,9 @@ async def rebuild(
     await consumer.start()
     out = Rebuilt()
     try:
-        partitions = consumer.partitions_for_topic(settings.events_topic)
-        if not partitions:
+        tps = await partitions_of(consumer, settings.events_topic)
+        if not tps:
             raise UsertrailError(f"topic {settings.events_topic!r} does not exist")
-        tps = [TopicPartition(settings.events_topic, p) for p in sorted(partitions)]
         consumer.assign(tps)
         out.ends = await high_waters(consumer, tps)
         for tp in tps:
@@ -235,8 +242,7 @@ async def live_states(settings: Settings) -> Live:
     live = Live()
     try:
         topic = changelog_topic(settings)
-        partitions = consumer.partitions_for_topic(topic) or set()
-        tps = [TopicPartition(topic, p) for p in sorted(partitions)]
+        tps = await partitions_of(consumer, topic)
         if not tps:
             return live
         consumer.assign(tps)
