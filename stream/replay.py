@@ -69,13 +69,14 @@ class Progress:
         now = time.monotonic()
         if now - self.shown >= 0.5 or self.done >= self.total:
             self.shown = now
-            rate = self.done / max(now - self.started, 1e-9)
-            left = (self.total - self.done) / rate if rate else 0.0
+            elapsed = now - self.started
+            rate = self.done / elapsed if elapsed >= 0.5 else 0.0  # too early to tell
             width = 30
             filled = int(width * self.done / self.total) if self.total else width
             self.out.write(
                 f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] "
-                f"{self.done:,}/{self.total:,}  {rate:,.0f}/s  {left:,.0f}s left "
+                f"{self.done:,}/{self.total:,}  "
+                + (f"{rate:,.0f}/s  {(self.total - self.done) / rate:,.0f}s left " if rate else "")
             )
             self.out.flush()
 

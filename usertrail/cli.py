@@ -99,6 +99,16 @@ def _raise_stop(signum: int, frame: FrameType | None) -> None:
     raise _Stop(signal.Signals(signum).name)
 
 
+def _worker_list(text: str) -> list[str]:
+    names = [] if text.strip() == "none" else [n.strip() for n in text.split(",") if n.strip()]
+    unknown = sorted(set(names) - {"stream", "sink"})
+    if unknown or not text.strip():
+        raise argparse.ArgumentTypeError(
+            f"unknown worker(s) {unknown}: give stream, sink, stream,sink or none"
+        )
+    return list(dict.fromkeys(names))
+
+
 def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     from usertrail.embedded import EmbeddedStack
     from usertrail.topics import ensure_topics
@@ -107,7 +117,8 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     signal.signal(signal.SIGINT, _raise_stop)
     from usertrail.workers import Workers
 
-    workers = Workers(settings, [["stream"], ["sink"]])
+    chosen = args.workers
+    workers = Workers(settings, [[name] for name in chosen])
     stack = EmbeddedStack(
         data_dir=settings.data_dir,
         kafka_port=settings.embedded_kafka_port if settings.embedded_kafka else None,
@@ -139,11 +150,15 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
             print(f"    export KAFKA_BOOTSTRAP_SERVERS={settings.bootstrap_servers}")
             if settings.embedded_db:
                 print(f"    export DATABASE_URL={settings.embedded_database_url}")
-        print(
-            "  workers:    stream (profiles and segments; GET "
-            f"http://127.0.0.1:{settings.stream_web_port}/profiles/ID)"
-        )
-        print("              sink (usertrail.events and usertrail.profiles -> PostgreSQL)")
+        described = {
+            "stream": "stream (profiles and segments; GET "
+            f"http://127.0.0.1:{settings.stream_web_port}/profiles/ID)",
+            "sink": "sink (usertrail.events and usertrail.profiles -> PostgreSQL)",
+        }
+        for i, name in enumerate(chosen):
+            print(f"  {'workers:' if i == 0 else '':<12}{described[name]}")
+        if not chosen:
+            print("  workers:    none (--workers none)")
         print("  Ctrl-C stops everything started here.", flush=True)
         workers.start()
         while True:
@@ -219,6 +234,7 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
 
 # --- sink ------------------------------------------------------------------------
 def cmd_sink(args: argparse.Namespace, settings: Settings) -> int:
+    lock = liveness.hold_worker_lock(settings, args.group)  # `replay db` sees this sink
     from usertrail.sink.consumer import SinkOptions, run_sink
 
     options = SinkOptions(
@@ -227,13 +243,14 @@ def cmd_sink(args: argparse.Namespace, settings: Settings) -> int:
         batch_max_records=args.batch_max,
         batch_max_wait_ms=args.batch_wait_ms,
     )
-    lock = liveness.hold_worker_lock(settings, options.group)  # for `replay db`
     asyncio.run(run_sink(settings, options, metrics_port=args.metrics_port))
     lock.close()
     return 0
 
 
 def cmd_stream(args: argparse.Namespace, settings: Settings) -> int:
+    # first of all: from here on `replay stream` sees this worker
+    lock = liveness.hold_worker_lock(settings, settings.stream_app_id)
     import faust
 
     from usertrail.stream.app import create_app
@@ -241,7 +258,6 @@ def cmd_stream(args: argparse.Namespace, settings: Settings) -> int:
 
     rules = load_rules(args.rules or settings.rules)
     app = create_app(settings, rules, web_port=args.web_port or settings.stream_web_port)
-    lock = liveness.hold_worker_lock(settings, settings.stream_app_id)  # for `replay stream`
     worker = faust.Worker(app, loglevel=settings.log_level.lower(), quiet=True)
     # faust's terminal spinner sets the root logger to DEBUG at levels of
     # WARNING and above, so every debug line of aiokafka and faust is built
@@ -521,8 +537,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="run the pipeline (embedded broker and database by default)",
         description="Start the embedded broker (tansu) and PostgreSQL unless real servers are "
         "configured, create the topics, migrate the embedded database, run the "
-        "pipeline's workers (the sink), print how to connect, and run until "
-        "Ctrl-C or SIGTERM, which stop everything started here.",
+        "pipeline's workers (the stream and the sink), print how to connect, and run "
+        "until Ctrl-C or SIGTERM, which stop everything started here.",
+    )
+    up.add_argument(
+        "--workers",
+        type=_worker_list,
+        default=["stream", "sink"],
+        metavar="LIST",
+        help="which workers to run: stream,sink (default), one of them, or none; for "
+        "example --workers sink while replaying the stream on the embedded broker, whose "
+        "topics live only as long as `up` runs",
     )
     up.add_argument(
         "--partitions",
