@@ -135,7 +135,9 @@ def expected_view(events: list[tuple[EventBase, int]]) -> dict[str, Any]:
         "favourites": profile.favourite_themes(),
         "primary": seg.primary_segment,
         "segments": [(a.segment, round(a.score, 6), a.reasons) for a in seg.assignments],
-        "vector": {k: round(v, 6) for k, v in profile.affinity.items()},
+        # exactly as the worker publishes it (rounding twice, to 9 places
+        # and then 6, can differ from rounding once in the last place)
+        "vector": {k: round(v, 9) for k, v in profile.affinity.items()},
     }
 
 
@@ -147,7 +149,7 @@ def worker_view(body: dict[str, Any]) -> dict[str, Any]:
         "favourites": p["favouriteThemes"],
         "primary": body["primarySegment"],
         "segments": [(a["segment"], a["score"], a["reasons"]) for a in body["segments"]],
-        "vector": {k: round(v, 6) for k, v in body["vector"].items()},
+        "vector": body["vector"],
     }
 
 
