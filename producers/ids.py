@@ -32,8 +32,13 @@ def uuid7() -> str:
                 _counter = 0
         ms, counter = _last_ms, _counter
     # Uniqueness, not secrecy: the random module (reseeded after fork) is enough.
-    rand_b = random.getrandbits(62)
-    value = (ms & 0xFFFF_FFFF_FFFF) << 80 | 0x7 << 76 | counter << 64 | 0b10 << 62 | rand_b
+    return uuid7_from(ms, counter, random.getrandbits(62))
+
+
+def uuid7_from(ms: int, rand_a: int, rand_b: int) -> str:
+    """The UUIDv7 string of a Unix millisecond time, 12 bits ``rand_a`` and
+    62 bits ``rand_b`` (RFC 9562 layout)."""
+    value = (ms & 0xFFFF_FFFF_FFFF) << 80 | 0x7 << 76 | rand_a << 64 | 0b10 << 62 | rand_b
     h = f"{value:032x}"
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 

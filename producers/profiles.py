@@ -1,6 +1,6 @@
 """The contract of ``usertrail.profiles``: what the stream publishes for a
-user when their segments or affinity vector change, and what the sink
-writes to ``user_vectors``.
+user after each batch that changed them (and ``replay stream`` for each
+user it rebuilt), and what the sink writes to ``user_vectors``.
 
 Keyed by user id, compacted. A record with a null value is a tombstone: the
 user was erased, and their ``user_vectors`` row goes. All times are event

@@ -4,8 +4,8 @@
 The agent only moves bytes and calls the pure functions (``fold``,
 ``segment``): it takes the events in batches, folds each user's events of a
 batch into the user's state (a redelivered or resent event leaves it
-unchanged, DESIGN.md rule 2), writes each changed state once and, when the
-user's segments or vector changed, publishes a ``ProfileMessage`` to
+unchanged, DESIGN.md rule 2), writes each changed state once and publishes
+the user's profile after the batch as a ``ProfileMessage`` to
 ``usertrail.profiles``. Every write of a batch is acknowledged by the broker
 before faust may commit the batch's offsets.
 

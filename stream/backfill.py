@@ -21,6 +21,7 @@ from typing import Any
 import psycopg
 from psycopg.types.json import Jsonb
 from usertrail.producers.events import UUID7_PATTERN, EventBase, build
+from usertrail.producers.ids import uuid7_from
 from usertrail.stream.fold import Profile, fold_all
 from usertrail.stream.segments import Rules, segment
 
@@ -55,11 +56,8 @@ def _event_id(row_id: str, at: datetime) -> str:
     have ids of their own, cuid or UUIDv4)."""
     if re.match(UUID7_PATTERN, row_id):
         return row_id
-    ms = int(at.timestamp() * 1000) & 0xFFFF_FFFF_FFFF
     digest = int.from_bytes(hashlib.sha256(row_id.encode()).digest()[:10], "big")
-    value = ms << 80 | 0x7 << 76 | (digest >> 68) << 64 | 0b10 << 62 | (digest & (1 << 62) - 1)
-    h = f"{value:032x}"
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+    return uuid7_from(int(at.timestamp() * 1000), digest >> 68, digest & (1 << 62) - 1)
 
 
 def _events(

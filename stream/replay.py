@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -54,35 +53,6 @@ class Rebuilt:
     ends: dict[int, int] = field(default_factory=dict)  # next offset per partition
     starts: dict[int, int] = field(default_factory=dict)
     records: int = 0
-
-
-class Progress:
-    """One stderr line: done, rate and time left."""
-
-    def __init__(self, total: int, label: str, out: Any = None) -> None:
-        self.total, self.label, self.out = total, label, out or sys.stderr
-        self.started = self.shown = time.monotonic()
-        self.done = 0
-
-    def add(self, n: int) -> None:
-        self.done += n
-        now = time.monotonic()
-        if now - self.shown >= 0.5 or self.done >= self.total:
-            self.shown = now
-            elapsed = now - self.started
-            rate = self.done / elapsed if elapsed >= 0.5 else 0.0  # too early to tell
-            width = 30
-            filled = int(width * self.done / self.total) if self.total else width
-            self.out.write(
-                f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] "
-                f"{self.done:,}/{self.total:,}  "
-                + (f"{rate:,.0f}/s  {(self.total - self.done) / rate:,.0f}s left " if rate else "")
-            )
-            self.out.flush()
-
-    def close(self) -> None:
-        self.out.write("\n")
-        self.out.flush()
 
 
 async def refuse_if_live(settings: Settings) -> None:

@@ -18,11 +18,14 @@ from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
 from usertrail import liveness
+
+if TYPE_CHECKING:
+    from usertrail.stream.segments import Rules
 from usertrail.errors import UsertrailError
 from usertrail.settings import Settings
 
@@ -254,9 +257,8 @@ def cmd_stream(args: argparse.Namespace, settings: Settings) -> int:
     import faust
 
     from usertrail.stream.app import create_app
-    from usertrail.stream.segments import load_rules
 
-    rules = load_rules(args.rules or settings.rules)
+    rules = _rules(args, settings)
     app = create_app(settings, rules, web_port=args.web_port or settings.stream_web_port)
     worker = faust.Worker(app, loglevel=settings.log_level.lower(), quiet=True)
     # faust's terminal spinner sets the root logger to DEBUG at levels of
@@ -265,6 +267,54 @@ def cmd_stream(args: argparse.Namespace, settings: Settings) -> int:
     worker.execute_from_commandline()
     lock.close()
     return 0
+
+
+class _Progress:
+    """One stderr line, rewritten at most twice a second: done of total,
+    rate and time left. Called with (done, total); shows nothing until the
+    first call."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.started = self.shown = time.monotonic()
+        self.drawn = False
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.monotonic()
+        if self.drawn and now - self.shown < 0.5 and done < total:
+            return
+        self.shown, self.drawn = now, True
+        elapsed = now - self.started
+        rate = done / elapsed if elapsed >= 0.5 else 0.0  # too early to tell
+        width = 30
+        filled = int(width * done / total) if total else width
+        sys.stderr.write(
+            f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] {done:,}/{total:,}  "
+            + (f"{rate:,.0f}/s  {(total - done) / rate:,.0f}s left " if rate else "")
+        )
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.drawn:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
+def _rules(args: argparse.Namespace, settings: Settings) -> Rules:
+    """The segment rules: --rules, else USERTRAIL_RULES, else the shipped ones."""
+    from usertrail.stream.segments import load_rules
+
+    return load_rules(args.rules or settings.rules)
+
+
+def _add_rules_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--rules",
+        type=Path,
+        metavar="PATH",
+        help="segment rules (TOML), the same the stream workers run with "
+        "[env USERTRAIL_RULES; default: the shipped stream/rules.toml]",
+    )
 
 
 def _timestamp(text: str) -> datetime:
@@ -281,23 +331,14 @@ def _timestamp(text: str) -> datetime:
 
 def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
     from usertrail.stream import replay
-    from usertrail.stream.segments import load_rules
 
-    rules = load_rules(args.rules or settings.rules)
+    rules = _rules(args, settings)
 
     async def run() -> dict[str, int]:
         await replay.refuse_if_live(settings)
-        bar: replay.Progress | None = None
-
-        def progress(done: int, total: int) -> None:
-            nonlocal bar
-            if bar is None:
-                bar = replay.Progress(total, "replay")
-            bar.add(done - bar.done)
-
-        rebuilt = await replay.rebuild(settings, rules, since=args.since, progress=progress)
-        if bar is not None:
-            bar.close()
+        bar = _Progress("replay")
+        rebuilt = await replay.rebuild(settings, rules, since=args.since, progress=bar)
+        bar.close()
         await replay.refuse_if_live(settings)  # none started meanwhile
         return await replay.publish(settings, rules, rebuilt)
 
@@ -314,19 +355,11 @@ def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_replay_db(args: argparse.Namespace, settings: Settings) -> int:
     from usertrail.sink import rebuild
-    from usertrail.stream import replay
 
     async def refuse() -> None:
         await liveness.refuse_if_live(settings, args.group, "sink", "usertrail sink")
 
-    bar: replay.Progress | None = None
-
-    def progress(done: int, total: int) -> None:
-        nonlocal bar
-        if bar is None:
-            bar = replay.Progress(total, "replay db")
-        bar.add(done - bar.done)
-
+    progress = _Progress("replay db")
     started = time.monotonic()
     asyncio.run(refuse())
     if args.in_place:
@@ -342,8 +375,7 @@ def cmd_replay_db(args: argparse.Namespace, settings: Settings) -> int:
         except BaseException:
             rebuild.drop_shadow(settings)
             raise
-    if bar is not None:
-        bar.close()
+    progress.close()
     counts = rebuild.live_rows(settings)
     print(
         f"rebuilt {', '.join(f'{t} ({n:,} rows)' for t, n in counts.items())} "
@@ -355,12 +387,11 @@ def cmd_replay_db(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
     from usertrail.stream import replay
-    from usertrail.stream.segments import load_rules
 
     different = False
     if args.only in (None, "profiles"):
         live, folded, differences = asyncio.run(
-            replay.verify_profiles(settings, load_rules(args.rules or settings.rules))
+            replay.verify_profiles(settings, _rules(args, settings))
         )
         print(f"profiles: {live:,} live, {folded:,} from the log, {len(differences):,} differ")
         for d in differences[: args.limit]:
@@ -395,22 +426,12 @@ def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_segments(args: argparse.Namespace, settings: Settings) -> int:
     from usertrail.migrations import runner
-    from usertrail.stream import replay
     from usertrail.stream.backfill import backfill
-    from usertrail.stream.segments import load_rules
 
-    rules = load_rules(args.rules or settings.rules)
-    bar: replay.Progress | None = None
-
-    def progress(done: int, total: int) -> None:
-        nonlocal bar
-        if bar is None:
-            bar = replay.Progress(total, "backfill")
-        bar.add(done - bar.done)
-
+    rules = _rules(args, settings)
+    progress = _Progress("backfill")
     result = backfill(settings.database_dsn(), rules, progress=progress)
-    if bar is not None:
-        bar.close()
+    progress.close()
     print(
         f"segments computed for {result.users:,} users ({result.created:,} vectors created) "
         f"from {result.interactions:,} interactions"
@@ -646,12 +667,7 @@ def build_parser() -> argparse.ArgumentParser:
         "GET /profiles/{userId} on the web port answers from whichever worker "
         "owns the user.",
     )
-    stream.add_argument(
-        "--rules",
-        type=Path,
-        metavar="PATH",
-        help="segment rules (TOML) [env USERTRAIL_RULES; default: the shipped stream/rules.toml]",
-    )
+    _add_rules_argument(stream)
     stream.add_argument(
         "--web-port",
         type=int,
@@ -687,12 +703,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="fold only events that happened at or after TIME (ISO 8601 with a zone); "
         "found per partition by a binary search over occurredAt",
     )
-    replay_stream.add_argument(
-        "--rules",
-        type=Path,
-        metavar="PATH",
-        help="segment rules (TOML) [env USERTRAIL_RULES; default: the shipped ones]",
-    )
+    _add_rules_argument(replay_stream)
     replay_stream.set_defaults(func=cmd_replay)
     replay_db = replay_sub.add_parser(
         "db",
@@ -736,12 +747,7 @@ def build_parser() -> argparse.ArgumentParser:
         "missing rows), then print seed 002's validation report. Idempotent: a second run "
         "writes the same values.",
     )
-    backfill_parser.add_argument(
-        "--rules",
-        type=Path,
-        metavar="PATH",
-        help="segment rules (TOML) [env USERTRAIL_RULES; default: the shipped ones]",
-    )
+    _add_rules_argument(backfill_parser)
     backfill_parser.set_defaults(func=cmd_segments)
 
     verify = sub.add_parser(
@@ -754,12 +760,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Prints per table the counts and each differing key; exit code 1 on any difference. "
         "Nothing live is written.",
     )
-    verify.add_argument(
-        "--rules",
-        type=Path,
-        metavar="PATH",
-        help="segment rules the workers run with [env USERTRAIL_RULES]",
-    )
+    _add_rules_argument(verify)
     verify.add_argument(
         "--only",
         choices=["profiles", "database"],
