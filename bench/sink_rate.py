@@ -31,6 +31,7 @@ from usertrail.sink.consumer import Sink, SinkOptions
 from usertrail.sink.writer import interaction_copy_rows
 
 from usertrail.embedded import EmbeddedBroker, EmbeddedPostgres, free_port
+from usertrail.runtime import tune_gc
 from usertrail.settings import Settings
 from usertrail.topics import TopicSpec, ensure_topics
 
@@ -136,6 +137,12 @@ async def main() -> None:
             for e in events:
                 await producer.send("bench.events", encode(e), key=e.user_id.encode())
             await producer.stop()
+            # The sink's process holds no producer's events: neither does
+            # this one while it measures (a full garbage collection would
+            # otherwise walk every event built above). Then the process is
+            # set up as `usertrail sink` sets up its own.
+            del events
+            tune_gc()
 
             ratios = []
             for r in range(args.rounds):

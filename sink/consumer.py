@@ -31,14 +31,15 @@ from aiokafka import (
 )
 from aiokafka.errors import KafkaError, NoOffsetForPartitionError, OffsetOutOfRangeError
 from usertrail.sink.metrics import SinkMetrics
-from usertrail.sink.plan import Record, classify
-from usertrail.sink.writer import UnknownUsers, Writer, WriteResult
+from usertrail.sink.plan import Record
+from usertrail.sink.writer import Prepared, UnknownUsers, Writer, WriteResult
 
 from usertrail.settings import Settings
 
 log = logging.getLogger("usertrail.sink")
 
 GROUP = "usertrail-sink"
+_FETCH_SLICE = 500  # records taken from aiokafka between two yields to the event loop
 
 
 @dataclass(frozen=True)
@@ -101,10 +102,9 @@ class Sink:
         )
         self.producer = AIOKafkaProducer(acks="all", **settings.kafka_options())
         self._stopping = asyncio.Event()
-        # Fetched and decoded batches waiting for the writer: decoding the
+        # Fetched and prepared batches waiting for the writer: preparing the
         # next batch overlaps with PostgreSQL writing this one (two cores).
-        self._queue: asyncio.Queue[tuple[list[Record], list[Any]] | None] = asyncio.Queue(2)
-        self._writing = False
+        self._queue: asyncio.Queue[Prepared | None] = asyncio.Queue(2)
         self.written = WriteResult()
 
     def stop(self) -> None:
@@ -194,67 +194,69 @@ class Sink:
                 delay = min(delay * 2, self.options.max_backoff)
 
     async def _step(self) -> None:
+        records: list[Record] = []
+        failure: KafkaError | None = None
         try:
+            await self._fetch(records)
+        except KafkaError as exc:
+            failure = exc
+        if records:  # fetched before a failure: the consumer's position is past them
+            # Preparing yields to the event loop every few hundred records, so
+            # the writer's round trips to PostgreSQL wait microseconds, not
+            # the tens of milliseconds a whole batch takes to decode.
+            await self._queue.put(await self.writer.prepare(records))
+        if failure is not None:
+            await self._fetch_failed(failure)
+        else:
+            await self._check_reset_and_lag()
+
+    async def _fetch(self, records: list[Record]) -> None:
+        """Fill ``records`` up to a batch: waiting up to the batch time for
+        the first, then taking what is already fetched, a slice at a time
+        (aiokafka turns a whole ``getmany`` into records in one go, and the
+        writer waits meanwhile)."""
+        limit, timeout = self.options.batch_max_records, self.options.batch_max_wait_ms
+        while len(records) < limit:
             batch = await self.consumer.getmany(
-                timeout_ms=self.options.batch_max_wait_ms,
-                max_records=self.options.batch_max_records,
+                timeout_ms=timeout, max_records=min(_FETCH_SLICE, limit - len(records))
             )
-        except OffsetOutOfRangeError as exc:
+            if not batch:
+                return
+            records.extend(
+                Record(tp.topic, tp.partition, r.offset, r.key, r.value)
+                for tp, rs in batch.items()
+                for r in rs
+            )
+            timeout = 0
+            await asyncio.sleep(0)
+
+    async def _fetch_failed(self, exc: KafkaError) -> None:
+        if isinstance(exc, OffsetOutOfRangeError):
             await self._log_reset(list(exc.args[0]) if exc.args else [])
-            return
-        except NoOffsetForPartitionError as exc:
+        elif isinstance(exc, NoOffsetForPartitionError):
             # aiokafka looked for a committed offset while the assignment
             # listener was still reading the stored positions: seek again
             lost = [tp for tp in exc.args if isinstance(tp, TopicPartition)]
             log.info("no position for %s yet; seeking to the stored positions", lost)
             await self.seek_to_stored([tp for tp in lost if tp in self.consumer.assignment()])
-            return
-        except KafkaError as exc:
+        else:
             log.warning("broker error while fetching: %r", exc)
             self.metrics.retries.labels("broker").inc()
             await asyncio.sleep(0.5)
-            return
-        records = [
-            Record(tp.topic, tp.partition, r.offset, r.key, r.value)
-            for tp, rs in batch.items()
-            for r in rs
-        ]
-        if records:
-            await self._queue.put((records, await self._classify(records)))
-        await self._check_reset_and_lag()
-
-    async def _classify(self, records: list[Record]) -> list[Any]:
-        """Decode events in slices, yielding between them: the writer's round
-        trips to PostgreSQL (about ten a batch) then wait microseconds, not
-        the tens of milliseconds a whole batch takes to decode. Profile
-        records are the writer's to decode (None here)."""
-        profiles = self.settings.profiles_topic
-        out: list[Any] = []
-        for start in range(0, len(records), 256):
-            out.extend(
-                None if r.topic == profiles else classify(r) for r in records[start : start + 256]
-            )
-            await asyncio.sleep(0)
-        return out
 
     async def _write_loop(self) -> None:
         while True:
             item = await self._queue.get()
             if item is None:
                 return
-            records, classified = item
-            self._writing = True
             try:
                 started = time.perf_counter()
-                result = await self._retry_db(
-                    lambda r=records, c=classified: self.writer.write(r, classified=c), "write"
-                )
+                result = await self._retry_db(lambda p=item: self.writer.apply(p), "write")
                 self._account(result, time.perf_counter() - started)
                 await self._commit_for_monitoring(result)
                 if result.dead_letters:
                     await self._publish_dead_letters(result)
             finally:
-                self._writing = False
                 self._queue.task_done()
 
     async def drain(self) -> None:
@@ -334,7 +336,10 @@ async def run_sink(
 ) -> None:
     import signal
 
+    from usertrail.runtime import tune_gc
+
     sink = Sink(settings, options)
+    tune_gc()
     if metrics_port is not None:
         sink.metrics.serve(metrics_port)
         log.info("metrics on http://127.0.0.1:%d/metrics", metrics_port)

@@ -1,5 +1,9 @@
 """Writes a batch of records to PostgreSQL in one transaction.
 
+A batch is first *prepared* (decoded, planned, its COPY text built: CPU work
+that yields to the event loop as it goes, so the sink prepares the next batch
+while PostgreSQL writes this one), then *applied* in one transaction.
+
 Written together, in this order, so that a crash anywhere leaves either all
 of it or none of it (DESIGN.md rule 2):
 
@@ -22,10 +26,11 @@ reason ``unapplicable`` and everything else is written.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 import psycopg
@@ -73,15 +78,23 @@ def _copy_text(value: str) -> str:
 def interaction_copy_rows(interactions: Iterable[Interaction]) -> bytes:
     """The COPY text of "UserInteraction" rows: createdAt is the event time
     in UTC (a timestamp without time zone, as the seed defines it)."""
-    lines = []
-    for e in interactions:
-        lines.append(
-            f"{e.event_id}\t{_copy_text(e.user_id)}\t{e.occurred_at.replace(tzinfo=None).isoformat()}"
-            f"\t{e.type}\t{e.service}\t{e.theme if e.theme is not None else chr(92) + 'N'}"
-            f"\t{e.rating if e.rating is not None else chr(92) + 'N'}"
-            f"\t{_copy_text(to_json(e.metadata).decode())}\n"
-        )
-    return "".join(lines).encode()
+    return "".join(map(_copy_line, interactions)).encode()
+
+
+def _utc_wall_time(at: datetime) -> str:
+    text = at.isoformat()
+    if text.endswith("+00:00"):  # events made here: already UTC (the cheap way)
+        return text[:-6]
+    return at.astimezone(UTC).replace(tzinfo=None).isoformat()
+
+
+def _copy_line(e: Interaction) -> str:
+    return (
+        f"{e.event_id}\t{_copy_text(e.user_id)}\t{_utc_wall_time(e.occurred_at)}"
+        f"\t{e.type}\t{e.service}\t{e.theme if e.theme is not None else chr(92) + 'N'}"
+        f"\t{e.rating if e.rating is not None else chr(92) + 'N'}"
+        f"\t{_copy_text(to_json(e.metadata).decode())}\n"
+    )
 
 
 def classify_profile(record: Record) -> tuple[str, ProfileMessage | None] | DeadLetter:
@@ -123,6 +136,23 @@ def _merge_profile(
     elif current.message is None or current.message.updated_at <= message.updated_at:
         profiles[user] = _ProfileWrite(record, message, current.erased)
     # else: an older message than one already in the batch: the newer stands
+
+
+_SLICE = 128  # records prepared between two yields to the event loop
+
+
+@dataclass
+class Prepared:
+    """A batch made ready for its transaction (no I/O went into it)."""
+
+    records: Sequence[Record]
+    positions: dict[tuple[str, int], int]  # the next offset of each partition
+    dead_letters: list[DeadLetter]  # found while decoding
+    decoded: list[Decoded]
+    profiles: dict[str, _ProfileWrite]
+    plan: WritePlan
+    copy: bytes  # COPY text of plan.interactions, each event id once
+    copied: int  # rows in `copy`
 
 
 @dataclass
@@ -211,40 +241,50 @@ class Writer:
         Connection errors propagate (the caller retries the same batch).
         ``positions=False`` (re-driving dead letters) leaves positions alone;
         ``classified`` is ``classify`` of each record, if already done."""
+        return await self.apply(await self.prepare(records, classified=classified), positions)
+
+    async def apply(self, prepared: Prepared, positions: bool = True) -> WriteResult:
+        """Write a prepared batch in one transaction (see ``write``); the same
+        ``prepared`` may be applied again after a connection error."""
         try:
             try:
-                return await self._write(records, positions=positions, classified=classified)
+                return await self._apply(prepared, positions)
             except psycopg.errors.ForeignKeyViolation:
                 if not self._known_users:
                     raise
                 self._known_users.clear()  # a user was deleted meanwhile
-                return await self._write(records, positions=positions, classified=classified)
+                return await self._apply(prepared, positions)
         except (psycopg.DataError, psycopg.IntegrityError) as exc:
             # Bad data, not a bad database: find the record and dead-letter it.
             # (A ProgrammingError is a missing schema or our bug: it stops us.)
-            return await self._isolate(records, exc, positions)
+            return await self._isolate(prepared.records, exc, positions)
 
-    async def _write(
+    async def prepare(
         self,
         records: Sequence[Record],
-        unapplicable: str | None = None,
-        positions: bool = True,
+        *,
         classified: Sequence[Decoded | DeadLetter | None] | None = None,
-    ) -> WriteResult:
-        result = WriteResult(records=len(records))
+        unapplicable: str | None = None,
+    ) -> Prepared:
+        """Decode (unless ``classified``), plan and build the COPY text of a
+        batch, yielding to the event loop every few hundred records."""
+        found: dict[tuple[str, int], int] = {}
+        dead: list[DeadLetter] = []
         decoded: list[Decoded] = []
         profiles: dict[str, _ProfileWrite] = {}
         for i, record in enumerate(records):
+            if i % _SLICE == _SLICE - 1:
+                await asyncio.sleep(0)
             key = (record.topic, record.partition)
-            if record.offset >= result.positions.get(key, 0):
-                result.positions[key] = record.offset + 1
+            if record.offset >= found.get(key, 0):
+                found[key] = record.offset + 1
             if unapplicable is not None:
-                result.dead_letters.append(DeadLetter(record, UNAPPLICABLE, unapplicable))
+                dead.append(DeadLetter(record, UNAPPLICABLE, unapplicable))
                 continue
             if record.topic == self.profiles_topic:
                 profile = classify_profile(record)
                 if isinstance(profile, DeadLetter):
-                    result.dead_letters.append(profile)
+                    dead.append(profile)
                 else:
                     _merge_profile(profiles, record, *profile)
                 continue
@@ -252,9 +292,33 @@ class Writer:
             if item is None:
                 item = classify(record)
             if isinstance(item, DeadLetter):
-                result.dead_letters.append(item)
+                dead.append(item)
             else:
                 decoded.append(item)
+        write_plan, copy, copied = await self._plan(decoded)
+        return Prepared(records, found, dead, decoded, profiles, write_plan, copy, copied)
+
+    @staticmethod
+    async def _plan(decoded: list[Decoded]) -> tuple[WritePlan, bytes, int]:
+        write_plan = plan([d.event for d in decoded])
+        seen: set[str] = set()
+        lines = []
+        for e in write_plan.interactions:  # an app that sent an event twice: one row
+            if e.event_id not in seen:
+                seen.add(e.event_id)
+                lines.append(_copy_line(e))
+                if len(lines) % _SLICE == 0:
+                    await asyncio.sleep(0)
+        return write_plan, "".join(lines).encode(), len(lines)
+
+    async def _apply(self, prepared: Prepared, positions: bool) -> WriteResult:
+        result = WriteResult(
+            records=len(prepared.records),
+            dead_letters=list(prepared.dead_letters),
+            positions=dict(prepared.positions),
+        )
+        decoded, profiles = prepared.decoded, prepared.profiles
+        write_plan, copy, copied = prepared.plan, prepared.copy, prepared.copied
         conn = self.conn
         async with conn.transaction():
             async with conn.cursor() as cur:
@@ -264,18 +328,19 @@ class Writer:
                         {d.event.user_id for d in decoded}
                         | {u for u, w in profiles.items() if w.message is not None},
                     )
-                    decoded = self._park_unknown(known, decoded, result)
+                    kept = self._park_unknown(known, decoded, result)
                     profiles = self._park_profiles(known, profiles, result)
-                write_plan = plan([d.event for d in decoded])
-                write_plan.users |= {u for u, w in profiles.items() if w.message is not None}
-                new_users = write_plan.users - self._known_users
+                    if len(kept) != len(decoded):
+                        write_plan, copy, copied = await self._plan(kept)
+                users = write_plan.users | {u for u, w in profiles.items() if w.message is not None}
+                new_users = users - self._known_users
                 if self.unknown_users == "create" and new_users:
                     await cur.execute(
                         'INSERT INTO "User" (id) SELECT unnest(%s::text[]) ON CONFLICT DO NOTHING',
                         (sorted(new_users),),
                     )
                 await self._erase(cur, write_plan, result)
-                await self._interactions(cur, write_plan, result)
+                await self._interactions(cur, copy, copied, result)
                 await self._preferences(cur, write_plan.preferences, result)
                 await self._profiles(cur, profiles, result)
                 await self._dead_letters(cur, result.dead_letters)
@@ -290,7 +355,7 @@ class Writer:
         # committed: these users exist now
         if len(self._known_users) > 1_000_000:
             self._known_users.clear()
-        self._known_users |= write_plan.users
+        self._known_users |= users
         return result
 
     async def _isolate(
@@ -305,9 +370,8 @@ class Writer:
                 records[0].offset,
                 exc,
             )
-            return await self._write(
-                records, unapplicable=f"{type(exc).__name__}: {exc}", positions=positions
-            )
+            prepared = await self.prepare(records, unapplicable=f"{type(exc).__name__}: {exc}")
+            return await self._apply(prepared, positions)
         log.warning("batch of %d refused (%s); isolating the record", len(records), exc)
         mid = len(records) // 2
         merged = WriteResult()
@@ -355,22 +419,15 @@ class Writer:
         result.erased += len(write_plan.erase)
 
     async def _interactions(
-        self, cur: psycopg.AsyncCursor[Any], write_plan: WritePlan, result: WriteResult
+        self, cur: psycopg.AsyncCursor[Any], data: bytes, rows: int, result: WriteResult
     ) -> None:
-        if not write_plan.interactions:
+        if not rows:
             return
-        seen: set[str] = set()
-        unique = []
-        for e in write_plan.interactions:  # an app that sent an event twice
-            if e.event_id not in seen:
-                seen.add(e.event_id)
-                unique.append(e)
-        data = interaction_copy_rows(unique)
         try:
             async with self.conn.transaction():  # a savepoint
                 async with cur.copy(f'COPY "UserInteraction" {_COPY_COLUMNS} FROM STDIN') as copy:
                     await copy.write(data)
-            result.interactions += len(unique)
+            result.interactions += rows
             return
         except psycopg.errors.UniqueViolation:
             pass  # a redelivery: some rows are there already

@@ -48,3 +48,38 @@ async def test_tombstone_then_a_newer_profile_in_one_batch(database_url: str) ->
         assert query(database_url, "SELECT count(*) FROM user_vectors") == [(0,)]
     finally:
         await writer.close()
+
+
+async def test_created_at_is_utc_whatever_offset_the_producer_wrote(database_url: str) -> None:
+    # Another language's producer may write occurredAt with its local offset;
+    # "createdAt" (timestamp without time zone) holds the instant in UTC.
+    writer = Writer(database_url, consumer="c", profiles_topic=P)
+    await writer.connect()
+    try:
+        events = [
+            ("01936b2a-0000-7000-8000-000000000001", "2026-03-01T09:00:00.250+09:00"),
+            ("01936b2a-0000-7000-8000-000000000002", "2026-03-01T00:00:00Z"),
+            ("01936b2a-0000-7000-8000-000000000003", "2026-02-28T19:30:00-05:00"),
+        ]
+        await writer.write(
+            [
+                Record(
+                    "events",
+                    0,
+                    i,
+                    b"u",
+                    (
+                        f'{{"eventId":"{event_id}","userId":"u","occurredAt":"{at}",'
+                        '"source":"web","kind":"interaction","type":"reading","service":"tarot"}'
+                    ).encode(),
+                )
+                for i, (event_id, at) in enumerate(events)
+            ]
+        )
+        assert query(database_url, 'SELECT id, "createdAt" FROM "UserInteraction" ORDER BY id') == [
+            (events[0][0], datetime(2026, 3, 1, 0, 0, 0, 250_000, tzinfo=UTC).replace(tzinfo=None)),
+            (events[1][0], datetime(2026, 3, 1, 0, 0, tzinfo=UTC).replace(tzinfo=None)),
+            (events[2][0], datetime(2026, 3, 1, 0, 30, tzinfo=UTC).replace(tzinfo=None)),
+        ]
+    finally:
+        await writer.close()
