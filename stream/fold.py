@@ -27,6 +27,7 @@ from usertrail.producers.events import (
     OnboardingCompleted,
     PreferencesUpdated,
     UserErased,
+    UtcDatetime,
 )
 
 RECENT_IDS = 256
@@ -62,23 +63,32 @@ class Profile:
     counts_by_theme: dict[str, int] = field(default_factory=dict)
     rating_sum_by_service: dict[str, int] = field(default_factory=dict)
     rating_count_by_service: dict[str, int] = field(default_factory=dict)
-    first_activity: datetime | None = None
-    last_activity: datetime | None = None
+    first_activity: UtcDatetime | None = None
+    last_activity: UtcDatetime | None = None
     # (occurredAt, eventId, theme) of the latest readings rated >= 4, oldest first
-    top_readings: tuple[tuple[datetime, str, str | None], ...] = ()
-    recent_activity: tuple[datetime, ...] = ()  # interaction times, oldest first
+    top_readings: tuple[tuple[UtcDatetime, str, str | None], ...] = ()
+    recent_activity: tuple[UtcDatetime, ...] = ()  # interaction times, oldest first
     affinity: dict[str, float] = field(default_factory=dict)  # decayed to `now`
     preferences: dict[str, Any] = field(default_factory=dict)
-    preferences_at: datetime | None = None
+    preferences_at: UtcDatetime | None = None
     onboarding: dict[str, Any] | None = None
-    now: datetime | None = None  # the newest event time folded
+    now: UtcDatetime | None = None  # the newest event time folded
     last_offset: int | None = None
     recent_ids: tuple[str, ...] = ()
-    erased_at: datetime | None = None  # a tombstone: the user was erased
+    erased_at: UtcDatetime | None = None  # a tombstone: the user was erased
 
     @property
     def interactions(self) -> int:
         return sum(self.counts_by_type.values())
+
+    def totals(self) -> tuple[int, int, int, int]:
+        """(interactions, interactions with a theme, ratings, sum of ratings)."""
+        return (
+            sum(self.counts_by_type.values()),
+            sum(self.counts_by_theme.values()),
+            sum(self.rating_count_by_service.values()),
+            sum(self.rating_sum_by_service.values()),
+        )
 
     def favourite_themes(self) -> dict[str, int]:
         """Exactly the seed's query: theme counts over the latest 20 readings
@@ -100,8 +110,9 @@ def fold(
 
 
 @functools.cache
-def _dimensions(config: AffinityConfig) -> frozenset[str]:
-    return frozenset(config.dimensions())
+def _dimensions(config: AffinityConfig) -> dict[tuple[str, str], str]:
+    """("theme" or "service", slug) -> the vector's dimension, for known ones."""
+    return {tuple(d.split(":", 1)): d for d in config.dimensions()}  # type: ignore[misc]
 
 
 class Folding:
@@ -118,6 +129,7 @@ class Folding:
         "_dims",
         "_half_life",
         "_ids",
+        "_totals",
         "affinity",
         "counts_by_service",
         "counts_by_theme",
@@ -161,10 +173,16 @@ class Folding:
         self.recent_ids = list(p.recent_ids)
         self._ids = set(p.recent_ids)
         self.erased_at = p.erased_at
+        self._totals = list(p.totals())  # kept as events come: rules read them each time
 
     @property
     def interactions(self) -> int:
-        return sum(self.counts_by_type.values())
+        return self._totals[0]
+
+    def totals(self) -> tuple[int, int, int, int]:
+        """As ``Profile.totals``."""
+        t = self._totals
+        return t[0], t[1], t[2], t[3]
 
     def freeze(self) -> Profile:
         return Profile(
@@ -246,23 +264,34 @@ class Folding:
             counts.clear()
         self.top_readings.clear()
         self.recent_activity.clear()
+        self._totals = [0, 0, 0, 0]
         self.first_activity = self.last_activity = self.preferences_at = None
         self.onboarding = None
         self.erased_at = at
 
     def _interaction(self, before: datetime | None, e: Interaction) -> None:
         at, service, theme, rating = e.occurred_at, e.service, e.theme, e.rating
-        _add(self.counts_by_type, e.type, 1)
-        _add(self.counts_by_service, service, 1)
+        totals = self._totals
+        totals[0] += 1
+        counts = self.counts_by_type
+        counts[e.type] = counts.get(e.type, 0) + 1
+        counts = self.counts_by_service
+        counts[service] = counts.get(service, 0) + 1
         if self.first_activity is None or at < self.first_activity:
             self.first_activity = at
         if self.last_activity is None or at > self.last_activity:
             self.last_activity = at
         if theme is not None:
-            _add(self.counts_by_theme, theme, 1)
+            totals[1] += 1
+            counts = self.counts_by_theme
+            counts[theme] = counts.get(theme, 0) + 1
         if rating is not None:
-            _add(self.rating_sum_by_service, service, rating)
-            _add(self.rating_count_by_service, service, 1)
+            totals[2] += 1
+            totals[3] += rating
+            counts = self.rating_sum_by_service
+            counts[service] = counts.get(service, 0) + rating
+            counts = self.rating_count_by_service
+            counts[service] = counts.get(service, 0) + 1
             if e.type == "reading" and rating >= 4:
                 readings = self.top_readings
                 bisect.insort(readings, (at, e.event_id, theme), key=_reading_order)
@@ -283,13 +312,10 @@ class Folding:
         config = self._config
         weight = config.unrated if rating is None else config.rating_weights[rating - 1]
         weight *= math.pow(0.5, (now - at).total_seconds() / self._half_life)
-        for dim in (f"service:{service}", f"theme:{theme}" if theme else None):
-            if dim is not None and dim in self._dims:
+        dims = self._dims
+        for dim in (dims.get(("service", service)), theme and dims.get(("theme", theme))):
+            if dim:
                 vector[dim] = vector.get(dim, 0.0) + weight
-
-
-def _add(counts: dict[str, int], key: str, by: int) -> None:
-    counts[key] = counts.get(key, 0) + by
 
 
 def _reading_order(r: tuple[datetime, str, str | None]) -> tuple[datetime, str]:

@@ -26,7 +26,7 @@ from aiokafka.errors import CommitFailedError
 from aiokafka.structs import OffsetAndMetadata
 from usertrail.producers.events import decode
 from usertrail.producers.profiles import encode_profile
-from usertrail.sink.plan import Decoded, Record, classify
+from usertrail.sink.plan import accept
 from usertrail.stream.app import APPLIED, TABLE, applied_key
 from usertrail.stream.segments import Rules, segment
 from usertrail.stream.state import UserState, advance, dump_state, load_state, message_for
@@ -167,12 +167,14 @@ async def rebuild(
                 for r in records:
                     if r.offset >= end:
                         break
-                    item = classify(Record(r.topic, r.partition, r.offset, r.key, r.value))
+                    event = accept(r.key, r.value)
                     count += 1
-                    if not isinstance(item, Decoded):
+                    if event is None:
                         continue  # the worker skips it too; the sink dead-letters it
-                    key = item.event.user_id.encode()
-                    pending.setdefault(key, (r.partition, []))[1].append((item.event, r.offset))
+                    mine = pending.get(r.key)  # accepted: the key is the user id
+                    if mine is None:
+                        mine = pending[r.key] = (r.partition, [])
+                    mine[1].append((event, r.offset))
                 if records and records[-1].offset + 1 >= end:
                     active.remove(tp)
                     consumer.pause(tp)

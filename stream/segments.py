@@ -9,10 +9,11 @@ growing with both the score and the amount of evidence behind it.
 from __future__ import annotations
 
 import bisect
+import functools
 import math
 import re
 import tomllib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 from importlib import resources
 from pathlib import Path
@@ -96,6 +97,11 @@ class Rules(BaseModel):
     affinity: _Affinity
     confidence: _Confidence
     segments: list[Rule] = Field(alias="segment", min_length=1)
+
+    @functools.cached_property
+    def matchers(self) -> list[tuple[Rule, Matcher]]:
+        """Each rule with its compiled ``_compile`` function."""
+        return [(rule, _compile(rule)) for rule in self.segments]
 
     def affinity_config(self) -> AffinityConfig:
         a = self.affinity
@@ -200,6 +206,7 @@ class Facts(Protocol):
 
     @property
     def interactions(self) -> int: ...
+    def totals(self) -> tuple[int, int, int, int]: ...
     @property
     def counts_by_service(self) -> dict[str, int]: ...
     @property
@@ -226,67 +233,81 @@ class _Totals(NamedTuple):
 
     @classmethod
     def of(cls, p: Facts) -> _Totals:
-        return cls(
-            p.interactions,
-            sum(p.counts_by_theme.values()),
-            sum(p.rating_count_by_service.values()),
-            sum(p.rating_sum_by_service.values()),
-        )
+        return cls._make(p.totals())
 
 
-def _match(rule: Rule, p: Facts, t: _Totals) -> tuple[float, int] | None:
-    """(score, evidence) when ``rule`` selects ``p``: the one place a rule is
-    decided; ``_reasons`` only words what this found."""
-    kind = rule.kind
-    if kind == "service_share":
-        assert isinstance(rule, ServiceShare)
-        n = t.interactions
-        count = p.counts_by_service.get(rule.service, 0)
-        if n >= rule.min_interactions and count / n >= rule.min_share:
-            return count / n, n
-        return None
-    if kind == "theme_share":
-        assert isinstance(rule, ThemeShare)
-        themed = t.themed
-        count = p.counts_by_theme.get(rule.theme, 0)
-        if themed >= rule.min_interactions and count / themed >= rule.min_share:
-            return count / themed, themed
-        return None
-    if kind == "rating_average":
-        assert isinstance(rule, RatingAverage)
-        ratings = t.ratings
-        if ratings < rule.min_ratings:
+Matcher = Callable[[Facts, _Totals], "tuple[float, int] | None"]
+
+
+def _compile(rule: Rule) -> Matcher:
+    """``rule`` as a function of (facts, totals) giving (score, evidence)
+    when the rule selects them: the one place a rule is decided; ``_reasons``
+    only words what this found. Compiled once per rules file (``Rules.matchers``):
+    the worker asks after every event."""
+    if isinstance(rule, ServiceShare):
+        service, least, share = rule.service, rule.min_interactions, rule.min_share
+
+        def service_share(p: Facts, t: _Totals) -> tuple[float, int] | None:
+            n = t.interactions
+            if n >= least and (count := p.counts_by_service.get(service, 0)) / n >= share:
+                return count / n, n
             return None
-        average = t.rating_sum / ratings
-        if rule.max_average is not None and average <= rule.max_average:
-            return (5 - average) / 4, ratings
-        if rule.min_average is not None and average >= rule.min_average:
-            return (average - 1) / 4, ratings
-        return None
-    if kind == "engagement":
-        assert isinstance(rule, Engagement)
-        if p.now is None:
+
+        return service_share
+    if isinstance(rule, ThemeShare):
+        theme, least, share = rule.theme, rule.min_interactions, rule.min_share
+
+        def theme_share(p: Facts, t: _Totals) -> tuple[float, int] | None:
+            themed = t.themed
+            if themed >= least and (count := p.counts_by_theme.get(theme, 0)) / themed >= share:
+                return count / themed, themed
             return None
-        recent = _recent(p, rule)
-        if recent >= rule.min_interactions:
-            return min(1.0, recent / (2 * rule.min_interactions)), recent
+
+        return theme_share
+    if isinstance(rule, RatingAverage):
+        least, low, high = rule.min_ratings, rule.max_average, rule.min_average
+
+        def rating_average(p: Facts, t: _Totals) -> tuple[float, int] | None:
+            ratings = t.ratings
+            if ratings < least:
+                return None
+            average = t.rating_sum / ratings
+            if low is not None and average <= low:
+                return (5 - average) / 4, ratings
+            if high is not None and average >= high:
+                return (average - 1) / 4, ratings
+            return None
+
+        return rating_average
+    if isinstance(rule, Engagement):
+        window, least = timedelta(days=rule.window_days), rule.min_interactions
+
+        def engagement(p: Facts, t: _Totals) -> tuple[float, int] | None:
+            if p.now is None:
+                return None
+            recent = _recent(p, window)
+            if recent >= least:
+                return min(1.0, recent / (2 * least)), recent
+            return None
+
+        return engagement
+    if isinstance(rule, Fallback):
+        return lambda p, t: None  # decided after every other rule: see _fallback
+    interest, most, score = rule.interest, rule.max_interactions, rule.score
+
+    def cold_start(p: Facts, t: _Totals) -> tuple[float, int] | None:
+        if t.interactions <= most and interest in (p.onboarding or {}).get("interests", ()):
+            return score, 1
         return None
-    if kind == "fallback":
-        return None  # decided after every other rule: see _fallback
-    assert isinstance(rule, ColdStart)
-    if t.interactions <= rule.max_interactions:
-        interests = (p.onboarding or {}).get("interests", ())
-        if rule.interest in interests:
-            return rule.score, 1
-    return None
+
+    return cold_start
 
 
-def _recent(p: Facts, rule: Engagement) -> int:
+def _recent(p: Facts, window: timedelta) -> int:
     """Interactions after ``now - window`` (``recent_activity`` is sorted)."""
     assert p.now is not None
-    since = p.now - timedelta(days=rule.window_days)
     activity = p.recent_activity
-    return len(activity) - bisect.bisect_right(activity, since)
+    return len(activity) - bisect.bisect_right(activity, p.now - window)
 
 
 def _reasons(rule: Rule, p: Facts) -> list[str]:
@@ -306,7 +327,8 @@ def _reasons(rule: Rule, p: Facts) -> list[str]:
     if isinstance(rule, Engagement):
         assert p.now is not None
         return [
-            f"{_recent(p, rule)} interactions in the {rule.window_days:g} days "
+            f"{_recent(p, timedelta(days=rule.window_days))} interactions in the "
+            f"{rule.window_days:g} days "
             f"up to {p.now:%Y-%m-%d}"
         ]
     ratings = sum(p.rating_count_by_service.values())
@@ -318,14 +340,15 @@ def segment_key(p: Facts, rules: Rules) -> tuple[tuple[str, float], ...]:
     """(segment, score to 6 places) of every assignment: what ``segment``
     decides, without its reasons, cheap enough to ask after every event."""
     t = _Totals.of(p)
-    key = tuple(
-        (rule.id, round(m[0], 6))
-        for rule in rules.segments
-        if (m := _match(rule, p, t)) is not None
-    )
-    if not key and (fallback := _fallback(rules)) is not None:
+    key = []
+    for rule, match in rules.matchers:
+        if (m := match(p, t)) is not None:
+            key.append((rule.id, round(m[0], 6)))
+    if key:
+        return tuple(key)
+    if (fallback := _fallback(rules)) is not None:
         return ((fallback.id, round(fallback.score, 6)),)
-    return key
+    return ()
 
 
 def _fallback(rules: Rules) -> Fallback | None:
@@ -336,8 +359,8 @@ def segment(profile: Facts, rules: Rules) -> Segmentation:
     t = _Totals.of(profile)
     assignments = [
         Assignment(segment=rule.id, score=m[0], evidence=m[1], reasons=_reasons(rule, profile))
-        for rule in rules.segments
-        if (m := _match(rule, profile, t)) is not None
+        for rule, match in rules.matchers
+        if (m := match(profile, t)) is not None
     ]
     if not assignments and (fallback := _fallback(rules)) is not None:
         n = t.interactions

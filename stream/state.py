@@ -7,10 +7,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import datetime
 
 from pydantic import TypeAdapter
-from usertrail.producers.events import EventBase
+from usertrail.producers.events import EventBase, UtcDatetime
 from usertrail.producers.profiles import ProfileMessage, SegmentAssignment
 from usertrail.stream.fold import Folding, Profile
 from usertrail.stream.segments import Rules, Segmentation, segment, segment_key
@@ -21,7 +20,7 @@ class UserState:
     """A table value: the fold state and when its segments last changed."""
 
     profile: Profile
-    segments_changed_at: datetime | None = None
+    segments_changed_at: UtcDatetime | None = None
     # (segment, score) of the profile's segmentation, so the next event need
     # not segment the previous profile again to see whether segments changed
     segment_key: tuple[tuple[str, float], ...] | None = None
