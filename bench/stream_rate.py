@@ -75,6 +75,8 @@ def child(role: str, expected: int, result: Path) -> None:
     import faust
     from usertrail.stream.app import create_app
 
+    from usertrail.runtime import tune_gc
+
     settings = Settings()
     clock = Clock(expected, result)
     if role == "worker":
@@ -106,6 +108,7 @@ def child(role: str, expected: int, result: Path) -> None:
                     decode(value)
                 clock.add(len(values))
 
+    tune_gc()  # as usertrail stream does, for both
     worker = faust.Worker(app, loglevel="warning", quiet=True)
     worker.spinner = None  # as usertrail stream does: it sets the root logger to DEBUG
     worker.execute_from_commandline()

@@ -6,13 +6,17 @@ The agent only moves bytes and calls the pure functions (``fold``,
 batch into the user's state (a redelivered or resent event leaves it
 unchanged, DESIGN.md rule 2), writes each changed state once and publishes
 the user's profile after the batch as a ``ProfileMessage`` to
-``usertrail.profiles``. Every write of a batch is acknowledged by the broker
-before faust may commit the batch's offsets.
+``usertrail.profiles``. A batch's writes are in flight while the next batch
+is folded, and acknowledged by the broker before the one after it is folded
+and before the worker gives up any partition.
 
 Each partition's applied offset lives in the table next to the users, so a
 restarted worker knows exactly which records its state holds and refuses a
 record that does not follow it (``Positions``): the committed group offset
-is where reading starts, never what decides.
+is where reading starts, never what decides. (That is also why faust may
+commit a batch's offsets before its writes are acknowledged: after a crash
+the recovered applied offset is behind the committed one, and the worker
+re-reads from the applied offset.)
 
 The table is co-partitioned with the events: the worker writes a user's
 state to the changelog partition of the user's events, which is the
@@ -34,8 +38,9 @@ from typing import Any, cast
 import faust
 from aiokafka.errors import KafkaError
 from faust.types import TP
+from usertrail.producers.events import EventBase
 from usertrail.producers.profiles import encode_profile
-from usertrail.sink.plan import Decoded, Record, classify
+from usertrail.sink.plan import accept
 from usertrail.stream.segments import Rules, segment
 from usertrail.stream.state import UserState, advance, dump_state, load_state, message_for
 
@@ -44,9 +49,9 @@ from usertrail.settings import Settings
 log = logging.getLogger("usertrail.stream")
 
 TABLE = "profiles"
-BATCH = 1000
+BATCH = 4000
 """Events folded per batch at most (each batch's writes awaited once)."""
-BATCH_WITHIN = 0.05
+BATCH_WITHIN = 0.25
 """Seconds a batch waits to fill before it is folded anyway."""
 DECODED_STATES = 20_000
 """Users whose decoded state is kept beside the table's bytes."""
@@ -160,7 +165,8 @@ def create_app(
     on_batch: Callable[[int], None] | None = None,
 ) -> faust.App:
     """The worker's faust app. ``on_batch(n)`` is called after each batch of
-    ``n`` records is folded and all its writes are acknowledged."""
+    ``n`` records is folded and its writes (and every earlier batch's) are
+    acknowledged."""
     group = settings.group_options()
     datadir = settings.data_dir / "faust" / settings.stream_app_id
     datadir.mkdir(parents=True, exist_ok=True)
@@ -217,14 +223,40 @@ def create_app(
 
     @app.agent(events)
     async def fold_events(stream: faust.StreamT[bytes]) -> None:
-        # Batches, acked by faust only when this body asks for the next one;
-        # a batch's changelog records and profiles are awaited (broker acks)
-        # before that. faust's own commit-time flush
-        # (ProducerBuffer.flush_atmost) gives up after 0.1 s without a send.
         async for batch in stream.take_events(BATCH, within=BATCH_WITHIN):
             await fold_batch(batch)
-            if on_batch is not None:
-                on_batch(len(batch))
+
+    # The writes of the last batch folded (with every earlier batch's): the
+    # broker acknowledges them while the next batch is delivered and folded.
+    # On the embedded broker, where faust's producer sends one record per
+    # request, waiting for them took about a sixth of a batch's time.
+    in_flight: list[asyncio.Future[Any]] = []
+
+    async def writes_acknowledged() -> None:
+        while in_flight:
+            await in_flight.pop(0)  # a failed write raises here: the agent stops
+
+    @app.on_partitions_revoked.connect
+    async def before_giving_up_partitions(sender: Any, revoked: Any, **kwargs: Any) -> None:
+        # faust flushed its producer already; this makes sure of every write
+        # of ours, so the partitions' next owner recovers all of them.
+        try:
+            await writes_acknowledged()
+        except KafkaError as exc:  # the next owner re-reads from the applied offset
+            log.error("writes of the last batch failed before a rebalance: %r", exc)
+
+    def when_acknowledged(writes: asyncio.Future[Any], n: int) -> None:
+        def done(f: asyncio.Future[Any]) -> None:
+            if f.cancelled():
+                return
+            if (exc := f.exception()) is not None:
+                # the next batch raises it; the next owner or a restart
+                # re-reads from the applied offset
+                log.error("a batch's writes failed: %r", exc)
+            elif on_batch is not None:
+                on_batch(n)
+
+        writes.add_done_callback(done)
 
     # Decoded states beside the table's bytes, a bounded number, valid only
     # while the table holds the very bytes they were decoded from (recovery
@@ -257,7 +289,7 @@ def create_app(
         recovered: dict[int, int | None] = {}  # as the batch found them
         gaps: dict[int, int] = {}
         ahead: dict[int, int] = {}
-        per_user: dict[bytes, tuple[int, list[Decoded]]] = {}
+        per_user: dict[bytes, tuple[int, list[tuple[EventBase, int]]]] = {}
         for event in batch:
             message = event.message
             partition, offset = message.partition, message.offset
@@ -274,19 +306,16 @@ def create_app(
                 gaps[partition] = cast(int, applied[partition]) + 1
                 continue
             applied[partition] = offset
-            item = classify(Record(message.topic, partition, offset, message.key, message.value))
-            if not isinstance(item, Decoded):
+            decoded = accept(message.key, message.value)
+            if decoded is None:
                 continue  # the sink dead-letters it, with its reason and bytes
-            key = item.event.user_id.encode()
-            per_user.setdefault(key, (partition, []))[1].append(item)
+            mine = per_user.get(message.key)  # accepted: the key is the user id
+            if mine is None:
+                mine = per_user[message.key] = (partition, [])
+            mine[1].append((decoded, offset))
         pending: list[Awaitable[Any]] = []
         for key, (partition, items) in per_user.items():
-            result = advance(
-                state_of(key),
-                items[0].event.user_id,
-                [(item.event, item.record.offset) for item in items],
-                rules,
-            )
+            result = advance(state_of(key), items[0][0].user_id, items, rules)
             if result is None:
                 continue
             value = dump_state(result.state)
@@ -306,8 +335,14 @@ def create_app(
                 mark, value = applied_key(partition), str(offset).encode()
                 table.data[mark] = value
                 pending.append(table.send_changelog(partition, mark, value))
-        if pending:
-            await asyncio.gather(*pending)
+        # This batch's writes and the previous batch's, as one future: done
+        # when every write so far is acknowledged, in batch order.
+        previous = list(in_flight)
+        writes = asyncio.gather(*pending, *previous)
+        in_flight[:] = [writes]
+        when_acknowledged(writes, len(batch))
+        for earlier in previous:
+            await earlier  # at most two batches' writes in flight
         for partition, want in gaps.items():
             if positions.should_seek(partition, want):
                 log.warning(

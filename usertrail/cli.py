@@ -256,10 +256,12 @@ def cmd_stream(args: argparse.Namespace, settings: Settings) -> int:
     lock = liveness.hold_worker_lock(settings, settings.stream_app_id)
     import faust
 
+    from usertrail.runtime import tune_gc
     from usertrail.stream.app import create_app
 
     rules = _rules(args, settings)
     app = create_app(settings, rules, web_port=args.web_port or settings.stream_web_port)
+    tune_gc()
     worker = faust.Worker(app, loglevel=settings.log_level.lower(), quiet=True)
     # faust's terminal spinner sets the root logger to DEBUG at levels of
     # WARNING and above, so every debug line of aiokafka and faust is built
