@@ -17,18 +17,34 @@ import bisect
 import functools
 import math
 from dataclasses import dataclass, field
-from datetime import datetime
-from typing import Any
+from datetime import UTC, datetime
+from typing import Annotated, Any
 
-from pydantic import TypeAdapter
+from pydantic import AfterValidator, TypeAdapter
 from usertrail.producers.events import (
     EventBase,
     Interaction,
     OnboardingCompleted,
     PreferencesUpdated,
     UserErased,
-    UtcDatetime,
 )
+
+
+def in_utc(value: datetime) -> datetime:
+    """The same instant with the standard library's ``UTC`` as its tzinfo.
+
+    pydantic gives a parsed time its own tzinfo object, and comparing or
+    subtracting two such datetimes calls that object twice (0.5 us here);
+    datetimes sharing one tzinfo object compare field by field (0.05 us).
+    The fold compares event times constantly (a sorted window of 200 of
+    them), so every time a profile holds is in ``UTC``: event times as they
+    are folded, stored profiles as they are loaded."""
+    if value.tzinfo is UTC or value.tzinfo is None:  # naive: never in a profile
+        return value
+    return value.astimezone(UTC)
+
+
+UtcDatetime = Annotated[datetime, AfterValidator(in_utc)]
 
 RECENT_IDS = 256
 """Event ids remembered per user for deduplication of resends."""
@@ -226,7 +242,7 @@ class Folding:
         if len(ids) > RECENT_IDS:
             self._ids.discard(ids.pop(0))
         before = self.now
-        at = event.occurred_at
+        at = in_utc(event.occurred_at)
         self.now = at if before is None else max(before, at)
         if isinstance(event, UserErased):
             self.last_offset = offset
@@ -236,7 +252,7 @@ class Folding:
             self.last_offset = offset
         self.erased_at = None
         if isinstance(event, Interaction):
-            self._interaction(before, event)
+            self._interaction(before, event, at)
         elif isinstance(event, PreferencesUpdated):
             if self.preferences_at is None or at >= self.preferences_at:
                 # newer over older, as the sink writes "UserPreferences"
@@ -269,8 +285,8 @@ class Folding:
         self.onboarding = None
         self.erased_at = at
 
-    def _interaction(self, before: datetime | None, e: Interaction) -> None:
-        at, service, theme, rating = e.occurred_at, e.service, e.theme, e.rating
+    def _interaction(self, before: datetime | None, e: Interaction, at: datetime) -> None:
+        service, theme, rating = e.service, e.theme, e.rating
         totals = self._totals
         totals[0] += 1
         counts = self.counts_by_type

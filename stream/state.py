@@ -9,9 +9,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from pydantic import TypeAdapter
-from usertrail.producers.events import EventBase, UtcDatetime
+from usertrail.producers.events import EventBase
 from usertrail.producers.profiles import ProfileMessage, SegmentAssignment
-from usertrail.stream.fold import Folding, Profile
+from usertrail.stream.fold import Folding, Profile, UtcDatetime
 from usertrail.stream.segments import Rules, Segmentation, segment, segment_key
 
 
