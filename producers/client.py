@@ -464,10 +464,21 @@ class TrackingClient:
             fields["rating"] = rating
         if metadata is not None:
             fields["metadata"] = metadata
-        # _track inlined: the hottest call saves a coroutine per event
-        record, new_id = self._record("interaction", fields)
-        if not self._append_now(record, new_id):
-            await self._enqueue(record, new_id)
+        # _track, _record and _append_now inlined: the hottest call of the SDK
+        fields["source"] = self.source
+        event, wire = events.build_encoded("interaction", fields)
+        new_id, key = event.event_id, event.user_id.encode()
+        record = SpooledRecord(self.topic, key, wire)
+        producer = self._producer
+        if producer is not None and self._buffered < self._buffer_size:
+            partition = self._key_partitions.get((record.topic, key))
+            if partition is not None:
+                batch = self._open.get((record.topic, partition))
+                if batch is None:
+                    batch = self._new_batch(producer, (record.topic, partition))
+                if self._add(batch, record, new_id):
+                    return new_id
+        await self._enqueue(record, new_id)  # full, unknown partition or not started
         return new_id
 
     async def track_preferences(
