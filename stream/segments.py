@@ -244,26 +244,10 @@ def _compile(rule: Rule) -> Matcher:
     when the rule selects them: the one place a rule is decided; ``_reasons``
     only words what this found. Compiled once per rules file (``Rules.matchers``):
     the worker asks after every event."""
-    if isinstance(rule, ServiceShare):
-        service, least, share = rule.service, rule.min_interactions, rule.min_share
-
-        def service_share(p: Facts, t: _Totals) -> tuple[float, int] | None:
-            n = t.interactions
-            if n >= least and (count := p.counts_by_service.get(service, 0)) / n >= share:
-                return count / n, n
-            return None
-
-        return service_share
-    if isinstance(rule, ThemeShare):
-        theme, least, share = rule.theme, rule.min_interactions, rule.min_share
-
-        def theme_share(p: Facts, t: _Totals) -> tuple[float, int] | None:
-            themed = t.themed
-            if themed >= least and (count := p.counts_by_theme.get(theme, 0)) / themed >= share:
-                return count / themed, themed
-            return None
-
-        return theme_share
+    if isinstance(rule, ServiceShare):  # of all interactions
+        return _share("counts_by_service", 0, rule.service, rule.min_interactions, rule.min_share)
+    if isinstance(rule, ThemeShare):  # of the interactions with a theme
+        return _share("counts_by_theme", 1, rule.theme, rule.min_interactions, rule.min_share)
     if isinstance(rule, RatingAverage):
         least, low, high = rule.min_ratings, rule.max_average, rule.min_average
 
@@ -301,6 +285,18 @@ def _compile(rule: Rule) -> Matcher:
         return None
 
     return cold_start
+
+
+def _share(counts: str, total: int, slug: str, least: int, share: float) -> Matcher:
+    """``slug``'s share of ``p.<counts>`` out of ``t[total]`` interactions."""
+
+    def match(p: Facts, t: _Totals) -> tuple[float, int] | None:
+        n = t[total]
+        if n >= least and (count := getattr(p, counts).get(slug, 0)) / n >= share:
+            return count / n, n
+        return None
+
+    return match
 
 
 def _recent(p: Facts, window: timedelta) -> int:
