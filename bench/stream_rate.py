@@ -4,7 +4,8 @@ in the same run.
 One pre-filled events topic (demo traffic), then per round, each reading the
 whole topic from the start under a new group:
   ceiling  a faust worker whose agent only decodes, batched with
-           ``stream.take`` (no table): what faust itself can deliver here;
+           ``stream.take`` as the worker batches (no table): what faust
+           itself can deliver here;
   worker   the real stream worker (``create_app``): fold, segments, table
            with its changelog and the published profiles, every batch's
            writes acknowledged by the broker before the next batch;
@@ -73,7 +74,7 @@ class Clock:
 
 def child(role: str, expected: int, result: Path) -> None:
     import faust
-    from usertrail.stream.app import create_app
+    from usertrail.stream.app import BATCH, BATCH_WITHIN, create_app
 
     from usertrail.runtime import tune_gc
 
@@ -103,7 +104,7 @@ def child(role: str, expected: int, result: Path) -> None:
 
         @app.agent(topic)
         async def only_decode(stream: Any) -> None:
-            async for values in stream.take(1000, within=0.05):
+            async for values in stream.take(BATCH, within=BATCH_WITHIN):  # as the worker
                 for value in values:
                     decode(value)
                 clock.add(len(values))

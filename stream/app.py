@@ -51,7 +51,8 @@ log = logging.getLogger("usertrail.stream")
 
 TABLE = "profiles"
 BATCH = 4000
-"""Events folded per batch at most (each batch's writes awaited once)."""
+"""Events folded per batch at most (a changed user's state is written once
+per batch)."""
 BATCH_WITHIN = 0.25
 """Seconds a batch waits to fill before it is folded anyway."""
 DECODED_STATES = 20_000
