@@ -355,6 +355,12 @@ def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _quiet_sink() -> None:
+    """A one-off rebuild reports at its end: the sink's partition assignments
+    and seeks (INFO) are a running worker's log, not this command's output."""
+    logging.getLogger("usertrail.sink").setLevel(max(logging.WARNING, logging.root.level))
+
+
 def cmd_replay_db(args: argparse.Namespace, settings: Settings) -> int:
     from usertrail.sink import rebuild
 
@@ -363,6 +369,7 @@ def cmd_replay_db(args: argparse.Namespace, settings: Settings) -> int:
 
     progress = _Progress("replay db")
     started = time.monotonic()
+    _quiet_sink()
     asyncio.run(refuse())
     if args.in_place:
         rebuild.refuse_unless_empty(settings, args.group)
@@ -404,6 +411,7 @@ def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
     if args.only in (None, "database"):
         from usertrail.sink import rebuild
 
+        _quiet_sink()
         rebuild.make_shadow(settings)
         try:
             asyncio.run(rebuild.build(settings))
