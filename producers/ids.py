@@ -35,10 +35,15 @@ def uuid7() -> str:
                 _prefix = _time_text(_last_ms)
         prefix, counter = _prefix, _counter
     # Uniqueness, not secrecy: the random module (reseeded after fork) is enough.
-    # uuid7_from's layout, the millisecond's text made once per millisecond
-    # (format specs cost more than the rest of an id together)
-    tail = (1 << 63 | random.getrandbits(62)).to_bytes(8, "big").hex()
-    return prefix + _HEX3[counter] + "-" + tail[:4] + "-" + tail[4:]
+    return _text(prefix, counter, random.getrandbits(62))
+
+
+def _text(prefix: str, rand_a: int, rand_b: int) -> str:
+    """``uuid7_from``'s text, with the millisecond's part (``_time_text``)
+    made once per millisecond: format specs cost more than the rest of an
+    id together."""
+    tail = (1 << 63 | rand_b).to_bytes(8, "big").hex()
+    return prefix + _HEX3[rand_a] + "-" + tail[:4] + "-" + tail[4:]
 
 
 _HEX3 = [f"{i:03x}" for i in range(0x1000)]

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from usertrail.producers import events
+from usertrail.producers import events, ids
 from usertrail.producers.events import EVENT_MAX_BYTES, build, decode, encode
 from usertrail.producers.ids import uuid7, uuid7_time_ms
 
@@ -229,6 +229,11 @@ def test_any_uuid7_is_a_valid_event_id(event_id: str) -> None:
     build(
         "user.erased", event_id=event_id, user_id="u", occurred_at=datetime.now(UTC), source="web"
     )
+
+
+@given(st.integers(0, 2**48 - 1), st.integers(0, 2**12 - 1), st.integers(0, 2**62 - 1))
+def test_uuid7_fast_text_is_the_rfc_layout(ms: int, rand_a: int, rand_b: int) -> None:
+    assert ids._text(ids._time_text(ms), rand_a, rand_b) == ids.uuid7_from(ms, rand_a, rand_b)
 
 
 def test_uuid7_ids_are_time_ordered_and_unique() -> None:
