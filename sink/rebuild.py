@@ -211,7 +211,7 @@ def compare(settings: Settings, schema: str = SHADOW, limit: int = 1000) -> list
     return out
 
 
-def refuse_unless_empty(settings: Settings, live_group: str) -> None:
+def refuse_unless_empty(settings: Settings) -> None:
     counts = live_rows(settings)
     if any(counts.values()):
         raise UsertrailError(

@@ -372,7 +372,7 @@ def cmd_replay_db(args: argparse.Namespace, settings: Settings) -> int:
     _quiet_sink()
     asyncio.run(refuse())
     if args.in_place:
-        rebuild.refuse_unless_empty(settings, args.group)
+        rebuild.refuse_unless_empty(settings)
         group = asyncio.run(rebuild.build(settings, schema="public", progress=progress))
         rebuild.hand_over(settings, group, args.group)
     else:
