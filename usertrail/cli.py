@@ -236,6 +236,16 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
 
 
 # --- sink ------------------------------------------------------------------------
+def _at_least_one(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
 def cmd_sink(args: argparse.Namespace, settings: Settings) -> int:
     lock = liveness.hold_worker_lock(settings, args.group)  # `replay db` sees this sink
     from usertrail.sink.consumer import SinkOptions, run_sink
@@ -647,7 +657,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sink.add_argument(
         "--batch-max",
-        type=int,
+        type=_at_least_one,
         default=5000,
         metavar="N",
         help="records per transaction at most (default 5000)",
