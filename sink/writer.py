@@ -82,17 +82,27 @@ def interaction_copy_rows(interactions: Iterable[Interaction]) -> bytes:
 
 
 def _utc_wall_time(at: datetime) -> str:
-    text = at.isoformat()
-    if text.endswith("+00:00"):  # events made here: already UTC (the cheap way)
-        return text[:-6]
-    return at.astimezone(UTC).replace(tzinfo=None).isoformat()
+    """``at`` in UTC, without the zone ("2026-01-02T03:04:05.000006"): what
+    a timestamp without time zone column holds."""
+    if at.utcoffset():
+        at = at.astimezone(UTC)
+    # pydantic-core writes an instant in UTC as RFC 3339 with "Z", in about
+    # half the time of datetime.isoformat
+    text = to_json(at).decode()
+    if text.endswith('Z"'):
+        return text[1:-2]
+    return at.replace(tzinfo=None).isoformat()
+
+
+_NULL = "\\N"  # COPY text format's NULL
 
 
 def _copy_line(e: Interaction) -> str:
+    theme, rating = e.theme, e.rating
     return (
         f"{e.event_id}\t{_copy_text(e.user_id)}\t{_utc_wall_time(e.occurred_at)}"
-        f"\t{e.type}\t{e.service}\t{e.theme if e.theme is not None else chr(92) + 'N'}"
-        f"\t{e.rating if e.rating is not None else chr(92) + 'N'}"
+        f"\t{e.type}\t{e.service}\t{_NULL if theme is None else theme}"
+        f"\t{_NULL if rating is None else rating}"
         f"\t{_copy_text(to_json(e.metadata).decode())}\n"
     )
 
