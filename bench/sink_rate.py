@@ -28,7 +28,7 @@ from usertrail.migrations import runner
 from usertrail.producers.events import Interaction, build, encode
 from usertrail.producers.ids import uuid7
 from usertrail.sink.consumer import Sink, SinkOptions
-from usertrail.sink.writer import interaction_copy_rows
+from usertrail.sink.rows import interaction_copy_rows
 
 from usertrail.embedded import EmbeddedBroker, EmbeddedPostgres, free_port
 from usertrail.runtime import tune_gc

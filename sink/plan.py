@@ -20,6 +20,7 @@ from usertrail.producers.events import (
     PreferencesUpdated,
     UserErased,
 )
+from usertrail.sink.rows import FastRow, fast_row
 
 from usertrail.errors import EventValidationError
 
@@ -51,12 +52,15 @@ class DeadLetter:
 @dataclass(frozen=True, slots=True)
 class Decoded:
     record: Record
-    event: EventBase
+    event: EventBase | FastRow  # an interaction in the SDK's layout: its row, made directly
 
 
 def classify(record: Record) -> Decoded | DeadLetter:
     if record.value is None:
         return DeadLetter(record, INVALID, "empty record value (null)")
+    row = fast_row(record.value, record.key)
+    if row is not None:
+        return Decoded(record, row)
     try:
         event = events.decode(record.value)
     except EventValidationError as exc:
@@ -88,7 +92,7 @@ def accept(key: bytes | None, value: bytes | None) -> EventBase | None:
 @dataclass
 class WritePlan:
     erase: list[str] = field(default_factory=list)
-    interactions: list[Interaction] = field(default_factory=list)
+    interactions: list[Interaction | FastRow] = field(default_factory=list)
     # Applied one by one, in log order: each is a conditional upsert (newer
     # over older), so merging them here would make the result depend on
     # where batches happen to split.
@@ -96,7 +100,7 @@ class WritePlan:
     users: set[str] = field(default_factory=set)  # users that must exist in "User"
 
 
-def plan(decoded: list[EventBase]) -> WritePlan:
+def plan(decoded: list[EventBase | FastRow]) -> WritePlan:
     """Fold events (in log order) into the writes of one transaction."""
     out = WritePlan()
     last_erasure: dict[str, int] = {}
@@ -107,7 +111,7 @@ def plan(decoded: list[EventBase]) -> WritePlan:
     for i, event in enumerate(decoded):
         if last_erasure.get(event.user_id, -1) >= i:
             continue  # before (or is) the user's erasure in this batch
-        if isinstance(event, Interaction):
+        if isinstance(event, (FastRow, Interaction)):
             out.interactions.append(event)
             out.users.add(event.user_id)
         elif isinstance(event, PreferencesUpdated):

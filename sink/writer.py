@@ -28,16 +28,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC
 from typing import Any, Literal
 
 import psycopg
 from psycopg import sql
 from psycopg.types.json import Jsonb
-from pydantic_core import to_json
-from usertrail.producers.events import Interaction, PreferencesUpdated
+from usertrail.producers.events import PreferencesUpdated
 from usertrail.producers.profiles import ProfileMessage, decode_profile
 from usertrail.sink.plan import (
     INVALID,
@@ -50,6 +49,7 @@ from usertrail.sink.plan import (
     classify,
     plan,
 )
+from usertrail.sink.rows import FastRow, copy_line
 
 from usertrail.errors import EventValidationError
 
@@ -67,44 +67,6 @@ _PREFERENCE_COLUMNS = {
     "readingLength": False,
     "tonePreference": False,
 }
-
-
-def _copy_text(value: str) -> str:
-    # COPY text format: backslash starts an escape. Ids cannot hold control
-    # characters (the contract refuses them) and JSON escapes its own.
-    return value.replace("\\", "\\\\") if "\\" in value else value
-
-
-def interaction_copy_rows(interactions: Iterable[Interaction]) -> bytes:
-    """The COPY text of "UserInteraction" rows: createdAt is the event time
-    in UTC (a timestamp without time zone, as the seed defines it)."""
-    return "".join(map(_copy_line, interactions)).encode()
-
-
-def _utc_wall_time(at: datetime) -> str:
-    """``at`` in UTC, without the zone ("2026-01-02T03:04:05.000006"): what
-    a timestamp without time zone column holds."""
-    if at.utcoffset():
-        at = at.astimezone(UTC)
-    # pydantic-core writes an instant in UTC as RFC 3339 with "Z", in about
-    # half the time of datetime.isoformat
-    text = to_json(at).decode()
-    if text.endswith('Z"'):
-        return text[1:-2]
-    return at.replace(tzinfo=None).isoformat()
-
-
-_NULL = "\\N"  # COPY text format's NULL
-
-
-def _copy_line(e: Interaction) -> str:
-    theme, rating = e.theme, e.rating
-    return (
-        f"{e.event_id}\t{_copy_text(e.user_id)}\t{_utc_wall_time(e.occurred_at)}"
-        f"\t{e.type}\t{e.service}\t{_NULL if theme is None else theme}"
-        f"\t{_NULL if rating is None else rating}"
-        f"\t{_copy_text(to_json(e.metadata).decode())}\n"
-    )
 
 
 def classify_profile(record: Record) -> tuple[str, ProfileMessage | None] | DeadLetter:
@@ -316,10 +278,10 @@ class Writer:
         for e in write_plan.interactions:  # an app that sent an event twice: one row
             if e.event_id not in seen:
                 seen.add(e.event_id)
-                lines.append(_copy_line(e))
+                lines.append(e.line if type(e) is FastRow else copy_line(e).encode())
                 if len(lines) % _SLICE == 0:
                     await asyncio.sleep(0)
-        return write_plan, "".join(lines).encode(), len(lines)
+        return write_plan, b"".join(lines), len(lines)
 
     async def _apply(self, prepared: Prepared, positions: bool) -> WriteResult:
         result = WriteResult(

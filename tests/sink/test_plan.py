@@ -7,8 +7,9 @@ from datetime import UTC, datetime
 
 from hypothesis import given
 from hypothesis import strategies as st
-from usertrail.producers.events import build, encode
+from usertrail.producers.events import Interaction, build, encode
 from usertrail.sink.plan import DeadLetter, Decoded, Record, accept, classify
+from usertrail.sink.rows import FastRow, copy_line
 
 _EVENT = build(
     "interaction",
@@ -47,7 +48,11 @@ def test_accept_takes_exactly_what_classify_decodes(key: bytes | None, value: by
         assert accepted is None, classified.reason
     else:
         assert isinstance(classified, Decoded)
-        assert accepted == classified.event
+        if isinstance(classified.event, FastRow):  # the row made from the bytes directly
+            assert isinstance(accepted, Interaction)
+            assert classified.event.line == copy_line(accepted).encode()
+        else:
+            assert accepted == classified.event
 
 
 def test_a_valid_record_with_its_user_id_as_key_is_accepted() -> None:

@@ -1,0 +1,161 @@
+"""``fast_row`` (the row straight from the wire bytes) against the contract
+(``decode``) followed by ``copy_line``: whatever the fast path takes, the
+contract takes too, with the very same row; what it leaves, the slow path
+judges."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+from hypothesis import assume, example, given
+from hypothesis import strategies as st
+from usertrail.producers.events import EventBase, Interaction, build, decode, encode
+from usertrail.sink.plan import Decoded, Record, classify
+from usertrail.sink.rows import FastRow, copy_line, fast_row
+
+from tests.producers.test_events import event_ids, interactions, metadata, slugs
+from usertrail.errors import EventValidationError
+
+
+def contract_row(value: bytes, key: bytes | None) -> bytes | None:
+    """The row the slow path writes for these bytes, or None if it writes none."""
+    try:
+        event = decode(value)
+    except EventValidationError:
+        return None
+    if not isinstance(event, Interaction) or key != event.user_id.encode():
+        return None
+    return copy_line(event).encode()
+
+
+def agrees(value: bytes, key: bytes | None) -> FastRow | None:
+    row = fast_row(value, key)
+    if row is not None:
+        assert contract_row(value, key) == row.line, value
+        event = decode(value)
+        assert (row.event_id, row.user_id) == (event.event_id, event.user_id)
+    return row
+
+
+@given(interactions)
+def test_any_interaction_gets_the_contracts_row_or_goes_the_slow_way(event: EventBase) -> None:
+    agrees(encode(event), event.user_id.encode())
+
+
+sdk_interactions = st.builds(
+    lambda **f: build("interaction", **f),
+    event_id=event_ids,
+    user_id=st.from_regex(r"\A[a-zA-Z0-9][a-zA-Z0-9 ._@:-]{0,60}\Z"),
+    occurred_at=st.datetimes(
+        min_value=datetime(1, 1, 1),  # noqa: DTZ001
+        max_value=datetime(9999, 12, 31),  # noqa: DTZ001
+        timezones=st.just(UTC),
+    ),
+    source=st.sampled_from(["web", "ios", "backend", "demo"]),
+    type=st.sampled_from(["reading", "chat", "feedback", "share"]),
+    service=slugs,
+    theme=st.none() | slugs,
+    rating=st.none() | st.integers(1, 5),
+    metadata=metadata,
+)
+
+
+@given(sdk_interactions)
+def test_what_the_sdk_writes_takes_the_fast_path(event: EventBase) -> None:
+    row = agrees(encode(event), event.user_id.encode())
+    assert row is not None, encode(event)
+    assert agrees(encode(event), b"someone-else") is None  # the key must be the user id
+
+
+_BASE = encode(
+    build(
+        "interaction",
+        event_id="01936b2a-0000-7000-8000-000000000001",
+        user_id="u1",
+        occurred_at=datetime(2026, 3, 1, 12, 30, 5, 120000, tzinfo=UTC),
+        source="web",
+        type="reading",
+        service="tarot",
+        theme="love",
+        rating=5,
+        metadata={"a": [1, 2.5, "x\\y\tz"], "b": {"c": None}},
+    )
+)
+# replacements that break one rule each (or none): both paths must agree
+_TRICKS = [
+    (b'"rating":5', b'"rating":0'),
+    (b'"rating":5', b'"rating":6'),
+    (b'"rating":5', b'"rating":4.5'),
+    (b'"rating":5', b'"rating":"5"'),
+    (b'"rating":5', b'"rating":null'),
+    (b'"theme":"love",', b'"theme":null,'),
+    (b'"theme":"love"', b'"theme":"Love"'),
+    (b'"theme":"love"', b'"theme":"' + b"a" * 65 + b'"'),
+    (b'"service":"tarot"', b'"service":"' + b"a" * 64 + b'"'),
+    (b"2026-03-01T12:30:05.120000Z", b"2026-02-30T12:30:05Z"),
+    (b"2026-03-01T12:30:05.120000Z", b"2026-03-01T24:00:00Z"),
+    (b"2026-03-01T12:30:05.120000Z", b"2026-03-01T23:59:60Z"),
+    (b"2026-03-01T12:30:05.120000Z", b"0000-03-01T12:30:05Z"),
+    (b"2026-03-01T12:30:05.120000Z", b"2026-03-01T12:30:05"),
+    (b"2026-03-01T12:30:05.120000Z", b"2026-03-01T12:30:05.000Z"),
+    (b"2026-03-01T12:30:05.120000Z", b"2026-03-01T12:30:05.1234567Z"),
+    (b"2026-03-01T12:30:05.120000Z", b"2026-03-01T12:30:05+09:00"),
+    (b"2026-03-01T12:30:05.120000Z", b"2026-03-01T12:30:05.12Z"),
+    (b"2026-03-01T12:30:05.120000Z", b"2026-03-01T12:30:05.000001Z"),
+    (b'"b":{"c":null}', b'"b":NaN'),
+    (b'"b":{"c":null}', b'"b":Infinity'),
+    (b'"b":{"c":null}', b'"b":1e400'),
+    (b'"b":{"c":null}', b'"b":1.10'),
+    (b'"b":{"c":null}', b'"b":"\\u00e9\\u0000"'),
+    (b'"b":{"c":null}', b'"b":{"c":1},"b":2'),
+    (b'"b":{"c":null}}', b'"b":{"c":null}},"extra":1'),
+    (b'"b":{"c":null}}', b'"b":{"c":null}}}'),
+    (b'"b":{"c":null}', b'"b":"\xff"'),
+    (b'"userId":"u1"', b'"userId":" "'),
+    (b'"userId":"u1"', b'"userId":""'),
+    (b'"userId":"u1"', b'"userId":"' + b"u" * 192 + b'"'),
+    (b'"userId":"u1"', b'"userId":"u\\u0031"'),
+    (b'"source":"web"', b'"source":""'),
+    (b'"kind":"interaction",', b""),
+    (b'"schemaVersion":1', b'"schemaVersion":2'),
+    (b"-7000-", b"-4000-"),
+    (b'"metadata":{', b'"metadata": {'),
+    (b"", b""),
+]
+
+
+@pytest.mark.parametrize(("old", "new"), _TRICKS)
+def test_both_paths_agree_on_each_broken_rule(old: bytes, new: bytes) -> None:
+    assert old in _BASE
+    value = _BASE.replace(old, new, 1)
+    agrees(value, b"u1" if b'"userId":"u1"' in value else None)
+    for key in (b"u1", b" ", b"", b"u" * 192, b"u1\\u0031"):
+        agrees(value, key)
+
+
+@given(
+    st.sampled_from(_TRICKS),
+    st.integers(0, len(_BASE)),
+    st.binary(max_size=3),
+    st.integers(0, 3),
+)
+@example(_TRICKS[-1], 0, b"", 0)
+def test_any_damage_to_the_bytes_is_judged_alike(
+    trick: tuple[bytes, bytes], at: int, insert: bytes, delete: int
+) -> None:
+    value = _BASE.replace(*trick, 1)
+    at = min(at, len(value))
+    value = value[:at] + insert + value[at + delete :]
+    assume(value != _BASE or not insert)
+    agrees(value, b"u1")
+
+
+def test_classify_gives_the_fast_row_where_it_can() -> None:
+    record = Record("usertrail.events", 0, 7, b"u1", _BASE)
+    decoded = classify(record)
+    assert isinstance(decoded, Decoded) and isinstance(decoded.event, FastRow)
+    assert decoded.event.line == contract_row(_BASE, b"u1")
+    spaced = Record("usertrail.events", 0, 8, b"u1", _BASE.replace(b",", b", "))
+    slow = classify(spaced)
+    assert isinstance(slow, Decoded) and isinstance(slow.event, Interaction)
