@@ -158,6 +158,15 @@ class _Resync:
     last_at: float = 0.0
 
 
+async def then_send(
+    writes: Sequence[Awaitable[Any]], send: Callable[[], Sequence[Awaitable[Any]]]
+) -> None:
+    """Wait for ``writes``; only when every one succeeded, ``send`` and wait
+    for what it sent. A failed write raises here and nothing is sent."""
+    await asyncio.gather(*writes)
+    await asyncio.gather(*send())
+
+
 def create_app(
     settings: Settings,
     rules: Rules,
@@ -349,18 +358,25 @@ def create_app(
             pending.append(table.send_changelog(partition, key, value))
             message = None if result.message is None else encode_profile(result.message)
             pending.append(await profiles.send(settings.profiles_topic, message, key=key))
-        # Each partition's applied offset goes last to its changelog
-        # partition: records of one partition land in order, so a recovered
-        # applied offset implies every state write before it.
+        marks = []
         for partition, offset in applied.items():
             if offset is not None and offset != recovered[partition]:
                 mark, value = applied_key(partition), str(offset).encode()
                 table.data[mark] = value
-                pending.append(table.send_changelog(partition, mark, value))
-        # This batch's writes and the previous batch's, as one future: done
-        # when every write so far is acknowledged, in batch order.
+                marks.append((partition, mark, value))
+        # Each partition's applied offset goes to its changelog partition only
+        # once this batch's other writes and every earlier batch's are
+        # acknowledged, so a recovered applied offset implies all of them:
+        # without an idempotent producer (the embedded broker has none) a
+        # write can fail while a later one to the same partition gets
+        # through. One future: done when every write so far is acknowledged.
         previous = list(in_flight)
-        writes = asyncio.gather(*pending, *previous)
+        writes = asyncio.ensure_future(
+            then_send(
+                [*pending, *previous],
+                lambda marks=marks: [table.send_changelog(*m) for m in marks],
+            )
+        )
         in_flight[:] = [writes]
         when_acknowledged(writes, len(batch))
         for earlier in previous:
