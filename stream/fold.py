@@ -16,6 +16,7 @@ from __future__ import annotations
 import bisect
 import functools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Annotated, Any
@@ -195,10 +196,10 @@ class Folding:
     def interactions(self) -> int:
         return self._totals[0]
 
-    def totals(self) -> tuple[int, int, int, int]:
-        """As ``Profile.totals``."""
-        t = self._totals
-        return t[0], t[1], t[2], t[3]
+    def totals(self) -> Sequence[int]:
+        """As ``Profile.totals``: the running sums themselves (read, never
+        written: the rules read them after every event)."""
+        return self._totals
 
     def freeze(self) -> Profile:
         return Profile(
@@ -327,7 +328,8 @@ class Folding:
                 vector[k] *= factor
         config = self._config
         weight = config.unrated if rating is None else config.rating_weights[rating - 1]
-        weight *= math.pow(0.5, (now - at).total_seconds() / self._half_life)
+        if at != now:  # an event older than the newest: decayed to now
+            weight *= math.pow(0.5, (now - at).total_seconds() / self._half_life)
         dims = self._dims
         for dim in (dims.get(("service", service)), theme and dims.get(("theme", theme))):
             if dim:

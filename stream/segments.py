@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any, Literal, NamedTuple, Protocol
+from typing import Annotated, Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from usertrail.stream.fold import AffinityConfig
@@ -102,6 +102,16 @@ class Rules(BaseModel):
     def matchers(self) -> list[tuple[Rule, Matcher]]:
         """Each rule with its compiled ``_compile`` function."""
         return [(rule, _compile(rule)) for rule in self.segments]
+
+    @functools.cached_property
+    def keyed(self) -> list[tuple[str, Matcher]]:
+        """``matchers`` by segment id, as ``segment_key`` reads them."""
+        return [(rule.id, match) for rule, match in self.matchers]
+
+    @functools.cached_property
+    def fallback(self) -> Fallback | None:
+        """The rule that applies when no other does, if any."""
+        return next((r for r in self.segments if isinstance(r, Fallback)), None)
 
     def affinity_config(self) -> AffinityConfig:
         a = self.affinity
@@ -206,7 +216,7 @@ class Facts(Protocol):
 
     @property
     def interactions(self) -> int: ...
-    def totals(self) -> tuple[int, int, int, int]: ...
+    def totals(self) -> Sequence[int]: ...
     @property
     def counts_by_service(self) -> dict[str, int]: ...
     @property
@@ -223,20 +233,12 @@ class Facts(Protocol):
     def recent_activity(self) -> Sequence[datetime]: ...
 
 
-class _Totals(NamedTuple):
-    """Sums every rule reads, taken once per evaluation."""
-
-    interactions: int
-    themed: int
-    ratings: int
-    rating_sum: int
-
-    @classmethod
-    def of(cls, p: Facts) -> _Totals:
-        return cls._make(p.totals())
-
-
-Matcher = Callable[[Facts, _Totals], "tuple[float, int] | None"]
+# The sums every rule reads, as ``Facts.totals()`` gives them (taken once per
+# evaluation and passed as they are: a named tuple per event cost more than
+# the rules it served), by position:
+INTERACTIONS, THEMED, RATINGS, RATING_SUM = range(4)
+Totals = Sequence[int]
+Matcher = Callable[[Facts, Totals], "tuple[float, int] | None"]
 
 
 def _compile(rule: Rule) -> Matcher:
@@ -245,17 +247,19 @@ def _compile(rule: Rule) -> Matcher:
     only words what this found. Compiled once per rules file (``Rules.matchers``):
     the worker asks after every event."""
     if isinstance(rule, ServiceShare):  # of all interactions
-        return _share("counts_by_service", 0, rule.service, rule.min_interactions, rule.min_share)
+        return _share(
+            "counts_by_service", INTERACTIONS, rule.service, rule.min_interactions, rule.min_share
+        )
     if isinstance(rule, ThemeShare):  # of the interactions with a theme
-        return _share("counts_by_theme", 1, rule.theme, rule.min_interactions, rule.min_share)
+        return _share("counts_by_theme", THEMED, rule.theme, rule.min_interactions, rule.min_share)
     if isinstance(rule, RatingAverage):
         least, low, high = rule.min_ratings, rule.max_average, rule.min_average
 
-        def rating_average(p: Facts, t: _Totals) -> tuple[float, int] | None:
-            ratings = t.ratings
+        def rating_average(p: Facts, t: Totals) -> tuple[float, int] | None:
+            ratings = t[RATINGS]
             if ratings < least:
                 return None
-            average = t.rating_sum / ratings
+            average = t[RATING_SUM] / ratings
             if low is not None and average <= low:
                 return (5 - average) / 4, ratings
             if high is not None and average >= high:
@@ -266,7 +270,7 @@ def _compile(rule: Rule) -> Matcher:
     if isinstance(rule, Engagement):
         window, least = timedelta(days=rule.window_days), rule.min_interactions
 
-        def engagement(p: Facts, t: _Totals) -> tuple[float, int] | None:
+        def engagement(p: Facts, t: Totals) -> tuple[float, int] | None:
             if p.now is None:
                 return None
             recent = _recent(p, window)
@@ -276,11 +280,11 @@ def _compile(rule: Rule) -> Matcher:
 
         return engagement
     if isinstance(rule, Fallback):
-        return lambda p, t: None  # decided after every other rule: see _fallback
+        return lambda p, t: None  # decided after every other rule: see Rules.fallback
     interest, most, score = rule.interest, rule.max_interactions, rule.score
 
-    def cold_start(p: Facts, t: _Totals) -> tuple[float, int] | None:
-        if t.interactions <= most and interest in (p.onboarding or {}).get("interests", ()):
+    def cold_start(p: Facts, t: Totals) -> tuple[float, int] | None:
+        if t[INTERACTIONS] <= most and interest in (p.onboarding or {}).get("interests", ()):
             return score, 1
         return None
 
@@ -290,7 +294,7 @@ def _compile(rule: Rule) -> Matcher:
 def _share(counts: str, total: int, slug: str, least: int, share: float) -> Matcher:
     """``slug``'s share of ``p.<counts>`` out of ``t[total]`` interactions."""
 
-    def match(p: Facts, t: _Totals) -> tuple[float, int] | None:
+    def match(p: Facts, t: Totals) -> tuple[float, int] | None:
         n = t[total]
         if n >= least and (count := getattr(p, counts).get(slug, 0)) / n >= share:
             return count / n, n
@@ -335,31 +339,24 @@ def _reasons(rule: Rule, p: Facts) -> list[str]:
 def segment_key(p: Facts, rules: Rules) -> tuple[tuple[str, float], ...]:
     """(segment, score to 6 places) of every assignment: what ``segment``
     decides, without its reasons, cheap enough to ask after every event."""
-    t = _Totals.of(p)
-    key = []
-    for rule, match in rules.matchers:
-        if (m := match(p, t)) is not None:
-            key.append((rule.id, round(m[0], 6)))
+    t = p.totals()
+    key = tuple([(rule_id, round(m[0], 6)) for rule_id, match in rules.keyed if (m := match(p, t))])
     if key:
-        return tuple(key)
-    if (fallback := _fallback(rules)) is not None:
+        return key
+    if (fallback := rules.fallback) is not None:
         return ((fallback.id, round(fallback.score, 6)),)
     return ()
 
 
-def _fallback(rules: Rules) -> Fallback | None:
-    return next((r for r in rules.segments if isinstance(r, Fallback)), None)
-
-
 def segment(profile: Facts, rules: Rules) -> Segmentation:
-    t = _Totals.of(profile)
+    t = profile.totals()
     assignments = [
         Assignment(segment=rule.id, score=m[0], evidence=m[1], reasons=_reasons(rule, profile))
         for rule, match in rules.matchers
         if (m := match(profile, t)) is not None
     ]
-    if not assignments and (fallback := _fallback(rules)) is not None:
-        n = t.interactions
+    if not assignments and (fallback := rules.fallback) is not None:
+        n = t[INTERACTIONS]
         assignments = [
             Assignment(
                 segment=fallback.id,
