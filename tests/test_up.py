@@ -40,6 +40,7 @@ def _start_up(
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        process_group=0,  # as a shell starts a command: Ctrl-C reaches its group
         env={
             **{
                 k: v
@@ -69,11 +70,21 @@ def _start_up(
     raise AssertionError("usertrail up did not come up:\n" + "".join(lines))
 
 
-def _stop(proc: subprocess.Popen[str], how: int) -> None:
-    proc.send_signal(how)
-    proc.wait(timeout=60)
+CTRL_C = -signal.SIGINT
+"""A terminal's Ctrl-C: SIGINT to the whole foreground process group."""
+
+
+def _stop(proc: subprocess.Popen[str], how: int) -> str:
+    """Stop ``up`` and return what it printed after the signal."""
+    if how == CTRL_C:
+        os.killpg(proc.pid, signal.SIGINT)
+    else:
+        proc.send_signal(how)
     assert proc.stdout is not None
+    rest = proc.stdout.read()  # to the end: every process holding the pipe has exited
+    proc.wait(timeout=60)
     proc.stdout.close()
+    return rest
 
 
 def _descendants(pids: list[int]) -> list[int]:
@@ -98,15 +109,20 @@ def _listening(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-@pytest.mark.parametrize("how", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL])
-def test_up_then_stop_leaves_no_process(tmp_path: Path, how: signal.Signals) -> None:
+@pytest.mark.parametrize(
+    "how",
+    [CTRL_C, signal.SIGINT, signal.SIGTERM, signal.SIGKILL],
+    ids=["ctrl-c", "int", "term", "kill"],
+)
+def test_up_then_stop_leaves_no_process(tmp_path: Path, how: int) -> None:
     proc, pids, kafka, pg = _start_up(tmp_path)
     assert len(pids) == 4, "broker, database, stream and sink"
     everything = _descendants(pids)
     assert len(everything) > 2, "postgres runs its helper processes"
     assert _listening(kafka) and _listening(pg)
 
-    _stop(proc, how)
+    started = time.monotonic()
+    said = _stop(proc, how)
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline and any(_alive(p) for p in everything):
         time.sleep(0.1)
@@ -114,6 +130,9 @@ def test_up_then_stop_leaves_no_process(tmp_path: Path, how: signal.Signals) -> 
     assert not _listening(kafka) and not _listening(pg)
     if how != signal.SIGKILL:
         assert proc.returncode == 0
+        # workers first, then the broker and the database: an orderly stop
+        assert time.monotonic() - started < 20, said
+        assert "Traceback" not in said and "killing" not in said, said
 
 
 def test_up_creates_topics_with_their_configuration(tmp_path: Path) -> None:

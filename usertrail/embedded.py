@@ -33,6 +33,10 @@ PG_SYSTEM_USER = "embedded_postgres"
 
 def _die_with_parent() -> None:
     # Linux: the child is SIGKILLed when the process that spawned it exits.
+    # Children are also started in a process group of their own
+    # (``process_group=0``): a terminal's Ctrl-C then reaches only the process
+    # that started them, which stops them in order (workers, then the broker
+    # and the database), instead of everything at once.
     PR_SET_PDEATHSIG = 1
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
@@ -133,6 +137,7 @@ class EmbeddedBroker(_Child):
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 preexec_fn=_die_with_parent,
+                process_group=0,  # see _die_with_parent
             )
         _wait_for_port(self.port, self.proc, self.name, timeout=20)
         log.info("tansu broker pid %d on %s", self.proc.pid, self.bootstrap_servers)
@@ -261,6 +266,7 @@ class EmbeddedPostgres(_Child):
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 preexec_fn=_die_with_parent,
+                process_group=0,  # see _die_with_parent
                 **user_kw,  # type: ignore[arg-type]
             )
         _wait_for_port(self.port, self.proc, self.name, timeout=30)

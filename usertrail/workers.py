@@ -38,6 +38,7 @@ class Workers:
             [sys.executable, "-m", "usertrail.cli", *self.commands[index]],
             env=self.env,
             preexec_fn=_die_with_parent,
+            process_group=0,  # Ctrl-C reaches `up`, which stops us in order
             stdin=subprocess.DEVNULL,
         )
         self.procs[index] = proc
