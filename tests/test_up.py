@@ -80,10 +80,8 @@ def _stop(proc: subprocess.Popen[str], how: int) -> str:
         os.killpg(proc.pid, signal.SIGINT)
     else:
         proc.send_signal(how)
-    assert proc.stdout is not None
-    rest = proc.stdout.read()  # to the end: every process holding the pipe has exited
-    proc.wait(timeout=60)
-    proc.stdout.close()
+    # to the end of the output: every process holding the pipe has exited
+    rest, _ = proc.communicate(timeout=60)
     return rest
 
 
