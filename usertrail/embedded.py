@@ -22,6 +22,7 @@ import subprocess
 import time
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 from usertrail.errors import EmbeddedStackError
 
@@ -33,13 +34,16 @@ PG_SYSTEM_USER = "embedded_postgres"
 
 def _die_with_parent() -> None:
     # Linux: the child is SIGKILLed when the process that spawned it exits.
-    # Children are also started in a process group of their own
-    # (``process_group=0``): a terminal's Ctrl-C then reaches only the process
-    # that started them, which stops them in order (workers, then the broker
-    # and the database), instead of everything at once.
     PR_SET_PDEATHSIG = 1
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+OWNED_CHILD: dict[str, Any] = {"preexec_fn": _die_with_parent, "process_group": 0}
+"""Popen options of a process that ``up`` owns: it dies with its parent, and
+runs in a process group of its own, so a terminal's Ctrl-C reaches only
+``up``, which stops its children in order (workers, then the broker and the
+database) instead of all of them at once."""
 
 
 def free_port() -> int:
@@ -136,8 +140,7 @@ class EmbeddedBroker(_Child):
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
-                preexec_fn=_die_with_parent,
-                process_group=0,  # see _die_with_parent
+                **OWNED_CHILD,
             )
         _wait_for_port(self.port, self.proc, self.name, timeout=20)
         log.info("tansu broker pid %d on %s", self.proc.pid, self.bootstrap_servers)
@@ -265,8 +268,7 @@ class EmbeddedPostgres(_Child):
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
-                preexec_fn=_die_with_parent,
-                process_group=0,  # see _die_with_parent
+                **OWNED_CHILD,
                 **user_kw,  # type: ignore[arg-type]
             )
         _wait_for_port(self.port, self.proc, self.name, timeout=30)

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 
-from usertrail.embedded import _die_with_parent
+from usertrail.embedded import OWNED_CHILD
 from usertrail.settings import Settings
 
 log = logging.getLogger("usertrail.workers")
@@ -37,8 +37,7 @@ class Workers:
         proc = subprocess.Popen(
             [sys.executable, "-m", "usertrail.cli", *self.commands[index]],
             env=self.env,
-            preexec_fn=_die_with_parent,
-            process_group=0,  # Ctrl-C reaches `up`, which stops us in order
+            **OWNED_CHILD,
             stdin=subprocess.DEVNULL,
         )
         self.procs[index] = proc
