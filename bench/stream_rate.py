@@ -8,7 +8,9 @@ whole topic from the start under a new group:
            itself can deliver here;
   worker   the real stream worker (``create_app``): fold, segments, table
            with its changelog and the published profiles, every batch's
-           writes acknowledged by the broker before the next batch;
+           writes acknowledged by the broker before the next batch; it
+           decodes and folds in its helper process, as by default
+           (USERTRAIL_STREAM_FOLD_PROCESS=false: in its own process);
   raw      a plain aiokafka loop that decodes and folds into a dict.
 Both faust figures run as worker processes, timed from their first finished
 batch to their last (the group join before it is not throughput). Prints each
@@ -74,7 +76,7 @@ class Clock:
 
 def child(role: str, expected: int, result: Path) -> None:
     import faust
-    from usertrail.stream.app import BATCH, BATCH_WITHIN, create_app
+    from usertrail.stream.app import BATCH_WITHIN, create_app
 
     from usertrail.runtime import tune_gc
 
@@ -104,7 +106,8 @@ def child(role: str, expected: int, result: Path) -> None:
 
         @app.agent(topic)
         async def only_decode(stream: Any) -> None:
-            async for values in stream.take(BATCH, within=BATCH_WITHIN):  # as the worker
+            # batched as the worker batches
+            async for values in stream.take(settings.stream_batch_max, within=BATCH_WITHIN):
                 for value in values:
                     decode(value)
                 clock.add(len(values))
@@ -199,6 +202,8 @@ async def main(args: argparse.Namespace) -> None:
             async with TrackingClient(source="demo", settings=settings) as client:
                 sent = await demo.run(client, demo.plan(users=500, events=args.events, seed=3))
             print(f"{sent:,} demo events in {TOPIC} ({PARTITIONS} partitions)")
+            where = "a helper process" if settings.stream_fold_process else "its own process"
+            print(f"the worker decodes and folds in {where}")
             env = {
                 **os.environ,
                 "KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap_servers,

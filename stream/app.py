@@ -2,11 +2,13 @@
 
 ``create_app(settings, rules)`` builds the app; nothing here runs at import.
 The agent only moves bytes and calls the pure functions (``fold``,
-``segment``): it takes the events in batches, folds each user's events of a
-batch into the user's state (a redelivered or resent event leaves it
-unchanged, DESIGN.md rule 2), writes each changed state once and publishes
-the user's profile after the batch as a ``ProfileMessage`` to
-``usertrail.profiles``. A batch's writes are in flight while the next batch
+``segment``, through ``batch.fold_users``): it takes the events in batches,
+folds each user's events of a batch into the user's state (a redelivered or
+resent event leaves it unchanged, DESIGN.md rule 2), writes each changed
+state once and publishes the user's profile after the batch as a
+``ProfileMessage`` to ``usertrail.profiles``. Decoding and folding run in a
+helper process by default (``batch.FoldProcess``), on another core than
+faust's own per-event work. A batch's writes are in flight while the next batch
 is folded, and acknowledged by the broker before the one after it is folded
 and before the worker gives up any partition.
 
@@ -39,24 +41,17 @@ import faust
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 from faust.types import TP
-from usertrail.producers.events import EventBase
-from usertrail.producers.profiles import encode_profile
-from usertrail.sink.plan import accept
+from usertrail.stream.batch import Folded, FoldProcess, UserBatch, fold_users
 from usertrail.stream.segments import Rules, segment
-from usertrail.stream.state import UserState, advance, dump_state, load_state, message_for
+from usertrail.stream.state import load_state, message_for
 
 from usertrail.settings import Settings
 
 log = logging.getLogger("usertrail.stream")
 
 TABLE = "profiles"
-BATCH = 4000
-"""Events folded per batch at most (a changed user's state is written once
-per batch)."""
 BATCH_WITHIN = 0.25
 """Seconds a batch waits to fill before it is folded anyway."""
-DECODED_STATES = 20_000
-"""Users whose decoded state is kept beside the table's bytes."""
 
 
 APPLIED = b"\x00usertrail/applied/"
@@ -236,6 +231,8 @@ def create_app(
                 await asyncio.wait_for(own_producer.pop().stop(), timeout=10)
             except (TimeoutError, KafkaError) as exc:  # BROKER.md 8
                 log.warning("profiles producer did not stop cleanly: %r", exc)
+        if helper is not None:
+            await helper.close()
 
     table = app.Table(
         TABLE,
@@ -253,7 +250,7 @@ def create_app(
 
     @app.agent(events)
     async def fold_events(stream: faust.StreamT[bytes]) -> None:
-        async for batch in stream.take_events(BATCH, within=BATCH_WITHIN):
+        async for batch in stream.take_events(settings.stream_batch_max, within=BATCH_WITHIN):
             await fold_batch(batch)
 
     # The writes of the last batch folded (with every earlier batch's): the
@@ -288,27 +285,22 @@ def create_app(
 
         writes.add_done_callback(done)
 
-    # Decoded states beside the table's bytes, a bounded number, valid only
-    # while the table holds the very bytes they were decoded from (recovery
-    # and rebalances replace them).
-    decoded: dict[bytes, tuple[bytes, UserState]] = {}
+    # Decoding and folding, most of a batch's CPU, run in a helper process on
+    # another core while faust's consumer thread fetches the next batch. The
+    # batch is awaited before its events are acknowledged, so a rebalance
+    # waits for it as for any batch.
+    helper = FoldProcess(rules) if settings.stream_fold_process else None
 
-    def state_of(key: bytes) -> UserState | None:
-        raw = table.data.get(key)
-        hit = decoded.pop(key, None)
-        if hit is not None and hit[0] is raw:
-            decoded[key] = hit  # most recently used last
-            return hit[1]
-        state = load_state(raw)
-        if raw is not None and state is not None:
-            remember(key, raw, state)
-        return state
+    if helper is not None:
 
-    def remember(key: bytes, raw: bytes, state: UserState) -> None:
-        decoded.pop(key, None)
-        decoded[key] = (raw, state)
-        if len(decoded) > DECODED_STATES:
-            del decoded[next(iter(decoded))]
+        @app.task
+        async def start_helper() -> None:  # before the first batch needs it
+            await helper.start()
+
+    async def fold(users: list[UserBatch]) -> list[Folded | None]:
+        if helper is None:
+            return fold_users(users, rules)
+        return await helper.fold(users)
 
     def applied_offset(partition: int) -> int | None:
         raw = table.data.get(applied_key(partition))
@@ -319,7 +311,7 @@ def create_app(
         recovered: dict[int, int | None] = {}  # as the batch found them
         gaps: dict[int, int] = {}
         ahead: dict[int, int] = {}
-        per_user: dict[bytes, tuple[int, list[tuple[EventBase, int]]]] = {}
+        per_user: dict[bytes, tuple[int, list[tuple[bytes, int]]]] = {}
         for event in batch:
             message = event.message
             partition, offset = message.partition, message.offset
@@ -336,28 +328,25 @@ def create_app(
                 gaps[partition] = cast(int, applied[partition]) + 1
                 continue
             applied[partition] = offset
-            decoded = accept(message.key, message.value)
-            if decoded is None:
-                continue  # the sink dead-letters it, with its reason and bytes
-            mine = per_user.get(message.key)  # accepted: the key is the user id
+            key, value = message.key, message.value
+            if key is None or value is None:
+                continue  # never an event of the contract: the sink dead-letters it
+            mine = per_user.get(key)  # a valid event's key is its user id
             if mine is None:
-                mine = per_user[message.key] = (partition, [])
-            mine[1].append((decoded, offset))
+                mine = per_user[key] = (partition, [])
+            mine[1].append((value, offset))
         pending: list[Awaitable[Any]] = []
         profiles = await profiles_producer()
-        for key, (partition, items) in per_user.items():
-            result = advance(state_of(key), items[0][0].user_id, items, rules)
+        users = [UserBatch(key, table.data.get(key), items) for key, (_, items) in per_user.items()]
+        for (key, (partition, _)), result in zip(per_user.items(), await fold(users), strict=True):
             if result is None:
-                continue
-            value = dump_state(result.state)
+                continue  # nothing new, or not valid events: the sink dead-letters those
             # the store and the changelog directly (what table[key] = value
             # does), so the changelog partition is the event's and the send
             # can be awaited
-            table.data[key] = value
-            remember(key, value, result.state)
-            pending.append(table.send_changelog(partition, key, value))
-            message = None if result.message is None else encode_profile(result.message)
-            pending.append(await profiles.send(settings.profiles_topic, message, key=key))
+            table.data[key] = result.state
+            pending.append(table.send_changelog(partition, key, result.state))
+            pending.append(await profiles.send(settings.profiles_topic, result.message, key=key))
         marks = []
         for partition, offset in applied.items():
             if offset is not None and offset != recovered[partition]:

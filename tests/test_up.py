@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -95,6 +96,19 @@ def _descendants(pids: list[int]) -> list[int]:
     return out
 
 
+def _fold_helper(pids: list[int]) -> int:
+    """The stream worker's fold helper (started with the worker), so the test
+    sees it stop too."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        for pid in _descendants(pids):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                if "usertrail.stream.batch" in " ".join(psutil.Process(pid).cmdline()):
+                    return pid
+        time.sleep(0.2)
+    raise AssertionError("the stream worker started no fold helper")
+
+
 def _alive(pid: int) -> bool:
     try:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
@@ -115,8 +129,10 @@ def _listening(port: int) -> bool:
 def test_up_then_stop_leaves_no_process(tmp_path: Path, how: int) -> None:
     proc, pids, kafka, pg = _start_up(tmp_path)
     assert len(pids) == 4, "broker, database, stream and sink"
+    helper = _fold_helper(pids)
     everything = _descendants(pids)
     assert len(everything) > 2, "postgres runs its helper processes"
+    assert helper in everything
     assert _listening(kafka) and _listening(pg)
 
     started = time.monotonic()

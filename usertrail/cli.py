@@ -270,6 +270,8 @@ def cmd_stream(args: argparse.Namespace, settings: Settings) -> int:
     from usertrail.stream.app import create_app
 
     rules = _rules(args, settings)
+    flags = {"stream_fold_process": args.fold_process, "stream_batch_max": args.batch_max}
+    settings = settings.model_copy(update={k: v for k, v in flags.items() if v is not None})
     app = create_app(settings, rules, web_port=args.web_port or settings.stream_web_port)
     tune_gc()
     worker = faust.Worker(app, loglevel=settings.log_level.lower(), quiet=True)
@@ -694,6 +696,21 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PORT",
         help="port of the worker's web server on 127.0.0.1 "
         "[env USERTRAIL_STREAM_WEB_PORT; default 6066]",
+    )
+    stream.add_argument(
+        "--fold-process",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="decode and fold each batch in a helper process, on another core than "
+        "faust's own work, or (--no-fold-process) in the worker's process "
+        "[env USERTRAIL_STREAM_FOLD_PROCESS; default: a helper process]",
+    )
+    stream.add_argument(
+        "--batch-max",
+        type=_at_least_one,
+        metavar="N",
+        help="fold at most N events per batch; a changed user's state is written once "
+        "per batch [env USERTRAIL_STREAM_BATCH_MAX; default 4000]",
     )
     stream.set_defaults(func=cmd_stream)
 

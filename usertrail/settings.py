@@ -60,6 +60,12 @@ class Settings(BaseSettings):
     events_partitions: int = Field(default=8, ge=1, le=10_000)
     stream_app_id: str = "usertrail-stream"  # the faust app: group id, changelog prefix
     stream_web_port: int = Field(default=6066, ge=1, le=65535)  # GET /profiles/{userId}
+    # decode and fold in a helper process, on another core than faust's own
+    # work; false: in the worker's process (one core, or to profile the fold)
+    stream_fold_process: bool = True
+    # events folded per batch at most (a changed user's state is written once
+    # per batch)
+    stream_batch_max: int = Field(default=4000, ge=1)
     replication_factor: int = Field(default=1, ge=1)
     # segment rules (TOML) of the stream, replay and verify; unset: the shipped
     # stream/rules.toml. The workers `usertrail up` runs read it too.

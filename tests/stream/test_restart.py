@@ -79,17 +79,22 @@ async def changelog_written(settings: Settings) -> int:
 async def kill_while_folding(
     settings: Settings, proc: subprocess.Popen[bytes], rng: random.Random
 ) -> None:
-    """SIGKILL at a random moment within 0.8 s of this life's first write
+    """SIGKILL at a random moment within 0.3 s of this life's first write
     (start-up and recovery take seconds, more as the changelog grows; a life
-    folds about 6,000 events a second, and the tenth kill must still fall
-    before the end)."""
+    folds about 10,000 events a second here, in batches of BATCH_MAX, and the
+    tenth kill must still fall before the end)."""
     before = await changelog_written(settings)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + 60
     while await changelog_written(settings) == before and loop.time() < deadline:
         await asyncio.sleep(0.1)
-    await asyncio.sleep(rng.uniform(0.0, 0.8))
+    await asyncio.sleep(rng.uniform(0.0, 0.3))
     kill(proc)
+
+
+BATCH_MAX = "1000"
+"""Smaller batches than the default 4000: a life's first write, after which
+the kill falls, comes after a quarter of the events."""
 
 
 def kill(proc: subprocess.Popen[bytes]) -> None:
@@ -114,7 +119,7 @@ async def test_sigkill_ten_times_loses_and_doubles_nothing(
     rng = random.Random(5)
     progress = []
     for _ in range(10):
-        proc = stream_process(settings, free_port(), log)
+        proc = stream_process(settings, free_port(), log, USERTRAIL_STREAM_BATCH_MAX=BATCH_MAX)
         await kill_while_folding(settings, proc, rng)
         states = await changelog_states(settings)
         progress.append(

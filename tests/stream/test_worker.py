@@ -28,7 +28,9 @@ from usertrail.settings import Settings
 RULES = load_rules()
 
 
-def stream_process(settings: Settings, web_port: int, log: Path) -> subprocess.Popen[bytes]:
+def stream_process(
+    settings: Settings, web_port: int, log: Path, **extra_env: str
+) -> subprocess.Popen[bytes]:
     env = {
         **os.environ,
         "KAFKA_BOOTSTRAP_SERVERS": settings.bootstrap_servers,
@@ -39,6 +41,7 @@ def stream_process(settings: Settings, web_port: int, log: Path) -> subprocess.P
         "USERTRAIL_STREAM_APP_ID": settings.stream_app_id,
         "USERTRAIL_STREAM_WEB_PORT": str(web_port),
         "USERTRAIL_DATA_DIR": str(log.parent),
+        **extra_env,
     }
     with open(log, "ab") as out:
         return subprocess.Popen(

@@ -1,0 +1,188 @@
+"""A batch of the worker's events folded as bytes in, bytes out.
+
+The worker hands ``fold_users`` each changed user's table value and raw
+records; it gets back the new table value and the profile message to
+publish. Pure but for a bounded memo of decoded states, so it runs the same
+in the worker's own process or in a helper process (``FoldProcess``): there
+decoding and folding, most of a batch's CPU, run on another core while
+faust's consumer keeps fetching and buffering the next batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import pickle
+import signal
+import struct
+import sys
+from collections.abc import Sequence
+from typing import Any, BinaryIO, NamedTuple
+
+from usertrail.producers.events import EventBase
+from usertrail.producers.profiles import encode_profile
+from usertrail.sink.plan import accept
+from usertrail.stream.segments import Rules
+from usertrail.stream.state import UserState, advance, dump_state, load_state
+
+from usertrail.embedded import _die_with_parent
+from usertrail.runtime import tune_gc
+
+log = logging.getLogger("usertrail.stream")
+
+DECODED_STATES = 20_000
+"""Users whose decoded state is kept beside the bytes it was decoded from."""
+
+
+class UserBatch(NamedTuple):
+    key: bytes  # the user id in UTF-8: the records' key and the table's
+    state: bytes | None  # the user's table value before the batch
+    records: list[tuple[bytes, int]]  # (value, offset) in log order
+
+
+class Folded(NamedTuple):
+    state: bytes  # the new table value
+    message: bytes | None  # the profile to publish; None: a tombstone
+
+
+_decoded: dict[bytes, tuple[bytes, UserState]] = {}
+
+
+def _state_of(key: bytes, raw: bytes | None) -> UserState | None:
+    hit = _decoded.pop(key, None)
+    if hit is not None and hit[0] == raw:
+        _decoded[key] = hit  # most recently used last
+        return hit[1]
+    return load_state(raw)
+
+
+def _remember(key: bytes, raw: bytes, state: UserState) -> None:
+    _decoded.pop(key, None)
+    _decoded[key] = (raw, state)
+    if len(_decoded) > DECODED_STATES:
+        del _decoded[next(iter(_decoded))]
+
+
+def fold_users(users: Sequence[UserBatch], rules: Rules) -> list[Folded | None]:
+    """Per user, in order: the state and message after its records, or None
+    when they change nothing (all redelivered, resent or not valid events:
+    the sink dead-letters those)."""
+    out: list[Folded | None] = []
+    for key, raw, records in users:
+        events: list[tuple[EventBase, int]] = []
+        for value, offset in records:
+            event = accept(key, value)  # accepted: the key is the event's user id
+            if event is not None:
+                events.append((event, offset))
+        result = None
+        if events:
+            result = advance(_state_of(key, raw), events[0][0].user_id, events, rules)
+        if result is None:
+            out.append(None)
+            continue
+        value = dump_state(result.state)
+        _remember(key, value, result.state)
+        message = None if result.message is None else encode_profile(result.message)
+        out.append(Folded(value, message))
+    return out
+
+
+# --- the helper process ----------------------------------------------------
+# Frames both ways: 4-byte big-endian length, then a pickle. The first frame
+# to the helper is the rules; then one frame per batch, answered by one.
+# Pickles only ever pass between a worker and the helper it started.
+
+_HEADER = struct.Struct(">I")
+_PIPE_LIMIT = 4 * 1024 * 1024
+
+
+def serve(stdin: BinaryIO | None = None, stdout: BinaryIO | None = None) -> None:
+    """The helper process: fold every batch that arrives, until end of input
+    (the worker closed the pipe, or died)."""
+    _die_with_parent()  # and killed with the worker, even mid-batch
+    # a terminal's Ctrl-C reaches the whole process group: the worker stops
+    # this process once its last batch is written
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    tune_gc()
+    source, sink = stdin or sys.stdin.buffer, stdout or sys.stdout.buffer
+
+    def read() -> Any:
+        header = source.read(_HEADER.size)
+        if len(header) < _HEADER.size:
+            return None
+        return pickle.loads(source.read(_HEADER.unpack(header)[0]))
+
+    rules = Rules.model_validate(read())
+    while (users := read()) is not None:
+        answer = pickle.dumps(fold_users(users, rules), protocol=pickle.HIGHEST_PROTOCOL)
+        sink.write(_HEADER.pack(len(answer)) + answer)
+        sink.flush()
+
+
+class FoldProcess:
+    """``fold_users`` in one helper process (``serve``), started on first
+    use and talked to over pipes from the event loop itself, with no thread
+    in between. One batch at a time (the worker awaits each), so the
+    helper's memo follows the table. A helper that dies is replaced and the
+    batch folded again: the function is pure, so a second try gives what
+    the first would have."""
+
+    def __init__(self, rules: Rules) -> None:
+        self._rules = rules.model_dump(by_alias=True)
+        self._proc: asyncio.subprocess.Process | None = None
+
+    async def start(self) -> None:
+        if self._proc is None or self._proc.returncode is not None:
+            self._proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-c",
+                "from usertrail.stream.batch import serve; serve()",
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                limit=_PIPE_LIMIT,
+            )
+            self._send(self._rules)
+
+    def _send(self, value: Any) -> None:
+        assert self._proc is not None and self._proc.stdin is not None
+        data = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+        self._proc.stdin.write(_HEADER.pack(len(data)) + data)
+
+    async def fold(self, users: Sequence[UserBatch]) -> list[Folded | None]:
+        try:
+            return await self._fold(users)
+        except (ConnectionError, asyncio.IncompleteReadError) as exc:
+            log.warning("the fold helper died (%r); starting another", exc)
+            await self.close()
+            return await self._fold(users)  # a second death raises
+
+    async def _fold(self, users: Sequence[UserBatch]) -> list[Folded | None]:
+        await self.start()
+        proc = self._proc
+        assert proc is not None and proc.stdin is not None and proc.stdout is not None
+        try:
+            self._send(list(users))
+            await proc.stdin.drain()
+            header = await proc.stdout.readexactly(_HEADER.size)
+            answer = await proc.stdout.readexactly(_HEADER.unpack(header)[0])
+        except BaseException:
+            # cancelled or failed half way: the pipes are out of step, so
+            # this helper never answers another batch
+            self._proc = None
+            if proc.returncode is None:
+                proc.kill()
+            raise
+        result: list[Folded | None] = pickle.loads(answer)
+        return result
+
+    async def close(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None or proc.returncode is not None:
+            return
+        assert proc.stdin is not None
+        proc.stdin.close()  # end of input: the helper exits
+        try:
+            await asyncio.wait_for(proc.wait(), timeout=10)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()

@@ -1,0 +1,168 @@
+"""``fold_users``: a worker's batch as bytes in, bytes out, in the worker's
+process or in the helper process (``FoldProcess``, a real child process)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from usertrail.producers.events import EventBase, build, encode
+from usertrail.producers.profiles import encode_profile
+from usertrail.stream.batch import Folded, FoldProcess, UserBatch, fold_users
+from usertrail.stream.state import advance, dump_state, load_state
+
+from tests.stream.test_fold import RULES, USER, _v7, event_lists
+from tests.stream.test_state import cut
+
+KEY = USER.encode()
+
+
+def expected(batches: list[list[tuple[EventBase, int]]]) -> list[Folded | None]:
+    """What each batch should give: ``advance`` over decoded events."""
+    state, out = None, []
+    for items in batches:
+        result = advance(state, USER, items, RULES)
+        if result is None:
+            out.append(None)
+            continue
+        state = load_state(dump_state(result.state))
+        message = None if result.message is None else encode_profile(result.message)
+        out.append(Folded(dump_state(result.state), message))
+    return out
+
+
+def as_bytes(batches: list[list[tuple[EventBase, int]]]) -> list[list[tuple[bytes, int]]]:
+    return [[(encode(e), offset) for e, offset in items] for items in batches]
+
+
+def through(records: list[list[tuple[bytes, int]]], table: dict[bytes, bytes]) -> list[Any]:
+    out = []
+    for items in records:
+        (result,) = fold_users([UserBatch(KEY, table.get(KEY), items)], RULES)
+        if result is not None:
+            table[KEY] = result.state
+        out.append(result)
+    return out
+
+
+@given(event_lists(erasures=True), st.lists(st.integers(0, 60), max_size=5))
+def test_bytes_in_bytes_out_is_advance(events: list[EventBase], points: list[int]) -> None:
+    batches = cut([(e, i) for i, e in enumerate(events)], points)
+    assert through(as_bytes(batches), {}) == expected(batches)
+
+
+@given(event_lists(), st.integers(1, 59))
+def test_the_memo_never_stands_in_for_a_different_table_value(
+    events: list[EventBase], point: int
+) -> None:
+    """The table lost the user (a recovery from an older changelog, say):
+    the next batch folds onto what the table holds, not onto the memo."""
+    batches = cut([(e, i) for i, e in enumerate(events)], [point])
+    records = as_bytes(batches)
+    through(records[:1], {})  # the memo now holds the state after batch 1
+    assert through(records[1:], {}) == expected(batches[1:])
+
+
+def test_records_that_are_not_the_users_valid_events_change_nothing() -> None:
+    wire = encode(_events(1)[0])
+    users = [
+        UserBatch(b"someone-else", None, [(wire, 0)]),  # key is not the user id
+        UserBatch(KEY, None, [(b"not json", 1), (wire.replace(b'"rating":', b'"x":'), 2)]),
+    ]
+    assert fold_users(users, RULES) == [None, None]
+
+
+def _events(n: int) -> list[EventBase]:
+    return [
+        build(
+            "interaction",
+            event_id=_v7(i),
+            user_id=USER,
+            source="t",
+            occurred_at=datetime(2026, 1, 1, tzinfo=UTC) + timedelta(hours=i),
+            type="reading",
+            service="tarot",
+            theme="love",
+            rating=5,
+        )
+        for i in range(n)
+    ]
+
+
+def _helper_pid(helper: FoldProcess) -> int:
+    proc = helper._proc
+    assert proc is not None
+    return proc.pid
+
+
+async def test_the_helper_process_folds_as_the_worker_would() -> None:
+    items = [(e, i) for i, e in enumerate(_events(40))]
+    batches = cut(items, [5, 17, 30])
+    helper = FoldProcess(RULES)
+    try:
+        table: dict[bytes, bytes] = {}
+        got = []
+        for records in as_bytes(batches):
+            (result,) = await helper.fold([UserBatch(KEY, table.get(KEY), records)])
+            assert result is not None
+            table[KEY] = result.state
+            got.append(result)
+        assert got == expected(batches)
+    finally:
+        await helper.close()
+
+
+async def test_a_helper_that_dies_is_replaced_and_the_batch_folded_again() -> None:
+    items = [(e, i) for i, e in enumerate(_events(20))]
+    batches = cut(items, [10])
+    want = expected(batches)
+    records = as_bytes(batches)
+    helper = FoldProcess(RULES)
+    try:
+        (first,) = await helper.fold([UserBatch(KEY, None, records[0])])
+        assert first == want[0]
+        dead = _helper_pid(helper)
+        os.kill(dead, signal.SIGKILL)
+        await asyncio.sleep(0.2)
+        (second,) = await helper.fold([UserBatch(KEY, first.state, records[1])])
+        assert second == want[1]
+        assert _helper_pid(helper) != dead
+    finally:
+        await helper.close()
+
+
+async def test_a_batch_cancelled_half_way_leaves_no_stale_answer_behind() -> None:
+    items = [(e, i) for i, e in enumerate(_events(30))]
+    batches = cut(items, [15])
+    want = expected(batches)
+    records = as_bytes(batches)
+    helper = FoldProcess(RULES)
+    try:
+        await helper.start()
+        first = _helper_pid(helper)
+        task = asyncio.ensure_future(helper.fold([UserBatch(KEY, None, records[0])]))
+        await asyncio.sleep(0)  # sent, not answered
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        # the answer to the cancelled batch must not be taken for the next one's
+        (result,) = await helper.fold([UserBatch(KEY, None, records[0] + records[1])])
+        assert result is not None and result.state == want[1].state  # type: ignore[union-attr]
+        assert _helper_pid(helper) != first
+    finally:
+        await helper.close()
+
+
+async def test_close_ends_the_helper() -> None:
+    helper = FoldProcess(RULES)
+    await helper.start()
+    proc = helper._proc
+    assert proc is not None
+    await helper.close()
+    assert proc.returncode == 0  # it saw the end of its input and exited
