@@ -6,18 +6,17 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from usertrail.producers.events import EventBase, build, encode
+from usertrail.producers.events import EventBase, encode
 from usertrail.producers.profiles import encode_profile
 from usertrail.stream.batch import Folded, FoldProcess, UserBatch, fold_users
 from usertrail.stream.state import advance, dump_state, load_state
 
-from tests.stream.test_fold import RULES, USER, _v7, event_lists
+from tests.stream.test_fold import RULES, USER, event_lists, interactions
 from tests.stream.test_state import cut
 
 KEY = USER.encode()
@@ -79,20 +78,7 @@ def test_records_that_are_not_the_users_valid_events_change_nothing() -> None:
 
 
 def _events(n: int) -> list[EventBase]:
-    return [
-        build(
-            "interaction",
-            event_id=_v7(i),
-            user_id=USER,
-            source="t",
-            occurred_at=datetime(2026, 1, 1, tzinfo=UTC) + timedelta(hours=i),
-            type="reading",
-            service="tarot",
-            theme="love",
-            rating=5,
-        )
-        for i in range(n)
-    ]
+    return interactions(n, type="reading", service="tarot", theme="love", rating=5)
 
 
 def _helper_pid(helper: FoldProcess) -> int:
