@@ -43,6 +43,7 @@ from usertrail.errors import (
     DeliveryError,
     EventValidationError,
 )
+from usertrail.kafka import stop_within
 from usertrail.settings import Settings
 
 log = logging.getLogger("usertrail.producers")
@@ -203,11 +204,7 @@ class TrackingClient:
         raise AssertionError("unreachable")
 
     async def _stop_producer(self, producer: AIOKafkaProducer) -> None:
-        try:
-            # A producer facing a dead broker can hang in stop(): bound it.
-            await asyncio.wait_for(producer.stop(), timeout=self._delivery_timeout + 5)
-        except (TimeoutError, KafkaError) as exc:
-            log.warning("producer did not stop cleanly: %r", exc)
+        await stop_within(producer, self._delivery_timeout + 5, "producer")
 
     async def flush(self) -> DeliveryReport:
         """Wait until every buffered event is delivered or spooled."""

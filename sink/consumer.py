@@ -34,6 +34,7 @@ from usertrail.sink.metrics import SinkMetrics
 from usertrail.sink.plan import Record
 from usertrail.sink.writer import Prepared, UnknownUsers, Writer, WriteResult
 
+from usertrail.kafka import stop_within
 from usertrail.settings import Settings
 
 log = logging.getLogger("usertrail.sink")
@@ -169,14 +170,8 @@ class Sink:
         finally:
             if not writer.done():
                 writer.cancel()
-            try:
-                await asyncio.wait_for(self.consumer.stop(), timeout=10)
-            except (TimeoutError, KafkaError) as exc:  # BROKER.md 8: stop can hang
-                log.warning("consumer did not stop cleanly: %r", exc)
-            try:
-                await asyncio.wait_for(self.producer.stop(), timeout=10)
-            except (TimeoutError, KafkaError) as exc:
-                log.warning("producer did not stop cleanly: %r", exc)
+            await stop_within(self.consumer, 10, "consumer")
+            await stop_within(self.producer, 10, "dead-letter producer")
             await self.writer.close()
 
     @staticmethod

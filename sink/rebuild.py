@@ -28,6 +28,7 @@ from usertrail.sink.consumer import GROUP, Sink, SinkOptions
 from usertrail.stream.replay import high_waters, partitions_of
 
 from usertrail.errors import UsertrailError
+from usertrail.kafka import stop_within
 from usertrail.settings import Settings
 
 log = logging.getLogger("usertrail.rebuild")
@@ -106,7 +107,7 @@ async def _ends(settings: Settings) -> dict[tuple[str, int], int]:
                 ends[(topic, p)] = end
         return ends
     finally:
-        await asyncio.wait_for(consumer.stop(), 10)
+        await stop_within(consumer, 10, "consumer")
 
 
 async def build(

@@ -45,6 +45,7 @@ from usertrail.stream.batch import Folded, FoldProcess, UserBatch, fold_users
 from usertrail.stream.segments import Rules, segment
 from usertrail.stream.state import load_state, message_for
 
+from usertrail.kafka import stop_within
 from usertrail.settings import Settings
 
 log = logging.getLogger("usertrail.stream")
@@ -227,10 +228,7 @@ def create_app(
         except KafkaError as exc:  # a restart re-reads from the applied offset
             log.error("writes of the last batch failed at shutdown: %r", exc)
         while own_producer:
-            try:
-                await asyncio.wait_for(own_producer.pop().stop(), timeout=10)
-            except (TimeoutError, KafkaError) as exc:  # BROKER.md 8
-                log.warning("profiles producer did not stop cleanly: %r", exc)
+            await stop_within(own_producer.pop(), 10, "profiles producer")
         if helper is not None:
             await helper.close()
 

@@ -33,6 +33,7 @@ from usertrail.stream.state import UserState, advance, dump_state, load_state, m
 
 from usertrail import liveness
 from usertrail.errors import EventValidationError, UsertrailError
+from usertrail.kafka import stop_within
 from usertrail.settings import Settings
 from usertrail.topics import TopicSpec, ensure_topics
 
@@ -187,7 +188,7 @@ async def rebuild(
         _fold(out, pending, rules)
         out.records = count
     finally:
-        await asyncio.wait_for(consumer.stop(), 10)
+        await stop_within(consumer, 10, "consumer")
     return out
 
 
@@ -244,7 +245,7 @@ async def live_states(settings: Settings) -> Live:
             if state is not None:
                 live.states[key] = state
     finally:
-        await asyncio.wait_for(consumer.stop(), 10)
+        await stop_within(consumer, 10, "consumer")
     return live
 
 
@@ -337,7 +338,7 @@ async def commit_positions(settings: Settings, ends: dict[int, int]) -> bool:
         )
         return False
     finally:
-        await asyncio.wait_for(consumer.stop(), 10)
+        await stop_within(consumer, 10, "consumer")
 
 
 @dataclass

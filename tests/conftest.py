@@ -13,6 +13,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer
 
 from usertrail.embedded import EmbeddedBroker, EmbeddedPostgres, free_port
+from usertrail.kafka import stop_within
 from usertrail.settings import Settings
 from usertrail.topics import ensure_topics
 
@@ -115,7 +116,7 @@ async def read_all(
         for tp, records in batch.items():
             out.extend((tp.partition, r.key, r.value) for r in records)
     finally:
-        await asyncio.wait_for(consumer.stop(), 10)
+        await stop_within(consumer, 10)
     return out
 
 

@@ -20,6 +20,7 @@ from usertrail.stream.state import load_state
 from tests.conftest import create_topics, unique
 from tests.stream.test_worker import RULES, cli, events_by_user, stream_process
 from usertrail.embedded import EmbeddedBroker, free_port
+from usertrail.kafka import stop_within
 from usertrail.settings import Settings
 
 
@@ -59,7 +60,7 @@ async def changelog_states(settings: Settings) -> dict[str, Profile]:
             if not behind:
                 return states
     finally:
-        await asyncio.wait_for(consumer.stop(), 10)
+        await stop_within(consumer, 10)
 
 
 async def changelog_written(settings: Settings) -> int:
@@ -73,7 +74,7 @@ async def changelog_written(settings: Settings) -> int:
         ends = await consumer.end_offsets([TopicPartition(topic, p) for p in partitions])
         return sum(ends.values())
     finally:
-        await asyncio.wait_for(consumer.stop(), 10)
+        await stop_within(consumer, 10)
 
 
 async def kill_while_folding(

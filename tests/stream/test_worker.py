@@ -23,6 +23,7 @@ from usertrail.stream.segments import load_rules, segment
 
 from tests.conftest import create_topics, unique
 from usertrail.embedded import EmbeddedBroker, free_port
+from usertrail.kafka import stop_within
 from usertrail.settings import Settings
 
 RULES = load_rules()
@@ -100,7 +101,7 @@ async def events_by_user(
                     out[event.user_id].append((event, r.offset))
                     count += 1
     finally:
-        await asyncio.wait_for(consumer.stop(), 10)
+        await stop_within(consumer, 10)
     return out
 
 
