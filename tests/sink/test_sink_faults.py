@@ -18,7 +18,7 @@ import pytest
 from usertrail.producers import TrackingClient
 from usertrail.sink.consumer import Sink, SinkOptions
 
-from tests.conftest import create_topics
+from tests.conftest import create_topics, unique
 from tests.sink.conftest import make_database, query
 from usertrail.cli import main
 from usertrail.embedded import EmbeddedBroker, EmbeddedPostgres, free_port
@@ -103,7 +103,9 @@ def assert_rows_equal_events(url: str, sent: dict[str, Any]) -> None:
         assert created == f["occurred_at"].replace(tzinfo=None)
 
 
-def sink_process(settings: Settings, url: str, log: Path) -> subprocess.Popen[bytes]:
+def sink_process(settings: Settings, url: str, log: Path, group: str) -> subprocess.Popen[bytes]:
+    """A sink process in ``group``: a group of the test's own, so members it
+    kills cannot hold up the groups of later tests on the same broker."""
     env = {
         **os.environ,
         "KAFKA_BOOTSTRAP_SERVERS": settings.bootstrap_servers,
@@ -117,7 +119,16 @@ def sink_process(settings: Settings, url: str, log: Path) -> subprocess.Popen[by
     }
     with open(log, "ab") as out:
         return subprocess.Popen(
-            [sys.executable, "-m", "usertrail.cli", "sink", "--batch-max", "2000"],
+            [
+                sys.executable,
+                "-m",
+                "usertrail.cli",
+                "sink",
+                "--batch-max",
+                "2000",
+                "--group",
+                group,
+            ],
             env=env,
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -147,6 +158,7 @@ async def test_sigkill_at_random_moments_leaves_exactly_one_row_per_event(
     tmp_path: Path,
 ) -> None:
     settings = settings_factory(broker, database_url=database_url)
+    group = unique("sink")
     await create_topics(settings)
     calls = resolve_resends(make_events(50_000))
     # ~5 s a cycle (a killed member's partitions move after its session
@@ -159,7 +171,7 @@ async def test_sigkill_at_random_moments_leaves_exactly_one_row_per_event(
         while kills < 10:
             assert not producing.done(), f"the stream ended after {kills} kills"
             before = count_rows(database_url)
-            proc = sink_process(settings, database_url, tmp_path / "sink.log")
+            proc = sink_process(settings, database_url, tmp_path / "sink.log", group)
             # kill it mid-stream: once it has written something, at a random moment
             await wait_for(lambda b=before: count_rows(database_url) > b, 60, "progress")
             await asyncio.sleep(rng.uniform(0, 0.5))
@@ -172,7 +184,7 @@ async def test_sigkill_at_random_moments_leaves_exactly_one_row_per_event(
             proc.wait()
     sent = await producing
     assert len(sent) < len(calls), "some events were resent"
-    proc = sink_process(settings, database_url, tmp_path / "sink.log")
+    proc = sink_process(settings, database_url, tmp_path / "sink.log", group)
     try:
         await wait_for(lambda: count_rows(database_url) >= len(sent), 120, "all rows")
         await asyncio.sleep(1)  # anything more would be a duplicate
@@ -210,10 +222,11 @@ async def test_database_restart_and_broker_outage_need_no_manual_step(
     try:
         url = make_database(pg)
         settings = settings_factory(own_broker, database_url=url)
+        group = unique("sink")
         await create_topics(settings)
         calls = resolve_resends(make_events(20_000, seed=2))
         producing = asyncio.create_task(produce(settings, calls, rate=2000))
-        proc = sink_process(settings, url, tmp_path / "sink.log")
+        proc = sink_process(settings, url, tmp_path / "sink.log", group)
         try:
             await wait_for(lambda: count_rows(url) > 2000, 60, "progress")
             pg.stop()  # the database goes away mid-run...
@@ -248,7 +261,8 @@ async def test_two_sinks_split_the_partitions_and_write_each_event_once(
     await create_topics(settings)
     calls = resolve_resends(make_events(6000, seed=3))
     sent = await produce(settings, calls[:3000], rate=1e9)
-    sinks = [Sink(settings, SinkOptions()), Sink(settings, SinkOptions())]
+    group = unique("sink")
+    sinks = [Sink(settings, SinkOptions(group=group)), Sink(settings, SinkOptions(group=group))]
     tasks = [asyncio.create_task(sink.run()) for sink in sinks]
     try:
 
