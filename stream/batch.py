@@ -17,7 +17,7 @@ import signal
 import struct
 import sys
 from collections.abc import Sequence
-from typing import Any, BinaryIO, NamedTuple
+from typing import Any, NamedTuple
 
 from usertrail.producers.events import EventBase
 from usertrail.producers.profiles import encode_profile
@@ -96,7 +96,7 @@ _HEADER = struct.Struct(">I")
 _PIPE_LIMIT = 4 * 1024 * 1024
 
 
-def serve(stdin: BinaryIO | None = None, stdout: BinaryIO | None = None) -> None:
+def serve() -> None:
     """The helper process: fold every batch that arrives, until end of input
     (the worker closed the pipe, or died)."""
     _die_with_parent()  # and killed with the worker, even mid-batch
@@ -104,7 +104,7 @@ def serve(stdin: BinaryIO | None = None, stdout: BinaryIO | None = None) -> None
     # this process once its last batch is written
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     tune_gc()
-    source, sink = stdin or sys.stdin.buffer, stdout or sys.stdout.buffer
+    source, sink = sys.stdin.buffer, sys.stdout.buffer
 
     def read() -> Any:
         header = source.read(_HEADER.size)
