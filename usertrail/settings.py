@@ -15,6 +15,8 @@ from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 EMBEDDED_HOST = "127.0.0.1"
+STREAM_TABLE = "profiles"
+"""The stream's faust table; its changelog is ``<stream_app_id>-profiles-changelog``."""
 
 
 class Settings(BaseSettings):
@@ -66,7 +68,9 @@ class Settings(BaseSettings):
     # events folded per batch at most (a changed user's state is written once
     # per batch)
     stream_batch_max: int = Field(default=4000, ge=1)
-    replication_factor: int = Field(default=1, ge=1)
+    # replicas of every topic we create; unset: as many as the cluster has
+    # brokers, at most 3
+    replication_factor: int | None = Field(default=None, ge=1)
     # segment rules (TOML) of the stream, replay and verify; unset: the shipped
     # stream/rules.toml. The workers `usertrail up` runs read it too.
     rules: Path | None = None
@@ -74,16 +78,22 @@ class Settings(BaseSettings):
     # --- embedded stack ---------------------------------------------------
     data_dir: Path = Path(".usertrail")
     embedded_kafka_port: int = Field(default=19092, ge=1, le=65535)
+    # the broker `up` starts when no bootstrap servers are given: tansu
+    # (memory only, starts in a second) or Apache Kafka (Java 17; its jars
+    # fetched from Maven Central once), 1 or 3 nodes
+    embedded_broker: Literal["tansu", "kafka"] = "tansu"
+    embedded_kafka_brokers: Literal[1, 3] = 1
     embedded_postgres_port: int = Field(default=55432, ge=1, le=65535)
     embedded_database: str = "usertrail"
 
-    # Is the broker the embedded tansu? Unset: exactly when no bootstrap
-    # servers are given. Its workarounds (BROKER.md) apply only then.
-    tansu: bool | None = None
+    # Which broker is it? "auto" asks the broker (usertrail.kafka.probe); the
+    # workarounds of docs/brokers.md apply only to tansu. Set it only where
+    # the probe cannot see (TLS or SASL listeners).
+    broker: Literal["auto", "tansu", "kafka"] = "auto"
 
     # Consumer-group timing. Unset: Kafka's defaults on a real cluster; on
     # the embedded broker, short ones, because tansu holds the first
-    # JoinGroup for max(1 s, session/2) (BROKER.md 7: 32 s to a first
+    # JoinGroup for max(1 s, session/2) (docs/brokers.md: 32 s to a first
     # event with faust's defaults, 3.5 s with these).
     group_session_timeout_ms: int | None = Field(default=None, ge=1000)
     group_heartbeat_interval_ms: int | None = Field(default=None, ge=100)
@@ -92,12 +102,29 @@ class Settings(BaseSettings):
 
     # --- derived ------------------------------------------------------------
     @property
+    def changelog_topic(self) -> str:
+        """The stream table's changelog (faust's name for it)."""
+        return f"{self.stream_app_id}-{STREAM_TABLE}-changelog"
+
+    @property
     def embedded_kafka(self) -> bool:
         return self.kafka_bootstrap_servers is None
 
     @property
+    def broker_kind(self) -> Literal["tansu", "kafka"]:
+        """What the broker is: the setting, else what the broker answers
+        (asked once per process and address)."""
+        if self.broker != "auto":
+            return self.broker
+        if self.kafka_security_protocol != "PLAINTEXT":
+            return "kafka"  # the embedded broker has no TLS or SASL
+        from usertrail.kafka import probe_cached
+
+        return probe_cached(self.bootstrap_servers).kind
+
+    @property
     def is_tansu(self) -> bool:
-        return self.embedded_kafka if self.tansu is None else self.tansu
+        return self.broker_kind == "tansu"
 
     @property
     def embedded_database_url(self) -> str:
@@ -114,7 +141,8 @@ class Settings(BaseSettings):
     def bootstrap_servers(self) -> str:
         if self.kafka_bootstrap_servers is not None:
             return self.kafka_bootstrap_servers
-        return f"{EMBEDDED_HOST}:{self.embedded_kafka_port}"
+        brokers = self.embedded_kafka_brokers if self.embedded_broker == "kafka" else 1
+        return ",".join(f"{EMBEDDED_HOST}:{self.embedded_kafka_port + i}" for i in range(brokers))
 
     def database_dsn(self) -> str:
         """The libpq URL (secret inside: never log it)."""
@@ -128,6 +156,18 @@ class Settings(BaseSettings):
             if dsn.startswith(prefix):
                 return "postgresql+psycopg://" + dsn[len(prefix) :]
         return dsn
+
+    def replicas(self) -> int:
+        """Replication factor of the topics we create: the setting, else as
+        many as the cluster has brokers, at most 3 (behind TLS or SASL, where
+        the brokers are not counted: 3)."""
+        if self.replication_factor is not None:
+            return self.replication_factor
+        if self.kafka_security_protocol != "PLAINTEXT":
+            return 3
+        from usertrail.kafka import probe_cached
+
+        return max(1, min(3, len(probe_cached(self.bootstrap_servers).brokers)))
 
     def group_options(self) -> dict[str, Any]:
         """Consumer-group timing for aiokafka consumers."""

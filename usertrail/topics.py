@@ -34,6 +34,14 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
         ),
         # Events that could not be applied, with their reason in headers.
         TopicSpec(settings.dead_letter_topic, 1, dict(forever)),
+        # The stream table's changelog, as faust would declare it, created here
+        # first: a reader that asks for it before the first worker declared it
+        # (replay, verify, a test) would otherwise have a broker with
+        # auto.create.topics.enable make it with num.partitions (1 on Apache
+        # Kafka), and faust then fails on partitions that do not exist.
+        TopicSpec(
+            settings.changelog_topic, settings.events_partitions, {"cleanup.policy": "compact"}
+        ),
     ]
 
 
@@ -60,7 +68,7 @@ async def ensure_topics(settings: Settings, specs: list[TopicSpec] | None = None
                         NewTopic(
                             spec.name,
                             num_partitions=spec.partitions,
-                            replication_factor=settings.replication_factor,
+                            replication_factor=settings.replicas(),
                             topic_configs=spec.config,
                         )
                     ]

@@ -26,8 +26,6 @@ class Workers:
             "KAFKA_BOOTSTRAP_SERVERS": settings.bootstrap_servers,
             "DATABASE_URL": settings.database_dsn(),
             "USERTRAIL_DATA_DIR": str(settings.data_dir),
-            # the children get an address, so say what broker it is
-            "USERTRAIL_TANSU": "true" if settings.is_tansu else "false",
             "USERTRAIL_STREAM_WEB_PORT": str(settings.stream_web_port),
         }
         self.procs: dict[int, subprocess.Popen[bytes]] = {}
