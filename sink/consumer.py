@@ -29,11 +29,17 @@ from aiokafka import (
     ConsumerRebalanceListener,
     TopicPartition,
 )
-from aiokafka.errors import KafkaError, NoOffsetForPartitionError, OffsetOutOfRangeError
+from aiokafka.errors import (
+    InvalidSessionTimeoutError,
+    KafkaError,
+    NoOffsetForPartitionError,
+    OffsetOutOfRangeError,
+)
 from usertrail.sink.metrics import SinkMetrics
 from usertrail.sink.plan import Record
 from usertrail.sink.writer import Prepared, UnknownUsers, Writer, WriteResult
 
+from usertrail.errors import ConfigurationError
 from usertrail.kafka import stop_within
 from usertrail.settings import Settings
 
@@ -178,6 +184,15 @@ class Sink:
     async def _noop() -> None:
         return None
 
+    def _session_refused(self) -> ConfigurationError:
+        """A group session the broker will never accept: retrying is futile."""
+        session = self.settings.group_options()["session_timeout_ms"]
+        return ConfigurationError(
+            f"the broker refuses a consumer-group session of {session} ms (below its "
+            "group.min.session.timeout.ms): set USERTRAIL_GROUP_SESSION_TIMEOUT_MS higher, "
+            "or unset it for the default"
+        )
+
     async def _start_consumer(self) -> None:
         delay = 0.2
         while True:
@@ -195,6 +210,8 @@ class Sink:
         failure: KafkaError | None = None
         try:
             await self._fetch(records)
+        except InvalidSessionTimeoutError:
+            raise self._session_refused() from None
         except KafkaError as exc:
             failure = exc
         if records:  # fetched before a failure: the consumer's position is past them

@@ -4,7 +4,7 @@
 The agent only moves bytes and calls the pure functions (``fold``,
 ``segment``, through ``batch.fold_users``): it takes the events in batches,
 folds each user's events of a batch into the user's state (a redelivered or
-resent event leaves it unchanged, DESIGN.md rule 2), writes each changed
+resent event leaves it unchanged, docs/architecture.md, rule 2), writes each changed
 state once and publishes the user's profile after the batch as a
 ``ProfileMessage`` to ``usertrail.profiles``. Decoding and folding run in a
 helper process by default (``batch.FoldProcess``), on another core than
@@ -46,11 +46,11 @@ from usertrail.stream.segments import Rules, segment
 from usertrail.stream.state import load_state, message_for
 
 from usertrail.kafka import stop_within
-from usertrail.settings import Settings
+from usertrail.settings import STREAM_TABLE, Settings
 
 log = logging.getLogger("usertrail.stream")
 
-TABLE = "profiles"
+TABLE = STREAM_TABLE
 BATCH_WITHIN = 0.25
 """Seconds a batch waits to fill before it is folded anyway."""
 
@@ -183,14 +183,14 @@ def create_app(
         store=store,
         autodiscover=False,
         topic_partitions=settings.events_partitions,
-        topic_replication_factor=settings.replication_factor,
+        topic_replication_factor=settings.replicas(),
         topic_disable_leader=True,
         processing_guarantee="at_least_once",
         broker_session_timeout=group["session_timeout_ms"] / 1000,
         broker_heartbeat_interval=group["heartbeat_interval_ms"] / 1000,
         broker_rebalance_timeout=group["rebalance_timeout_ms"] / 1000,
         # tansu answers ListOffsets(latest) with the first offset of the last
-        # batch + 1 (BROKER.md 1): table recovery is only exact when faust's
+        # batch + 1 (docs/brokers.md): table recovery is only exact when faust's
         # own producer writes one record per batch. Not on a real cluster.
         producer_max_batch_size=1 if settings.is_tansu else 16384,
         # faust's own files (rocksdb tables, if chosen) under our data
@@ -209,7 +209,7 @@ def create_app(
     )
     # Profiles go out through a producer of their own: on the embedded broker
     # faust's producer sends one record per request for its changelog's sake
-    # (BROKER.md 1), which the profiles topic does not need (its readers go
+    # (docs/brokers.md), which the profiles topic does not need (its readers go
     # by the high-water mark of their fetches). Measured: a profile cost
     # about 100 us of the worker's time through faust's producer.
     own_producer: list[AIOKafkaProducer] = []
@@ -263,6 +263,7 @@ def create_app(
 
     @app.on_partitions_revoked.connect
     async def before_giving_up_partitions(sender: Any, revoked: Any, **kwargs: Any) -> None:
+        delivered_at.clear()  # the next assignment's partitions get their grace again
         # faust flushed its producer already; this makes sure of every write
         # of ours, so the partitions' next owner recovers all of them.
         try:
@@ -304,17 +305,38 @@ def create_app(
         raw = table.data.get(applied_key(partition))
         return None if raw is None else int(raw)
 
+    async def applied_or_before_start(partition: int) -> int | None:
+        """The partition's applied offset; with none yet, the offset just
+        before the log's start, so that the first record folded is the
+        first record there is. faust was seen on Apache Kafka to begin a
+        partition new to the group at a later offset (while a rebalance
+        moved it under traffic); folding from there would have dropped
+        every earlier event for good. None only if the broker cannot say."""
+        applied = applied_offset(partition)
+        if applied is not None:
+            return applied
+        tp = TP(settings.events_topic, partition)
+        try:
+            starts = await app.consumer.earliest_offsets(tp)
+        except KafkaError as exc:
+            log.warning("%s: the log's start is unknown (%r); folding what comes", tp, exc)
+            return None
+        start = starts.get(tp)
+        return None if start is None else start - 1
+
     async def fold_batch(batch: Sequence[faust.EventT]) -> None:
         applied: dict[int, int | None] = {}
         recovered: dict[int, int | None] = {}  # as the batch found them
         gaps: dict[int, int] = {}
         ahead: dict[int, int] = {}
         per_user: dict[bytes, tuple[int, list[tuple[bytes, int]]]] = {}
+        now = time.monotonic()
         for event in batch:
             message = event.message
             partition, offset = message.partition, message.offset
+            delivered_at[partition] = now
             if partition not in applied:
-                applied[partition] = recovered[partition] = applied_offset(partition)
+                applied[partition] = recovered[partition] = await applied_or_before_start(partition)
             verdict = positions.admit(partition, offset, applied[partition])
             if verdict is Verdict.DONE:
                 if partition not in ahead:
@@ -386,6 +408,45 @@ def create_app(
                     want - 1,
                 )
                 await seek(partition, want)
+
+    # Records faust fetched but never delivered. On Apache Kafka, with a
+    # rebalance under traffic, faust was seen to fetch a partition new to
+    # the group to its end without handing one record to the agent: the
+    # consumer's position sat at the high-water mark, the table had nothing
+    # of it, and nothing more came until new traffic. So: a partition that
+    # has records past its applied offset (or, none applied yet, past the
+    # log's start) and delivered nothing for RESEEK_SECONDS is re-read from
+    # the first record not applied. A needless re-read costs only reading:
+    # records already applied are skipped.
+    delivered_at: dict[int, float] = {}
+
+    @app.timer(RESEEK_SECONDS / 2)
+    async def reread_undelivered() -> None:
+        if app.rebalancing:  # recovery first: its end seeks every partition
+            return
+        now = time.monotonic()
+        for tp in list(app.consumer.assignment()):
+            if tp.topic != settings.events_topic:
+                continue
+            since = delivered_at.setdefault(tp.partition, now)  # grace after assignment
+            if now - since < RESEEK_SECONDS:
+                continue
+            try:
+                high = app.consumer.highwater(tp)
+            except AssertionError:  # aiokafka's word for "revoked meanwhile"
+                continue
+            applied = await applied_or_before_start(tp.partition)
+            if high is None or applied is None or high <= applied + 1:
+                continue
+            log.warning(
+                "%s[%d]: records up to %d were never delivered; re-reading from %d",
+                settings.events_topic,
+                tp.partition,
+                high - 1,
+                applied + 1,
+            )
+            delivered_at[tp.partition] = now
+            await seek(tp.partition, applied + 1)
 
     async def seek(partition: int, offset: int) -> None:
         try:

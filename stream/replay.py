@@ -1,6 +1,6 @@
 """``replay stream`` and ``verify``: every profile rebuilt from the log with
 plain aiokafka and the worker's own ``advance``, at the speed of a raw
-consumer (DESIGN.md "Replay").
+consumer (docs/architecture.md).
 
 ``rebuild`` reads ``usertrail.events`` up to the high-water marks it finds at
 the start, in large batches, and folds them. ``publish`` then writes each
@@ -27,7 +27,7 @@ from aiokafka.structs import OffsetAndMetadata
 from usertrail.producers.events import decode
 from usertrail.producers.profiles import encode_profile
 from usertrail.sink.plan import accept
-from usertrail.stream.app import APPLIED, TABLE, applied_key
+from usertrail.stream.app import APPLIED, applied_key
 from usertrail.stream.segments import Rules, segment
 from usertrail.stream.state import UserState, advance, dump_state, load_state, message_for
 
@@ -41,10 +41,6 @@ log = logging.getLogger("usertrail.replay")
 
 FOLD_EVERY = 50_000
 """Records read before they are folded (each user's share in one advance)."""
-
-
-def changelog_topic(settings: Settings) -> str:
-    return f"{settings.stream_app_id}-{TABLE}-changelog"
 
 
 @dataclass
@@ -82,7 +78,7 @@ async def partitions_of(consumer: AIOKafkaConsumer, topic: str) -> list[TopicPar
 
 async def high_waters(consumer: AIOKafkaConsumer, tps: list[TopicPartition]) -> dict[int, int]:
     """Each partition's high-water mark, as fetch responses carry it (tansu's
-    end offsets are wrong after multi-record batches, BROKER.md 1)."""
+    end offsets are wrong after multi-record batches, docs/brokers.md)."""
     for tp in tps:
         consumer.seek(tp, 0)
     ends: dict[int, int] = {}
@@ -121,7 +117,7 @@ async def first_offset_at(
 ) -> int:
     """The first offset whose event happened at or after ``since``, by binary
     search over ``occurredAt`` (tansu's offsets_for_times goes by arrival time
-    and answers 0 past the end, BROKER.md 3). Assumes a partition's events
+    and answers 0 past the end, docs/brokers.md). Assumes a partition's events
     are in event-time order, as the SDK sends them."""
     low, high = 0, end
     while low < high:
@@ -215,7 +211,7 @@ async def live_states(settings: Settings) -> Live:
     await consumer.start()
     live = Live()
     try:
-        topic = changelog_topic(settings)
+        topic = settings.changelog_topic
         tps = await partitions_of(consumer, topic)
         if not tps:
             return live
@@ -256,7 +252,7 @@ async def publish(settings: Settings, rules: Rules, rebuilt: Rebuilt) -> dict[st
     # per events partition (the worker writes a user where their events are)
     await ensure_topics(
         settings,
-        [TopicSpec(changelog_topic(settings), len(rebuilt.ends), {"cleanup.policy": "compact"})],
+        [TopicSpec(settings.changelog_topic, len(rebuilt.ends), {"cleanup.policy": "compact"})],
     )
     live = await live_states(settings)
     gone = [key for key in live.states if key not in rebuilt.states]
@@ -264,12 +260,12 @@ async def publish(settings: Settings, rules: Rules, rebuilt: Rebuilt) -> dict[st
         **settings.kafka_options(),
         acks="all",
         # tansu's end offsets are only right with one record per batch, and
-        # faust's table recovery reads them (BROKER.md 1)
+        # faust's table recovery reads them (docs/brokers.md)
         max_batch_size=1 if settings.is_tansu else 1024 * 1024,
         linger_ms=0 if settings.is_tansu else 20,
     )
     await producer.start()
-    changelog = changelog_topic(settings)
+    changelog = settings.changelog_topic
     try:
         sends = []
         for key, state in rebuilt.states.items():
