@@ -1,5 +1,9 @@
-"""Factory fixtures: the real embedded broker and PostgreSQL, started once per
-session; per-test topics and settings keep tests independent (BROKER.md 8)."""
+"""Factory fixtures: the real brokers and PostgreSQL, started once per session;
+per-test topics and settings keep tests independent (docs/brokers.md).
+
+Every test that takes ``broker`` (or ``settings``) runs twice: on the
+embedded tansu and on Apache Kafka (one KRaft node, jars from Maven
+Central). ``kafka3`` is a three-node cluster for the fault tests."""
 
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ from pathlib import Path
 import pytest
 from aiokafka import AIOKafkaConsumer
 
+from usertrail.apache_kafka import KafkaCluster, free_cluster_port
 from usertrail.embedded import EmbeddedBroker, EmbeddedPostgres, free_port
 from usertrail.kafka import stop_within
 from usertrail.settings import Settings
@@ -20,12 +25,65 @@ from usertrail.topics import ensure_topics
 _counter = itertools.count()
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # Every process a test starts (sinks, workers, the CLI) inherits short
+    # group timings, on both brokers: a SIGKILLed member's partitions move
+    # in about 2 s instead of Kafka's 10 (test clusters allow sessions from
+    # 1 s, see TEST_KAFKA_CONFIG); tansu needs them anyway (docs/brokers.md).
+    os.environ.setdefault("USERTRAIL_GROUP_SESSION_TIMEOUT_MS", "2000")
+    os.environ.setdefault("USERTRAIL_GROUP_HEARTBEAT_INTERVAL_MS", "200")
+
+
+Broker = EmbeddedBroker | KafkaCluster
+
+# Test clusters answer faster than Kafka's defaults: a consumer group may use
+# the 2 s session the tests share with tansu, and the log cleaner looks for
+# work every half second (the compaction tests).
+TEST_KAFKA_CONFIG = {
+    "group.min.session.timeout.ms": "1000",
+    "log.cleaner.backoff.ms": "500",
+}
+
+
+def kafka_cluster(data_dir: Path, brokers: int) -> KafkaCluster:
+    """A cluster on free ports, answering faster than Kafka's defaults."""
+    port = free_cluster_port(brokers)
+    heap = "512m" if brokers == 1 else "384m"
+    return KafkaCluster(
+        data_dir=data_dir, port=port, brokers=brokers, heap=heap, extra_config=TEST_KAFKA_CONFIG
+    )
+
+
 @pytest.fixture(scope="session")
-def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedBroker]:
+def kafka1(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaCluster]:
+    """One Apache Kafka node: the Kafka half of ``broker``, and what the
+    Kafka-only tests use."""
+    cluster = kafka_cluster(tmp_path_factory.mktemp("kafka"), brokers=1)
+    cluster.start()
+    yield cluster
+    cluster.kill()  # its data goes with the test run
+
+
+@pytest.fixture(scope="session", params=["tansu", "kafka"])
+def broker(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Broker]:
+    if request.param == "kafka":
+        yield request.getfixturevalue("kafka1")
+        return
     b = EmbeddedBroker(port=free_port(), log_path=tmp_path_factory.mktemp("tansu") / "log")
     b.start()
     yield b
     b.stop()
+
+
+@pytest.fixture(scope="session")
+def kafka3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaCluster]:
+    """Three KRaft nodes: replication factor 3, min.insync.replicas 2."""
+    cluster = kafka_cluster(tmp_path_factory.mktemp("kafka3"), brokers=3)
+    cluster.start()
+    yield cluster
+    cluster.kill()
 
 
 @pytest.fixture
@@ -62,7 +120,7 @@ def unique(prefix: str) -> str:
 def settings_factory(tmp_path: Path) -> Callable[..., Settings]:
     """Settings pointing at the given broker, with topics of the test's own."""
 
-    def make(broker: EmbeddedBroker, **overrides: object) -> Settings:
+    def make(broker: Broker, **overrides: object) -> Settings:
         name = unique("t")
         values: dict[str, object] = {
             "kafka_bootstrap_servers": broker.bootstrap_servers,
@@ -71,9 +129,6 @@ def settings_factory(tmp_path: Path) -> Callable[..., Settings]:
             "dead_letter_topic": f"{name}.deadletter",
             "events_partitions": 4,
             "data_dir": tmp_path / "data",
-            # tansu holds a first JoinGroup for session/2 (BROKER.md 7)
-            "group_session_timeout_ms": 2000,
-            "group_heartbeat_interval_ms": 200,
         }
         values.update(overrides)
         return Settings(**values)  # type: ignore[arg-type]
@@ -82,7 +137,7 @@ def settings_factory(tmp_path: Path) -> Callable[..., Settings]:
 
 
 @pytest.fixture
-def settings(broker: EmbeddedBroker, settings_factory: Callable[..., Settings]) -> Settings:
+def settings(broker: Broker, settings_factory: Callable[..., Settings]) -> Settings:
     return settings_factory(broker)
 
 
@@ -124,25 +179,48 @@ __all__ = ["create_topics", "read_all", "unique"]
 
 
 # --- databases ------------------------------------------------------------------------
-PG15_URL = os.environ.get(
-    "USERTRAIL_TEST_PG15_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
-)
+PG15_BIN = Path("/usr/lib/postgresql/15/bin")
 
 
-def _server_url(request: pytest.FixtureRequest, which: str) -> str:
-    if which == "pg15":
-        return PG15_URL
-    pg: EmbeddedPostgres = request.getfixturevalue("postgres")
-    return f"postgresql://postgres@127.0.0.1:{pg.port}/postgres"
+@pytest.fixture(scope="session")
+def postgres15(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedPostgres]:
+    """Debian's PostgreSQL 15 (package postgresql-15, which `./dev test`
+    installs), run by us like the embedded one: the oldest server the
+    migrations are tested on."""
+    if not (PG15_BIN / "postgres").exists():
+        raise RuntimeError(
+            f"PostgreSQL 15 is not installed ({PG15_BIN}): run the tests with `./dev test`, "
+            "which installs it, or `apt-get install postgresql-15`"
+        )
+    pg = EmbeddedPostgres(
+        data_dir=tmp_path_factory.mktemp("pg15"),
+        port=free_port(),
+        database="usertrail",
+        bin_dir=PG15_BIN,
+    )
+    pg.start()
+    yield pg
+    pg.stop()
+
+
+@pytest.fixture
+def database_url(postgres: EmbeddedPostgres) -> str:
+    """A migrated database of the test's own on the embedded PostgreSQL."""
+    from tests.sink.conftest import make_database
+
+    return make_database(postgres)
 
 
 @pytest.fixture(params=["pg15", "pg18"])
 def database_factory(request: pytest.FixtureRequest) -> Iterator[Callable[[], str]]:
-    """Fresh empty databases on the machine's PostgreSQL 15 and the embedded
+    """Fresh empty databases on Debian's PostgreSQL 15 and the embedded
     PostgreSQL 18 (each test runs on both); dropped afterwards."""
     import psycopg
 
-    admin_url = _server_url(request, request.param)
+    server: EmbeddedPostgres = request.getfixturevalue(
+        "postgres15" if request.param == "pg15" else "postgres"
+    )
+    admin_url = f"postgresql://postgres@127.0.0.1:{server.port}/postgres"
     made: list[str] = []
 
     def make() -> str:

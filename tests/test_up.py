@@ -15,13 +15,29 @@ from pathlib import Path
 import psutil
 import pytest
 
+from usertrail.apache_kafka import free_cluster_port
 from usertrail.embedded import free_port
 
 
+def _up_env() -> dict[str, str]:
+    """The environment of a shell with nothing set: no broker or database, and
+    up's own group timings (Apache Kafka refuses the suite's 2 s sessions)."""
+    return {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("KAFKA_BOOTSTRAP_SERVERS", "DATABASE_URL")
+        and not k.startswith("USERTRAIL_GROUP_")
+    }
+
+
 def _start_up(
-    tmp_path: Path, *extra: str, workers: int = 2
+    tmp_path: Path,
+    *extra: str,
+    workers: int = 2,
+    brokers: int = 1,
+    ports: tuple[int, int] | None = None,
 ) -> tuple[subprocess.Popen[str], list[int], int, int]:
-    kafka, pg = free_port(), free_port()
+    kafka, pg = ports or (free_cluster_port(brokers), free_port())
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -42,18 +58,11 @@ def _start_up(
         stderr=subprocess.STDOUT,
         text=True,
         process_group=0,  # as a shell starts a command: Ctrl-C reaches its group
-        env={
-            **{
-                k: v
-                for k, v in os.environ.items()
-                if k not in ("KAFKA_BOOTSTRAP_SERVERS", "DATABASE_URL")
-            },
-            "USERTRAIL_STREAM_WEB_PORT": str(free_port()),
-        },
+        env={**_up_env(), "USERTRAIL_STREAM_WEB_PORT": str(free_port())},
     )
     assert proc.stdout is not None
     pids: list[int] = []
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 120
     lines = []
     ready = False
     while time.monotonic() < deadline:
@@ -61,11 +70,11 @@ def _start_up(
         if not line:
             break
         lines.append(line)
-        if m := re.search(r"(postgres|tansu broker|sink|stream) pid (\d+)", line):
+        if m := re.search(r"(postgres|tansu broker|kafka node \d+|sink|stream) pid (\d+)", line):
             pids.append(int(m.group(2)))
         if line.startswith("usertrail is up"):
             ready = True
-        if ready and len(pids) == 2 + workers:
+        if ready and len(pids) == brokers + 1 + workers:
             return proc, pids, kafka, pg
     _stop(proc, signal.SIGKILL)
     raise AssertionError("usertrail up did not come up:\n" + "".join(lines))
@@ -255,7 +264,6 @@ def test_the_readme_rule_change_runs_on_the_embedded_stack(tmp_path: Path) -> No
     env = {
         **os.environ,
         "KAFKA_BOOTSTRAP_SERVERS": f"127.0.0.1:{kafka}",
-        "USERTRAIL_TANSU": "true",
         "DATABASE_URL": f"postgresql://postgres@127.0.0.1:{pg}/usertrail",
         "USERTRAIL_DATA_DIR": str(tmp_path / "data"),
         "USERTRAIL_RULES": str(rules),
@@ -305,3 +313,73 @@ def test_the_readme_rule_change_runs_on_the_embedded_stack(tmp_path: Path) -> No
             stream.send_signal(signal.SIGTERM)
             stream.wait(timeout=30)
         _stop(proc, signal.SIGINT)
+
+
+def test_up_runs_apache_kafka_whose_log_outlives_it(tmp_path: Path) -> None:
+    """`up --broker kafka --brokers 3`: three KRaft nodes from Maven Central's
+    jars, the pipeline on them, nothing left after Ctrl-C, and the log (a
+    real one) still there when `up` starts again on the same data directory."""
+    import asyncio
+
+    import psycopg
+    from usertrail.producers import TrackingClient
+
+    from tests.conftest import read_all
+    from usertrail.settings import Settings
+
+    args = ("--broker", "kafka", "--brokers", "3")
+    proc, pids, kafka, pg = _start_up(tmp_path, *args, brokers=3)
+    bootstrap = ",".join(f"127.0.0.1:{kafka + i}" for i in range(3))
+    settings = Settings(kafka_bootstrap_servers=bootstrap, data_dir=tmp_path)
+    url = f"postgresql://postgres@127.0.0.1:{pg}/usertrail"
+
+    def verify() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "usertrail.cli", "verify", "--data-dir", str(tmp_path / "data")],
+            env={**_up_env(), "KAFKA_BOOTSTRAP_SERVERS": bootstrap, "DATABASE_URL": url},
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+
+    try:
+        assert settings.replicas() == 3 and not settings.is_tansu
+
+        async def send() -> list[str]:
+            async with TrackingClient(source="web", settings=settings) as client:
+                assert client.idempotent
+                return [
+                    await client.track_interaction(user_id=f"u{i % 7}", type="chat", service="saju")
+                    for i in range(300)
+                ]
+
+        ids = asyncio.run(send())
+        deadline = time.monotonic() + 90
+        rows: list[tuple[str]] = []
+        while time.monotonic() < deadline and len(rows) < len(ids):
+            with psycopg.connect(url) as conn:
+                rows = conn.execute('SELECT id FROM "UserInteraction"').fetchall()
+            time.sleep(0.3)
+        assert sorted(r[0] for r in rows) == sorted(ids)
+        deadline = time.monotonic() + 90  # the stream worker folds them too
+        while (checked := verify()).returncode != 0:
+            assert time.monotonic() < deadline, checked.stdout + checked.stderr
+            time.sleep(1)
+        everything = _descendants(pids)
+    finally:
+        said = _stop(proc, CTRL_C)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and any(_alive(p) for p in everything):
+        time.sleep(0.1)
+    assert [p for p in everything if _alive(p)] == []
+    assert not any(_listening(kafka + i) for i in range(3))
+    assert proc.returncode == 0 and "Traceback" not in said, said
+
+    proc, _, _, _ = _start_up(tmp_path, *args, brokers=3, ports=(kafka, pg))
+    try:
+        records = asyncio.run(read_all(settings, settings.events_topic, expected=len(ids)))
+        assert len(records) == len(ids), "every event is still in the log"
+        checked = verify()  # the profiles and rows of before, from the log kept
+        assert checked.returncode == 0, checked.stdout + checked.stderr
+    finally:
+        _stop(proc, CTRL_C)

@@ -6,11 +6,10 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import psycopg
-import pytest
 from usertrail.migrations import runner
 from usertrail.sink.consumer import Sink, SinkOptions
 
@@ -31,11 +30,6 @@ def make_database(pg: EmbeddedPostgres) -> str:
     runner.upgrade(engine)
     engine.dispose()
     return url
-
-
-@pytest.fixture
-def database_url(postgres: EmbeddedPostgres) -> Iterator[str]:
-    yield make_database(postgres)
 
 
 def query(url: str, sql: str, params: Any = None) -> list[tuple[Any, ...]]:

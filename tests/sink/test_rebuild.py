@@ -61,7 +61,6 @@ async def test_replay_db_swaps_in_tables_equal_to_the_live_ones(
     settings = settings_factory(broker, database_url=SecretStr(url), data_dir=tmp_path)
     for name, value in {
         "KAFKA_BOOTSTRAP_SERVERS": settings.bootstrap_servers,
-        "USERTRAIL_TANSU": "true",
         "USERTRAIL_EVENTS_TOPIC": settings.events_topic,
         "USERTRAIL_PROFILES_TOPIC": settings.profiles_topic,
         "USERTRAIL_DEAD_LETTER_TOPIC": settings.dead_letter_topic,

@@ -197,7 +197,6 @@ async def test_sigkill_at_random_moments_leaves_exactly_one_row_per_event(
     args = ["--database-url", database_url, "--log-level", "WARNING"]
     env = {
         "KAFKA_BOOTSTRAP_SERVERS": settings.bootstrap_servers,
-        "USERTRAIL_TANSU": "true",
         "USERTRAIL_EVENTS_TOPIC": settings.events_topic,
         "USERTRAIL_PROFILES_TOPIC": settings.profiles_topic,
         "USERTRAIL_DEAD_LETTER_TOPIC": settings.dead_letter_topic,

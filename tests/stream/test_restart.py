@@ -1,6 +1,6 @@
 """The worker under SIGKILL: killed at random moments and restarted, it still
 ends with every profile equal to the pure fold, no event lost or counted
-twice (DESIGN.md rule 2)."""
+twice (docs/architecture.md, rule 2)."""
 
 from __future__ import annotations
 
@@ -11,10 +11,11 @@ import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer
 from usertrail.producers import TrackingClient, demo
-from usertrail.stream.app import APPLIED, TABLE
+from usertrail.stream.app import APPLIED
 from usertrail.stream.fold import Profile, fold_all
+from usertrail.stream.replay import partitions_of
 from usertrail.stream.state import load_state
 
 from tests.conftest import create_topics, unique
@@ -27,7 +28,7 @@ from usertrail.settings import Settings
 async def changelog_states(settings: Settings) -> dict[str, Profile]:
     """The last state of every user in the table's changelog: what a worker
     starting now would recover."""
-    topic = f"{settings.stream_app_id}-{TABLE}-changelog"
+    topic = settings.changelog_topic
     consumer = AIOKafkaConsumer(
         topic,
         bootstrap_servers=settings.bootstrap_servers,
@@ -51,7 +52,7 @@ async def changelog_states(settings: Settings) -> dict[str, Profile]:
                     state = load_state(r.value)
                     if state is not None:
                         states[r.key.decode()] = state.profile  # type: ignore[union-attr]
-            # read to the high-water mark fetches carry (BROKER.md 1)
+            # read to the high-water mark fetches carry (docs/brokers.md)
             behind = 0
             for tp in partitions:
                 high = consumer.highwater(tp)
@@ -66,12 +67,11 @@ async def changelog_states(settings: Settings) -> dict[str, Profile]:
 async def changelog_written(settings: Settings) -> int:
     """Records in the table's changelog so far (the worker's producer writes
     one record per batch on tansu, so its end offsets are exact)."""
-    topic = f"{settings.stream_app_id}-{TABLE}-changelog"
+    topic = settings.changelog_topic
     consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap_servers, group_id=None)
     await consumer.start()
     try:
-        partitions = consumer.partitions_for_topic(topic) or set()
-        ends = await consumer.end_offsets([TopicPartition(topic, p) for p in partitions])
+        ends = await consumer.end_offsets(await partitions_of(consumer, topic))
         return sum(ends.values())
     finally:
         await stop_within(consumer, 10)

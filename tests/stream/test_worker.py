@@ -35,7 +35,6 @@ def stream_process(
     env = {
         **os.environ,
         "KAFKA_BOOTSTRAP_SERVERS": settings.bootstrap_servers,
-        "USERTRAIL_TANSU": "true",
         "USERTRAIL_EVENTS_TOPIC": settings.events_topic,
         "USERTRAIL_PROFILES_TOPIC": settings.profiles_topic,
         "USERTRAIL_EVENTS_PARTITIONS": str(settings.events_partitions),
@@ -64,10 +63,10 @@ def cli(settings: Settings, data_dir: Path, *args: str) -> subprocess.CompletedP
     env = {
         **os.environ,
         "KAFKA_BOOTSTRAP_SERVERS": settings.bootstrap_servers,
-        "USERTRAIL_TANSU": "true",
         "USERTRAIL_EVENTS_TOPIC": settings.events_topic,
         "USERTRAIL_PROFILES_TOPIC": settings.profiles_topic,
         "USERTRAIL_EVENTS_PARTITIONS": str(settings.events_partitions),
+        "USERTRAIL_DEAD_LETTER_TOPIC": settings.dead_letter_topic,
         "USERTRAIL_STREAM_APP_ID": settings.stream_app_id,
         "USERTRAIL_DATA_DIR": str(data_dir),
     }
