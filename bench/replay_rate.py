@@ -23,6 +23,7 @@ import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import brokers
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from usertrail.producers.events import Interaction, build, decode, encode
 from usertrail.producers.ids import uuid7
@@ -30,9 +31,7 @@ from usertrail.stream import replay
 from usertrail.stream.fold import Profile, fold
 from usertrail.stream.segments import load_rules
 
-from usertrail.embedded import EmbeddedBroker, free_port
 from usertrail.settings import Settings
-from usertrail.topics import TopicSpec, ensure_topics
 
 TOPIC = "bench.events"
 PARTITIONS = 8
@@ -109,42 +108,28 @@ async def replay_round(settings: Settings, expected: int) -> float:
 
 
 async def main(args: argparse.Namespace) -> None:
-    with tempfile.TemporaryDirectory() as tmp:
-        broker = EmbeddedBroker(port=free_port(), log_path=Path(tmp) / "tansu.log")
-        broker.start()
-        try:
-            base = Settings(
-                kafka_bootstrap_servers=broker.bootstrap_servers,
-                events_topic=TOPIC,
-                profiles_topic="bench.profiles",
-                events_partitions=PARTITIONS,
-                data_dir=Path(tmp),
-            )
-            await ensure_topics(
-                base, [TopicSpec(TOPIC, PARTITIONS), TopicSpec("bench.profiles", PARTITIONS)]
-            )
-            started = time.perf_counter()
-            await fill(broker.bootstrap_servers, args.events, args.users)
+    with tempfile.TemporaryDirectory() as tmp, brokers.started(args.broker, Path(tmp)) as broker:
+        base = await brokers.events_and_profiles(broker, Path(tmp), TOPIC, PARTITIONS)
+        started = time.perf_counter()
+        await fill(broker.bootstrap_servers, args.events, args.users)
+        print(
+            f"{args.events:,} events of {args.users:,} users in {TOPIC} "
+            f"({time.perf_counter() - started:.0f}s to fill)",
+            flush=True,
+        )
+        ratios = []
+        for r in range(args.rounds):
+            plain = await plain_loop(broker.bootstrap_servers, args.events)
+            settings = base.model_copy(update={"stream_app_id": f"bench-replay-{r}"})
+            rate = await replay_round(settings, args.events)
+            ratios.append(rate / plain)
             print(
-                f"{args.events:,} events of {args.users:,} users in {TOPIC} "
-                f"({time.perf_counter() - started:.0f}s to fill)",
+                f"round {r + 1}: plain consume+fold {plain:,.0f}/s   "
+                f"replay stream {rate:,.0f}/s   ratio {rate / plain:.2f}",
                 flush=True,
             )
-            ratios = []
-            for r in range(args.rounds):
-                plain = await plain_loop(broker.bootstrap_servers, args.events)
-                settings = base.model_copy(update={"stream_app_id": f"bench-replay-{r}"})
-                rate = await replay_round(settings, args.events)
-                ratios.append(rate / plain)
-                print(
-                    f"round {r + 1}: plain consume+fold {plain:,.0f}/s   "
-                    f"replay stream {rate:,.0f}/s   ratio {rate / plain:.2f}",
-                    flush=True,
-                )
-            median = statistics.median(ratios)
-            print(f"median ratio replay/plain loop: {median:.2f} (target >= 0.5)")
-        finally:
-            broker.stop()
+        median = statistics.median(ratios)
+        print(f"median ratio replay/plain loop: {median:.2f} (target >= 0.5)")
 
 
 if __name__ == "__main__":
@@ -152,4 +137,5 @@ if __name__ == "__main__":
     parser.add_argument("--events", type=int, default=1_000_000)
     parser.add_argument("--users", type=int, default=10_000)
     parser.add_argument("--rounds", type=int, default=3)
+    brokers.add_argument(parser)
     asyncio.run(main(parser.parse_args()))

@@ -6,9 +6,9 @@ of one run; the raw loop sends pre-encoded bytes, so the SDK's validation,
 id and encoding costs are all counted against it. Prints each round and the
 median ratio SDK/raw (target: >= 0.8).
 
-    ./dev bench sdk_rate [--events 50000] [--rounds 3]
+    ./dev bench sdk_rate [--events 50000] [--rounds 3] [--broker tansu|kafka]
 
-Uses the embedded broker it starts itself unless KAFKA_BOOTSTRAP_SERVERS is set.
+Runs on a broker it starts itself: tansu, or one Apache Kafka node.
 """
 
 from __future__ import annotations
@@ -16,19 +16,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
-import os
 import statistics
 import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+import brokers
 from aiokafka import AIOKafkaProducer
 from usertrail.producers import TrackingClient
 from usertrail.producers.events import build, encode, key
 from usertrail.producers.ids import uuid7
 
-from usertrail.embedded import EmbeddedBroker, free_port
 from usertrail.settings import Settings
 from usertrail.topics import ensure_topics
 
@@ -62,7 +61,12 @@ async def raw_round(settings: Settings, n: int) -> float:
     for i in range(n):
         event = build("interaction", event_id=uuid7(), occurred_at=now, source="bench", **fields(i))
         payloads.append((key(event), encode(event)))
-    producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers, **OPTIONS)
+    # the idempotent producer where the broker has one, as the SDK uses it
+    producer = AIOKafkaProducer(
+        bootstrap_servers=settings.bootstrap_servers,
+        enable_idempotence=not settings.is_tansu,
+        **OPTIONS,
+    )
     await producer.start()
     settle_heap()
     try:
@@ -96,37 +100,28 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--events", type=int, default=50_000)
     parser.add_argument("--rounds", type=int, default=3)
+    brokers.add_argument(parser)
     args = parser.parse_args()
 
-    broker = None
-    with tempfile.TemporaryDirectory() as tmp:
-        if os.environ.get("KAFKA_BOOTSTRAP_SERVERS"):
-            settings = Settings(data_dir=Path(tmp))
-        else:
-            broker = EmbeddedBroker(port=free_port(), log_path=Path(tmp) / "tansu.log")
-            broker.start()
-            settings = Settings(
-                kafka_bootstrap_servers=broker.bootstrap_servers,
-                data_dir=Path(tmp),
-                events_topic="bench.events",
+    with tempfile.TemporaryDirectory() as tmp, brokers.started(args.broker, Path(tmp)) as broker:
+        settings = Settings(
+            kafka_bootstrap_servers=broker.bootstrap_servers,
+            data_dir=Path(tmp),
+            events_topic="bench.events",
+        )
+        await ensure_topics(settings)
+        await raw_round(settings, 2000)  # warm up connections and code paths
+        await sdk_round(settings, 2000)
+        ratios = []
+        for r in range(args.rounds):
+            raw = await raw_round(settings, args.events)
+            sdk = await sdk_round(settings, args.events)
+            ratios.append(sdk / raw)
+            print(
+                f"round {r + 1}: raw send {raw:,.0f} ev/s   SDK track_interaction "
+                f"{sdk:,.0f} ev/s   ratio {sdk / raw:.2f}"
             )
-        try:
-            await ensure_topics(settings)
-            await raw_round(settings, 2000)  # warm up connections and code paths
-            await sdk_round(settings, 2000)
-            ratios = []
-            for r in range(args.rounds):
-                raw = await raw_round(settings, args.events)
-                sdk = await sdk_round(settings, args.events)
-                ratios.append(sdk / raw)
-                print(
-                    f"round {r + 1}: raw send {raw:,.0f} ev/s   SDK track_interaction "
-                    f"{sdk:,.0f} ev/s   ratio {sdk / raw:.2f}"
-                )
-            print(f"median ratio SDK/raw: {statistics.median(ratios):.2f} (target >= 0.8)")
-        finally:
-            if broker is not None:
-                broker.stop()
+        print(f"median ratio SDK/raw: {statistics.median(ratios):.2f} (target >= 0.8)")
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import brokers
 import psycopg
 from aiokafka import AIOKafkaProducer
 from pydantic import SecretStr
@@ -30,7 +31,7 @@ from usertrail.producers.ids import uuid7
 from usertrail.sink.consumer import Sink, SinkOptions
 from usertrail.sink.rows import interaction_copy_rows
 
-from usertrail.embedded import EmbeddedBroker, EmbeddedPostgres, free_port
+from usertrail.embedded import EmbeddedPostgres, free_port
 from usertrail.runtime import tune_gc
 from usertrail.settings import Settings
 from usertrail.topics import TopicSpec, ensure_topics
@@ -118,11 +119,10 @@ async def main() -> None:
     parser.add_argument("--rows", type=int, default=100_000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--batch", type=int, default=5000, help="sink records per transaction")
+    brokers.add_argument(parser)
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        broker = EmbeddedBroker(port=free_port(), log_path=Path(tmp) / "tansu.log")
+    with tempfile.TemporaryDirectory() as tmp, brokers.started(args.broker, Path(tmp)) as broker:
         pg = EmbeddedPostgres(data_dir=Path(tmp) / "pg", port=free_port(), database="bench")
-        broker.start()
         pg.start()
         try:
             events = make_events(args.rows)
@@ -166,7 +166,6 @@ async def main() -> None:
                 )
             print(f"median ratio sink/raw COPY: {statistics.median(ratios):.2f} (target >= 0.7)")
         finally:
-            broker.stop()
             pg.stop()
 
 

@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import brokers
 from aiokafka import AIOKafkaConsumer
 from usertrail.producers import TrackingClient, demo
 from usertrail.producers.events import decode
@@ -40,9 +41,8 @@ from usertrail.producers.ids import uuid7
 from usertrail.stream.fold import Profile, fold
 from usertrail.stream.segments import load_rules
 
-from usertrail.embedded import EmbeddedBroker, _die_with_parent, free_port
+from usertrail.embedded import _die_with_parent, free_port
 from usertrail.settings import Settings
-from usertrail.topics import TopicSpec, ensure_topics
 
 TOPIC = "bench.events"
 PARTITIONS = 8
@@ -185,58 +185,44 @@ async def raw_loop(bootstrap: str, expected: int) -> float:
 
 
 async def main(args: argparse.Namespace) -> None:
-    with tempfile.TemporaryDirectory() as tmp:
-        broker = EmbeddedBroker(port=free_port(), log_path=Path(tmp) / "tansu.log")
-        broker.start()
-        try:
-            settings = Settings(
-                kafka_bootstrap_servers=broker.bootstrap_servers,
-                events_topic=TOPIC,
-                profiles_topic="bench.profiles",
-                events_partitions=PARTITIONS,
-                data_dir=Path(tmp),
+    with tempfile.TemporaryDirectory() as tmp, brokers.started(args.broker, Path(tmp)) as broker:
+        settings = await brokers.events_and_profiles(broker, Path(tmp), TOPIC, PARTITIONS)
+        async with TrackingClient(source="demo", settings=settings) as client:
+            sent = await demo.run(client, demo.plan(users=500, events=args.events, seed=3))
+        print(f"{sent:,} demo events in {TOPIC} ({PARTITIONS} partitions)")
+        where = "a helper process" if settings.stream_fold_process else "its own process"
+        print(f"the worker decodes and folds in {where}")
+        env = {
+            **os.environ,
+            "KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap_servers,
+            "USERTRAIL_EVENTS_TOPIC": TOPIC,
+            "USERTRAIL_PROFILES_TOPIC": "bench.profiles",
+            "USERTRAIL_EVENTS_PARTITIONS": str(PARTITIONS),
+            "USERTRAIL_DATA_DIR": tmp,
+        }
+        ratios = []
+        for r in range(args.rounds):
+            rates = {}
+            for role in ("ceiling", "worker"):
+                app_env = {**env, "USERTRAIL_STREAM_APP_ID": f"bench-{role}-{uuid7()}"}
+                rates[role] = await run_child(role, app_env, sent, Path(tmp))
+            rates["raw"] = await raw_loop(broker.bootstrap_servers, sent)
+            ratios.append(rates["worker"] / rates["ceiling"])
+            print(
+                f"round {r + 1}: faust ceiling {rates['ceiling']:,.0f}/s   "
+                f"worker {rates['worker']:,.0f}/s   raw aiokafka fold {rates['raw']:,.0f}/s   "
+                f"worker/ceiling {ratios[-1]:.2f}",
+                flush=True,
             )
-            await ensure_topics(
-                settings, [TopicSpec(TOPIC, PARTITIONS), TopicSpec("bench.profiles", PARTITIONS)]
-            )
-            async with TrackingClient(source="demo", settings=settings) as client:
-                sent = await demo.run(client, demo.plan(users=500, events=args.events, seed=3))
-            print(f"{sent:,} demo events in {TOPIC} ({PARTITIONS} partitions)")
-            where = "a helper process" if settings.stream_fold_process else "its own process"
-            print(f"the worker decodes and folds in {where}")
-            env = {
-                **os.environ,
-                "KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap_servers,
-                "USERTRAIL_TANSU": "true",
-                "USERTRAIL_EVENTS_TOPIC": TOPIC,
-                "USERTRAIL_PROFILES_TOPIC": "bench.profiles",
-                "USERTRAIL_EVENTS_PARTITIONS": str(PARTITIONS),
-                "USERTRAIL_DATA_DIR": tmp,
-            }
-            ratios = []
-            for r in range(args.rounds):
-                rates = {}
-                for role in ("ceiling", "worker"):
-                    app_env = {**env, "USERTRAIL_STREAM_APP_ID": f"bench-{role}-{uuid7()}"}
-                    rates[role] = await run_child(role, app_env, sent, Path(tmp))
-                rates["raw"] = await raw_loop(broker.bootstrap_servers, sent)
-                ratios.append(rates["worker"] / rates["ceiling"])
-                print(
-                    f"round {r + 1}: faust ceiling {rates['ceiling']:,.0f}/s   "
-                    f"worker {rates['worker']:,.0f}/s   raw aiokafka fold {rates['raw']:,.0f}/s   "
-                    f"worker/ceiling {ratios[-1]:.2f}",
-                    flush=True,
-                )
-            median = statistics.median(ratios)
-            print(f"median ratio worker/faust ceiling: {median:.2f} (target >= 0.9)")
-        finally:
-            broker.stop()
+        median = statistics.median(ratios)
+        print(f"median ratio worker/faust ceiling: {median:.2f} (target >= 0.9)")
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--events", type=int, default=50_000)
     parser.add_argument("--rounds", type=int, default=3)
+    brokers.add_argument(parser)
     parser.add_argument("--child", choices=["worker", "ceiling"], help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     arguments = parser.parse_args()

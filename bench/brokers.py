@@ -1,0 +1,69 @@
+"""The broker a benchmark runs on: ``--broker tansu`` (the embedded default)
+or ``--broker kafka`` (one Apache Kafka node from Maven Central, KRaft)."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
+from usertrail.apache_kafka import KafkaCluster, free_cluster_port
+from usertrail.embedded import EmbeddedBroker, free_port
+from usertrail.settings import Settings
+from usertrail.topics import TopicSpec, ensure_topics
+
+Broker = EmbeddedBroker | KafkaCluster
+
+
+def add_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--broker",
+        choices=["tansu", "kafka"],
+        default="tansu",
+        help="tansu (embedded, memory only; default) or kafka (one Apache Kafka node)",
+    )
+
+
+@contextlib.contextmanager
+def started(kind: str, folder: Path) -> Iterator[Broker]:
+    """A broker of ``kind`` on free ports, its files in ``folder``; stopped
+    (SIGKILL: nothing in it is kept) on leaving."""
+    broker: Broker
+    if kind == "kafka":
+        port = free_cluster_port(1)
+        # sessions from 1 s, so that benchmarks may use tansu's short ones
+        broker = KafkaCluster(
+            data_dir=folder / "kafka",
+            port=port,
+            extra_config={"group.min.session.timeout.ms": "1000"},
+        )
+    else:
+        broker = EmbeddedBroker(port=free_port(), log_path=folder / "tansu.log")
+    broker.start()
+    try:
+        print(f"broker: {kind} on {broker.bootstrap_servers}", flush=True)
+        yield broker
+    finally:
+        if isinstance(broker, KafkaCluster):
+            broker.kill()
+        else:
+            broker.stop()
+
+
+async def events_and_profiles(
+    broker: Broker, folder: Path, topic: str, partitions: int
+) -> Settings:
+    """Settings for ``topic`` and ``bench.profiles`` on ``broker``, both
+    created with ``partitions`` partitions."""
+    settings = Settings(
+        kafka_bootstrap_servers=broker.bootstrap_servers,
+        events_topic=topic,
+        profiles_topic="bench.profiles",
+        events_partitions=partitions,
+        data_dir=folder,
+    )
+    await ensure_topics(
+        settings, [TopicSpec(topic, partitions), TopicSpec("bench.profiles", partitions)]
+    )
+    return settings
