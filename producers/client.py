@@ -186,7 +186,7 @@ class TrackingClient:
             except UnknownError:
                 # The embedded broker (tansu 0.6) answers InitProducerId with
                 # UnknownError: no idempotent producer there. Dedup by event id
-                # downstream makes it optional (DESIGN.md rule 2).
+                # downstream makes it optional (docs/architecture.md, rule 2).
                 await self._stop_producer(producer)
                 if idempotent and self._idempotence is None:
                     log.info("broker has no idempotent producer; continuing without it")

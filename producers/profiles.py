@@ -4,7 +4,7 @@ user it rebuilt), and what the sink writes to ``user_vectors``.
 
 Keyed by user id, compacted. A record with a null value is a tombstone: the
 user was erased, and their ``user_vectors`` row goes. All times are event
-times (DESIGN.md rule 1), so a replay publishes identical messages.
+times (docs/architecture.md, rule 1), so a replay publishes identical messages.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ One JSON object a line: ``{"topic": ..., "key": ..., "value": ...}`` with the
 exact wire text of the event. A client appends here when a delivery fails and
 re-sends the file at its next start, so nothing accepted by ``track_*`` is
 lost. A re-sent event may reach the topic twice if the broker had in fact
-stored it; every consumer deduplicates by event id (DESIGN.md rule 2).
+stored it; every consumer deduplicates by event id (docs/architecture.md, rule 2).
 """
 
 from __future__ import annotations

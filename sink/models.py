@@ -2,10 +2,10 @@
 and the pipeline's own bookkeeping tables (``usertrail_*``).
 
 Names, types, defaults, nullability, indexes and foreign keys follow the
-seeds' SQL (``shared/seeds``), so the product's Prisma app reads and writes
-these tables unchanged. Constraint names are PostgreSQL's defaults for the
-seeds' unnamed constraints (``<table>_pkey``, ``<table>_<col>_fkey``,
-``<table>_<col>_key``), which are also Prisma's.
+seeds' SQL (kept verbatim in ``tests/fixtures/seeds.sql``), so the product's
+Prisma app reads and writes these tables unchanged. Constraint names are
+PostgreSQL's defaults for the seeds' unnamed constraints (``<table>_pkey``,
+``<table>_<col>_fkey``, ``<table>_<col>_key``), which are also Prisma's.
 """
 
 from __future__ import annotations
@@ -121,7 +121,7 @@ class UserVector(Base):
 # --- the pipeline's own tables ------------------------------------------------------
 class ConsumerPosition(Base):
     """The next offset to read, per consumer, topic and partition; written in
-    the same transaction as the rows it accounts for (DESIGN.md rule 2)."""
+    the same transaction as the rows it accounts for (docs/architecture.md, rule 2)."""
 
     __tablename__ = "usertrail_positions"
     __table_args__ = (

@@ -5,7 +5,7 @@ that yields to the event loop as it goes, so the sink prepares the next batch
 while PostgreSQL writes this one), then *applied* in one transaction.
 
 Written together, in this order, so that a crash anywhere leaves either all
-of it or none of it (DESIGN.md rule 2):
+of it or none of it (docs/architecture.md, rule 2):
 
 1. the users the events need ("create" mode) or the parking of events of
    unknown users ("park" mode);

@@ -4,7 +4,7 @@ A profile is everything the stream knows of one user, folded from their
 events in log order. Time is event time only: "now" is the newest
 ``occurredAt`` folded so far, so a replay gives identical profiles.
 
-Exactly-once in effect (DESIGN.md rule 2): the profile keeps the source
+Exactly-once in effect (docs/architecture.md, rule 2): the profile keeps the source
 offset of the last event folded (one user lives in one partition, so offsets
 only grow) and the ids of its most recent events; a redelivered record
 (offset not above the last) or an event an app sent twice (id among the
