@@ -426,3 +426,13 @@ async def _until(predicate: Callable[[], bool], timeout: float, what: str) -> No
     while not predicate():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         await asyncio.sleep(0.2)
+
+
+def test_up_runs_one_kafka_node_or_three(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("USERTRAIL_EMBEDDED_BROKER", "kafka")
+    monkeypatch.setenv("USERTRAIL_EMBEDDED_KAFKA_BROKERS", "3")
+    settings = Settings(embedded_kafka_port=19092)
+    assert settings.bootstrap_servers == "127.0.0.1:19092,127.0.0.1:19093,127.0.0.1:19094"
+    monkeypatch.setenv("USERTRAIL_EMBEDDED_KAFKA_BROKERS", "2")
+    with pytest.raises(ValueError, match="1 node or 3"):
+        Settings()

@@ -11,7 +11,7 @@ import ssl
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import AliasChoices, Field, SecretStr
+from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 EMBEDDED_HOST = "127.0.0.1"
@@ -82,7 +82,14 @@ class Settings(BaseSettings):
     # (memory only, starts in a second) or Apache Kafka (Java 17; its jars
     # fetched from Maven Central once), 1 or 3 nodes
     embedded_broker: Literal["tansu", "kafka"] = "tansu"
-    embedded_kafka_brokers: Literal[1, 3] = 1
+    embedded_kafka_brokers: int = 1
+
+    @field_validator("embedded_kafka_brokers")
+    @classmethod
+    def _one_or_three(cls, value: int) -> int:
+        if value not in (1, 3):
+            raise ValueError("Apache Kafka runs 1 node or 3 (a quorum of two is none)")
+        return value
     embedded_postgres_port: int = Field(default=55432, ge=1, le=65535)
     embedded_database: str = "usertrail"
 
