@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 from usertrail.producers import TrackingClient, demo
 from usertrail.stream.fold import fold_all
 
@@ -65,8 +66,23 @@ async def wait_for_split(
 
 
 async def test_two_workers_split_answer_for_each_other_and_take_over(
-    settings_factory: Callable[..., Settings], broker: EmbeddedBroker, tmp_path: Path
+    settings_factory: Callable[..., Settings],
+    broker: EmbeddedBroker,
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
 ) -> None:
+    # Known defect, tracked in the issue "Nothing can wedge the pipeline": on
+    # Apache Kafka the survivor of a SIGKILLed worker sometimes never finishes
+    # faust's table recovery ("No event received for active tp ... since
+    # recovery start"), about 1 run in 10 here; it then serves the profiles it
+    # had. Run on every test run, reported as XPASS when it passes.
+    request.applymarker(
+        pytest.mark.xfail(
+            broker.kind == "kafka",
+            reason="faust's recovery can stall on Apache Kafka after a member is SIGKILLed",
+            strict=False,
+        )
+    )
     settings = settings_factory(broker, stream_app_id=unique("pair"))
     await create_topics(settings)
     changelog = f"{settings.stream_app_id}-profiles-changelog"
