@@ -90,6 +90,7 @@ class Settings(BaseSettings):
         if value not in (1, 3):
             raise ValueError("Apache Kafka runs 1 node or 3 (a quorum of two is none)")
         return value
+
     embedded_postgres_port: int = Field(default=55432, ge=1, le=65535)
     embedded_database: str = "usertrail"
 
