@@ -15,7 +15,6 @@ from aiokafka import AIOKafkaProducer
 from usertrail.producers import TrackingClient, demo
 from usertrail.producers.events import EventBase
 from usertrail.producers.profiles import decode_profile
-from usertrail.stream.app import TABLE
 from usertrail.stream.fold import Profile, fold_all
 from usertrail.stream.replay import live_states
 from usertrail.stream.segments import load_rules, segment
@@ -86,7 +85,7 @@ async def test_replay_gives_the_live_profiles_back_and_verify_names_differences(
         state.segments_changed_at,
         state.segment_key,
     )
-    topic = f"{settings.stream_app_id}-{TABLE}-changelog"
+    topic = settings.changelog_topic
     producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers, max_batch_size=1)
     await producer.start()
     try:

@@ -85,7 +85,7 @@ async def test_two_workers_split_answer_for_each_other_and_take_over(
     )
     settings = settings_factory(broker, stream_app_id=unique("pair"))
     await create_topics(settings)
-    changelog = f"{settings.stream_app_id}-profiles-changelog"
+    changelog = settings.changelog_topic
     ports = free_port(), free_port()
     procs = [stream_process(settings, port, tmp_path / f"w{i}.log") for i, port in enumerate(ports)]
     try:
