@@ -97,8 +97,9 @@ def raw_copy(url: str, data: bytes, rows: int) -> float:
         return rows / (time.perf_counter() - started)
 
 
-async def sink_round(settings: Settings, rows: int, batch: int) -> float:
-    sink = Sink(settings, SinkOptions(group=f"bench-{uuid7()}", batch_max_records=batch))
+async def sink_round(settings: Settings, rows: int, batch: int, archive: bool) -> float:
+    options = SinkOptions(group=f"bench-{uuid7()}", batch_max_records=batch, archive=archive)
+    sink = Sink(settings, options)
     task = asyncio.create_task(sink.run())
     first_at = first_count = None
     while sink.written.records < rows:
@@ -149,22 +150,31 @@ async def main() -> None:
             del events
             tune_gc()
 
-            ratios = []
+            ratios, costs = [], []
+            # the sink as `up` runs it on the broker asked for (the log
+            # archived on tansu, docs/log.md), and the cost of the archive:
+            # the same sink with it and without it
+            archived = base.archiving
             for r in range(args.rounds):
                 raw = raw_copy(fresh_database(pg, "bench_raw"), data, args.rows)
-                url = fresh_database(pg, "bench_sink")
-                sink = await sink_round(
-                    base.model_copy(update={"database_url": SecretStr(url)}), args.rows, args.batch
-                )
-                with psycopg.connect(url) as conn:
-                    count = conn.execute('SELECT count(*) FROM "UserInteraction"').fetchone()
-                assert count is not None and count[0] == args.rows, count
+                rates = {}
+                for archive in (archived, not archived):
+                    url = fresh_database(pg, "bench_sink")
+                    settings = base.model_copy(update={"database_url": SecretStr(url)})
+                    rates[archive] = await sink_round(settings, args.rows, args.batch, archive)
+                    with psycopg.connect(url) as conn:
+                        count = conn.execute('SELECT count(*) FROM "UserInteraction"').fetchone()
+                    assert count is not None and count[0] == args.rows, count
+                sink = rates[archived]
                 ratios.append(sink / raw)
+                costs.append(rates[True] / rates[False])
                 print(
-                    f"round {r + 1}: raw COPY {raw:,.0f} rows/s   sink {sink:,.0f} rows/s   "
-                    f"ratio {sink / raw:.2f}"
+                    f"round {r + 1}: raw COPY {raw:,.0f} rows/s   sink {sink:,.0f} rows/s "
+                    f"(archive {'on' if archived else 'off'})   ratio {sink / raw:.2f}   "
+                    f"archive on/off {rates[True] / rates[False]:.2f}"
                 )
             print(f"median ratio sink/raw COPY: {statistics.median(ratios):.2f} (target >= 0.7)")
+            print(f"median ratio sink with the archive / without: {statistics.median(costs):.2f}")
         finally:
             pg.stop()
 

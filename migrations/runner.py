@@ -26,7 +26,7 @@ from sqlalchemy.exc import OperationalError, ProgrammingError
 from usertrail.migrations.catalog import Snapshot, diff, snapshot
 from usertrail.sink.models import PIPELINE_TABLES, PRODUCT_TABLES
 
-from usertrail.errors import UsertrailError
+from usertrail.errors import DatabaseUnavailableError, UsertrailError
 from usertrail.settings import Settings
 
 log = logging.getLogger("usertrail.migrations")
@@ -95,7 +95,9 @@ def _connect(engine: Engine) -> Connection:
     try:
         return engine.connect()
     except OperationalError as exc:
-        raise UsertrailError(f"cannot reach PostgreSQL: {exc.orig}") from exc
+        raise DatabaseUnavailableError(
+            f"cannot reach PostgreSQL: {str(exc.orig).strip().splitlines()[0]}"
+        ) from exc
 
 
 def upgrade(engine: Engine, target: str = "head") -> None:

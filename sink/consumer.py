@@ -3,14 +3,18 @@
 A member of the consumer group ``usertrail-sink`` (several processes share
 the partitions). Positions live in the database, written with the rows
 (``usertrail_positions``); on assignment the sink seeks to them. Kafka
-commits are made after each batch for lag monitoring only.
+commits are made after each batch for lag monitoring only. Where the log is
+archived (``Settings.archiving``), the raw records go to
+``usertrail_archive`` in the same transaction (docs/log.md).
 
 Outages never skip anything: while the database is down the same batch is
 retried with backoff; while the broker is down the consumer keeps asking.
-A position beyond the end of the log means the log was reset (the embedded
-broker keeps nothing across a restart): that is logged as an error and the
-partition is read again from its start, which is safe because every write
-is idempotent.
+Each position is stored with the id of the topic it was read from. A log
+that is not that one (the broker answers another topic id, or a high-water
+mark below the position: a recreated topic, a wiped or restarted embedded
+broker, another cluster) stops the sink with LogResetError before it writes
+anything read from it; with ``on_log_reset="start-over"`` it forgets the
+positions and reads the new log from its start instead (idempotent writes).
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
+from uuid import UUID
 
 import psycopg
 from aiokafka import (
@@ -31,6 +36,7 @@ from aiokafka import (
 )
 from aiokafka.errors import (
     InvalidSessionTimeoutError,
+    KafkaConnectionError,
     KafkaError,
     NoOffsetForPartitionError,
     OffsetOutOfRangeError,
@@ -39,13 +45,15 @@ from usertrail.sink.metrics import SinkMetrics
 from usertrail.sink.plan import Record
 from usertrail.sink.writer import Prepared, UnknownUsers, Writer, WriteResult
 
-from usertrail.errors import ConfigurationError
-from usertrail.kafka import stop_within
+from usertrail.errors import ConfigurationError, LogResetError
+from usertrail.kafka import log_identity, stop_within
 from usertrail.settings import Settings
 
 log = logging.getLogger("usertrail.sink")
 
 GROUP = "usertrail-sink"
+STOP_CATCH_UP = 10.0
+"""Seconds a stopping sink goes on writing what the log holds."""
 _FETCH_SLICE = 64
 """Records taken from aiokafka between two yields to the event loop (see
 writer._SLICE: 500 cost about a tenth of the sink's rate)."""
@@ -60,6 +68,11 @@ class SinkOptions:
     max_backoff: float = 10.0
     # False for replay db: its dead letters are on the topic already
     publish_dead_letters: bool = True
+    # keep the raw records in usertrail_archive; None: Settings.archiving
+    archive: bool | None = None
+    # a log that is not the one the positions were read from: "stop" with
+    # LogResetError, or "start-over" from its beginning
+    on_log_reset: Literal["stop", "start-over"] = "stop"
 
 
 class _Positions(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -96,7 +109,12 @@ class Sink:
             consumer=self.options.group,
             unknown_users=self.options.unknown_users,
             profiles_topic=settings.profiles_topic,
+            archive=settings.archiving if self.options.archive is None else self.options.archive,
         )
+        self._refusal: LogResetError | None = None
+        self._caught_up = False
+        self._stop_by = 0.0
+        self._forget: set[str] = set()
         self.consumer = AIOKafkaConsumer(
             group_id=self.options.group,
             enable_auto_commit=False,
@@ -117,28 +135,92 @@ class Sink:
         self.written = WriteResult()
 
     def stop(self) -> None:
-        """Finish the batch in hand, then return from ``run``."""
+        """Write what the log holds (up to ``STOP_CATCH_UP`` seconds more),
+        then return from ``run``: on the embedded broker, what the sink has
+        not archived when the broker stops is lost (docs/log.md)."""
+        self._stop_by = time.monotonic() + STOP_CATCH_UP
         self._stopping.set()
 
     async def seek_to_stored(self, assigned: Sequence[TopicPartition]) -> None:
         if not assigned:
             return
+        topics = sorted({tp.topic for tp in assigned})  # events and profiles
+        current = await self._topic_ids(topics)
         stored: dict[TopicPartition, int] = {}
-        for topic in sorted({tp.topic for tp in assigned}):  # events and profiles
+        for topic in topics:
             partitions = [tp.partition for tp in assigned if tp.topic == topic]
             found = await self._retry_db(
                 lambda t=topic, ps=partitions: self.writer.positions(t, ps), "read positions"
             )
-            stored.update({TopicPartition(topic, p): o for p, o in found.items()})
+            ids = {i for _, i in found.values() if i is not None}
+            now = current.get(topic)
+            if now is not None and ids - {now}:
+                reset = self._log_reset(topic, _other_id(min(ids - {now}), now))
+                if reset is not None:
+                    self._refusal = reset
+                    log.error("%s", reset)
+                    continue  # not sought: nothing of it is read
+                found = {}
+            if now is not None:
+                self.writer.topic_ids[topic] = now
+            stored.update({TopicPartition(topic, p): o for p, (o, _) in found.items()})
         for tp in assigned:
             if tp in stored:
                 self.consumer.seek(tp, stored[tp])
-            else:
+            elif self._refusal is None:
                 await self.consumer.seek_to_beginning(tp)  # the log is the source of truth
         log.info(
             "assigned %s",
             {f"{tp.topic}[{tp.partition}]": stored.get(tp, 0) for tp in sorted(assigned)},
         )
+
+    async def _topic_ids(self, topics: Sequence[str]) -> dict[str, UUID | None]:
+        """The broker's id of each topic (None: none offered, or no such topic)."""
+        try:
+            return (await log_identity(self.consumer._client, list(topics))).topic_ids
+        except KafkaError as exc:
+            log.warning("could not ask the broker for topic ids (%r); asking again later", exc)
+            return {}
+
+    def _log_reset(self, topic: str, why: str) -> LogResetError | None:
+        """A log that is not the one the stored positions of ``topic`` were
+        read from: the error to stop with, or None where the operator asked
+        to start over (the caller then forgets the positions)."""
+        if self.options.on_log_reset == "start-over":
+            log.warning(
+                "%s: the log was reset (%s); starting over from its beginning "
+                "(--on-log-reset start-over)",
+                topic,
+                why,
+            )
+            self._forget.add(topic)
+            return None
+        return LogResetError(
+            f"{topic}: the broker's log is not the one the stored positions of "
+            f"'{self.options.group}' were read from ({why}); nothing was written from it. "
+            "If the broker "
+            "lost its log, restart `usertrail up` (it restores the log from the archive) or "
+            "run `usertrail log restore`; if that log is gone for good, run the sink with "
+            "`--on-log-reset start-over` to read the new one from its start"
+        )
+
+    async def _forget_positions(self) -> None:
+        """Start over on the topics a reset was found on (``--on-log-reset
+        start-over``): every fetched batch written first, then the positions
+        forgotten and the partitions read from their beginning."""
+        if not self._forget:
+            return
+        await self.drain()
+        for topic in sorted(self._forget):
+            n = await self._retry_db(lambda t=topic: self.writer.forget_positions(t), "forget")
+            log.warning("%s: forgot %d stored positions; reading it from its start", topic, n)
+            ids = await self._topic_ids([topic])
+            if ids.get(topic) is not None:
+                self.writer.topic_ids[topic] = ids[topic]  # type: ignore[assignment]
+            for tp in self.consumer.assignment():
+                if tp.topic == topic:
+                    await self.consumer.seek_to_beginning(tp)
+        self._forget.clear()
 
     async def _retry_db(self, action: Any, what: str) -> Any:
         delay = 0.2
@@ -167,10 +249,10 @@ class Sink:
         await self.producer.start()
         writer = asyncio.create_task(self._write_loop())
         try:
-            while not self._stopping.is_set():
+            while not (self._stopping.is_set() and self._done_reading()):
                 if writer.done():
                     writer.result()  # the writer failed: stop and say why
-                await self._step()
+                self._caught_up = not await self._step()
             await self._queue.put(None)
             await writer
         finally:
@@ -205,7 +287,11 @@ class Sink:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.options.max_backoff)
 
-    async def _step(self) -> None:
+    def _done_reading(self) -> bool:
+        return self._caught_up or time.monotonic() > self._stop_by
+
+    async def _step(self) -> int:
+        """Fetch a batch and hand it to the writer; the records fetched."""
         records: list[Record] = []
         failure: KafkaError | None = None
         try:
@@ -214,6 +300,13 @@ class Sink:
             raise self._session_refused() from None
         except KafkaError as exc:
             failure = exc
+        if records:
+            await self._same_log({r.topic for r in records})
+        if self._refusal is not None:
+            raise self._refusal
+        if self._forget:
+            await self._forget_positions()
+            return 1  # what was fetched came from before the new beginning
         if records:  # fetched before a failure: the consumer's position is past them
             # Preparing yields to the event loop every few hundred records, so
             # the writer's round trips to PostgreSQL wait microseconds, not
@@ -221,8 +314,30 @@ class Sink:
             await self._queue.put(await self.writer.prepare(records))
         if failure is not None:
             await self._fetch_failed(failure)
+            return 1  # not caught up: the broker did not answer
+        await self._check_reset_and_lag()
+        return len(records)
+
+    async def _same_log(self, topics: set[str]) -> None:
+        """Asked after every fetch, before anything fetched is written: is
+        each topic still the log the positions were read from? (The fetch may
+        have come from a broker that lost its log a moment ago.)"""
+        current = await self._topic_ids(sorted(topics))
+        for _ in range(25):  # the broker just answered a fetch: ask it again
+            if current:
+                break
+            await asyncio.sleep(0.2)
+            current = await self._topic_ids(sorted(topics))
         else:
-            await self._check_reset_and_lag()
+            raise KafkaConnectionError("the broker did not say which log it holds")
+        for topic in sorted(topics):
+            known, now = self.writer.topic_ids.get(topic), current.get(topic)
+            if now is None:
+                continue
+            if known is None:
+                self.writer.topic_ids[topic] = now
+            elif known != now:
+                self._refusal = self._refusal or self._log_reset(topic, _other_id(known, now))
 
     async def _fetch(self, records: list[Record]) -> None:
         """Fill ``records`` up to a batch: waiting up to the batch time for
@@ -237,7 +352,7 @@ class Sink:
             if not batch:
                 return
             records.extend(
-                Record(tp.topic, tp.partition, r.offset, r.key, r.value)
+                Record(tp.topic, tp.partition, r.offset, r.key, r.value, r.timestamp, r.headers)
                 for tp, rs in batch.items()
                 for r in rs
             )
@@ -246,7 +361,8 @@ class Sink:
 
     async def _fetch_failed(self, exc: KafkaError) -> None:
         if isinstance(exc, OffsetOutOfRangeError):
-            await self._log_reset(list(exc.args[0]) if exc.args else [])
+            for tp in list(exc.args[0]) if exc.args else []:
+                await self._beyond_the_end(tp)
         elif isinstance(exc, NoOffsetForPartitionError):
             # aiokafka looked for a committed offset while the assignment
             # listener was still reading the stored positions: seek again
@@ -329,20 +445,20 @@ class Sink:
                 continue
             position = await self.consumer.position(tp)
             if position > highwater:
-                await self._log_reset([tp])
+                await self._beyond_the_end(tp, f", whose end is {highwater}")
             else:
                 self.metrics.lag.labels(tp.topic, str(tp.partition)).set(highwater - position)
 
-    async def _log_reset(self, partitions: list[TopicPartition]) -> None:
-        for tp in partitions:
-            log.error(
-                "stored position of %s[%d] is beyond the end of the log: the log was reset "
-                "(an embedded broker restarted?). Reading it again from the start; writes are "
-                "idempotent, so nothing is duplicated.",
-                tp.topic,
-                tp.partition,
-            )
-            await self.consumer.seek_to_beginning(tp)
+    async def _beyond_the_end(self, tp: TopicPartition, end: str = "") -> None:
+        """A stored position past the end of the log: the log is not the one
+        it was read from, whatever ids the broker answers."""
+        position = await self.consumer.position(tp)
+        why = f"the stored position {position} of partition {tp.partition} lies beyond its end{end}"
+        self._refusal = self._refusal or self._log_reset(tp.topic, why)
+
+
+def _other_id(stored: UUID, current: UUID) -> str:
+    return f"they were read from topic id {stored}; the broker's has id {current}"
 
 
 async def run_sink(

@@ -10,6 +10,7 @@ PostgreSQL's defaults for the seeds' unnamed constraints (``<table>_pkey``,
 
 from __future__ import annotations
 
+import uuid
 from datetime import datetime
 
 import sqlalchemy as sa
@@ -135,6 +136,27 @@ class ConsumerPosition(Base):
     updated_at: Mapped[datetime] = mapped_column(
         TIMESTAMP(timezone=True), nullable=False, server_default=sa.text("now()")
     )
+    # the broker's id of the topic the position was read from (docs/log.md)
+    topic_id: Mapped[uuid.UUID | None] = mapped_column(sa.Uuid)
+
+
+class ArchivedRecord(Base):
+    """A raw record of the log, written by the sink with its positions; what
+    ``usertrail up`` restores into a broker that lost it (docs/log.md)."""
+
+    __tablename__ = "usertrail_archive"
+    __table_args__ = (
+        sa.PrimaryKeyConstraint("topic", "partition", "offset", name="usertrail_archive_pkey"),
+    )
+
+    topic: Mapped[str] = mapped_column(sa.Text)
+    partition: Mapped[int] = mapped_column(sa.Integer)
+    offset: Mapped[int] = mapped_column(sa.BigInteger)
+    key: Mapped[bytes | None] = mapped_column(BYTEA)
+    value: Mapped[bytes | None] = mapped_column(BYTEA)
+    timestamp_ms: Mapped[int] = mapped_column(sa.BigInteger, nullable=False)
+    # Kafka's record-header encoding, none: NULL (usertrail.sink.plan.encode_headers)
+    headers: Mapped[bytes | None] = mapped_column(BYTEA)
 
 
 class DeadLetter(Base):
@@ -167,4 +189,4 @@ class DeadLetter(Base):
 
 
 PRODUCT_TABLES = ("User", "UserInteraction", "UserPreferences", "user_vectors")
-PIPELINE_TABLES = ("usertrail_positions", "usertrail_dead_letters")
+PIPELINE_TABLES = ("usertrail_positions", "usertrail_dead_letters", "usertrail_archive")

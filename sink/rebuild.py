@@ -69,13 +69,19 @@ class TableDiff:
     table: str
     live: int
     rebuilt: int
-    only_live: list[str] = field(default_factory=list)
+    only_live: list[str] = field(default_factory=list)  # the first keys of each kind
     only_rebuilt: list[str] = field(default_factory=list)
     differ: list[str] = field(default_factory=list)
+    # how many keys of each kind there are in all
+    totals: dict[str, int] = field(default_factory=dict)
 
     @property
     def same(self) -> bool:
         return not (self.only_live or self.only_rebuilt or self.differ)
+
+    @property
+    def differing(self) -> int:
+        return sum(self.totals.values())
 
 
 def _shadow_dsn(dsn: str, schema: str) -> str:
@@ -89,6 +95,9 @@ def make_shadow(settings: Settings, schema: str = SHADOW) -> None:
             conn.exec_driver_sql(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
             conn.exec_driver_sql(f'CREATE SCHEMA "{schema}"')
             runner.upgrade_into(conn, schema)
+            # the rebuild archives into the live archive (public, next on the
+            # search path): the records it reads are the log's own
+            conn.exec_driver_sql(f'DROP TABLE "{schema}".usertrail_archive')
     finally:
         engine.dispose()
 
@@ -191,25 +200,68 @@ def live_rows(settings: Settings) -> dict[str, int]:
 
 
 def compare(settings: Settings, schema: str = SHADOW, limit: int = 1000) -> list[TableDiff]:
+    """Live against rebuilt, per table: true totals of the keys only live,
+    only rebuilt and on both sides with other values; the first ``limit``
+    keys of each."""
     out = []
     with psycopg.connect(settings.database_dsn()) as conn:
+
+        def one(sql: str) -> int:
+            return int(conn.execute(sql).fetchone()[0])  # type: ignore[index]
+
         for table, (key, columns) in COMPARED.items():
             cols = ", ".join(f'"{c}"' for c in (key, *columns))
             live = f'SELECT {cols} FROM public."{table}"'
             rebuilt = f'SELECT {cols} FROM "{schema}"."{table}"'
             diff = TableDiff(
                 table,
-                int(conn.execute(f'SELECT count(*) FROM public."{table}"').fetchone()[0]),  # type: ignore[index]
-                int(conn.execute(f'SELECT count(*) FROM "{schema}"."{table}"').fetchone()[0]),  # type: ignore[index]
+                one(f'SELECT count(*) FROM public."{table}"'),
+                one(f'SELECT count(*) FROM "{schema}"."{table}"'),
             )
-            only_live = {r[0] for r in conn.execute(f"{live} EXCEPT {rebuilt} LIMIT {limit}")}
-            only_rebuilt = {r[0] for r in conn.execute(f"{rebuilt} EXCEPT {live} LIMIT {limit}")}
-            both = only_live & only_rebuilt  # the key on both sides: the row differs
-            diff.differ = sorted(both)
-            diff.only_live = sorted(only_live - both)
-            diff.only_rebuilt = sorted(only_rebuilt - both)
+            left = f"({live} EXCEPT {rebuilt})"
+            right = f"({rebuilt} EXCEPT {live})"
+            both = f'SELECT "{key}" FROM {left} l INTERSECT SELECT "{key}" FROM {right} r'
+            in_both = one(f"SELECT count(*) FROM ({both}) b")
+            diff.totals = {
+                "differ": in_both,
+                "only_live": one(f"SELECT count(*) FROM {left} l") - in_both,
+                "only_rebuilt": one(f"SELECT count(*) FROM {right} r") - in_both,
+            }
+            diff.differ = [str(r[0]) for r in conn.execute(f"{both} ORDER BY 1 LIMIT {limit}")]
+            for name, side in (("only_live", left), ("only_rebuilt", right)):
+                keys = conn.execute(
+                    f'SELECT "{key}" FROM {side} s EXCEPT ({both}) ORDER BY 1 LIMIT {limit}'
+                )
+                setattr(diff, name, [str(r[0]) for r in keys])
             out.append(diff)
     return out
+
+
+def refuse_to_shrink(settings: Settings, schema: str = SHADOW) -> None:
+    """Refuse a rebuild that holds fewer rows than a live table (a log that
+    was reset or emptied would wipe the tables): print the counts and the
+    first keys that would go."""
+    shrunk = []
+    with psycopg.connect(settings.database_dsn()) as conn:
+        for table, (key, _) in COMPARED.items():
+            live = int(conn.execute(f'SELECT count(*) FROM public."{table}"').fetchone()[0])  # type: ignore[index]
+            built = int(conn.execute(f'SELECT count(*) FROM "{schema}"."{table}"').fetchone()[0])  # type: ignore[index]
+            if built < live:
+                keys = [
+                    str(r[0])
+                    for r in conn.execute(
+                        f'SELECT "{key}" FROM public."{table}" EXCEPT '
+                        f'SELECT "{key}" FROM "{schema}"."{table}" ORDER BY 1 LIMIT 5'
+                    )
+                ]
+                shrunk.append(f"{table} {live:,} -> {built:,} (gone: {', '.join(keys)}, ...)")
+    if shrunk:
+        raise UsertrailError(
+            "refusing to swap in tables rebuilt from a log that holds less than the live ones: "
+            + "; ".join(shrunk)
+            + ". Was the log reset or emptied? Restore it (`usertrail up` restores the embedded "
+            "broker's; `usertrail log restore`), or pass --allow-shrink if those rows should go"
+        )
 
 
 def refuse_unless_empty(settings: Settings) -> None:

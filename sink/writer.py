@@ -32,6 +32,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC
 from typing import Any, Literal
+from uuid import UUID
 
 import psycopg
 from psycopg import sql
@@ -52,6 +53,7 @@ from usertrail.sink.plan import (
 from usertrail.sink.rows import FastRow, copy_line
 
 from usertrail.errors import EventValidationError
+from usertrail.kafka import encode_headers
 
 log = logging.getLogger("usertrail.sink")
 
@@ -164,8 +166,14 @@ class Writer:
         consumer: str,
         unknown_users: UnknownUsers = "create",
         profiles_topic: str | None = None,
+        archive: bool = False,
     ) -> None:
         self._conninfo = conninfo
+        # Keep every record read in usertrail_archive, in the batch's
+        # transaction (docs/log.md); and the id of each topic read from,
+        # stored with the positions (set by the consumer once it has asked).
+        self.archive = archive
+        self.topic_ids: dict[str, UUID] = {}
         self.profiles_topic = profiles_topic
         self.consumer = consumer
         self.unknown_users = unknown_users
@@ -195,16 +203,37 @@ class Writer:
         assert self._conn is not None, "connect() first"
         return self._conn
 
-    async def positions(self, topic: str, partitions: Sequence[int]) -> dict[int, int]:
+    async def positions(
+        self, topic: str, partitions: Sequence[int]
+    ) -> dict[int, tuple[int, UUID | None]]:
+        """Stored next offsets and the id of the topic they were read from."""
         async with self.conn.cursor() as cur:
             await cur.execute(
-                "SELECT partition, next_offset FROM usertrail_positions "
+                "SELECT partition, next_offset, topic_id FROM usertrail_positions "
                 "WHERE consumer = %s AND topic = %s AND partition = ANY(%s)",
                 (self.consumer, topic, list(partitions)),
             )
             rows = await cur.fetchall()
         await self.conn.commit()
-        return {int(p): int(o) for p, o in rows}
+        return {int(p): (int(o), t) for p, o, t in rows}
+
+    async def forget_positions(self, topic: str) -> int:
+        """Start over on ``topic``: its positions belong to a log that is
+        gone. That log's archived records are kept, under the name
+        ``<topic>@superseded-<time>``, not restored again."""
+        async with self.conn.transaction(), self.conn.cursor() as cur:
+            await cur.execute(
+                "DELETE FROM usertrail_positions WHERE consumer = %s AND topic = %s",
+                (self.consumer, topic),
+            )
+            forgotten = cur.rowcount
+            if self.archive:
+                await cur.execute(
+                    "UPDATE usertrail_archive SET topic = topic || '@superseded-' || "
+                    "to_char(now(), 'YYYYMMDD\"T\"HH24MISS') WHERE topic = %s",
+                    (topic,),
+                )
+        return forgotten
 
     # --- one batch ------------------------------------------------------------------
     async def write(
@@ -322,18 +351,48 @@ class Writer:
                 await self._profiles(cur, profiles, result)
                 await self._dead_letters(cur, result.dead_letters)
                 if positions:
+                    if self.archive:
+                        await self._archive(cur, prepared.records)
                     await cur.executemany(
                         "INSERT INTO usertrail_positions (consumer, topic, partition, "
-                        "next_offset) VALUES (%s, %s, %s, %s) "
+                        "next_offset, topic_id) VALUES (%s, %s, %s, %s, %s) "
                         "ON CONFLICT (consumer, topic, partition) DO UPDATE "
-                        "SET next_offset = EXCLUDED.next_offset, updated_at = now()",
-                        [(self.consumer, t, p, o) for (t, p), o in result.positions.items()],
+                        "SET next_offset = EXCLUDED.next_offset, "
+                        "topic_id = EXCLUDED.topic_id, updated_at = now()",
+                        [
+                            (self.consumer, t, p, o, self.topic_ids.get(t))
+                            for (t, p), o in result.positions.items()
+                        ],
                     )
         # committed: these users exist now
         if len(self._known_users) > 1_000_000:
             self._known_users.clear()
         self._known_users |= users
         return result
+
+    @staticmethod
+    async def _archive(cur: psycopg.AsyncCursor[Any], records: Sequence[Record]) -> None:
+        """The batch's raw records, one statement. A record archived already
+        (read again after its transaction committed but the position was not
+        seen, which positions make impossible, or after a start-over) is kept
+        as first written."""
+        if not records:
+            return
+        await cur.execute(
+            "INSERT INTO usertrail_archive "
+            '(topic, partition, "offset", key, value, timestamp_ms, headers) '
+            "SELECT * FROM unnest(%s::text[], %s::int[], %s::bigint[], %s::bytea[], "
+            "%s::bytea[], %s::bigint[], %s::bytea[]) ON CONFLICT DO NOTHING",
+            (
+                [r.topic for r in records],
+                [r.partition for r in records],
+                [r.offset for r in records],
+                [r.key for r in records],
+                [r.value for r in records],
+                [r.timestamp for r in records],
+                [encode_headers(r.headers) for r in records],
+            ),
+        )
 
     async def _isolate(
         self, records: Sequence[Record], exc: Exception, positions: bool = True

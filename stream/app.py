@@ -32,6 +32,8 @@ import asyncio
 import enum
 import functools
 import logging
+import os
+import signal
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -45,7 +47,8 @@ from usertrail.stream.batch import Folded, FoldProcess, UserBatch, fold_users
 from usertrail.stream.segments import Rules, segment
 from usertrail.stream.state import load_state, message_for
 
-from usertrail.kafka import stop_within
+from usertrail.errors import LogResetError
+from usertrail.kafka import log_identity, stop_within
 from usertrail.settings import STREAM_TABLE, Settings
 
 log = logging.getLogger("usertrail.stream")
@@ -64,8 +67,19 @@ SKIP_AHEAD = 1000
 forward instead of skipping them one by one."""
 
 
+LOG = b"\x00usertrail/log/"
+"""Table key prefix of the id of the events topic a partition's applied
+offset belongs to (docs/log.md): a worker that finds the broker's topic
+under another id stops (LogResetError) instead of skipping the new log's
+records as applied."""
+
+
 def applied_key(partition: int) -> bytes:
     return APPLIED + str(partition).encode()
+
+
+def log_key(partition: int) -> bytes:
+    return LOG + str(partition).encode()
 
 
 class Verdict(enum.Enum):
@@ -245,6 +259,38 @@ def create_app(
 
     positions = Positions()
     app.consumer._read_offset = _DeliverEverything()
+    app.usertrail_log_reset = None  # type: ignore[attr-defined]  # the LogResetError, if any
+
+    async def events_log_id() -> bytes | None:
+        """The events topic's id as the broker answers now (None: it offers none)."""
+        client = (await profiles_producer()).client
+        try:
+            found = (await log_identity(client, [settings.events_topic])).topic_ids
+        except KafkaError as exc:
+            log.warning("could not ask the broker for the topic id (%r)", exc)
+            return None
+        topic_id = found.get(settings.events_topic)
+        return None if topic_id is None else str(topic_id).encode()
+
+    def same_log(partition: int, current: bytes | None) -> bool:
+        stored = table.data.get(log_key(partition))
+        if stored is None or current is None or stored == current:
+            return True
+        if app.usertrail_log_reset is None:  # type: ignore[attr-defined]
+            reset = LogResetError(
+                f"{settings.events_topic}: the broker's log is not the one the stream's "
+                f"state was folded from (partition {partition} was read from topic id "
+                f"{stored.decode()}; the broker's has id {current.decode()}); nothing of it "
+                "was folded. If the broker lost its log, restart `usertrail up` (it restores "
+                "the log from the archive); if that log is gone for good, `usertrail replay "
+                "stream` folds the new one from its start"
+            )
+            log.error("%s", reset)
+            app.usertrail_log_reset = reset  # type: ignore[attr-defined]
+            # stop as SIGTERM does (a faust crash left the process running);
+            # `usertrail stream` then exits with the error's code
+            os.kill(os.getpid(), signal.SIGTERM)
+        return False
 
     @app.agent(events)
     async def fold_events(stream: faust.StreamT[bytes]) -> None:
@@ -325,6 +371,11 @@ def create_app(
         return None if start is None else start - 1
 
     async def fold_batch(batch: Sequence[faust.EventT]) -> None:
+        if app.usertrail_log_reset is not None:  # type: ignore[attr-defined]
+            return  # stopping: see same_log
+        current = await events_log_id()
+        if not all(same_log(p, current) for p in {e.message.partition for e in batch}):
+            return
         applied: dict[int, int | None] = {}
         recovered: dict[int, int | None] = {}  # as the batch found them
         gaps: dict[int, int] = {}
@@ -373,6 +424,9 @@ def create_app(
                 mark, value = applied_key(partition), str(offset).encode()
                 table.data[mark] = value
                 marks.append((partition, mark, value))
+                if current is not None and table.data.get(log_key(partition)) != current:
+                    table.data[log_key(partition)] = current
+                    marks.append((partition, log_key(partition), current))
         # Each partition's applied offset goes to its changelog partition only
         # once this batch's other writes and every earlier batch's are
         # acknowledged, so a recovered applied offset implies all of them:

@@ -27,13 +27,13 @@ from aiokafka.structs import OffsetAndMetadata
 from usertrail.producers.events import decode
 from usertrail.producers.profiles import encode_profile
 from usertrail.sink.plan import accept
-from usertrail.stream.app import APPLIED, applied_key
+from usertrail.stream.app import APPLIED, LOG, applied_key, log_key
 from usertrail.stream.segments import Rules, segment
 from usertrail.stream.state import UserState, advance, dump_state, load_state, message_for
 
 from usertrail import liveness
 from usertrail.errors import EventValidationError, UsertrailError
-from usertrail.kafka import stop_within
+from usertrail.kafka import log_identity, stop_within
 from usertrail.settings import Settings
 from usertrail.topics import TopicSpec, ensure_topics
 
@@ -230,6 +230,8 @@ async def live_states(settings: Settings) -> Live:
                     assert r.key is not None
                     if r.key.startswith(APPLIED):
                         live.applied[int(r.key[len(APPLIED) :])] = int(r.value or b"-1")
+                    elif r.key.startswith(LOG):
+                        continue
                     else:
                         raw[r.key] = r.value
                         live.partition_of[r.key] = r.partition
@@ -245,9 +247,13 @@ async def live_states(settings: Settings) -> Live:
     return live
 
 
-async def publish(settings: Settings, rules: Rules, rebuilt: Rebuilt) -> dict[str, int]:
+async def publish(
+    settings: Settings, rules: Rules, rebuilt: Rebuilt, *, allow_shrink: bool = False
+) -> dict[str, int]:
     """Write the rebuilt states where the live worker would have: changelog,
-    applied offsets, profiles, group offsets. Returns what was written."""
+    applied offsets, profiles, group offsets. Returns what was written.
+    Refuses to remove profiles the live state holds and the log does not
+    (an emptied or reset log) unless ``allow_shrink``."""
     # the changelog faust would create, if no worker ever ran: one partition
     # per events partition (the worker writes a user where their events are)
     await ensure_topics(
@@ -256,6 +262,16 @@ async def publish(settings: Settings, rules: Rules, rebuilt: Rebuilt) -> dict[st
     )
     live = await live_states(settings)
     gone = [key for key in live.states if key not in rebuilt.states]
+    if gone and not allow_shrink:
+        shown = ", ".join(k.decode(errors="replace") for k in sorted(gone)[:10])
+        more = f" and {len(gone) - 10:,} more" if len(gone) > 10 else ""
+        raise UsertrailError(
+            f"refusing to replace {len(live.states):,} live profiles with "
+            f"{len(rebuilt.states):,} folded from {settings.events_topic}: {len(gone):,} "
+            f"would be removed ({shown}{more}). Was the log reset or emptied? Restore it "
+            "(`usertrail up` restores the embedded broker's; `usertrail log restore`), or "
+            "pass --allow-shrink if those profiles should go"
+        )
     producer = AIOKafkaProducer(
         **settings.kafka_options(),
         acks="all",
@@ -280,7 +296,10 @@ async def publish(settings: Settings, rules: Rules, rebuilt: Rebuilt) -> dict[st
             )
         await asyncio.gather(*sends)
         sends = []
-        # each partition's applied offset after its users (same partition: in order)
+        # each partition's applied offset after its users (same partition: in
+        # order), and the id of the events topic it was read from
+        found = (await log_identity(producer.client, [settings.events_topic])).topic_ids
+        topic_id = found.get(settings.events_topic)
         for partition, end in rebuilt.ends.items():
             if end > 0:
                 sends.append(
@@ -288,6 +307,15 @@ async def publish(settings: Settings, rules: Rules, rebuilt: Rebuilt) -> dict[st
                         changelog,
                         str(end - 1).encode(),
                         key=applied_key(partition),
+                        partition=partition,
+                    )
+                )
+            if end == 0 or topic_id is not None:
+                sends.append(
+                    await producer.send(
+                        changelog,
+                        None if end == 0 else str(topic_id).encode(),
+                        key=log_key(partition),
                         partition=partition,
                     )
                 )

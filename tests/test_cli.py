@@ -17,3 +17,42 @@ def test_batch_max_must_be_a_positive_whole_number(
     assert exited.value.code == 2
     assert "--batch-max" in capsys.readouterr().err
     assert build_parser().parse_args([command, "--batch-max", "7"]).batch_max == 7
+
+
+DOWN = {"KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:1", "DATABASE_URL": "postgresql://u@127.0.0.1:2/x"}
+
+
+@pytest.mark.parametrize(
+    ("command", "code"),
+    [
+        ("verify", 4),
+        ("replay db", 4),
+        ("replay stream", 4),
+        ("log restore", 4),
+        ("demo --users 2 --events 10", 4),
+        ("dlq list", 5),
+        ("db status", 5),
+        ("db validate", 5),
+        ("segments backfill", 5),
+    ],
+)
+def test_a_broker_or_database_that_is_down_is_one_line_and_an_exit_code(
+    command: str, code: int, tmp_path: object
+) -> None:
+    """Ports nothing listens on: one line on stderr, the documented code
+    (4: the broker, 5: the database), never a traceback."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("USERTRAIL_")}
+    done = subprocess.run(
+        [sys.executable, "-m", "usertrail.cli", *command.split(), "--log-level", "WARNING"],
+        env={**env, **DOWN, "USERTRAIL_DATA_DIR": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == code, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("usertrail: error: cannot reach"), lines

@@ -251,70 +251,6 @@ def test_up_runs_the_pipeline_events_become_rows(tmp_path: Path) -> None:
         _stop(proc, signal.SIGINT)
 
 
-def test_the_readme_rule_change_runs_on_the_embedded_stack(tmp_path: Path) -> None:
-    """README, "Changing a segment rule", with `up --workers sink` so the
-    embedded broker (memory only) outlives the stream worker."""
-    import psycopg
-
-    rules = tmp_path / "my-rules.toml"
-    shipped = (Path(__file__).parent.parent / "stream" / "rules.toml").read_text()
-    rules.write_text(shipped.replace("min_interactions = 60", "min_interactions = 10"))
-    proc, _, kafka, pg = _start_up(tmp_path, "--workers", "sink", workers=1)
-    stream = None
-    env = {
-        **os.environ,
-        "KAFKA_BOOTSTRAP_SERVERS": f"127.0.0.1:{kafka}",
-        "DATABASE_URL": f"postgresql://postgres@127.0.0.1:{pg}/usertrail",
-        "USERTRAIL_DATA_DIR": str(tmp_path / "data"),
-        "USERTRAIL_RULES": str(rules),
-        "USERTRAIL_STREAM_WEB_PORT": str(free_port()),
-    }
-
-    def usertrail(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "usertrail.cli", *args],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=180,
-        )
-
-    try:
-        sent = usertrail("demo", "--users", "20", "--events", "1500")
-        assert sent.returncode == 0, sent.stderr
-        replayed = usertrail("replay", "stream")
-        assert replayed.returncode == 0, replayed.stderr
-        assert "into 20 profiles" in replayed.stdout
-        stream = subprocess.Popen(
-            [sys.executable, "-m", "usertrail.cli", "stream", "--log-level", "WARNING"],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 30
-        locks = tmp_path / "data" / "workers" / "usertrail-stream"
-        while not list(locks.glob("*.lock")):
-            assert time.monotonic() < deadline, "the stream worker never started"
-            time.sleep(0.2)
-        refused = usertrail("replay", "stream")  # a worker runs now
-        assert refused.returncode == 2 and "stop them" in refused.stderr
-        checked = usertrail("verify", "--only", "profiles")
-        assert checked.returncode == 0, checked.stdout + checked.stderr
-        # the sink moves the replayed profiles, new rule applied, into user_vectors
-        deadline = time.monotonic() + 60
-        primaries: list[tuple[str]] = []
-        while time.monotonic() < deadline and len(primaries) < 20:
-            with psycopg.connect(env["DATABASE_URL"]) as conn:
-                primaries = conn.execute('SELECT "primarySegment" FROM user_vectors').fetchall()
-            time.sleep(0.5)
-        assert len(primaries) == 20 and ("power-user",) in primaries
-    finally:
-        if stream is not None:
-            stream.send_signal(signal.SIGTERM)
-            stream.wait(timeout=30)
-        _stop(proc, signal.SIGINT)
-
-
 def test_up_runs_apache_kafka_whose_log_outlives_it(tmp_path: Path) -> None:
     """`up --broker kafka --brokers 3`: three KRaft nodes from Maven Central's
     jars, the pipeline on them, nothing left after Ctrl-C, and the log (a
@@ -383,3 +319,40 @@ def test_up_runs_apache_kafka_whose_log_outlives_it(tmp_path: Path) -> None:
         assert checked.returncode == 0, checked.stdout + checked.stderr
     finally:
         _stop(proc, CTRL_C)
+
+
+def test_a_second_up_on_the_same_data_directory_says_one_runs(tmp_path: Path) -> None:
+    proc, _, _, _ = _start_up(tmp_path, "--workers", "none", workers=0)
+    try:
+        second = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "usertrail.cli",
+                "up",
+                "--data-dir",
+                str(tmp_path / "data"),
+                "--kafka-port",
+                str(free_port()),
+                "--postgres-port",
+                str(free_port()),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=_up_env(),
+        )
+        assert second.returncode == 2, second.stderr
+        assert "another `usertrail up` is running on" in second.stderr, second.stderr
+        assert "Traceback" not in second.stderr and proc.poll() is None
+    finally:
+        _stop(proc, CTRL_C)
+
+
+def test_version() -> None:
+    from usertrail import __version__
+
+    shown = subprocess.run(
+        [sys.executable, "-m", "usertrail.cli", "--version"], capture_output=True, text=True
+    )
+    assert shown.returncode == 0 and shown.stdout.strip() == f"usertrail {__version__}"

@@ -20,13 +20,16 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
+import psycopg
+from aiokafka.errors import KafkaError
 from pydantic import ValidationError
 
 from usertrail import liveness
 
 if TYPE_CHECKING:
     from usertrail.stream.segments import Rules
-from usertrail.errors import UsertrailError
+from usertrail import __version__
+from usertrail.errors import BrokerUnavailableError, DatabaseUnavailableError, UsertrailError
 from usertrail.settings import Settings
 
 log = logging.getLogger("usertrail")
@@ -138,6 +141,7 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
         _prepare_database(settings, args.migrate)
         for name in created:
             log.info("created topic %s", name)
+        restored = _restore_log(settings)
         print("usertrail is up", flush=True)
         print(
             f"  Kafka:      {settings.bootstrap_servers}"
@@ -149,6 +153,8 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
             f"  topics:     {settings.events_topic}, {settings.profiles_topic}, "
             f"{settings.dead_letter_topic}"
         )
+        if restored is not None:
+            print(f"  log:        restored {restored.summary()} from the archive")
         if args.only_setup:
             print("  set-up done (--only-setup): topics and schema are ready.", flush=True)
             return 0
@@ -179,6 +185,25 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         workers.stop()
         stack.stop()
+
+
+def _restore_log(settings: Settings) -> Any:
+    """The embedded broker's log back from the archive (docs/log.md), before
+    any worker starts or ``up`` says it is up."""
+    if not settings.embedded_kafka:
+        return None
+    from usertrail.archive import restore
+
+    restored = asyncio.run(restore(settings))
+    return restored if any(restored.records.values()) else None
+
+
+def cmd_log_restore(args: argparse.Namespace, settings: Settings) -> int:
+    from usertrail.archive import restore
+
+    restored = asyncio.run(restore(settings))
+    print(f"restored {restored.summary()} from the archive")
+    return 0
 
 
 def _embedded_broker_label(settings: Settings) -> str:
@@ -268,6 +293,7 @@ def cmd_sink(args: argparse.Namespace, settings: Settings) -> int:
         unknown_users=args.unknown_users,
         batch_max_records=args.batch_max,
         batch_max_wait_ms=args.batch_wait_ms,
+        on_log_reset=args.on_log_reset,
     )
     asyncio.run(run_sink(settings, options, metrics_port=args.metrics_port))
     lock.close()
@@ -291,8 +317,14 @@ def cmd_stream(args: argparse.Namespace, settings: Settings) -> int:
     # faust's terminal spinner sets the root logger to DEBUG at levels of
     # WARNING and above, so every debug line of aiokafka and faust is built
     worker.spinner = None
-    worker.execute_from_commandline()
-    lock.close()
+    try:
+        worker.execute_from_commandline()
+    except SystemExit:
+        if app.usertrail_log_reset is not None:
+            raise app.usertrail_log_reset from None  # one line, exit code 3
+        raise
+    finally:
+        lock.close()
     return 0
 
 
@@ -367,7 +399,9 @@ def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
         rebuilt = await replay.rebuild(settings, rules, since=args.since, progress=bar)
         bar.close()
         await replay.refuse_if_live(settings)  # none started meanwhile
-        return await replay.publish(settings, rules, rebuilt)
+        # a --from replay leaves out, by design, users with nothing since TIME
+        shrink = args.allow_shrink or args.since is not None
+        return await replay.publish(settings, rules, rebuilt, allow_shrink=shrink)
 
     started = time.monotonic()
     written = asyncio.run(run())
@@ -404,6 +438,8 @@ def cmd_replay_db(args: argparse.Namespace, settings: Settings) -> int:
         rebuild.make_shadow(settings)
         try:
             group = asyncio.run(rebuild.build(settings, progress=progress))
+            if not args.allow_shrink:
+                rebuild.refuse_to_shrink(settings)
             asyncio.run(refuse())  # none started meanwhile
             rebuild.swap(settings, group, args.group)
         except BaseException:
@@ -440,22 +476,21 @@ def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
         rebuild.make_shadow(settings)
         try:
             asyncio.run(rebuild.build(settings))
-            tables = rebuild.compare(settings)
+            tables = rebuild.compare(settings, limit=args.limit)
         finally:
             rebuild.drop_shadow(settings)
         for t in tables:
-            print(
-                f"{t.table}: {t.live:,} live, {t.rebuilt:,} from the log, "
-                f"{len(t.only_live) + len(t.only_rebuilt) + len(t.differ):,} differ"
-            )
-            for label, keys in (
-                ("differs", t.differ),
-                ("live only", t.only_live),
-                ("missing from the live table", t.only_rebuilt),
+            print(f"{t.table}: {t.live:,} live, {t.rebuilt:,} from the log, {t.differing:,} differ")
+            for label, kind, keys in (
+                ("differs", "differ", t.differ),
+                ("live only", "only_live", t.only_live),
+                ("missing from the live table", "only_rebuilt", t.only_rebuilt),
             ):
                 for key in keys[: args.limit]:
                     print(f"  {key}: {label}")
-            different |= not t.same
+                if t.totals[kind] > len(keys[: args.limit]):
+                    print(f"  ... and {t.totals[kind] - len(keys[: args.limit]):,} more {label}")
+            different |= t.differing > 0
     return 1 if different else 0
 
 
@@ -584,7 +619,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="usertrail",
         description="Event-sourced user-interaction tracking: SDK -> Kafka -> stream "
         "aggregates and segments -> PostgreSQL.",
+        epilog="Exit codes: 0 done; 1 differences found (verify, db check); 2 a usage, "
+        "configuration or runtime error (one line on stderr); 3 the broker's log is not the "
+        "one the stored positions belong to (docs/log.md); 4 the broker cannot be reached; "
+        "5 the database cannot be reached; 130 interrupted.",
     )
+    parser.add_argument("--version", action="version", version=f"usertrail {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     up = sub.add_parser(
@@ -674,7 +714,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Consume usertrail.events and write the product's rows: interactions, "
         "preferences, erasures. Members of one group share the partitions; the "
         "position of each partition is stored with the rows, in one transaction. "
-        "SIGTERM finishes the batch in hand and exits.",
+        "SIGTERM writes what the log holds (up to 10 s more) and exits.",
     )
     sink.add_argument(
         "--group", default="usertrail-sink", help="consumer group (default usertrail-sink)"
@@ -706,7 +746,36 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PORT",
         help="serve Prometheus metrics on 127.0.0.1:PORT/metrics",
     )
+    sink.add_argument(
+        "--on-log-reset",
+        choices=["stop", "start-over"],
+        default="stop",
+        help="the broker's log is not the one the stored positions were read from (a "
+        "recreated topic, a wiped broker): stop with exit code 3 and say so (default), or "
+        "forget the positions and read the new log from its start (writes are idempotent)",
+    )
     sink.set_defaults(func=cmd_sink)
+
+    log_parser = sub.add_parser(
+        "log",
+        parents=[common],
+        help="the log archive: restore a broker that lost its log",
+        description="The sink keeps every record it reads in the database (usertrail_archive; "
+        "on by default on the embedded broker, USERTRAIL_ARCHIVE=on elsewhere). `usertrail up` "
+        "restores it by itself; this does it for a broker you run.",
+    )
+    log_sub = log_parser.add_subparsers(dest="log_command", required=True, metavar="COMMAND")
+    log_restore = log_sub.add_parser(
+        "restore",
+        parents=[common],
+        help="put the archived records back into an empty broker",
+        description="Put every archived record of usertrail.events and usertrail.profiles back "
+        "at its partition and offset, with its key, value, timestamp and headers, and the "
+        "dead letters back on their topic, into a broker whose topics are empty (create them "
+        "first: `usertrail up --only-setup`). Topics that still hold their log are left alone; "
+        "one that holds another log is refused (exit 3). Stop every worker first.",
+    )
+    log_restore.set_defaults(func=cmd_log_restore)
 
     stream = sub.add_parser(
         "stream",
@@ -757,7 +826,8 @@ def build_parser() -> argparse.ArgumentParser:
         "with the worker's own functions, write each user's final profile once to the "
         "table's changelog and to usertrail.profiles, and set the worker group's offsets "
         "so workers started afterwards carry on exactly after the rebuilt point. Users "
-        "the rebuild does not have are removed. Refuses while workers of the group run. "
+        "the rebuild does not have are removed (with --allow-shrink only). Refuses while "
+        "workers of the group run. "
         "To roll out a changed segment rule: stop the workers, replay with --rules, "
         "start the workers with the same --rules, then verify.",
     )
@@ -768,6 +838,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="TIME",
         help="fold only events that happened at or after TIME (ISO 8601 with a zone); "
         "found per partition by a binary search over occurredAt",
+    )
+    replay_stream.add_argument(
+        "--allow-shrink",
+        action="store_true",
+        help="remove live profiles the log does not hold (refused by default: a log that "
+        "was reset or emptied would remove them all; the refusal lists them). A --from "
+        "replay removes the users with no event since TIME anyway",
     )
     _add_rules_argument(replay_stream)
     replay_stream.set_defaults(func=cmd_replay)
@@ -781,7 +858,8 @@ def build_parser() -> argparse.ArgumentParser:
         "constraints and names), then swap them in within one transaction: readers see the "
         "old tables or the new ones, never a half-built one. The sink group's positions "
         "come along, so sinks started afterwards carry on after the rebuilt point. Refuses "
-        "while sinks of the group run.",
+        "while sinks of the group run, and to swap in fewer rows than the live tables hold "
+        "unless --allow-shrink.",
     )
     replay_db.add_argument(
         "--in-place",
@@ -793,6 +871,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="usertrail-sink",
         metavar="NAME",
         help="the sink group whose positions the rebuilt tables carry (default usertrail-sink)",
+    )
+    replay_db.add_argument(
+        "--allow-shrink",
+        action="store_true",
+        help="swap in rebuilt tables with fewer rows than the live ones (refused by default: "
+        "a log that was reset or emptied would empty the tables; the refusal prints the "
+        "counts and the first keys that would go)",
     )
     replay_db.set_defaults(func=cmd_replay_db)
 
@@ -928,6 +1013,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _fail(exc: UsertrailError) -> int:
+    """One line on stderr; the error's exit code (README, "Exit codes")."""
+    print(f"usertrail: error: {exc}", file=sys.stderr, flush=True)
+    # clients left open by the failed command are not worth a report each
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+    return exc.exit_code
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -942,12 +1035,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     for noisy in ("aiokafka", "alembic"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.root.level))
+    if args.command not in ("up", "sink", "stream"):
+        # a one-off command says what went wrong in one line, below; aiokafka's
+        # own reports of a broker that is down would repeat it (workers keep
+        # them: they retry and log each outage)
+        logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
     func: Callable[[argparse.Namespace, Settings], int] = args.func
     try:
         return func(args, settings)
     except UsertrailError as exc:
-        print(f"usertrail: error: {exc}", file=sys.stderr)
-        return 2
+        return _fail(exc)
+    except KafkaError as exc:
+        return _fail(
+            BrokerUnavailableError(f"cannot reach Kafka at {settings.bootstrap_servers}: {exc}")
+        )
+    except psycopg.OperationalError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return _fail(DatabaseUnavailableError(f"cannot reach PostgreSQL: {first}"))
     except KeyboardInterrupt:
         return 130
 

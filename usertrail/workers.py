@@ -10,6 +10,7 @@ import sys
 import time
 
 from usertrail.embedded import OWNED_CHILD
+from usertrail.errors import LogResetError
 from usertrail.settings import Settings
 
 log = logging.getLogger("usertrail.workers")
@@ -49,6 +50,14 @@ class Workers:
         for index, proc in list(self.procs.items()):
             code = proc.poll()
             if code is None:
+                continue
+            if code == LogResetError.exit_code:
+                # a log that is not its own: restarting cannot help (its
+                # message says what to do)
+                log.error(
+                    "%s stopped: the log was reset (see its message)", self.commands[index][0]
+                )
+                del self.procs[index]
                 continue
             count, since = self.restarts.get(index, (0, 0.0))
             delay = min(2.0**count, 30.0)

@@ -192,3 +192,29 @@ async def last_primaries(settings: Settings, expected: int) -> dict[str, str | N
         assert key is not None and value is not None
         out[key.decode()] = decode_profile(value).primary_segment
     return out
+
+
+async def test_replay_refuses_to_remove_profiles_a_reset_log_lacks(
+    settings_factory: Callable[..., Settings], broker: EmbeddedBroker, tmp_path: Path
+) -> None:
+    """The state holds users the log does not (here: the same app on a new,
+    empty events topic, as after a reset): `replay stream` names them and
+    changes nothing; with --allow-shrink it removes them."""
+    settings = settings_factory(broker, stream_app_id=unique("shrink"))
+    await create_topics(settings)
+    async with TrackingClient(source="demo", settings=settings) as client:
+        for i in range(200):
+            await client.track_interaction(user_id=f"u{i % 12}", type="chat", service="saju")
+    assert cli(settings, tmp_path, "replay", "stream").returncode == 0
+    before = await changelog_states(settings)
+    assert len(before) == 12
+    reset = settings.model_copy(update={"events_topic": f"{settings.events_topic}-new"})
+    await create_topics(reset)
+    refused = cli(reset, tmp_path, "replay", "stream")
+    assert refused.returncode == 2, refused.stderr
+    assert "12 would be removed (u0, u1, u10" in refused.stderr, refused.stderr
+    assert "Traceback" not in refused.stderr
+    assert await changelog_states(settings) == before
+    done = cli(reset, tmp_path, "replay", "stream", "--allow-shrink")
+    assert done.returncode == 0, done.stderr
+    assert await changelog_states(settings) == {}

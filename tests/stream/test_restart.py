@@ -13,7 +13,7 @@ from pathlib import Path
 
 from aiokafka import AIOKafkaConsumer
 from usertrail.producers import TrackingClient, demo
-from usertrail.stream.app import APPLIED
+from usertrail.stream.app import APPLIED, LOG
 from usertrail.stream.fold import Profile, fold_all
 from usertrail.stream.replay import partitions_of
 from usertrail.stream.state import load_state
@@ -47,11 +47,13 @@ async def changelog_states(settings: Settings) -> dict[str, Profile]:
             batch = await consumer.getmany(timeout_ms=300)
             for records in batch.values():
                 for r in records:
-                    if r.key.startswith(APPLIED):  # type: ignore[union-attr]
-                        continue  # a partition's applied offset
+                    if r.key.startswith((APPLIED, LOG)):  # type: ignore[union-attr]
+                        continue  # a partition's applied offset, or its log's id
                     state = load_state(r.value)
                     if state is not None:
                         states[r.key.decode()] = state.profile  # type: ignore[union-attr]
+                    else:  # a tombstone: the user is gone
+                        states.pop(r.key.decode(), None)  # type: ignore[union-attr]
             # read to the high-water mark fetches carry (docs/brokers.md)
             behind = 0
             for tp in partitions:

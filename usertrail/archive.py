@@ -1,0 +1,219 @@
+"""Restoring the log from the archive (docs/log.md).
+
+The sink keeps every record it reads of ``usertrail.events`` and
+``usertrail.profiles`` in ``usertrail_archive``, in the transaction that
+stores its positions. A broker that lost its log (the embedded tansu keeps
+nothing across a restart) gets those records back at their partitions and
+offsets, with their keys, values, timestamps and headers; the dead-letter
+topic is published again from ``usertrail_dead_letters``, its record of
+truth. The stored positions are then marked as belonging to the restored
+log (its topic ids), so the consumers go on from where they were.
+
+A topic is restored only when the broker's copy is empty; one that holds
+its log already is left alone, and one that holds records of another log
+is refused (restoring after them would put every record at another offset).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+from usertrail.errors import LogResetError
+from usertrail.kafka import decode_headers, log_identity, stop_within
+from usertrail.settings import Settings
+
+log = logging.getLogger("usertrail.archive")
+
+_CHUNK = 5000  # rows read from PostgreSQL at a time
+_BATCH_BYTES = 1024 * 1024
+
+
+@dataclass
+class Restored:
+    records: dict[str, int] = field(default_factory=dict)  # topic -> records put back
+    intact: list[str] = field(default_factory=list)  # topics the broker still had
+
+    def summary(self) -> str:
+        done = [f"{n:,} records of {t}" for t, n in self.records.items() if n]
+        return ", ".join(done) if done else "nothing (the broker has its log)"
+
+
+async def restore(settings: Settings) -> Restored:
+    """Put the archived log back into the broker (see the module's doc)."""
+    result = Restored()
+    topics = [settings.events_topic, settings.profiles_topic]
+    consumer = AIOKafkaConsumer(enable_auto_commit=False, **settings.kafka_options())
+    producer = AIOKafkaProducer(
+        acks="all", max_batch_size=_BATCH_BYTES, linger_ms=0, **settings.kafka_options()
+    )
+    await consumer.start()
+    await producer.start()
+    try:
+        async with await psycopg.AsyncConnection.connect(settings.database_dsn()) as conn:
+            for topic in topics:
+                result.records[topic] = await _restore_topic(conn, consumer, producer, topic)
+                if result.records[topic] == 0:
+                    result.intact.append(topic)
+            result.records[settings.dead_letter_topic] = await _restore_dead_letters(
+                conn, consumer, producer, settings.dead_letter_topic
+            )
+    finally:
+        await stop_within(producer, 10, "restore producer")
+        await stop_within(consumer, 10, "restore consumer")
+    return result
+
+
+async def _restore_topic(
+    conn: psycopg.AsyncConnection[Any],
+    consumer: AIOKafkaConsumer,
+    producer: AIOKafkaProducer,
+    topic: str,
+) -> int:
+    spans = await (
+        await conn.execute(
+            'SELECT partition, min("offset"), max("offset"), count(*) FROM usertrail_archive '
+            "WHERE topic = %s GROUP BY partition ORDER BY partition",
+            (topic,),
+        )
+    ).fetchall()
+    if not spans:
+        return 0
+    identity = (await log_identity(consumer._client, [topic])).topic_ids.get(topic)
+    stored = {
+        row[0]
+        for row in await (
+            await conn.execute(
+                "SELECT DISTINCT topic_id FROM usertrail_positions "
+                "WHERE topic = %s AND topic_id IS NOT NULL",
+                (topic,),
+            )
+        ).fetchall()
+    }
+    partitions = (await consumer._client.fetch_all_metadata()).partitions_for_topic(topic) or set()
+    tps = [TopicPartition(topic, p) for p in sorted(partitions)]
+    ends = await consumer.end_offsets(tps) if tps else {}
+    # Empty is exact on both brokers (tansu's end offset is wrong only after
+    # multi-record batches, and then at least 1): docs/brokers.md.
+    holding = {tp.partition: n for tp, n in ends.items() if n > 0}
+    if holding:
+        if not stored or identity in stored:
+            return 0  # the log the positions were read from (the consumers check that too)
+        raise LogResetError(
+            f"cannot restore {topic}: the broker's topic (id {identity}) already holds records "
+            f"of another log in partitions {sorted(holding)} (a client sent before the "
+            "restore?), and restoring after them would move every record to another offset. "
+            "Stop what sends, restart the embedded broker (`usertrail up` again) and restore "
+            "before anything sends"
+        )
+    for partition, first, last, count in spans:
+        if partition not in partitions:
+            raise LogResetError(
+                f"cannot restore {topic}[{partition}]: the broker's topic has only "
+                f"{len(partitions)} partitions"
+            )
+        if first != 0 or count != last + 1:
+            raise LogResetError(
+                f"cannot restore {topic}[{partition}] at the same offsets: the archive holds "
+                f"{count} records of offsets {first}..{last} (it began after the log did)"
+            )
+    total = 0
+    for partition, _, last, _ in spans:
+        total += await _restore_partition(conn, producer, topic, partition, last + 1)
+    new_id = (await log_identity(consumer._client, [topic])).topic_ids.get(topic)
+    if new_id is not None:
+        async with conn.transaction():
+            await conn.execute(
+                "UPDATE usertrail_positions SET topic_id = %s WHERE topic = %s", (new_id, topic)
+            )
+    log.info("restored %d records of %s from the archive", total, topic)
+    return total
+
+
+async def _restore_partition(
+    conn: psycopg.AsyncConnection[Any],
+    producer: AIOKafkaProducer,
+    topic: str,
+    partition: int,
+    end: int,
+) -> int:
+    expected = 0
+
+    async def flush(batch: Any, n: int) -> None:
+        nonlocal expected
+        future = await producer.send_batch(batch, topic, partition=partition)
+        placed = (await future).offset
+        if placed != expected:
+            raise LogResetError(
+                f"restoring {topic}[{partition}]: the broker put offset {expected} at {placed} "
+                "(something else wrote to it meanwhile); stop what sends and restore again"
+            )
+        expected += n
+
+    async with conn.cursor(name=f"restore_{partition}") as cur:
+        await cur.execute(
+            "SELECT key, value, timestamp_ms, headers FROM usertrail_archive WHERE topic = %s "
+            'AND partition = %s ORDER BY "offset"',
+            (topic, partition),
+        )
+        batch, n = producer.create_batch(), 0
+        while rows := await cur.fetchmany(_CHUNK):
+            for key, value, timestamp, headers in rows:
+                args = {
+                    "key": key,
+                    "value": value,
+                    "timestamp": timestamp if timestamp >= 0 else None,
+                    "headers": decode_headers(headers),
+                }
+                if batch.append(**args) is None:
+                    batch.close()
+                    await flush(batch, n)
+                    batch, n = producer.create_batch(), 0
+                    batch.append(**args)
+                n += 1
+        if n:
+            batch.close()
+            await flush(batch, n)
+    if expected != end:
+        raise LogResetError(f"restoring {topic}[{partition}]: put back {expected} of {end} records")
+    return expected
+
+
+async def _restore_dead_letters(
+    conn: psycopg.AsyncConnection[Any],
+    consumer: AIOKafkaConsumer,
+    producer: AIOKafkaProducer,
+    topic: str,
+) -> int:
+    """The dead-letter topic again from its table (in the order they were
+    found), if the broker's is empty: the same records and headers the sink
+    published; their offsets are the table's order."""
+    partitions = (await consumer._client.fetch_all_metadata()).partitions_for_topic(topic) or set()
+    tps = [TopicPartition(topic, p) for p in sorted(partitions)]
+    if not tps or any(n > 0 for n in (await consumer.end_offsets(tps)).values()):
+        return 0
+    n = 0
+    async with conn.cursor(name="restore_dead_letters") as cur:
+        await cur.execute(
+            'SELECT reason, error, topic, partition, "offset", key, value '
+            "FROM usertrail_dead_letters ORDER BY id"
+        )
+        while rows := await cur.fetchmany(_CHUNK):
+            for reason, error, source, partition, offset, key, value in rows:
+                await producer.send(
+                    topic,
+                    value,
+                    key=key,
+                    headers=[
+                        ("reason", reason.encode()),
+                        ("error", error[:1000].encode()),
+                        ("source", f"{source}/{partition}/{offset}".encode()),
+                    ],
+                )
+                n += 1
+    await producer.flush()
+    return n
