@@ -177,7 +177,9 @@ class Sink:
     async def _topic_ids(self, topics: Sequence[str]) -> dict[str, UUID | None]:
         """The broker's id of each topic (None: none offered, or no such topic)."""
         try:
-            return (await log_identity(self.consumer._client, list(topics))).topic_ids
+            # the dead-letter producer's connections: a request on the
+            # consumer's waits behind its fetch (up to fetch_max_wait_ms)
+            return (await log_identity(self.producer.client, list(topics))).topic_ids
         except KafkaError as exc:
             log.warning("could not ask the broker for topic ids (%r); asking again later", exc)
             return {}
@@ -242,11 +244,13 @@ class Sink:
 
     async def run(self) -> None:
         await self._retry_db(lambda: self._noop(), "connect")
+        # first: its connections ask the broker for topic ids (below), which
+        # must not queue behind the consumer's long-polling fetches
+        await self._start_client(self.producer)
         self.consumer.subscribe(
             [self.settings.events_topic, self.settings.profiles_topic], listener=_Positions(self)
         )
-        await self._start_consumer()
-        await self.producer.start()
+        await self._start_client(self.consumer)
         writer = asyncio.create_task(self._write_loop())
         try:
             while not (self._stopping.is_set() and self._done_reading()):
@@ -275,11 +279,11 @@ class Sink:
             "or unset it for the default"
         )
 
-    async def _start_consumer(self) -> None:
+    async def _start_client(self, client: AIOKafkaConsumer | AIOKafkaProducer) -> None:
         delay = 0.2
         while True:
             try:
-                await self.consumer.start()
+                await client.start()
                 return
             except KafkaError as exc:
                 log.warning("broker unavailable (%r); retrying in %.1fs", exc, delay)

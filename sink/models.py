@@ -140,23 +140,24 @@ class ConsumerPosition(Base):
     topic_id: Mapped[uuid.UUID | None] = mapped_column(sa.Uuid)
 
 
-class ArchivedRecord(Base):
-    """A raw record of the log, written by the sink with its positions; what
-    ``usertrail up`` restores into a broker that lost it (docs/log.md)."""
+class ArchivedRecords(Base):
+    """Raw records of one partition, read in one batch, written by the sink
+    with its positions; what ``usertrail up`` restores into a broker that
+    lost them (docs/log.md). ``data``: usertrail.sink.archive's encoding."""
 
     __tablename__ = "usertrail_archive"
     __table_args__ = (
-        sa.PrimaryKeyConstraint("topic", "partition", "offset", name="usertrail_archive_pkey"),
+        sa.PrimaryKeyConstraint(
+            "topic", "partition", "first_offset", name="usertrail_archive_pkey"
+        ),
     )
 
     topic: Mapped[str] = mapped_column(sa.Text)
     partition: Mapped[int] = mapped_column(sa.Integer)
-    offset: Mapped[int] = mapped_column(sa.BigInteger)
-    key: Mapped[bytes | None] = mapped_column(BYTEA)
-    value: Mapped[bytes | None] = mapped_column(BYTEA)
-    timestamp_ms: Mapped[int] = mapped_column(sa.BigInteger, nullable=False)
-    # Kafka's record-header encoding, none: NULL (usertrail.sink.plan.encode_headers)
-    headers: Mapped[bytes | None] = mapped_column(BYTEA)
+    first_offset: Mapped[int] = mapped_column(sa.BigInteger)
+    last_offset: Mapped[int] = mapped_column(sa.BigInteger, nullable=False)
+    records: Mapped[int] = mapped_column(sa.Integer, nullable=False)
+    data: Mapped[bytes] = mapped_column(BYTEA, nullable=False)
 
 
 class DeadLetter(Base):

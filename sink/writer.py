@@ -52,8 +52,8 @@ from usertrail.sink.plan import (
 )
 from usertrail.sink.rows import FastRow, copy_line
 
+from usertrail.archive import encode
 from usertrail.errors import EventValidationError
-from usertrail.kafka import encode_headers
 
 log = logging.getLogger("usertrail.sink")
 
@@ -132,6 +132,7 @@ class Prepared:
     plan: WritePlan
     copy: bytes  # COPY text of plan.interactions, each event id once
     copied: int  # rows in `copy`
+    archive: list[ArchiveRow] = field(default_factory=list)  # where the log is archived
 
 
 @dataclass
@@ -156,6 +157,28 @@ class WriteResult:
             self.positions[key] = max(self.positions.get(key, 0), offset)
 
 
+ArchiveRow = tuple[str, int, int, int, int, bytes]
+"""topic, partition, first offset, last offset, records, data"""
+
+
+async def _archive_rows(
+    records: Sequence[Record], archived_to: dict[tuple[str, int], int]
+) -> list[ArchiveRow]:
+    """A batch's records as usertrail_archive rows: one per partition, the
+    records in usertrail.archive's encoding; records below ``archived_to``
+    (archived already) left out."""
+    by_partition: dict[tuple[str, int], list[Record]] = {}
+    for r in records:
+        if r.offset >= archived_to.get((r.topic, r.partition), 0):
+            by_partition.setdefault((r.topic, r.partition), []).append(r)
+    rows = []
+    for (topic, partition), part in by_partition.items():
+        part.sort(key=lambda r: r.offset)
+        rows.append((topic, partition, part[0].offset, part[-1].offset, len(part), encode(part)))
+        await asyncio.sleep(0)
+    return rows
+
+
 class Writer:
     """Owns one connection; ``write`` is one batch, one transaction."""
 
@@ -173,6 +196,7 @@ class Writer:
         # transaction (docs/log.md); and the id of each topic read from,
         # stored with the positions (set by the consumer once it has asked).
         self.archive = archive
+        self._archived_to: dict[tuple[str, int], int] = {}
         self.topic_ids: dict[str, UUID] = {}
         self.profiles_topic = profiles_topic
         self.consumer = consumer
@@ -191,6 +215,14 @@ class Writer:
             'CREATE TEMP TABLE usertrail_staging (LIKE "UserInteraction" INCLUDING DEFAULTS) '
             "ON COMMIT DELETE ROWS"
         )
+        if self.archive:  # where the archive ends (`replay db` reads from the start)
+            rows = await (
+                await self._conn.execute(
+                    "SELECT topic, partition, max(last_offset) + 1 FROM usertrail_archive "
+                    "GROUP BY topic, partition"
+                )
+            ).fetchall()
+            self._archived_to = {(t, p): int(end) for t, p, end in rows}
         await self._conn.commit()
 
     async def close(self) -> None:
@@ -228,6 +260,7 @@ class Writer:
             )
             forgotten = cur.rowcount
             if self.archive:
+                self._archived_to = {k: v for k, v in self._archived_to.items() if k[0] != topic}
                 await cur.execute(
                     "UPDATE usertrail_archive SET topic = topic || '@superseded-' || "
                     "to_char(now(), 'YYYYMMDD\"T\"HH24MISS') WHERE topic = %s",
@@ -302,7 +335,8 @@ class Writer:
             else:
                 decoded.append(item)
         write_plan, copy, copied = await self._plan(decoded)
-        return Prepared(records, found, dead, decoded, profiles, write_plan, copy, copied)
+        archive = await _archive_rows(records, self._archived_to) if self.archive else []
+        return Prepared(records, found, dead, decoded, profiles, write_plan, copy, copied, archive)
 
     @staticmethod
     async def _plan(decoded: list[Decoded]) -> tuple[WritePlan, bytes, int]:
@@ -351,8 +385,8 @@ class Writer:
                 await self._profiles(cur, profiles, result)
                 await self._dead_letters(cur, result.dead_letters)
                 if positions:
-                    if self.archive:
-                        await self._archive(cur, prepared.records)
+                    if prepared.archive:
+                        await self._archive(cur, prepared.archive)
                     await cur.executemany(
                         "INSERT INTO usertrail_positions (consumer, topic, partition, "
                         "next_offset, topic_id) VALUES (%s, %s, %s, %s, %s) "
@@ -364,34 +398,20 @@ class Writer:
                             for (t, p), o in result.positions.items()
                         ],
                     )
+        for topic, partition, _, last, _, _ in prepared.archive:
+            key = (topic, partition)
+            self._archived_to[key] = max(self._archived_to.get(key, 0), last + 1)
         # committed: these users exist now
         if len(self._known_users) > 1_000_000:
             self._known_users.clear()
         self._known_users |= users
         return result
 
-    @staticmethod
-    async def _archive(cur: psycopg.AsyncCursor[Any], records: Sequence[Record]) -> None:
-        """The batch's raw records, one statement. A record archived already
-        (read again after its transaction committed but the position was not
-        seen, which positions make impossible, or after a start-over) is kept
-        as first written."""
-        if not records:
-            return
-        await cur.execute(
-            "INSERT INTO usertrail_archive "
-            '(topic, partition, "offset", key, value, timestamp_ms, headers) '
-            "SELECT * FROM unnest(%s::text[], %s::int[], %s::bigint[], %s::bytea[], "
-            "%s::bytea[], %s::bigint[], %s::bytea[]) ON CONFLICT DO NOTHING",
-            (
-                [r.topic for r in records],
-                [r.partition for r in records],
-                [r.offset for r in records],
-                [r.key for r in records],
-                [r.value for r in records],
-                [r.timestamp for r in records],
-                [encode_headers(r.headers) for r in records],
-            ),
+    async def _archive(self, cur: psycopg.AsyncCursor[Any], rows: list[ArchiveRow]) -> None:
+        await cur.executemany(
+            "INSERT INTO usertrail_archive (topic, partition, first_offset, last_offset, "
+            "records, data) VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
+            rows,
         )
 
     async def _isolate(

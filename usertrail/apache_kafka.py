@@ -245,8 +245,9 @@ class KafkaNode(_Child):
             self._java(
                 "kafka.tools.StorageTool",
                 "format",
-                "--cluster-id",
-                self.cluster.cluster_id,
+                # one argument: a base64url id can begin with "-", which
+                # the tool's parser would take for an option (1 run in 32)
+                f"--cluster-id={self.cluster.cluster_id}",
                 "--config",
                 str(self.properties),
                 "--ignore-formatted",

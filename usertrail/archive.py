@@ -1,8 +1,9 @@
-"""Restoring the log from the archive (docs/log.md).
+"""The log archive: its encoding, and restoring a broker from it (docs/log.md).
 
 The sink keeps every record it reads of ``usertrail.events`` and
 ``usertrail.profiles`` in ``usertrail_archive``, in the transaction that
-stores its positions. A broker that lost its log (the embedded tansu keeps
+stores its positions: one row per partition and batch, the records in
+``data`` (:func:`encode`). A broker that lost its log (the embedded tansu keeps
 nothing across a restart) gets those records back at their partitions and
 offsets, with their keys, values, timestamps and headers; the dead-letter
 topic is published again from ``usertrail_dead_letters``, its record of
@@ -17,6 +18,8 @@ is refused (restoring after them would put every record at another offset).
 from __future__ import annotations
 
 import logging
+import struct
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,13 +27,55 @@ import psycopg
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from usertrail.errors import LogResetError
-from usertrail.kafka import decode_headers, log_identity, stop_within
+from usertrail.kafka import decode_headers, encode_headers, log_identity, stop_within
 from usertrail.settings import Settings
 
 log = logging.getLogger("usertrail.archive")
 
-_CHUNK = 5000  # rows read from PostgreSQL at a time
+_CHUNK = 50  # rows (each a batch's records of one partition) read at a time
 _BATCH_BYTES = 1024 * 1024
+
+# --- the encoding of ``usertrail_archive.data`` -----------------------------------------
+# Per record: offset (int64), timestamp (int64, ms, -1 unknown), then the
+# lengths of key, value and headers (int32 each, -1: null) and their bytes.
+_RECORD = struct.Struct(">qqiii")
+
+
+def encode(records: Sequence[Any]) -> bytes:
+    """Records of one partition (``offset``, ``key``, ``value``, ``timestamp``,
+    ``headers`` attributes, as usertrail.sink.plan.Record) as one value."""
+    parts = []
+    for r in records:
+        headers = encode_headers(r.headers)
+        key, value = r.key, r.value
+        parts.append(
+            _RECORD.pack(
+                r.offset,
+                r.timestamp,
+                -1 if key is None else len(key),
+                -1 if value is None else len(value),
+                -1 if headers is None else len(headers),
+            )
+        )
+        parts += (key or b"", value or b"", headers or b"")
+    return b"".join(parts)
+
+
+ArchivedRecord = tuple[int, bytes | None, bytes | None, int, list[tuple[str, bytes | None]]]
+
+
+def decode(data: bytes) -> Iterator[ArchivedRecord]:
+    """(offset, key, value, timestamp, headers) of each record in ``data``."""
+    at, view = 0, memoryview(data)
+    while at < len(data):
+        offset, timestamp, *lengths = _RECORD.unpack_from(data, at)
+        at += _RECORD.size
+        fields: list[bytes | None] = []
+        for n in lengths:
+            fields.append(None if n < 0 else bytes(view[at : at + n]))
+            at += max(n, 0)
+        key, value, headers = fields
+        yield offset, key, value, timestamp, decode_headers(headers)
 
 
 @dataclass
@@ -76,8 +121,8 @@ async def _restore_topic(
 ) -> int:
     spans = await (
         await conn.execute(
-            'SELECT partition, min("offset"), max("offset"), count(*) FROM usertrail_archive '
-            "WHERE topic = %s GROUP BY partition ORDER BY partition",
+            "SELECT partition, min(first_offset), max(last_offset), sum(records)::bigint "
+            "FROM usertrail_archive WHERE topic = %s GROUP BY partition ORDER BY partition",
             (topic,),
         )
     ).fetchall()
@@ -143,41 +188,47 @@ async def _restore_partition(
 ) -> int:
     expected = 0
 
-    async def flush(batch: Any, n: int) -> None:
+    async def flush(batch: Any, first: int, n: int) -> None:
         nonlocal expected
         future = await producer.send_batch(batch, topic, partition=partition)
         placed = (await future).offset
-        if placed != expected:
+        if placed != first:
             raise LogResetError(
-                f"restoring {topic}[{partition}]: the broker put offset {expected} at {placed} "
+                f"restoring {topic}[{partition}]: the broker put offset {first} at {placed} "
                 "(something else wrote to it meanwhile); stop what sends and restore again"
             )
-        expected += n
+        expected = first + n
 
     async with conn.cursor(name=f"restore_{partition}") as cur:
         await cur.execute(
-            "SELECT key, value, timestamp_ms, headers FROM usertrail_archive WHERE topic = %s "
-            'AND partition = %s ORDER BY "offset"',
+            "SELECT data FROM usertrail_archive WHERE topic = %s AND partition = %s "
+            "ORDER BY first_offset",
             (topic, partition),
         )
-        batch, n = producer.create_batch(), 0
+        batch, first, n = producer.create_batch(), 0, 0
         while rows := await cur.fetchmany(_CHUNK):
-            for key, value, timestamp, headers in rows:
-                args = {
-                    "key": key,
-                    "value": value,
-                    "timestamp": timestamp if timestamp >= 0 else None,
-                    "headers": decode_headers(headers),
-                }
-                if batch.append(**args) is None:
-                    batch.close()
-                    await flush(batch, n)
-                    batch, n = producer.create_batch(), 0
-                    batch.append(**args)
-                n += 1
+            for (data,) in rows:
+                for offset, key, value, timestamp, headers in decode(data):
+                    if offset != first + n:
+                        raise LogResetError(
+                            f"cannot restore {topic}[{partition}] at the same offsets: the "
+                            f"archive goes from offset {first + n - 1} to {offset}"
+                        )
+                    args = {
+                        "key": key,
+                        "value": value,
+                        "timestamp": timestamp if timestamp >= 0 else None,
+                        "headers": headers,
+                    }
+                    if batch.append(**args) is None:
+                        batch.close()
+                        await flush(batch, first, n)
+                        batch, first, n = producer.create_batch(), expected, 0
+                        batch.append(**args)
+                    n += 1
         if n:
             batch.close()
-            await flush(batch, n)
+            await flush(batch, first, n)
     if expected != end:
         raise LogResetError(f"restoring {topic}[{partition}]: put back {expected} of {end} records")
     return expected

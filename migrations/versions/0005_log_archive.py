@@ -1,8 +1,9 @@
 """The log archive and the identity of the log each stored position belongs to.
 
-``usertrail_archive`` holds the raw records the sink read (topic, partition,
-offset, key, value, timestamp, headers), written in the same transaction as
-its positions: ``usertrail up`` restores them into a broker that lost them
+``usertrail_archive`` holds the raw records the sink read (offset, key,
+value, timestamp, headers), a partition's records of one batch in one row
+(``usertrail.sink.archive`` encodes them), written in the same transaction
+as its positions: ``usertrail up`` restores them into a broker that lost them
 (the embedded tansu keeps nothing across a restart). ``usertrail_positions.
 topic_id`` is the broker's id of the topic a position was read from: a
 recreated topic or a wiped broker has another id, and a consumer refuses to
@@ -27,12 +28,11 @@ ALTER TABLE usertrail_positions ADD COLUMN topic_id UUID;
 CREATE TABLE usertrail_archive (
   topic TEXT NOT NULL,
   partition INTEGER NOT NULL,
-  "offset" BIGINT NOT NULL,
-  key BYTEA,
-  value BYTEA,
-  timestamp_ms BIGINT NOT NULL,
-  headers BYTEA,
-  CONSTRAINT usertrail_archive_pkey PRIMARY KEY (topic, partition, "offset")
+  first_offset BIGINT NOT NULL,
+  last_offset BIGINT NOT NULL,
+  records INTEGER NOT NULL,
+  data BYTEA NOT NULL,
+  CONSTRAINT usertrail_archive_pkey PRIMARY KEY (topic, partition, first_offset)
 );
 """)
 

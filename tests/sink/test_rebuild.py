@@ -121,6 +121,27 @@ async def test_replay_db_swaps_in_tables_equal_to_the_live_ones(
     schemas = query(url, "SELECT nspname FROM pg_namespace WHERE nspname LIKE 'usertrail_%'")
     assert schemas == []
 
+    # rows the log does not hold (a reset log would lose them all): verify
+    # counts them all, replay db refuses to drop them, --allow-shrink drops them
+    extra = [f"not-in-the-log-{i}" for i in range(3)]
+    for row in extra:
+        query(
+            url,
+            'INSERT INTO "UserInteraction" (id, "userId", type, service) '
+            "VALUES (%s, 'demo-00001', 'chat', 'saju') RETURNING 1",
+            (row,),
+        )
+    assert await cli(settings, "verify", "--only", "database", "--limit", "1") == 1
+    out = capsys.readouterr().out
+    assert f"{len(live['UserInteraction']) + 3:,} live" in out and "3 differ" in out
+    assert f"{extra[0]}: live only" in out and "... and 2 more live only" in out
+    assert await cli(settings, "replay", "db") == 2
+    refused = capsys.readouterr().err
+    assert "refusing to swap in" in refused and extra[0] in refused, refused
+    assert len(tables(url)["UserInteraction"]) == len(live["UserInteraction"]) + 3
+    assert await cli(settings, "replay", "db", "--allow-shrink") == 0
+    assert tables(url) == live
+
     # --in-place: only into empty tables
     assert await cli(settings, "replay", "db", "--in-place") == 2
     assert "needs empty tables" in capsys.readouterr().err
