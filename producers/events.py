@@ -240,12 +240,14 @@ def decode(data: bytes | str) -> EventBase:
         return _EVENT_ADAPTER.validate_json(data)
     except ValidationError as exc:
         raise EventValidationError(_peek_kind(data), _errors(exc)) from None
+    except (ValueError, RecursionError, OverflowError) as exc:  # never seen; bytes are hostile
+        raise EventValidationError("unknown", [("(value)", f"{type(exc).__name__}")]) from None
 
 
 def _peek_kind(data: bytes | str) -> str:
     try:
         raw = json.loads(data)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than Python goes
         return "unknown"
     if isinstance(raw, dict) and isinstance(raw.get("kind"), str):
         return str(raw["kind"])

@@ -60,13 +60,15 @@ class Decoded:
 def classify(record: Record) -> Decoded | DeadLetter:
     if record.value is None:
         return DeadLetter(record, INVALID, "empty record value (null)")
-    row = fast_row(record.value, record.key)
-    if row is not None:
-        return Decoded(record, row)
     try:
+        row = fast_row(record.value, record.key)
+        if row is not None:
+            return Decoded(record, row)
         event = events.decode(record.value)
     except EventValidationError as exc:
         return DeadLetter(record, INVALID, str(exc))
+    except Exception as exc:  # noqa: BLE001  # whatever the bytes: a dead letter, never a crash
+        return DeadLetter(record, INVALID, f"undecodable: {type(exc).__name__}: {exc}"[:1000])
     if record.key != event.user_id.encode():
         return DeadLetter(
             record,
@@ -86,7 +88,7 @@ def accept(key: bytes | None, value: bytes | None) -> EventBase | None:
         return None
     try:
         event = events.decode(value)
-    except EventValidationError:
+    except Exception:  # noqa: BLE001  # classify's dead letters, whatever the bytes
         return None
     return event if key == event.user_id.encode() else None
 

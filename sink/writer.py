@@ -238,15 +238,18 @@ class Writer:
     async def positions(
         self, topic: str, partitions: Sequence[int]
     ) -> dict[int, tuple[int, UUID | None]]:
-        """Stored next offsets and the id of the topic they were read from."""
-        async with self.conn.cursor() as cur:
-            await cur.execute(
-                "SELECT partition, next_offset, topic_id FROM usertrail_positions "
-                "WHERE consumer = %s AND topic = %s AND partition = ANY(%s)",
-                (self.consumer, topic, list(partitions)),
-            )
-            rows = await cur.fetchall()
-        await self.conn.commit()
+        """Stored next offsets and the id of the topic they were read from.
+        On a connection of its own: the consumer's assignment listener asks
+        while the write loop may be inside a batch's transaction on the
+        writer's (after a database restart that broke the listener: #20)."""
+        async with await psycopg.AsyncConnection.connect(self._conninfo, autocommit=True) as conn:
+            rows = await (
+                await conn.execute(
+                    "SELECT partition, next_offset, topic_id FROM usertrail_positions "
+                    "WHERE consumer = %s AND topic = %s AND partition = ANY(%s)",
+                    (self.consumer, topic, list(partitions)),
+                )
+            ).fetchall()
         return {int(p): (int(o), t) for p, o, t in rows}
 
     async def forget_positions(self, topic: str) -> int:

@@ -1,0 +1,162 @@
+"""Whatever the bytes of a record, it ends as a dead letter and its
+partition goes on (#20): each hostile record below is followed, on the same
+partition, by 100 valid events, which must all become rows and profiles."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from hypothesis import given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
+from usertrail.producers import TrackingClient
+from usertrail.producers.events import EventBase
+from usertrail.sink.consumer import Sink, SinkOptions
+from usertrail.sink.plan import DeadLetter, Record, accept, classify
+
+from tests.conftest import Broker, create_topics, unique
+from tests.sink.conftest import query
+from tests.sink.test_sink_faults import count_rows
+from tests.stream.test_worker import (
+    expected_view,
+    stream_process,
+    wait_for_profile,
+    worker_view,
+)
+from usertrail.embedded import free_port
+from usertrail.settings import Settings
+
+GOOD = json.dumps(
+    {
+        "kind": "interaction",
+        "schemaVersion": 1,
+        "eventId": "0193a3c1-aaaa-7bbb-8ccc-0123456789ab",
+        "userId": "USER",
+        "type": "chat",
+        "service": "saju",
+        "occurredAt": "2026-03-01T10:00:00Z",
+        "source": "web",
+    }
+).encode()
+
+
+def _good(**extra: bytes) -> bytes:
+    """GOOD with more members, their values as raw JSON text (even invalid)."""
+    more = b"".join(b", " + json.dumps(k).encode() + b": " + v for k, v in extra.items())
+    return GOOD[:-1] + more + b"}"
+
+
+HOSTILE: dict[str, bytes | None] = {
+    "nested 6,000 deep": b"[" * 6000 + b"]" * 6000,
+    "metadata nested 3,000 deep": _good(metadata=b'{"a":' * 3000 + b"1" + b"}" * 3000),
+    # (Kafka's default message limit is 1 MB: #20 has the dead letters beyond it)
+    "a 900 KiB value": b'{"kind": "interaction", "x": "' + b"a" * (900 << 10) + b'"}',
+    "invalid UTF-8": GOOD.replace(b'"saju"', b'"\xff\xfe"'),
+    "a NUL in a field": GOOD.replace(b'"chat"', b'"ch\x00at"'),
+    "a NUL outside JSON": GOOD + b"\x00",
+    "a 5,000-digit number": _good(rating=b"9" * 5000),
+    "a float beyond double": _good(rating=b"1e999999"),
+    "duplicate keys": _good(userId=b'"someone-else"'),
+    "every field of the wrong type": json.dumps({k: [1] for k in json.loads(GOOD)}).encode(),
+    "empty bytes": b"",
+    "a JSON array": b"[]",
+    "a JSON string": b'"interaction"',
+    "no value (null)": None,
+}
+
+
+def test_no_bytes_make_the_decoders_raise() -> None:
+    for name, value in HOSTILE.items():
+        record = Record("t", 0, 0, b"USER", value)
+        assert isinstance(classify(record), DeadLetter), name
+        assert accept(b"USER", value) is None, name
+
+
+@hsettings(max_examples=300, deadline=None)
+@given(st.binary(max_size=2000), st.one_of(st.none(), st.binary(max_size=40)))
+def test_fuzzed_bytes_are_dead_letters_or_events(value: bytes, key: bytes | None) -> None:
+    verdict = classify(Record("t", 0, 0, key, value))
+    assert (accept(key, value) is None) == isinstance(verdict, DeadLetter)
+
+
+@hsettings(max_examples=200, deadline=None)
+@given(
+    st.recursive(
+        st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+        lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner),
+        max_leaves=30,
+    )
+)
+def test_fuzzed_json_is_a_dead_letter_or_an_event(doc: object) -> None:
+    value = json.dumps(doc).encode()
+    verdict = classify(Record("t", 0, 0, b"USER", value))
+    assert (accept(b"USER", value) is None) == isinstance(verdict, DeadLetter)
+
+
+async def test_every_hostile_record_is_a_dead_letter_and_its_partition_goes_on(
+    settings_factory: Callable[..., Settings], broker: Broker, database_url: str, tmp_path: Path
+) -> None:
+    settings = settings_factory(broker, database_url=database_url, stream_app_id=unique("hostile"))
+    await create_topics(settings)
+    raw = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers, max_request_size=4 << 20)
+    await raw.start()
+    users = {name: f"hostile-{i}" for i, name in enumerate(HOSTILE)}
+    try:
+        async with TrackingClient(source="web", settings=settings) as client:
+            for name, value in HOSTILE.items():
+                user = users[name]
+                await (await raw.send(settings.events_topic, value, key=user.encode()))
+                for i in range(100):  # after it, on its partition
+                    await client.track_interaction(
+                        user_id=user, type=("chat", "reading")[i % 2], service="tarot"
+                    )
+                await client.flush()
+    finally:
+        await raw.stop()
+    by_user: dict[str, list[tuple[EventBase, int]]] = defaultdict(list)
+    consumer = AIOKafkaConsumer(
+        settings.events_topic,
+        bootstrap_servers=settings.bootstrap_servers,
+        auto_offset_reset="earliest",
+        group_id=None,
+        max_partition_fetch_bytes=4 << 20,
+    )
+    await consumer.start()
+    try:
+        while sum(map(len, by_user.values())) < 100 * len(HOSTILE):
+            for records in (await consumer.getmany(timeout_ms=500)).values():
+                for r in records:
+                    if (event := accept(r.key, r.value)) is not None:
+                        by_user[event.user_id].append((event, r.offset))
+    finally:
+        await consumer.stop()
+
+    web_port = free_port()
+    stream = stream_process(settings, web_port, tmp_path / "stream.log")
+    sink = Sink(settings, SinkOptions(group=unique("sink")))
+    sinking = asyncio.create_task(sink.run())
+    try:
+        for user, events in by_user.items():  # every valid event folded, in order
+            body = await wait_for_profile(web_port, user, max(o for _, o in events))
+            assert worker_view(body) == expected_view(events), user
+        for _ in range(300):
+            if count_rows(database_url) >= 100 * len(HOSTILE):
+                break
+            await asyncio.sleep(0.2)
+        assert count_rows(database_url) == 100 * len(HOSTILE), "every valid event is a row"
+        assert not sinking.done() and stream.poll() is None, "both workers are up"
+    finally:
+        sink.stop()
+        await asyncio.wait_for(sinking, 60)
+        stream.send_signal(signal.SIGTERM)
+        stream.wait(timeout=60)
+    dead = dict(query(database_url, "SELECT user_id, reason FROM usertrail_dead_letters"))
+    parked = query(database_url, "SELECT count(*) FROM usertrail_dead_letters")[0][0]
+    assert parked == len(HOSTILE), dead
+    assert "Traceback" not in (tmp_path / "stream.log").read_text()
