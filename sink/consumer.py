@@ -73,6 +73,9 @@ class SinkOptions:
     # a log that is not the one the positions were read from: "stop" with
     # LogResetError, or "start-over" from its beginning
     on_log_reset: Literal["stop", "start-over"] = "stop"
+    # take every partition without joining the group (``up``'s last read
+    # before it stops the embedded broker: no rebalance to wait for)
+    assign_all: bool = False
 
 
 class _Positions(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -247,16 +250,27 @@ class Sink:
         # first: its connections ask the broker for topic ids (below), which
         # must not queue behind the consumer's long-polling fetches
         await self._start_client(self.producer)
-        self.consumer.subscribe(
-            [self.settings.events_topic, self.settings.profiles_topic], listener=_Positions(self)
-        )
+        topics = [self.settings.events_topic, self.settings.profiles_topic]
+        if not self.options.assign_all:
+            self.consumer.subscribe(topics, listener=_Positions(self))
         await self._start_client(self.consumer)
+        if self.options.assign_all:
+            cluster = await self.consumer._client.fetch_all_metadata()
+            tps = [
+                TopicPartition(t, p)
+                for t in topics
+                for p in sorted(cluster.partitions_for_topic(t) or ())
+            ]
+            self.consumer.assign(tps)
+            await self.seek_to_stored(tps)
         writer = asyncio.create_task(self._write_loop())
         try:
             while not (self._stopping.is_set() and self._done_reading()):
                 if writer.done():
                     writer.result()  # the writer failed: stop and say why
-                self._caught_up = not await self._step()
+                fetched = await self._step()
+                if self._stopping.is_set():
+                    self._caught_up = not fetched and await self._at_the_end()
             await self._queue.put(None)
             await writer
         finally:
@@ -293,6 +307,18 @@ class Sink:
 
     def _done_reading(self) -> bool:
         return self._caught_up or time.monotonic() > self._stop_by
+
+    async def _at_the_end(self) -> bool:
+        """Every partition of this member read to its high-water mark (a
+        sink stopped before it joined its group has read nothing yet)."""
+        assigned = self.consumer.assignment()
+        if not assigned:
+            return False
+        for tp in assigned:
+            high = self.consumer.highwater(tp)
+            if high is None or await self.consumer.position(tp) < high:
+                return False
+        return True
 
     async def _step(self) -> int:
         """Fetch a batch and hand it to the writer; the records fetched."""

@@ -102,16 +102,20 @@ class Terminal:
             text=True,
         )
         self.background.append(proc)
-        locks = self.project / ".usertrail" / "workers"
+        locks = self.project / ".usertrail" / "workers" / "usertrail-stream"
         deadline = time.monotonic() + 30
-        while not list(locks.glob("*/*.lock")):  # it registered: replay sees it
+        while not list(locks.glob("*.lock")):  # it registered: replay sees it
             assert time.monotonic() < deadline and proc.poll() is None, args
             time.sleep(0.2)
 
-    def close(self) -> None:
+    def stop_background(self) -> None:
         for proc in self.background:
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=60)
+        self.background.clear()
+
+    def close(self) -> None:
+        self.stop_background()
         if self.up is not None:
             self.ctrl_c()
 
@@ -168,14 +172,14 @@ def _traffic(t: Terminal) -> None:
         time.sleep(1)
 
 
-def test_the_segment_rule_recipe_runs_as_written(terminal: Terminal) -> None:
+def test_the_readme_recipes_run_as_written(terminal: Terminal) -> None:
     terminal.start_up([])
     _traffic(terminal)
-    lines = _recipe("Changing a segment rule")
-    rule = ("min_interactions = 60", "min_interactions = 10")
-    terminal.run(lines, {"my-rules.toml": rule})
-    # the sink moves the replayed profiles, new rule applied, into user_vectors
     url = terminal.exports["DATABASE_URL"]
+
+    rule = ("min_interactions = 60", "min_interactions = 10")
+    terminal.run(_recipe("Changing a segment rule"), {"my-rules.toml": rule})
+    # the sink moves the replayed profiles, new rule applied, into user_vectors
     deadline = time.monotonic() + 60
     while True:
         with psycopg.connect(url) as conn:
@@ -184,12 +188,8 @@ def test_the_segment_rule_recipe_runs_as_written(terminal: Terminal) -> None:
             break
         assert time.monotonic() < deadline, primaries
         time.sleep(0.5)
+    terminal.stop_background()
 
-
-def test_the_database_rebuild_recipe_runs_as_written(terminal: Terminal) -> None:
-    terminal.start_up([])
-    _traffic(terminal)
-    url = terminal.exports["DATABASE_URL"]
     with psycopg.connect(url) as conn:
         before = conn.execute('SELECT count(*) FROM "UserInteraction"').fetchone()
         conn.execute(

@@ -184,6 +184,8 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         workers.stop()
+        if stack.broker is not None and stack.broker.kind == "tansu":
+            _archive_the_rest(settings)
         stack.stop()
 
 
@@ -196,6 +198,27 @@ def _restore_log(settings: Settings) -> Any:
 
     restored = asyncio.run(restore(settings))
     return restored if any(restored.records.values()) else None
+
+
+def _archive_the_rest(settings: Settings) -> None:
+    """Before the embedded tansu stops and its log with it: what the sink
+    has not written yet (events sent a moment ago; a sink stopped while it
+    was starting; `up` run without one), written now, archive included."""
+    from usertrail.sink.consumer import Sink, SinkOptions
+
+    async def drain() -> int:
+        sink = Sink(settings, SinkOptions(assign_all=True))
+        sink.stop()  # read to the end of every partition, then return
+        await asyncio.wait_for(sink.run(), 60)
+        return sink.written.records
+
+    try:
+        written = asyncio.run(drain())
+    except (UsertrailError, TimeoutError, OSError) as exc:
+        log.error("could not write the last records before stopping the broker: %s", exc)
+        return
+    if written:
+        log.info("wrote the last %d records (and archived them) before stopping", written)
 
 
 def cmd_log_restore(args: argparse.Namespace, settings: Settings) -> int:
