@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-from aiokafka import AIOKafkaConsumer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from usertrail.producers import TrackingClient
 
 from tests.test_up import CTRL_C, _listening, _start_up, _stop, _up_env
@@ -118,9 +118,10 @@ def test_every_acknowledged_event_outlives_ctrl_c_and_sigkill_of_everything(
     proc, _, _, _ = _start_up(tmp_path, ports=(kafka, pg))
     try:
         sent += _send(bootstrap, tmp_path, 400, "b")  # the moment `up` is up
+        asyncio.run(_send_raw(bootstrap, b"not an event"))  # a dead letter
         assert _wait_rows(url, len(sent)) == sorted(sent), "each event exactly one row"
         log_before = asyncio.run(_log(bootstrap, "usertrail.events"))
-        assert len(log_before) == len(sent)
+        assert len(log_before) == len(sent) + 1  # and the dead letter
         # a SIGKILL loses what the sink had not written (docs/log.md): here,
         # nothing, once every row is there
     finally:
@@ -136,8 +137,19 @@ def test_every_acknowledged_event_outlives_ctrl_c_and_sigkill_of_everything(
         restored = [r for r in log_after if (r[0], r[1]) in kept]
         assert restored == log_before, "same partitions, offsets, keys, values, times, headers"
         _verified(kafka, pg, tmp_path)  # profiles, rows and vectors are a fold of the log
+        dead = asyncio.run(_log(bootstrap, "usertrail.deadletter"))
+        assert [(r[3], dict(r[5])["reason"]) for r in dead] == [(b"not an event", b"invalid")]
     finally:
         _stop(proc, CTRL_C)
+
+
+async def _send_raw(bootstrap: str, value: bytes) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
+    await producer.start()
+    try:
+        await (await producer.send("usertrail.events", value, key=b"someone"))
+    finally:
+        await producer.stop()
 
 
 def test_a_crash_loses_only_what_the_sink_had_not_written(tmp_path: Path) -> None:
@@ -249,6 +261,10 @@ def test_a_broker_that_lost_its_log_stops_the_workers(tmp_path: Path) -> None:
             over.send_signal(signal.SIGTERM)
             _, err = over.communicate(timeout=60)
         assert over.returncode == 0 and "starting over" in err, err
+        # the stream's documented recovery: fold the new log from its start
+        replayed = _usertrail(kafka, pg, tmp_path, "replay", "stream")
+        assert replayed.returncode == 0, replayed.stderr
+        assert "into 13 profiles" in replayed.stdout, replayed.stdout
     finally:
         _stop(proc, CTRL_C)
         fresh.stop()
