@@ -52,6 +52,8 @@ from usertrail.settings import Settings
 log = logging.getLogger("usertrail.sink")
 
 GROUP = "usertrail-sink"
+DEAD_LETTER_MAX_BYTES = 512 * 1024
+"""A dead letter's value on the topic at most (the table keeps every byte)."""
 STOP_CATCH_UP = 10.0
 """Seconds a stopping sink goes on writing what the log holds."""
 _FETCH_SLICE = 64
@@ -442,15 +444,25 @@ class Sink:
         try:
             for dead in result.dead_letters:
                 r = dead.record
-                await self.producer.send(
-                    self.settings.dead_letter_topic,
+                value, headers = (
                     r.value,
-                    key=r.key,
-                    headers=[
+                    [
                         ("reason", dead.reason.encode()),
                         ("error", dead.error[:1000].encode()),
                         ("source", f"{r.topic}/{r.partition}/{r.offset}".encode()),
                     ],
+                )
+                key = r.key
+                # beyond what a topic takes by default (1 MB): the first bytes
+                # here, every one of them in usertrail_dead_letters (#20)
+                if value is not None and len(value) > DEAD_LETTER_MAX_BYTES:
+                    headers.append(("truncated-from", str(len(value)).encode()))
+                    value = value[:DEAD_LETTER_MAX_BYTES]
+                if key is not None and len(key) > DEAD_LETTER_MAX_BYTES // 8:
+                    headers.append(("key-truncated-from", str(len(key)).encode()))
+                    key = key[: DEAD_LETTER_MAX_BYTES // 8]
+                await self.producer.send(
+                    self.settings.dead_letter_topic, value, key=key, headers=headers
                 )
             await self.producer.flush()
         except KafkaError as exc:

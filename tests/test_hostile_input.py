@@ -160,3 +160,43 @@ async def test_every_hostile_record_is_a_dead_letter_and_its_partition_goes_on(
     parked = query(database_url, "SELECT count(*) FROM usertrail_dead_letters")[0][0]
     assert parked == len(HOSTILE), dead
     assert "Traceback" not in (tmp_path / "stream.log").read_text()
+
+
+async def test_a_dead_letter_too_big_for_its_topic_lands_truncated(
+    settings_factory: Callable[..., Settings], broker: Broker, database_url: str
+) -> None:
+    """A 1.5 MiB record (its topic allows 4 MiB) is a dead letter: every byte
+    in the table, the first 512 KiB on the dead-letter topic, which takes
+    1 MB by default, with the size it had."""
+    from tests.conftest import read_all
+    from usertrail.topics import TopicSpec, ensure_topics
+
+    settings = settings_factory(broker, database_url=database_url)
+    await ensure_topics(
+        settings,
+        [
+            TopicSpec(settings.events_topic, 1, {"max.message.bytes": str(4 << 20)}),
+            TopicSpec(settings.profiles_topic, 1, {}),
+            TopicSpec(settings.dead_letter_topic, 1, {}),
+        ],
+    )
+    big = b'{"kind": "interaction", "x": "' + b"a" * (3 << 19) + b'"}'
+    raw = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers, max_request_size=4 << 20)
+    await raw.start()
+    try:
+        await (await raw.send(settings.events_topic, big, key=b"u1"))
+    finally:
+        await raw.stop()
+    sink = Sink(settings, SinkOptions(group=unique("sink")))
+    sinking = asyncio.create_task(sink.run())
+    try:
+        for _ in range(300):
+            if query(database_url, "SELECT count(*) FROM usertrail_dead_letters")[0][0]:
+                break
+            await asyncio.sleep(0.2)
+        dead = await read_all(settings, settings.dead_letter_topic, expected=1, timeout=20)
+    finally:
+        sink.stop()
+        await asyncio.wait_for(sinking, 60)
+    assert query(database_url, "SELECT length(value) FROM usertrail_dead_letters") == [(len(big),)]
+    assert [len(value or b"") for _, _, value in dead] == [512 * 1024]
