@@ -125,9 +125,11 @@ class Terminal:
         self.background.clear()
 
     def close(self) -> None:
-        self.stop_background()
-        if self.up is not None:
-            self.ctrl_c()
+        try:
+            self.stop_background()
+        finally:
+            if self.up is not None:
+                self.ctrl_c()
 
     def run(self, lines: list[str], edit: dict[str, tuple[str, str]]) -> list[str]:
         """Every line of a recipe, in order; returns what the checks printed.
