@@ -211,23 +211,44 @@ class Sink:
             "`--on-log-reset start-over` to read the new one from its start"
         )
 
-    async def _forget_positions(self) -> None:
+    async def _start_over_where_reset(self, topics: Sequence[str]) -> None:
+        """``--on-log-reset start-over``, before the group is joined: forget
+        the positions of each topic whose stored ids are not the broker's, so
+        that the assignment finds none and reads from the beginning (found
+        later, the positions are forgotten while the consumer runs, below)."""
+        current = await self._topic_ids(topics)
+        for topic in topics:
+            now = current.get(topic)
+            if now is None:
+                continue
+            found = await self._retry_db(
+                lambda t=topic: self.writer.positions(t, None), "read positions"
+            )
+            old = {i for _, i in found.values() if i is not None} - {now}
+            if old:
+                self._log_reset(topic, _other_id(min(old), now))
+                await self._forget_positions(seek=False)
+            self.writer.topic_ids[topic] = now
+
+    async def _forget_positions(self, *, seek: bool = True) -> None:
         """Start over on the topics a reset was found on (``--on-log-reset
         start-over``): every fetched batch written first, then the positions
         forgotten and the partitions read from their beginning."""
         if not self._forget:
             return
         await self.drain()
-        for topic in sorted(self._forget):
+        while self._forget:  # a reset may be found meanwhile (the assignment listener)
+            topic = min(self._forget)
             n = await self._retry_db(lambda t=topic: self.writer.forget_positions(t), "forget")
             log.warning("%s: forgot %d stored positions; reading it from its start", topic, n)
             ids = await self._topic_ids([topic])
             if ids.get(topic) is not None:
                 self.writer.topic_ids[topic] = ids[topic]  # type: ignore[assignment]
-            for tp in self.consumer.assignment():
-                if tp.topic == topic:
-                    await self.consumer.seek_to_beginning(tp)
-        self._forget.clear()
+            self._forget.discard(topic)
+            if seek:
+                for tp in self.consumer.assignment():
+                    if tp.topic == topic:
+                        await self.consumer.seek_to_beginning(tp)
 
     async def _retry_db(self, action: Any, what: str) -> Any:
         delay = 0.2
@@ -253,6 +274,8 @@ class Sink:
         # must not queue behind the consumer's long-polling fetches
         await self._start_client(self.producer)
         topics = [self.settings.events_topic, self.settings.profiles_topic]
+        if self.options.on_log_reset == "start-over":
+            await self._start_over_where_reset(topics)
         if not self.options.assign_all:
             self.consumer.subscribe(topics, listener=_Positions(self))
         await self._start_client(self.consumer)
@@ -275,6 +298,8 @@ class Sink:
                     self._caught_up = not fetched and await self._at_the_end()
             await self._queue.put(None)
             await writer
+            if behind := await self._behind():
+                log.warning("stopped before the end of %s", behind)
         finally:
             if not writer.done():
                 writer.cancel()
@@ -321,6 +346,19 @@ class Sink:
             if high is None or await self.consumer.position(tp) < high:
                 return False
         return True
+
+    async def _behind(self) -> str:
+        """The partitions not read to their high-water mark: where and why."""
+        out = []
+        for tp in sorted(self.consumer.assignment()):
+            high = self.consumer.highwater(tp)
+            try:
+                position: int | str = await asyncio.wait_for(self.consumer.position(tp), 1)
+            except (KafkaError, TimeoutError):
+                position = "none"
+            if high is None or not isinstance(position, int) or position < high:
+                out.append(f"{tp.topic}[{tp.partition}] at {position} of {high}")
+        return ", ".join(out)
 
     async def _step(self) -> int:
         """Fetch a batch and hand it to the writer; the records fetched."""

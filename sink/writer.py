@@ -236,18 +236,25 @@ class Writer:
         return self._conn
 
     async def positions(
-        self, topic: str, partitions: Sequence[int]
+        self, topic: str, partitions: Sequence[int] | None
     ) -> dict[int, tuple[int, UUID | None]]:
-        """Stored next offsets and the id of the topic they were read from.
-        On a connection of its own: the consumer's assignment listener asks
-        while the write loop may be inside a batch's transaction on the
-        writer's (after a database restart that broke the listener: #20)."""
+        """Stored next offsets (of ``partitions``; None: all) and the id of
+        the topic they were read from. On a connection of its own: the
+        consumer's assignment listener asks while the write loop may be
+        inside a batch's transaction on the writer's (after a database
+        restart that broke the listener: #20)."""
         async with await psycopg.AsyncConnection.connect(self._conninfo, autocommit=True) as conn:
             rows = await (
                 await conn.execute(
                     "SELECT partition, next_offset, topic_id FROM usertrail_positions "
-                    "WHERE consumer = %s AND topic = %s AND partition = ANY(%s)",
-                    (self.consumer, topic, list(partitions)),
+                    "WHERE consumer = %s AND topic = %s "
+                    "AND (%s::int[] IS NULL OR partition = ANY(%s::int[]))",
+                    (
+                        self.consumer,
+                        topic,
+                        partitions and list(partitions),
+                        partitions and list(partitions),
+                    ),
                 )
             ).fetchall()
         return {int(p): (int(o), t) for p, o, t in rows}

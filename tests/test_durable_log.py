@@ -243,24 +243,27 @@ def test_a_broker_that_lost_its_log_stops_the_workers(tmp_path: Path) -> None:
         assert "the broker's log is not the one the stored positions" in text
         assert "the broker's log is not the one the stream's state" in text
         assert _rows(url) == sorted(old), "nothing of the new log was written"
-        over = subprocess.Popen(
-            [sys.executable, "-m", "usertrail.cli", "sink", "--on-log-reset", "start-over"],
-            env={
-                **_up_env(),
-                "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
-                "DATABASE_URL": url,
-                "USERTRAIL_DATA_DIR": str(tmp_path / "data"),
-            },
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        log = tmp_path / "start-over.log"
+        with log.open("w") as sink_log:
+            over = subprocess.Popen(
+                [sys.executable, "-m", "usertrail.cli", "sink", "--on-log-reset", "start-over"],
+                env={
+                    **_up_env(),
+                    "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
+                    "DATABASE_URL": url,
+                    "USERTRAIL_DATA_DIR": str(tmp_path / "data"),
+                },
+                stdout=subprocess.DEVNULL,
+                stderr=sink_log,
+            )
         try:
-            assert _wait_rows(url, len(old) + len(new)) == sorted(old + new)
+            rows = _wait_rows(url, len(old) + len(new))
         finally:
             over.send_signal(signal.SIGTERM)
-            _, err = over.communicate(timeout=60)
-        assert over.returncode == 0 and "starting over" in err, err
+            over.wait(timeout=60)
+        err = log.read_text()
+        assert rows == sorted(old + new), err[-20000:]
+        assert over.returncode == 0 and "starting over" in err, err[-20000:]
         # the stream's documented recovery: fold the new log from its start
         replayed = _usertrail(kafka, pg, tmp_path, "replay", "stream")
         assert replayed.returncode == 0, replayed.stderr

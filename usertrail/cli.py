@@ -1056,8 +1056,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
         stream=sys.stderr,
     )
-    for noisy in ("aiokafka", "alembic"):
-        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.root.level))
+    if logging.root.level > logging.DEBUG:  # DEBUG: theirs too
+        for noisy in ("aiokafka", "alembic"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
     if args.command not in ("up", "sink", "stream"):
         # a one-off command says what went wrong in one line, below; aiokafka's
         # own reports of a broker that is down would repeat it (workers keep
