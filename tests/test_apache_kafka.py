@@ -311,6 +311,7 @@ class Supervisor:
 # Known defect, not yet understood: in 1 of 5 full-suite runs the sinks had
 # not written every event within 120 s of the last fault ("timed out waiting
 # for every row"). It runs on every test run and shows as XPASS when it passes.
+@pytest.mark.xdist_group("heavy")
 @pytest.mark.xfail(
     reason="after the faults the sinks once did not catch up within 120 s (1 run in 5)",
     strict=False,

@@ -17,6 +17,7 @@ producer, compaction and group coordinator are what production runs.
 from __future__ import annotations
 
 import base64
+import fcntl
 import json
 import logging
 import os
@@ -111,16 +112,24 @@ def jars() -> Path:
     """The folder of the broker's jars, fetched with Maven the first time."""
     root = cache_dir()
     lib = root / "lib"
-    done = root / "complete"
-    if done.exists():
+    if (root / "complete").exists():
         return lib
+    root.mkdir(parents=True, exist_ok=True)
+    # two first runs at once (two `up`s, a suite beside an `up`) fetch once
+    with (root / ".lock").open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (root / "complete").exists():
+            _fetch(root, lib)
+    return lib
+
+
+def _fetch(root: Path, lib: Path) -> None:
     mvn = shutil.which("mvn")
     if mvn is None:
         raise EmbeddedStackError(
             "Apache Kafka's jars are fetched from Maven Central with Maven, and no `mvn` "
             "was found: install it (Debian: apt-get install maven)"
         )
-    root.mkdir(parents=True, exist_ok=True)
     (root / "pom.xml").write_text(_POM.format(kafka=KAFKA_VERSION, scala=SCALA_VERSION))
     staging = root / "lib.partial"
     shutil.rmtree(staging, ignore_errors=True)
@@ -147,8 +156,7 @@ def jars() -> Path:
         )
     shutil.rmtree(lib, ignore_errors=True)
     staging.rename(lib)
-    done.write_text(KAFKA_VERSION + "\n")
-    return lib
+    (root / "complete").write_text(KAFKA_VERSION + "\n")
 
 
 def free_cluster_port(brokers: int) -> int:

@@ -159,6 +159,7 @@ async def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> 
         await asyncio.sleep(0.1)
 
 
+@pytest.mark.xdist_group("heavy")
 async def test_sigkill_at_random_moments_leaves_exactly_one_row_per_event(
     settings_factory: Callable[..., Settings],
     broker: EmbeddedBroker,

@@ -11,6 +11,7 @@ import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from aiokafka import AIOKafkaConsumer
 from usertrail.producers import TrackingClient, demo
 from usertrail.stream.app import APPLIED, LOG
@@ -106,6 +107,7 @@ def kill(proc: subprocess.Popen[bytes]) -> None:
     proc.wait()
 
 
+@pytest.mark.xdist_group("heavy")
 async def test_sigkill_ten_times_loses_and_doubles_nothing(
     settings_factory: Callable[..., Settings], broker: EmbeddedBroker, tmp_path: Path
 ) -> None:
