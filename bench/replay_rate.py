@@ -27,7 +27,7 @@ import brokers
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from usertrail.producers.events import Interaction, build, decode, encode
 from usertrail.producers.ids import uuid7
-from usertrail.stream import replay
+from usertrail.replay import stream as replay
 from usertrail.stream.fold import Profile, fold
 from usertrail.stream.segments import load_rules
 

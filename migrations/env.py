@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from alembic import context
 from sqlalchemy import text
-from usertrail.sink.models import Base
+from usertrail.migrations.models import Base
 
 VERSION_TABLE = "usertrail_alembic_version"
 

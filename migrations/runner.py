@@ -24,7 +24,7 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, Engine, create_engine, text
 from sqlalchemy.exc import OperationalError, ProgrammingError
 from usertrail.migrations.catalog import Snapshot, diff, snapshot
-from usertrail.sink.models import PIPELINE_TABLES, PRODUCT_TABLES
+from usertrail.migrations.models import PIPELINE_TABLES, PRODUCT_TABLES
 
 from usertrail.errors import DatabaseUnavailableError, UsertrailError
 from usertrail.settings import Settings

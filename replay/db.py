@@ -25,10 +25,9 @@ from aiokafka import AIOKafkaConsumer
 from psycopg.conninfo import make_conninfo
 from usertrail.migrations import runner
 from usertrail.sink.consumer import GROUP, Sink, SinkOptions
-from usertrail.stream.replay import high_waters, partitions_of
 
 from usertrail.errors import UsertrailError
-from usertrail.kafka import stop_within
+from usertrail.kafka import high_waters, partitions_of, stop_within
 from usertrail.settings import Settings
 
 log = logging.getLogger("usertrail.rebuild")

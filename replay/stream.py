@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -24,16 +23,24 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import CommitFailedError
 from aiokafka.structs import OffsetAndMetadata
-from usertrail.producers.events import decode
+from usertrail.producers.events import accept, decode
 from usertrail.producers.profiles import encode_profile
-from usertrail.sink.plan import accept
-from usertrail.stream.app import APPLIED, LOG, applied_key, log_key
 from usertrail.stream.segments import Rules, segment
-from usertrail.stream.state import UserState, advance, dump_state, load_state, message_for
+from usertrail.stream.state import (
+    APPLIED,
+    LOG,
+    UserState,
+    advance,
+    applied_key,
+    dump_state,
+    load_state,
+    log_key,
+    message_for,
+)
 
 from usertrail import liveness
 from usertrail.errors import EventValidationError, UsertrailError
-from usertrail.kafka import log_identity, stop_within
+from usertrail.kafka import high_waters, log_identity, partitions_of, stop_within
 from usertrail.settings import Settings
 from usertrail.topics import TopicSpec, ensure_topics
 
@@ -66,33 +73,6 @@ def _consumer(settings: Settings, **extra: Any) -> AIOKafkaConsumer:
         fetch_max_bytes=64 * 1024 * 1024,
         **extra,
     )
-
-
-async def partitions_of(consumer: AIOKafkaConsumer, topic: str) -> list[TopicPartition]:
-    """A topic's partitions from metadata fetched now; [] if it does not
-    exist. (A consumer's own metadata shrinks to the topics assigned to it,
-    refreshed in the background, so asking it is a race.)"""
-    cluster = await consumer._client.fetch_all_metadata()
-    return [TopicPartition(topic, p) for p in sorted(cluster.partitions_for_topic(topic) or ())]
-
-
-async def high_waters(consumer: AIOKafkaConsumer, tps: list[TopicPartition]) -> dict[int, int]:
-    """Each partition's high-water mark, as fetch responses carry it (tansu's
-    end offsets are wrong after multi-record batches, docs/brokers.md)."""
-    for tp in tps:
-        consumer.seek(tp, 0)
-    ends: dict[int, int] = {}
-    deadline = time.monotonic() + 30
-    while len(ends) < len(tps):
-        await consumer.getmany(*tps, timeout_ms=200, max_records=1)
-        for tp in tps:
-            high = consumer.highwater(tp)
-            if high is not None:
-                ends[tp.partition] = high
-        if time.monotonic() > deadline:
-            missing = sorted(tp.partition for tp in tps if tp.partition not in ends)
-            raise UsertrailError(f"no high-water mark for partitions {missing}")
-    return ends
 
 
 async def _occurred_at(

@@ -46,7 +46,7 @@ from usertrail.sink.plan import Record
 from usertrail.sink.writer import Prepared, UnknownUsers, Writer, WriteResult
 
 from usertrail.errors import ConfigurationError, LogResetError
-from usertrail.kafka import log_identity, stop_within
+from usertrail.kafka import log_identity, partitions_of, stop_within
 from usertrail.settings import Settings
 
 log = logging.getLogger("usertrail.sink")
@@ -280,12 +280,7 @@ class Sink:
             self.consumer.subscribe(topics, listener=_Positions(self))
         await self._start_client(self.consumer)
         if self.options.assign_all:
-            cluster = await self.consumer._client.fetch_all_metadata()
-            tps = [
-                TopicPartition(t, p)
-                for t in topics
-                for p in sorted(cluster.partitions_for_topic(t) or ())
-            ]
+            tps = [tp for t in topics for tp in await partitions_of(self.consumer, t)]
             self.consumer.assign(tps)
             await self.seek_to_stored(tps)
         writer = asyncio.create_task(self._write_loop())

@@ -80,19 +80,6 @@ def classify(record: Record) -> Decoded | DeadLetter:
     return Decoded(record, event)
 
 
-def accept(key: bytes | None, value: bytes | None) -> EventBase | None:
-    """The event of a record that ``classify`` decodes; None for one it makes
-    a dead letter (the stream skips those: the sink keeps them). The same
-    checks, without the objects the sink needs, for the stream's hot loop."""
-    if value is None:
-        return None
-    try:
-        event = events.decode(value)
-    except Exception:  # noqa: BLE001  # classify's dead letters, whatever the bytes
-        return None
-    return event if key == event.user_id.encode() else None
-
-
 @dataclass
 class WritePlan:
     erase: list[str] = field(default_factory=list)

@@ -29,14 +29,12 @@ every worker recovers exactly its own users.
 from __future__ import annotations
 
 import asyncio
-import enum
 import functools
 import logging
 import os
 import signal
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
 from typing import Any, cast
 
 import faust
@@ -44,8 +42,9 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 from faust.types import TP
 from usertrail.stream.batch import Folded, FoldProcess, UserBatch, fold_users
+from usertrail.stream.policy import RESEEK_SECONDS, Positions, Verdict, then_send
 from usertrail.stream.segments import Rules, segment
-from usertrail.stream.state import load_state, message_for
+from usertrail.stream.state import applied_key, load_state, log_key, message_for
 
 from usertrail.errors import LogResetError
 from usertrail.kafka import log_identity, stop_within
@@ -56,96 +55,6 @@ log = logging.getLogger("usertrail.stream")
 TABLE = STREAM_TABLE
 BATCH_WITHIN = 0.25
 """Seconds a batch waits to fill before it is folded anyway."""
-
-
-APPLIED = b"\x00usertrail/applied/"
-"""Table key prefix of a partition's applied offset (no user id starts
-with a control character, so it never collides with a user)."""
-RESEEK_SECONDS = 10.0
-SKIP_AHEAD = 1000
-"""Records below a partition's applied offset that make the worker jump
-forward instead of skipping them one by one."""
-
-
-LOG = b"\x00usertrail/log/"
-"""Table key prefix of the id of the events topic a partition's applied
-offset belongs to (docs/log.md): a worker that finds the broker's topic
-under another id stops (LogResetError) instead of skipping the new log's
-records as applied."""
-
-
-def applied_key(partition: int) -> bytes:
-    return APPLIED + str(partition).encode()
-
-
-def log_key(partition: int) -> bytes:
-    return LOG + str(partition).encode()
-
-
-class Verdict(enum.Enum):
-    FOLD = "fold"  # the next record of its partition
-    DONE = "done"  # at or below the applied offset: already in the state
-    GAP = "gap"  # beyond the next offset: a record in between never came
-
-
-class Positions:
-    """Which records a worker folds: per partition, exactly the one after the
-    applied offset recovered with the table. The committed group offset is
-    only where faust starts reading; faust has been seen to deliver a
-    partition's records with holes right after a restart and to commit past
-    them. A hole is refused and the partition re-read from the applied
-    offset, again every ``RESEEK_SECONDS`` until the record comes: a hole is
-    never skipped (offsets going back prove nothing, since faust also seeks
-    to committed offsets that lie past the hole).
-    """
-
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
-        self.clock = clock
-        self.resync: dict[int, _Resync] = {}
-        self.skipped: dict[int, tuple[int, float]] = {}
-
-    def admit(self, partition: int, offset: int, applied: int | None) -> Verdict:
-        if applied is None or offset == applied + 1:
-            self.resync.pop(partition, None)
-            return Verdict.FOLD
-        if offset <= applied:
-            return Verdict.DONE
-        return Verdict.GAP
-
-    def skip_to(self, partition: int, offset: int, applied: int) -> int | None:
-        """Where to jump when ``offset`` lies far below the applied offset:
-        ``replay stream`` moved the state ahead, and the group's committed
-        offset could not follow (tansu keeps stopped members in the group,
-        so it refuses a commit from outside it). Everything up to the
-        applied offset is in the state, so jumping to the next is safe. Once
-        per target, again after RESEEK_SECONDS."""
-        if applied - offset < SKIP_AHEAD:
-            return None
-        want, now = applied + 1, self.clock()
-        last = self.skipped.get(partition)
-        if last is not None and last[0] == want and now - last[1] < RESEEK_SECONDS:
-            return None
-        self.skipped[partition] = (want, now)
-        return want
-
-    def should_seek(self, partition: int, want: int) -> bool:
-        """Whether to seek now: once per hole, again after RESEEK_SECONDS
-        without the re-read arriving."""
-        now = self.clock()
-        r = self.resync.get(partition)
-        if r is None or r.want != want:
-            r = self.resync[partition] = _Resync(want, since=now)
-        elif now - r.last_at < RESEEK_SECONDS:
-            return False
-        else:
-            log.error(
-                "partition %d: offset %d still missing %.0f s after re-reading; retrying",
-                partition,
-                want,
-                now - r.since,
-            )
-        r.last_at = now
-        return True
 
 
 class _DeliverEverything(dict[Any, Any]):
@@ -159,22 +68,6 @@ class _DeliverEverything(dict[Any, Any]):
 
     def __getitem__(self, key: Any) -> None:
         return None
-
-
-@dataclass
-class _Resync:
-    want: int
-    since: float
-    last_at: float = 0.0
-
-
-async def then_send(
-    writes: Sequence[Awaitable[Any]], send: Callable[[], Sequence[Awaitable[Any]]]
-) -> None:
-    """Wait for ``writes``; only when every one succeeded, ``send`` and wait
-    for what it sent. A failed write raises here and nothing is sent."""
-    await asyncio.gather(*writes)
-    await asyncio.gather(*send())
 
 
 def create_app(

@@ -19,9 +19,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
-from usertrail.producers.events import EventBase
+from usertrail.producers.events import EventBase, accept
 from usertrail.producers.profiles import encode_profile
-from usertrail.sink.plan import accept
 from usertrail.stream.segments import Rules
 from usertrail.stream.state import UserState, advance, dump_state, load_state
 

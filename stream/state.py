@@ -14,6 +14,25 @@ from usertrail.producers.profiles import ProfileMessage, SegmentAssignment
 from usertrail.stream.fold import Folding, Profile, UtcDatetime
 from usertrail.stream.segments import Rules, Segmentation, segment, segment_key
 
+# The table also holds, beside the users, per events partition:
+APPLIED = b"\x00usertrail/applied/"
+"""Table key prefix of a partition's applied offset (no user id starts
+with a control character, so it never collides with a user)."""
+
+LOG = b"\x00usertrail/log/"
+"""Table key prefix of the id of the events topic a partition's applied
+offset belongs to (docs/log.md): a worker that finds the broker's topic
+under another id stops (LogResetError) instead of skipping the new log's
+records as applied."""
+
+
+def applied_key(partition: int) -> bytes:
+    return APPLIED + str(partition).encode()
+
+
+def log_key(partition: int) -> bytes:
+    return LOG + str(partition).encode()
+
 
 @dataclass(frozen=True)
 class UserState:

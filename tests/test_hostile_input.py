@@ -16,9 +16,9 @@ from hypothesis import given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 from usertrail.producers import TrackingClient
-from usertrail.producers.events import EventBase
+from usertrail.producers.events import EventBase, accept
 from usertrail.sink.consumer import Sink, SinkOptions
-from usertrail.sink.plan import DeadLetter, Record, accept, classify
+from usertrail.sink.plan import DeadLetter, Record, classify
 
 from tests.conftest import Broker, create_topics, unique
 from tests.sink.conftest import query

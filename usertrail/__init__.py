@@ -2,9 +2,10 @@
 
 The architecture's parts are subpackages: ``usertrail.producers`` (event
 contract and client SDK), ``usertrail.stream`` (faust worker),
-``usertrail.sink`` (PostgreSQL writer), ``usertrail.migrations`` (alembic).
-This package holds what they share: settings, errors, the embedded stack and
-the command line.
+``usertrail.sink`` (PostgreSQL writer), ``usertrail.migrations`` (alembic and
+the models), ``usertrail.replay`` (replay, verify, backfill). This package
+holds what they share: settings, errors, Kafka helpers, the embedded stack;
+and the command line (docs/architecture.md).
 """
 
 from usertrail.errors import UsertrailError

@@ -24,10 +24,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from usertrail.errors import LogResetError
-from usertrail.kafka import decode_headers, encode_headers, log_identity, stop_within
+from usertrail.kafka import (
+    decode_headers,
+    encode_headers,
+    log_identity,
+    partitions_of,
+    stop_within,
+)
 from usertrail.settings import Settings
 
 log = logging.getLogger("usertrail.archive")
@@ -139,8 +145,7 @@ async def _restore_topic(
             )
         ).fetchall()
     }
-    partitions = (await consumer._client.fetch_all_metadata()).partitions_for_topic(topic) or set()
-    tps = [TopicPartition(topic, p) for p in sorted(partitions)]
+    tps = await partitions_of(consumer, topic)
     ends = await consumer.end_offsets(tps) if tps else {}
     # Empty is exact on both brokers (tansu's end offset is wrong only after
     # multi-record batches, and then at least 1): docs/brokers.md.
@@ -156,10 +161,10 @@ async def _restore_topic(
             "before anything sends"
         )
     for partition, first, last, count in spans:
-        if partition not in partitions:
+        if partition >= len(tps):
             raise LogResetError(
                 f"cannot restore {topic}[{partition}]: the broker's topic has only "
-                f"{len(partitions)} partitions"
+                f"{len(tps)} partitions"
             )
         if first != 0 or count != last + 1:
             raise LogResetError(
@@ -243,8 +248,7 @@ async def _restore_dead_letters(
     """The dead-letter topic again from its table (in the order they were
     found), if the broker's is empty: the same records and headers the sink
     published; their offsets are the table's order."""
-    partitions = (await consumer._client.fetch_all_metadata()).partitions_for_topic(topic) or set()
-    tps = [TopicPartition(topic, p) for p in sorted(partitions)]
+    tps = await partitions_of(consumer, topic)
     if not tps or any(n > 0 for n in (await consumer.end_offsets(tps)).values()):
         return 0
     n = 0

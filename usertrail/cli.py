@@ -412,7 +412,7 @@ def _timestamp(text: str) -> datetime:
 
 
 def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
-    from usertrail.stream import replay
+    from usertrail.replay import stream as replay
 
     rules = _rules(args, settings)
 
@@ -444,7 +444,7 @@ def _quiet_sink() -> None:
 
 
 def cmd_replay_db(args: argparse.Namespace, settings: Settings) -> int:
-    from usertrail.sink import rebuild
+    from usertrail.replay import db as rebuild
 
     async def refuse() -> None:
         await liveness.refuse_if_live(settings, args.group, "sink", "usertrail sink")
@@ -479,7 +479,7 @@ def cmd_replay_db(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
-    from usertrail.stream import replay
+    from usertrail.replay import stream as replay
 
     different = False
     if args.only in (None, "profiles"):
@@ -493,7 +493,7 @@ def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
             print(f"  ... and {len(differences) - args.limit:,} more")
         different |= bool(differences)
     if args.only in (None, "database"):
-        from usertrail.sink import rebuild
+        from usertrail.replay import db as rebuild
 
         _quiet_sink()
         rebuild.make_shadow(settings)
@@ -519,7 +519,7 @@ def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_segments(args: argparse.Namespace, settings: Settings) -> int:
     from usertrail.migrations import runner
-    from usertrail.stream.backfill import backfill
+    from usertrail.replay.backfill import backfill
 
     rules = _rules(args, settings)
     progress = _Progress("backfill")

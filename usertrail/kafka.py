@@ -8,14 +8,15 @@ import contextlib
 import logging
 import socket
 import struct
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaConnectionError, KafkaError
 
-from usertrail.errors import BrokerUnavailableError
+from usertrail.errors import BrokerUnavailableError, UsertrailError
 
 log = logging.getLogger("usertrail")
 
@@ -339,3 +340,30 @@ async def log_identity(client: Any, topics: list[str]) -> LogIdentity:
             found = UUID(bytes=topic_id)
             ids[name] = None if found == _NO_TOPIC_ID else found
     return LogIdentity(response.cluster_id, ids)
+
+
+async def partitions_of(consumer: AIOKafkaConsumer, topic: str) -> list[TopicPartition]:
+    """A topic's partitions from metadata fetched now; [] if it does not
+    exist. (A consumer's own metadata shrinks to the topics assigned to it,
+    refreshed in the background, so asking it is a race.)"""
+    cluster = await consumer._client.fetch_all_metadata()
+    return [TopicPartition(topic, p) for p in sorted(cluster.partitions_for_topic(topic) or ())]
+
+
+async def high_waters(consumer: AIOKafkaConsumer, tps: list[TopicPartition]) -> dict[int, int]:
+    """Each partition's high-water mark, as fetch responses carry it (tansu's
+    end offsets are wrong after multi-record batches, docs/brokers.md)."""
+    for tp in tps:
+        consumer.seek(tp, 0)
+    ends: dict[int, int] = {}
+    deadline = time.monotonic() + 30
+    while len(ends) < len(tps):
+        await consumer.getmany(*tps, timeout_ms=200, max_records=1)
+        for tp in tps:
+            high = consumer.highwater(tp)
+            if high is not None:
+                ends[tp.partition] = high
+        if time.monotonic() > deadline:
+            missing = sorted(tp.partition for tp in tps if tp.partition not in ends)
+            raise UsertrailError(f"no high-water mark for partitions {missing}")
+    return ends

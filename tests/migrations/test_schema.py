@@ -12,7 +12,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from usertrail.migrations import runner
 from usertrail.migrations.catalog import diff, snapshot
-from usertrail.sink.models import PRODUCT_TABLES, Base
+from usertrail.migrations.models import PRODUCT_TABLES, Base
 
 from usertrail.cli import main
 from usertrail.settings import Settings

@@ -7,8 +7,8 @@ from datetime import UTC, datetime
 
 from hypothesis import given
 from hypothesis import strategies as st
-from usertrail.producers.events import Interaction, build, encode
-from usertrail.sink.plan import DeadLetter, Decoded, Record, accept, classify
+from usertrail.producers.events import Interaction, accept, build, encode
+from usertrail.sink.plan import DeadLetter, Decoded, Record, classify
 from usertrail.sink.rows import FastRow, copy_line
 
 _EVENT = build(

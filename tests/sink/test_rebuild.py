@@ -13,9 +13,9 @@ import pytest
 from aiokafka import AIOKafkaProducer
 from pydantic import SecretStr
 from usertrail.producers import TrackingClient, demo
+from usertrail.replay import stream as replay
+from usertrail.replay.db import COMPARED, _ends
 from usertrail.sink.consumer import GROUP
-from usertrail.sink.rebuild import COMPARED, _ends
-from usertrail.stream import replay
 from usertrail.stream.segments import load_rules
 
 from tests.conftest import create_topics, read_all

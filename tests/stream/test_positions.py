@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from usertrail.stream.app import RESEEK_SECONDS, SKIP_AHEAD, Positions, Verdict
+from usertrail.stream.policy import RESEEK_SECONDS, SKIP_AHEAD, Positions, Verdict
 
 
 class Clock:

@@ -15,8 +15,8 @@ from aiokafka import AIOKafkaProducer
 from usertrail.producers import TrackingClient, demo
 from usertrail.producers.events import EventBase
 from usertrail.producers.profiles import decode_profile
+from usertrail.replay.stream import live_states
 from usertrail.stream.fold import Profile, fold_all
-from usertrail.stream.replay import live_states
 from usertrail.stream.segments import load_rules, segment
 from usertrail.stream.state import dump_state
 

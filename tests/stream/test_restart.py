@@ -14,15 +14,13 @@ from pathlib import Path
 import pytest
 from aiokafka import AIOKafkaConsumer
 from usertrail.producers import TrackingClient, demo
-from usertrail.stream.app import APPLIED, LOG
 from usertrail.stream.fold import Profile, fold_all
-from usertrail.stream.replay import partitions_of
-from usertrail.stream.state import load_state
+from usertrail.stream.state import APPLIED, LOG, load_state
 
 from tests.conftest import create_topics, unique
 from tests.stream.test_worker import RULES, cli, events_by_user, stream_process
 from usertrail.embedded import EmbeddedBroker, free_port
-from usertrail.kafka import stop_within
+from usertrail.kafka import partitions_of, stop_within
 from usertrail.settings import Settings
 
 

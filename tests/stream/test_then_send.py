@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from usertrail.stream.app import then_send
+from usertrail.stream.policy import then_send
 
 
 async def test_nothing_is_sent_while_a_write_is_unacknowledged() -> None:
