@@ -388,7 +388,15 @@ async def test_three_brokers_killed_restarted_and_frozen_lose_nothing(
     async with TrackingClient(source="cluster", settings=settings, on_delivery=traffic._delivered):
         pass
     try:
-        await _until(lambda: count_rows(database_url) >= len(traffic.sent), 120, "every row")
+        try:
+            await _until(lambda: count_rows(database_url) >= len(traffic.sent), 120, "every row")
+        except AssertionError:
+            supervisor.stop_all()  # the sinks say where they stopped (and why)
+            rows_now = count_rows(database_url)
+            raise AssertionError(
+                f"{rows_now:,} rows of {len(traffic.sent):,} events 120 s after the faults\n"
+                + _tails(tmp_path, "sink*.log", 40)
+            ) from None
         by_user = await events_by_user(settings, len(traffic.sent))
         expected = want(by_user)
         assert await caught_up(settings, expected) == expected
@@ -423,6 +431,13 @@ async def test_three_brokers_killed_restarted_and_frozen_lose_nothing(
     # it is talking to dies (faust gives up on NodeNotReadyError) and is
     # restarted: counted above, and nothing of it shows in the results.
     assert _tracebacks(tmp_path, "sink*.log") == []
+
+
+def _tails(folder: Path, pattern: str, lines: int) -> str:
+    return "\n".join(
+        f"--- {log.name}\n" + "\n".join(log.read_text().splitlines()[-lines:])
+        for log in sorted(folder.glob(pattern))
+    )
 
 
 def _tracebacks(folder: Path, pattern: str) -> list[str]:

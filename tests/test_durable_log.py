@@ -19,7 +19,7 @@ import psycopg
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from usertrail.producers import TrackingClient
 
-from tests.test_up import CTRL_C, _listening, _start_up, _stop, _up_env
+from tests.test_up import CTRL_C, _alive, _listening, _start_up, _stop, _up_env
 from usertrail.embedded import EmbeddedBroker
 from usertrail.settings import Settings
 
@@ -280,3 +280,70 @@ def _cmdline(pid: int) -> list[str]:
         return psutil.Process(pid).cmdline()
     except psutil.NoSuchProcess:
         return []
+
+
+def _postmaster(pgdata: Path) -> int:
+    return int((pgdata / "postmaster.pid").read_text().split()[0])
+
+
+def test_up_keeps_its_database_through_pg_ctl_restart(tmp_path: Path) -> None:
+    """`pg_ctl restart` of `up`'s PostgreSQL (a new server pid, outside up's
+    children): the sink resumes at its stored positions; Ctrl-C stops the new
+    server too. Restarted again, then `up` SIGKILLed with its whole group (the
+    server, in a session of its own, survives): the next `up` on the same data
+    directory stops the leftover and starts its own."""
+    from usertrail.embedded import EmbeddedPostgres
+
+    proc, _, kafka, pg = _start_up(tmp_path)
+    bootstrap, url = f"127.0.0.1:{kafka}", f"postgresql://postgres@127.0.0.1:{pg}/usertrail"
+    pgdata = tmp_path / "data" / "postgres" / "pgdata"
+    server = EmbeddedPostgres(data_dir=pgdata.parent, port=pg, database="x")
+    pg_ctl = server.bin_dir() / "pg_ctl"
+    ids = server._run_as()  # as root: its own user and group, as `up` runs it
+    as_owner: dict[str, Any] = {} if ids is None else {"user": ids[0], "group": ids[1]}
+
+    def restart() -> int:
+        before = _postmaster(pgdata)
+        done = subprocess.run(
+            # -l: the new server writes to up's log, not to our pipes
+            [str(pg_ctl), "restart", "-D", str(pgdata), "-m", "fast", "-w", "-t", "60"]
+            + ["-l", str(pgdata.parent / "postgres.log")],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            **as_owner,
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        after = _postmaster(pgdata)
+        assert after != before and _alive(after)
+        return after
+
+    sent: list[str] = []
+    try:
+        sent += _send(bootstrap, tmp_path, 200, "p")
+        assert len(_wait_rows(url, len(sent))) == len(sent)
+        server = restart()
+        sent += _send(bootstrap, tmp_path, 200, "q")
+        assert _wait_rows(url, len(sent)) == sorted(sent), "the sink went on after the restart"
+        _verified(kafka, pg, tmp_path)
+    finally:
+        said = _stop(proc, CTRL_C)
+    assert proc.returncode == 0 and "Traceback" not in said, said
+    assert not _alive(server) and not _listening(pg), "Ctrl-C stopped the new server"
+
+    proc, _, _, _ = _start_up(tmp_path, ports=(kafka, pg))
+    try:
+        server = restart()
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate(timeout=60)
+    assert _alive(server) and _listening(pg), "the restarted server outlives `up`"
+    proc, _, _, _ = _start_up(tmp_path, ports=(kafka, pg))
+    try:
+        assert not _alive(server), "the next `up` stopped the leftover server"
+        sent += _send(bootstrap, tmp_path, 100, "r")
+        assert _wait_rows(url, len(sent)) == sorted(sent)
+    finally:
+        said = _stop(proc, CTRL_C)
+    assert proc.returncode == 0 and "Traceback" not in said, said
+    assert not _listening(pg)

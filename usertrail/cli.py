@@ -184,8 +184,8 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         workers.stop()
-        if stack.broker is not None and stack.broker.kind == "tansu":
-            _archive_the_rest(settings)
+        if stack.broker is not None and stack.broker.kind == "tansu" and stack.broker.pid:
+            _archive_the_rest(settings)  # only from a broker that started
         stack.stop()
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import fcntl
 import importlib.util
 import logging
 import os
@@ -103,6 +104,20 @@ def _process_state(pid: int) -> str | None:
     return stat_line.rsplit(")", 1)[1].split()[0]
 
 
+def _stop_pid(pid: int, sig: int, grace: float) -> None:
+    """Stop a process that is not our child: signal, wait, then SIGKILL."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, sig)
+    deadline = time.monotonic() + grace
+    while _process_state(pid) not in (None, "Z"):
+        if time.monotonic() > deadline:
+            log.warning("pid %d did not stop within %.0fs; killing it", pid, grace)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            deadline = time.monotonic() + 10
+        time.sleep(0.05)
+
+
 def _is_postgres(pid: int) -> bool:
     try:
         return Path(f"/proc/{pid}/comm").read_text().strip().startswith("postgres")
@@ -179,12 +194,24 @@ class EmbeddedPostgres(_Child):
     name = "postgres"
 
     def __init__(
-        self, *, data_dir: Path, port: int, database: str, bin_dir: Path | None = None
+        self,
+        *,
+        data_dir: Path,
+        port: int,
+        database: str,
+        bin_dir: Path | None = None,
+        owned: bool = False,
     ) -> None:
+        """``owned``: the caller holds the data directory (``up``'s lock), so
+        a server still running on it was left by an earlier owner (restarted
+        with ``pg_ctl restart``, then its ``up`` killed): it is stopped, not
+        taken for another ``up``."""
         self.data_dir = data_dir.resolve()
         self.port = port
         self.database = database
         self._bins = bin_dir
+        self.owned = owned
+        self._started = False
 
     @property
     def url(self) -> str:
@@ -237,6 +264,9 @@ class EmbeddedPostgres(_Child):
         return entry.pw_uid, entry.pw_gid
 
     def start(self) -> None:
+        pgdata = self.data_dir / "pgdata"
+        if self.owned:  # a server left on our data directory holds our port, too
+            self._previous_gone(pgdata)
         if not _port_free(self.port):
             raise EmbeddedStackError(
                 f"port {self.port} is taken: is another `usertrail up` running? "
@@ -247,7 +277,6 @@ class EmbeddedPostgres(_Child):
             raise EmbeddedStackError(f"no PostgreSQL server binary in {bins}")
         self.data_dir.mkdir(parents=True, exist_ok=True)
         ids = self._run_as()
-        pgdata = self.data_dir / "pgdata"
         if ids is not None:
             os.chown(self.data_dir, *ids)
         user_kw: dict[str, int] = {} if ids is None else {"user": ids[0], "group": ids[1]}
@@ -279,6 +308,7 @@ class EmbeddedPostgres(_Child):
         while True:
             size = log_path.stat().st_size if log_path.exists() else 0
             self._spawn(bins, pgdata, log_path, ids, user_kw)
+            self._started = True
             try:
                 _wait_for_port(self.port, self.proc, self.name, timeout=30)
                 break
@@ -341,7 +371,14 @@ class EmbeddedPostgres(_Child):
                 pid = int(lock.read_text().split()[0])
             except (OSError, ValueError, IndexError):
                 continue
-            if _process_state(pid) not in (None, "Z") and _is_postgres(pid):
+            if _process_state(pid) not in (None, "Z") and _is_postgres(pid) and self.owned:
+                log.warning(
+                    "stopping PostgreSQL pid %d, left running on %s by an earlier `usertrail up`",
+                    pid,
+                    pgdata,
+                )
+                _stop_pid(pid, signal.SIGINT, grace=30)
+            elif _process_state(pid) not in (None, "Z") and _is_postgres(pid):
                 raise EmbeddedStackError(
                     f"another `usertrail up` is running on {self.data_dir.parent} (its "
                     f"PostgreSQL, pid {pid}, holds {lock}): stop it first, or choose another "
@@ -373,7 +410,19 @@ class EmbeddedPostgres(_Child):
 
     def stop(self) -> None:
         # SIGINT is PostgreSQL's "fast" shutdown: abort sessions, checkpoint.
+        started, self._started = self._started, False
         self._stop(signal.SIGINT, grace=30)
+        if not started:
+            return
+        # A server restarted meanwhile (`pg_ctl restart`) runs under another
+        # pid, outside our children: its lock file names it.
+        try:
+            pid = int((self.data_dir / "pgdata" / "postmaster.pid").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return
+        if _process_state(pid) not in (None, "Z") and _is_postgres(pid):
+            log.info("stopping PostgreSQL pid %d (restarted outside `up`)", pid)
+            _stop_pid(pid, signal.SIGINT, grace=30)
 
 
 class EmbeddedStack:
@@ -398,13 +447,35 @@ class EmbeddedStack:
             )
         elif kafka_port is not None:
             self.broker = EmbeddedBroker(port=kafka_port, log_path=data_dir / "tansu.log")
+        self.data_dir = data_dir
+        self._lock: Any = None
         self.postgres = (
-            EmbeddedPostgres(data_dir=data_dir / "postgres", port=postgres_port, database=database)
+            EmbeddedPostgres(
+                data_dir=data_dir / "postgres", port=postgres_port, database=database, owned=True
+            )
             if postgres_port is not None
             else None
         )
 
+    def _take(self) -> None:
+        """Hold the data directory for as long as this stack runs (released by
+        the kernel however the process ends): a second ``up`` on it is told."""
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self._lock = open(self.data_dir / "up.lock", "a")  # noqa: SIM115  # held until stop
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock.close()
+            self._lock = None
+            raise EmbeddedStackError(
+                f"another `usertrail up` is running on {self.data_dir}: stop it first, "
+                "or choose another --data-dir"
+            ) from None
+
     def start(self) -> None:
+        if self.broker is None and self.postgres is None:
+            return
+        self._take()
         try:
             if self.postgres is not None:
                 self.postgres.start()
@@ -415,12 +486,17 @@ class EmbeddedStack:
             raise
 
     def stop(self) -> None:
+        if self._lock is None:
+            return  # never started: what runs on the data directory is not ours
         for child in (self.broker, self.postgres):
             if child is not None:
                 try:
                     child.stop()
                 except (OSError, subprocess.SubprocessError) as exc:
                     log.error("could not stop %s: %r", child.name, exc)
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
 
     def __enter__(self) -> EmbeddedStack:
         self.start()
