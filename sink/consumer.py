@@ -46,7 +46,12 @@ from usertrail.sink.plan import Record
 from usertrail.sink.writer import Prepared, UnknownUsers, Writer, WriteResult
 
 from usertrail.errors import ConfigurationError, LogResetError
-from usertrail.kafka import log_identity, partitions_of, stop_within
+from usertrail.kafka import (
+    adopt_stale_group_leaders,
+    log_identity,
+    partitions_of,
+    stop_within,
+)
 from usertrail.settings import Settings
 
 log = logging.getLogger("usertrail.sink")
@@ -274,6 +279,8 @@ class Sink:
         # must not queue behind the consumer's long-polling fetches
         await self._start_client(self.producer)
         topics = [self.settings.events_topic, self.settings.profiles_topic]
+        if not self.options.assign_all and self.settings.is_tansu:
+            adopt_stale_group_leaders()  # docs/brokers.md, "Stale group leader"
         if self.options.on_log_reset == "start-over":
             await self._start_over_where_reset(topics)
         if not self.options.assign_all:

@@ -47,7 +47,7 @@ from usertrail.stream.segments import Rules, segment
 from usertrail.stream.state import applied_key, load_state, log_key, message_for
 
 from usertrail.errors import LogResetError
-from usertrail.kafka import log_identity, stop_within
+from usertrail.kafka import adopt_stale_group_leaders, log_identity, stop_within
 from usertrail.settings import STREAM_TABLE, Settings
 
 log = logging.getLogger("usertrail.stream")
@@ -84,6 +84,8 @@ def create_app(
     group = settings.group_options()
     datadir = settings.data_dir / "faust" / settings.stream_app_id
     datadir.mkdir(parents=True, exist_ok=True)
+    if settings.is_tansu:
+        adopt_stale_group_leaders()  # docs/brokers.md, "Stale group leader"
     app = faust.App(
         settings.stream_app_id,
         broker=[f"kafka://{host}" for host in settings.bootstrap_servers.split(",")],

@@ -367,3 +367,65 @@ async def high_waters(consumer: AIOKafkaConsumer, tps: list[TopicPartition]) -> 
             missing = sorted(tp.partition for tp in tps if tp.partition not in ends)
             raise UsertrailError(f"no high-water mark for partitions {missing}")
     return ends
+
+
+_ADOPTING = False
+
+
+def adopt_stale_group_leaders() -> None:
+    """Work around tansu's stale group leader (docs/brokers.md, "Stale group
+    leader"): a member that leaves while its group is rebalancing is removed,
+    but if it was the leader, tansu keeps its id as leader; every later
+    JoinGroup names that id, nobody may sync, and the group never forms
+    again until the broker restarts. A follower told of a leader that
+    DescribeGroups does not list as a member leaves with its own id and
+    joins again under the leader's: tansu then answers it as the leader,
+    with every member, and the group forms.
+
+    Installed (once per process, for aiokafka's group coordinator, so faust's
+    consumer too) only where the broker answers as tansu; on Apache Kafka
+    the leader is always a member and nothing changes."""
+    global _ADOPTING
+    if _ADOPTING:
+        return
+    _ADOPTING = True
+    from aiokafka.consumer import group_coordinator as gc
+    from aiokafka.protocol.admin import DescribeGroupsRequest
+    from aiokafka.protocol.group import JoinGroupRequest, LeaveGroupRequest
+
+    send, follow = gc.GroupCoordinator._send_req, gc.CoordinatorGroupRebalance._on_join_follower
+
+    async def _send_req(self: Any, request: Any) -> Any:
+        response = await send(self, request)
+        if isinstance(request, JoinGroupRequest) and response.error_code == 0:
+            self._usertrail_joined = response
+        return response
+
+    async def _on_join_follower(self: Any) -> Any:
+        coordinator = self._coordinator
+        joined = getattr(coordinator, "_usertrail_joined", None)
+        leader = joined.leader_id if joined is not None else None
+        if leader and leader != coordinator.member_id:
+            try:
+                described = await coordinator._send_req(DescribeGroupsRequest([self.group_id]))
+                members = {m[0] for m in described.groups[0][5]}
+            except (KafkaError, IndexError):
+                members = {leader}  # not known: follow as usual
+            if leader not in members:
+                log.warning(
+                    "group %s: its leader %s is not one of its members %s (tansu's stale "
+                    "leader); joining again in its place",
+                    self.group_id,
+                    leader,
+                    sorted(members),
+                )
+                with contextlib.suppress(KafkaError):
+                    await coordinator._send_req(
+                        LeaveGroupRequest(self.group_id, coordinator.member_id)
+                    )
+                coordinator.member_id = leader
+                return None  # aiokafka joins again at once, now as the leader
+        return await follow(self)
+
+    gc.GroupCoordinator._send_req = _send_req  # type: ignore[method-assign]
+    gc.CoordinatorGroupRebalance._on_join_follower = _on_join_follower  # type: ignore[method-assign]

@@ -128,3 +128,50 @@ async def test_two_workers_split_answer_for_each_other_and_take_over(
         assert states[user] == fold_all(user, events, config=RULES.affinity_config()), user
     for i in range(2):
         assert "Traceback" not in (tmp_path / f"w{i}.log").read_text()
+
+
+async def test_a_third_worker_after_two_stopped_together_serves_at_once(
+    settings_factory: Callable[..., Settings], broker: EmbeddedBroker, tmp_path: Path
+) -> None:
+    """Workers A and B in one group, both stopped at the same moment (the
+    README's "stop the stream workers" step), then C: C owns every partition
+    and answers within seconds. On tansu the leader's leave used to land
+    while B's rebalance was on, and C waited for good (docs/brokers.md,
+    "Stale group leader")."""
+    settings = settings_factory(broker, stream_app_id=unique("abc"))
+    await create_topics(settings)
+    changelog = settings.changelog_topic
+    ports = free_port(), free_port(), free_port()
+    a = stream_process(settings, ports[0], tmp_path / "a.log")
+    await owners(ports[0], changelog)  # A alone ...
+    b = stream_process(settings, ports[1], tmp_path / "b.log")
+    try:
+        await wait_for_split(ports[0], changelog, 2, settings.events_partitions)  # ... then A, B
+    finally:
+        for proc in (a, b):
+            proc.send_signal(signal.SIGTERM)
+        for proc in (a, b):
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                kill(proc)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    c = stream_process(settings, ports[2], tmp_path / "c.log")
+    try:
+        split = await wait_for_split(ports[2], changelog, 1, settings.events_partitions)
+        assert list(split) == [f"http://127.0.0.1:{ports[2]}"]
+        took = loop.time() - started
+        async with TrackingClient(source="demo", settings=settings) as client:
+            sent = await demo.run(client, demo.plan(users=10, events=200, seed=3))
+        by_user = await events_by_user(settings, sent)
+        for user, events in by_user.items():
+            body = await wait_for_profile(ports[2], user, max(o for _, o in events))
+            assert worker_view(body) == expected_view(events), user
+    finally:
+        c.send_signal(signal.SIGTERM)
+        try:
+            c.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            kill(c)
+    assert took < 30, f"C owned every partition only after {took:.0f} s"
