@@ -45,7 +45,7 @@ from usertrail.sink.metrics import SinkMetrics
 from usertrail.sink.plan import Record
 from usertrail.sink.writer import Prepared, UnknownUsers, Writer, WriteResult
 
-from usertrail.errors import ConfigurationError, LogResetError
+from usertrail.errors import ConfigurationError, LogResetError, StalledError
 from usertrail.kafka import (
     adopt_stale_group_leaders,
     log_identity,
@@ -92,12 +92,14 @@ class _Positions(ConsumerRebalanceListener):  # type: ignore[misc]
         self.sink = sink
 
     async def on_partitions_revoked(self, revoked: Sequence[TopicPartition]) -> None:
+        self.sink._unassigned_since = time.monotonic()
         # Every fetched batch is written before the partitions change hands.
         await self.sink.drain()
         log.info("partitions revoked: %s", sorted(tp.partition for tp in revoked))
 
     async def on_partitions_assigned(self, assigned: Sequence[TopicPartition]) -> None:
         await self.sink.seek_to_stored(assigned)
+        self.sink._unassigned_since = None
 
 
 class Sink:
@@ -122,6 +124,11 @@ class Sink:
             archive=settings.archiving if self.options.archive is None else self.options.archive,
         )
         self._refusal: LogResetError | None = None
+        # the stall watchdog's view: since when without partitions (None:
+        # assigned), whether waiting for the database, what it last saw
+        self._unassigned_since: float | None = time.monotonic()
+        self._waiting_for_db = False
+        self._stalled: StalledError | None = None
         self._caught_up = False
         self._stop_by = 0.0
         self._forget: set[str] = set()
@@ -260,8 +267,11 @@ class Sink:
         while True:
             try:
                 await self.writer.connect()
-                return await action()
+                result = await action()
+                self._waiting_for_db = False
+                return result
             except psycopg.OperationalError as exc:
+                self._waiting_for_db = True
                 self.metrics.retries.labels("database").inc()
                 log.warning(
                     "database unavailable (%s) during %s; retrying in %.1fs",
@@ -274,6 +284,50 @@ class Sink:
                 delay = min(delay * 2, self.options.max_backoff)
 
     async def run(self) -> None:
+        main = asyncio.current_task()
+        assert main is not None
+        watchdog = asyncio.create_task(self._watch(main))
+        try:
+            await self._run()
+        except asyncio.CancelledError:
+            if self._stalled is None:
+                raise
+            raise self._stalled from None
+        finally:
+            watchdog.cancel()
+
+    async def _watch(self, main: asyncio.Task[Any]) -> None:
+        """Stop the sink (StalledError, exit code 6) when it makes no progress
+        for ``stall_seconds``: no partitions assigned, or partitions behind
+        their high-water mark and nothing written. Waiting for the database
+        is not a stall (it is said, and retried, already)."""
+        bound = self.settings.stall_seconds
+        written, since = self.written.records, time.monotonic()
+        while True:
+            await asyncio.sleep(min(5.0, bound / 4))
+            now = time.monotonic()
+            if self._waiting_for_db or self._stopping.is_set():
+                written, since = self.written.records, now
+                continue
+            why = ""
+            if self._unassigned_since is not None and not self.options.assign_all:
+                if now - self._unassigned_since > bound:
+                    why = (
+                        f"no partitions assigned for {now - self._unassigned_since:.0f} s: "
+                        f"the group '{self.options.group}' did not form, or the broker did "
+                        "not answer"
+                    )
+            elif self.written.records != written or not (behind := await self._behind()):
+                written, since = self.written.records, now
+            elif now - since > bound:
+                why = f"nothing read for {now - since:.0f} s while behind: {behind}"
+            if why:
+                self._stalled = StalledError(f"the sink stalled ({why}); exiting to start again")
+                log.error("%s", self._stalled)
+                main.cancel()
+                return
+
+    async def _run(self) -> None:
         await self._retry_db(lambda: self._noop(), "connect")
         # first: its connections ask the broker for topic ids (below), which
         # must not queue behind the consumer's long-polling fetches

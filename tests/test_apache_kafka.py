@@ -335,59 +335,62 @@ async def test_three_brokers_killed_restarted_and_frozen_lose_nothing(
     def stream(i: int) -> Callable[[], subprocess.Popen[bytes]]:
         return lambda: stream_process(settings, ports[i], tmp_path / f"stream{i}.log")
 
-    for i in range(2):
-        supervisor.start(f"sink {i}", sink(i))
-        supervisor.start(f"stream {i}", stream(i))
-    watching = asyncio.create_task(supervisor.watch())
-    traffic = Traffic(settings, rate=400)
-    sending = asyncio.create_task(traffic.run())
-    summary: list[str] = []
-    outage: dict[str, float] = {}
-    started = time.monotonic()
-
-    async def down_for(node: KafkaNode, seconds: float, how: str) -> None:
-        t = time.monotonic()
-        if how == "SIGSTOP":
-            node.pause()
-            await asyncio.sleep(seconds)
-            node.resume()
-        else:
-            node.kill()
-            await asyncio.sleep(seconds)
-            node.start()
-            await asyncio.to_thread(node.wait_listening)
-            await asyncio.to_thread(kafka3.wait_ready)
-        outage[f"node {node.node_id} ({how})"] = time.monotonic() - t
-
+    watching: asyncio.Task[None] | None = None
     try:
-        await asyncio.sleep(4)
-        leader = await _leader(kafka3, settings.events_topic, 0)
-        summary.append(f"SIGKILL node {leader.node_id}, leader of {settings.events_topic}[0]")
-        await down_for(leader, 5, "SIGKILL")
-        # a third stream worker joins: the group rebalances while traffic flows
-        supervisor.start("stream 2", stream(2))
-        await owners(ports[2], settings.changelog_topic)  # it joined and was given partitions
-        controller = kafka3.active_controller()
-        summary.append(f"SIGKILL node {controller.node_id}, the active controller")
-        await down_for(controller, 5, "SIGKILL")
-        # ... and one leaves again
-        supervisor.stop("stream 0")
-        await asyncio.sleep(3)
-        frozen = (
-            kafka3.nodes[-1]
-            if kafka3.active_controller() is not kafka3.nodes[-1]
-            else kafka3.nodes[0]
-        )
-        summary.append(f"SIGSTOP node {frozen.node_id} for 15 s")
-        await down_for(frozen, 15, "SIGSTOP")
-        await asyncio.sleep(3)
-    finally:
-        traffic.stopped.set()
-        await sending
-    # the SDK spools what a fault kept unacknowledged; its next start re-sends it
-    async with TrackingClient(source="cluster", settings=settings, on_delivery=traffic._delivered):
-        pass
-    try:
+        for i in range(2):
+            supervisor.start(f"sink {i}", sink(i))
+            supervisor.start(f"stream {i}", stream(i))
+        watching = asyncio.create_task(supervisor.watch())
+        traffic = Traffic(settings, rate=400)
+        sending = asyncio.create_task(traffic.run())
+        summary: list[str] = []
+        outage: dict[str, float] = {}
+        started = time.monotonic()
+
+        async def down_for(node: KafkaNode, seconds: float, how: str) -> None:
+            t = time.monotonic()
+            if how == "SIGSTOP":
+                node.pause()
+                await asyncio.sleep(seconds)
+                node.resume()
+            else:
+                node.kill()
+                await asyncio.sleep(seconds)
+                node.start()
+                await asyncio.to_thread(node.wait_listening)
+                await asyncio.to_thread(kafka3.wait_ready)
+            outage[f"node {node.node_id} ({how})"] = time.monotonic() - t
+
+        try:
+            await asyncio.sleep(4)
+            leader = await _leader(kafka3, settings.events_topic, 0)
+            summary.append(f"SIGKILL node {leader.node_id}, leader of {settings.events_topic}[0]")
+            await down_for(leader, 5, "SIGKILL")
+            # a third stream worker joins: the group rebalances while traffic flows
+            supervisor.start("stream 2", stream(2))
+            await owners(ports[2], settings.changelog_topic)  # it joined and was given partitions
+            controller = kafka3.active_controller()
+            summary.append(f"SIGKILL node {controller.node_id}, the active controller")
+            await down_for(controller, 5, "SIGKILL")
+            # ... and one leaves again
+            supervisor.stop("stream 0")
+            await asyncio.sleep(3)
+            frozen = (
+                kafka3.nodes[-1]
+                if kafka3.active_controller() is not kafka3.nodes[-1]
+                else kafka3.nodes[0]
+            )
+            summary.append(f"SIGSTOP node {frozen.node_id} for 15 s")
+            await down_for(frozen, 15, "SIGSTOP")
+            await asyncio.sleep(3)
+        finally:
+            traffic.stopped.set()
+            await sending
+        # the SDK spools what a fault kept unacknowledged; its next start re-sends it
+        async with TrackingClient(
+            source="cluster", settings=settings, on_delivery=traffic._delivered
+        ):
+            pass
         try:
             await _until(lambda: count_rows(database_url) >= len(traffic.sent), 120, "every row")
         except AssertionError:
@@ -400,8 +403,9 @@ async def test_three_brokers_killed_restarted_and_frozen_lose_nothing(
         by_user = await events_by_user(settings, len(traffic.sent))
         expected = want(by_user)
         assert await caught_up(settings, expected) == expected
-    finally:
-        watching.cancel()
+    finally:  # also when a fault step itself fails: no worker outlives the test
+        if watching is not None:
+            watching.cancel()
         supervisor.stop_all()
 
     rows = {r[0] for r in query(database_url, 'SELECT id FROM "UserInteraction"')}

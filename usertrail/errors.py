@@ -75,3 +75,12 @@ class LogResetError(UsertrailError):
     Exit code 3 (docs/log.md says what to do)."""
 
     exit_code = 3
+
+
+class StalledError(UsertrailError):
+    """A worker made no progress for ``USERTRAIL_STALL_SECONDS``: no
+    partitions assigned (a group that does not form, a broker that does not
+    answer) or partitions behind their end and nothing read. It exits so that
+    its supervisor (``up``, systemd, Kubernetes) starts it afresh. Exit code 6."""
+
+    exit_code = 6

@@ -111,6 +111,10 @@ class Settings(BaseSettings):
     group_session_timeout_ms: int | None = Field(default=None, ge=1000)
     group_heartbeat_interval_ms: int | None = Field(default=None, ge=100)
 
+    # A sink with no partitions, or behind and reading nothing, for this long
+    # (waiting for the database aside) exits with code 6 to be restarted.
+    stall_seconds: float = Field(default=120.0, ge=1)
+
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     # --- derived ------------------------------------------------------------

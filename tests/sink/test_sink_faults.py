@@ -111,7 +111,9 @@ def assert_rows_equal_events(url: str, sent: dict[str, Any]) -> None:
         assert created == f["occurred_at"].replace(tzinfo=None)
 
 
-def sink_process(settings: Settings, url: str, log: Path, group: str) -> subprocess.Popen[bytes]:
+def sink_process(
+    settings: Settings, url: str, log: Path, group: str, **env_extra: str
+) -> subprocess.Popen[bytes]:
     """A sink process in ``group``: a group of the test's own, so members it
     kills cannot hold up the groups of later tests on the same broker."""
     env = {
@@ -124,6 +126,7 @@ def sink_process(settings: Settings, url: str, log: Path, group: str) -> subproc
         "USERTRAIL_DATA_DIR": str(settings.data_dir),
         "USERTRAIL_GROUP_SESSION_TIMEOUT_MS": "2000",
         "USERTRAIL_GROUP_HEARTBEAT_INTERVAL_MS": "200",
+        **env_extra,
     }
     with open(log, "ab") as out:
         return subprocess.Popen(
@@ -296,4 +299,40 @@ async def test_two_sinks_split_the_partitions_and_write_each_event_once(
         for sink in sinks:
             sink.stop()
         await asyncio.wait_for(asyncio.gather(*tasks), 30)
+    assert_rows_equal_events(database_url, sent)
+
+
+async def test_a_sink_without_partitions_for_too_long_exits_to_be_restarted(
+    settings_factory: Callable[..., Settings],
+    broker_factory: Callable[..., EmbeddedBroker],
+    database_url: str,
+    tmp_path: Path,
+) -> None:
+    """A broker that takes connections and answers nothing (frozen): the sink
+    gets no partitions; after USERTRAIL_STALL_SECONDS it says why and exits
+    with code 6. Restarted once the broker answers, it writes every event."""
+    own_broker = broker_factory()
+    settings = settings_factory(own_broker, database_url=database_url)
+    await create_topics(settings)
+    sent = await produce(settings, resolve_resends(make_events(300, seed=4)), rate=10_000)
+    assert own_broker.proc is not None
+    own_broker.proc.send_signal(signal.SIGSTOP)
+    group, log = unique("sink"), tmp_path / "sink.log"
+    # USERTRAIL_BROKER: not asked of a broker that answers nothing
+    proc = sink_process(
+        settings, database_url, log, group, USERTRAIL_STALL_SECONDS="3", USERTRAIL_BROKER="tansu"
+    )
+    try:
+        code = await asyncio.to_thread(proc.wait, 60)
+    finally:
+        own_broker.proc.send_signal(signal.SIGCONT)
+    said = log.read_text()
+    assert code == 6, said
+    assert "the sink stalled (no partitions assigned for" in said and "Traceback" not in said
+    proc = sink_process(settings, database_url, log, group)
+    try:
+        await wait_for(lambda: count_rows(database_url) >= len(sent), 60, "every row")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
     assert_rows_equal_events(database_url, sent)
