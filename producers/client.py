@@ -296,7 +296,7 @@ class TrackingClient:
             self._partitions[topic] = partitions
         if len(self._key_partitions) > 100_000:
             self._key_partitions.clear()
-        partition = _PARTITIONER(key, partitions, partitions)
+        partition: int = _PARTITIONER(key, partitions, partitions)
         self._key_partitions[(topic, key)] = partition
         return partition
 

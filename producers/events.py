@@ -28,7 +28,7 @@ from pydantic.alias_generators import to_camel
 
 from usertrail.errors import EventValidationError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION: Literal[1] = 1
 EVENT_MAX_BYTES = 32 * 1024
 """Largest event accepted, as wire JSON; ``metadata`` (``answers`` of an
 onboarding, ``notificationSettings`` of preferences) is what can grow."""

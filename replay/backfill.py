@@ -66,7 +66,7 @@ def _events(
     events: list[tuple[EventBase, int | None]] = []
     if preferences is not None:
         themes, services, created = preferences
-        times = [_utc(t) for t in [created, *(r[1] for r in rows)] if t is not None]
+        times = [u for t in [created, *(r[1] for r in rows)] if (u := _utc(t)) is not None]
         first = min(times, default=None)
         try:  # the answers the product keeps: preferred themes and services
             events.append(

@@ -86,8 +86,8 @@ _CANONICAL = re.compile(
 _METADATA: TypeAdapter[dict[str, Any]] = TypeAdapter(
     dict[str, JsonValue],
     config=ConfigDict(
-        strict=ContractModel.model_config.get("strict"),
-        allow_inf_nan=ContractModel.model_config.get("allow_inf_nan"),
+        strict=ContractModel.model_config.get("strict", False),
+        allow_inf_nan=ContractModel.model_config.get("allow_inf_nan", True),
     ),
 )
 _NULL = NULL.encode()

@@ -37,7 +37,7 @@ from uuid import UUID
 import psycopg
 from psycopg import sql
 from psycopg.types.json import Jsonb
-from usertrail.producers.events import PreferencesUpdated
+from usertrail.producers.events import PreferencesUpdated, UserErased
 from usertrail.producers.profiles import ProfileMessage, decode_profile
 from usertrail.sink.plan import (
     INVALID,
@@ -356,7 +356,7 @@ class Writer:
         for e in write_plan.interactions:  # an app that sent an event twice: one row
             if e.event_id not in seen:
                 seen.add(e.event_id)
-                lines.append(e.line if type(e) is FastRow else copy_line(e).encode())
+                lines.append(e.line if isinstance(e, FastRow) else copy_line(e).encode())
                 if len(lines) % _SLICE == 0:
                     await asyncio.sleep(0)
         return write_plan, b"".join(lines), len(lines)
@@ -458,7 +458,7 @@ class Writer:
     ) -> list[Decoded]:
         kept = []
         for d in decoded:
-            if d.event.user_id in known or d.event.kind == "user.erased":
+            if d.event.user_id in known or isinstance(d.event, UserErased):
                 kept.append(d)
             else:
                 result.dead_letters.append(

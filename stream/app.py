@@ -70,6 +70,15 @@ class _DeliverEverything(dict[Any, Any]):
         return None
 
 
+class UsertrailApp(faust.App):
+    """faust's app with what the worker keeps beside it."""
+
+    # the LogResetError the worker stopped for, if any (`usertrail stream`
+    # exits with its code)
+    usertrail_log_reset: LogResetError | None = None
+    usertrail_table: Any = None  # the profiles table, for tests and operator tools
+
+
 def create_app(
     settings: Settings,
     rules: Rules,
@@ -77,7 +86,7 @@ def create_app(
     web_port: int = 6066,
     store: str = "memory://",
     on_batch: Callable[[int], None] | None = None,
-) -> faust.App:
+) -> UsertrailApp:
     """The worker's faust app. ``on_batch(n)`` is called after each batch of
     ``n`` records is folded and its writes (and every earlier batch's) are
     acknowledged."""
@@ -86,7 +95,7 @@ def create_app(
     datadir.mkdir(parents=True, exist_ok=True)
     if settings.is_tansu:
         adopt_stale_group_leaders()  # docs/brokers.md, "Stale group leader"
-    app = faust.App(
+    app = UsertrailApp(
         settings.stream_app_id,
         broker=[f"kafka://{host}" for host in settings.bootstrap_servers.split(",")],
         store=store,
@@ -130,7 +139,7 @@ def create_app(
             own_producer.append(producer)
         return own_producer[0]
 
-    @app.on_before_shutdown.connect
+    @app.on_before_shutdown.connect  # type: ignore[arg-type]  # faust's signal types
     async def stop_profiles_producer(sender: Any, **kwargs: Any) -> None:
         try:
             await writes_acknowledged()
@@ -153,8 +162,7 @@ def create_app(
     )
 
     positions = Positions()
-    app.consumer._read_offset = _DeliverEverything()
-    app.usertrail_log_reset = None  # type: ignore[attr-defined]  # the LogResetError, if any
+    app.consumer._read_offset = _DeliverEverything()  # type: ignore[attr-defined]
 
     async def events_log_id() -> bytes | None:
         """The events topic's id as the broker answers now (None: it offers none)."""
@@ -171,7 +179,7 @@ def create_app(
         stored = table.data.get(log_key(partition))
         if stored is None or current is None or stored == current:
             return True
-        if app.usertrail_log_reset is None:  # type: ignore[attr-defined]
+        if app.usertrail_log_reset is None:
             reset = LogResetError(
                 f"{settings.events_topic}: the broker's log is not the one the stream's "
                 f"state was folded from (partition {partition} was read from topic id "
@@ -181,7 +189,7 @@ def create_app(
                 "stream` folds the new one from its start"
             )
             log.error("%s", reset)
-            app.usertrail_log_reset = reset  # type: ignore[attr-defined]
+            app.usertrail_log_reset = reset
             # stop as SIGTERM does (a faust crash left the process running);
             # `usertrail stream` then exits with the error's code
             os.kill(os.getpid(), signal.SIGTERM)
@@ -189,7 +197,8 @@ def create_app(
 
     @app.agent(events)
     async def fold_events(stream: faust.StreamT[bytes]) -> None:
-        async for batch in stream.take_events(settings.stream_batch_max, within=BATCH_WITHIN):
+        takes = stream.take_events  # type: ignore[attr-defined]  # faust's, untyped
+        async for batch in takes(settings.stream_batch_max, within=BATCH_WITHIN):
             await fold_batch(batch)
 
     # The writes of the last batch folded (with every earlier batch's): the
@@ -202,7 +211,7 @@ def create_app(
         while in_flight:
             await in_flight.pop(0)  # a failed write raises here: the agent stops
 
-    @app.on_partitions_revoked.connect
+    @app.on_partitions_revoked.connect  # type: ignore[arg-type]
     async def before_giving_up_partitions(sender: Any, revoked: Any, **kwargs: Any) -> None:
         delivered_at.clear()  # the next assignment's partitions get their grace again
         # faust flushed its producer already; this makes sure of every write
@@ -233,7 +242,7 @@ def create_app(
 
     if helper is not None:
 
-        @app.task
+        @app.task  # type: ignore[untyped-decorator]
         async def start_helper() -> None:  # before the first batch needs it
             await helper.start()
 
@@ -265,8 +274,8 @@ def create_app(
         start = starts.get(tp)
         return None if start is None else start - 1
 
-    async def fold_batch(batch: Sequence[faust.EventT]) -> None:
-        if app.usertrail_log_reset is not None:  # type: ignore[attr-defined]
+    async def fold_batch(batch: Sequence[faust.EventT[bytes]]) -> None:
+        if app.usertrail_log_reset is not None:
             return  # stopping: see same_log
         current = await events_log_id()
         if not all(same_log(p, current) for p in {e.message.partition for e in batch}):
@@ -313,10 +322,10 @@ def create_app(
             table.data[key] = result.state
             pending.append(table.send_changelog(partition, key, result.state))
             pending.append(await profiles.send(settings.profiles_topic, result.message, key=key))
-        marks = []
-        for partition, offset in applied.items():
-            if offset is not None and offset != recovered[partition]:
-                mark, value = applied_key(partition), str(offset).encode()
+        marks: list[tuple[int, bytes, bytes]] = []
+        for partition, done_to in applied.items():
+            if done_to is not None and done_to != recovered[partition]:
+                mark, value = applied_key(partition), str(done_to).encode()
                 table.data[mark] = value
                 marks.append((partition, mark, value))
                 if current is not None and table.data.get(log_key(partition)) != current:
@@ -329,12 +338,11 @@ def create_app(
         # write can fail while a later one to the same partition gets
         # through. One future: done when every write so far is acknowledged.
         previous = list(in_flight)
-        writes = asyncio.ensure_future(
-            then_send(
-                [*pending, *previous],
-                lambda marks=marks: [table.send_changelog(*m) for m in marks],
-            )
-        )
+
+        def send_marks(marks: list[tuple[int, bytes, bytes]] = marks) -> list[Awaitable[Any]]:
+            return [table.send_changelog(*m) for m in marks]
+
+        writes = asyncio.ensure_future(then_send([*pending, *previous], send_marks))
         in_flight[:] = [writes]
         when_acknowledged(writes, len(batch))
         for earlier in previous:
@@ -369,7 +377,7 @@ def create_app(
     # records already applied are skipped.
     delivered_at: dict[int, float] = {}
 
-    @app.timer(RESEEK_SECONDS / 2)
+    @app.timer(RESEEK_SECONDS / 2)  # type: ignore[untyped-decorator]
     async def reread_undelivered() -> None:
         if app.rebalancing:  # recovery first: its end seeks every partition
             return
@@ -403,11 +411,11 @@ def create_app(
         except KafkaError as exc:  # revoked meanwhile: its new owner reads it
             log.warning("seek of partition %d failed: %r", partition, exc)
 
-    @app.task
+    @app.task  # type: ignore[untyped-decorator]
     async def know_the_changelog() -> None:
         # faust's table router asks the producer's metadata for the
         # changelog's partitions and fails (a 500) until it has them.
-        producer = app.producer._ensure_producer()
+        producer = app.producer._ensure_producer()  # type: ignore[attr-defined]
         await producer.partitions_for(table.changelog_topic.get_topic_name())
         routable.set()
 

@@ -174,7 +174,7 @@ def load_rules(path: Path | None = None) -> Rules:
     return rules
 
 
-def _line_of(text: str, loc: list[object]) -> int:
+def _line_of(text: str, loc: Sequence[object]) -> int:
     """The line a validation error points at: the n-th [[segment]] header (or
     a key inside it), else the [table] header, else 1."""
     lines = text.splitlines()

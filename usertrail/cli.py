@@ -118,7 +118,7 @@ def _worker_list(text: str) -> list[str]:
 
 
 def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
-    from usertrail.embedded import EmbeddedStack
+    from usertrail.embedded import EmbeddedBroker, EmbeddedStack
     from usertrail.topics import ensure_topics
 
     signal.signal(signal.SIGTERM, _raise_stop)
@@ -184,7 +184,8 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         workers.stop()
-        if stack.broker is not None and stack.broker.kind == "tansu" and stack.broker.pid:
+        broker = stack.broker
+        if isinstance(broker, EmbeddedBroker) and broker.pid:
             _archive_the_rest(settings)  # only from a broker that started
         stack.stop()
 

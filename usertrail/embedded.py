@@ -279,7 +279,7 @@ class EmbeddedPostgres(_Child):
         ids = self._run_as()
         if ids is not None:
             os.chown(self.data_dir, *ids)
-        user_kw: dict[str, int] = {} if ids is None else {"user": ids[0], "group": ids[1]}
+        user, group = (None, None) if ids is None else ids
         if not (pgdata / "PG_VERSION").exists():
             if pgdata.exists():
                 shutil.rmtree(pgdata)  # a half-made directory from a failed initdb
@@ -296,7 +296,8 @@ class EmbeddedPostgres(_Child):
                     "--no-instructions",
                 ],
                 capture_output=True,
-                **user_kw,  # type: ignore[arg-type]
+                user=user,
+                group=group,
             )
             if result.returncode != 0:
                 raise EmbeddedStackError(
@@ -307,10 +308,10 @@ class EmbeddedPostgres(_Child):
         deadline = time.monotonic() + 20
         while True:
             size = log_path.stat().st_size if log_path.exists() else 0
-            self._spawn(bins, pgdata, log_path, ids, user_kw)
+            proc = self.proc = self._spawn(bins, pgdata, log_path, ids)
             self._started = True
             try:
-                _wait_for_port(self.port, self.proc, self.name, timeout=30)
+                _wait_for_port(self.port, proc, self.name, timeout=30)
                 break
             except EmbeddedStackError:
                 with open(log_path, "rb") as f:
@@ -321,20 +322,16 @@ class EmbeddedPostgres(_Child):
                     raise
                 time.sleep(0.5)
         self._create_database()
-        log.info("postgres pid %d on 127.0.0.1:%d", self.proc.pid, self.port)
+        log.info("postgres pid %d on 127.0.0.1:%d", proc.pid, self.port)
 
     def _spawn(
-        self,
-        bins: Path,
-        pgdata: Path,
-        log_path: Path,
-        ids: tuple[int, int] | None,
-        user_kw: dict[str, int],
-    ) -> None:
+        self, bins: Path, pgdata: Path, log_path: Path, ids: tuple[int, int] | None
+    ) -> subprocess.Popen[bytes]:
+        user, group = (None, None) if ids is None else ids
         with open(log_path, "ab") as out:
             if ids is not None:
                 os.chown(log_path, *ids)
-            self.proc = subprocess.Popen(
+            return subprocess.Popen(
                 [
                     str(bins / "postgres"),
                     "-D",
@@ -353,8 +350,10 @@ class EmbeddedPostgres(_Child):
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
-                **OWNED_CHILD,
-                **user_kw,  # type: ignore[arg-type]
+                preexec_fn=_die_with_parent,  # OWNED_CHILD, spelled out for the type checker
+                process_group=0,
+                user=user,
+                group=group,
             )
 
     def _previous_gone(self, pgdata: Path) -> None:

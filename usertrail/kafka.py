@@ -11,7 +11,7 @@ import struct
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaConnectionError, KafkaError
@@ -68,7 +68,7 @@ class BrokerInfo:
         return not {_CREATE_PARTITIONS, _ALTER_CONFIGS} <= self.api_keys
 
     @property
-    def kind(self) -> str:
+    def kind(self) -> Literal["tansu", "kafka"]:
         return "tansu" if self.is_tansu else "kafka"
 
 
@@ -213,7 +213,7 @@ from aiokafka.protocol.types import (  # noqa: E402
 )
 
 
-class _Uuid(AbstractType[bytes]):
+class _Uuid(AbstractType[bytes]):  # type: ignore[misc]  # aiokafka: untyped
     @classmethod
     def encode(cls, value: bytes) -> bytes:
         return value
@@ -270,7 +270,7 @@ def _response(version: int, cluster_ops: bool) -> type[Response]:
     )
 
 
-class _MetadataV10(RequestStruct):
+class _MetadataV10(RequestStruct):  # type: ignore[misc]
     FLEXIBLE_VERSION = True
     API_KEY = _METADATA
     API_VERSION = 10
@@ -284,7 +284,7 @@ class _MetadataV10(RequestStruct):
     )
 
 
-class _MetadataV12(RequestStruct):
+class _MetadataV12(RequestStruct):  # type: ignore[misc]
     FLEXIBLE_VERSION = True
     API_KEY = _METADATA
     API_VERSION = 12
@@ -297,11 +297,13 @@ class _MetadataV12(RequestStruct):
     )
 
 
-class _TopicIdsRequest(Request[_MetadataV10 | _MetadataV12]):
+class _TopicIdsRequest(Request[_MetadataV10 | _MetadataV12]):  # type: ignore[misc]
     API_KEY = _METADATA
 
     def __init__(self, topics: list[str]) -> None:
-        self.topics = [(bytes(16), name, {}) for name in topics]
+        self.topics: list[tuple[bytes, str, dict[str, Any]]] = [
+            (bytes(16), name, {}) for name in topics
+        ]
 
     def build(self, request_struct_class: type[_MetadataV10 | _MetadataV12]) -> Any:
         if request_struct_class is _MetadataV10:
@@ -427,5 +429,5 @@ def adopt_stale_group_leaders() -> None:
                 return None  # aiokafka joins again at once, now as the leader
         return await follow(self)
 
-    gc.GroupCoordinator._send_req = _send_req  # type: ignore[method-assign]
-    gc.CoordinatorGroupRebalance._on_join_follower = _on_join_follower  # type: ignore[method-assign]
+    gc.GroupCoordinator._send_req = _send_req
+    gc.CoordinatorGroupRebalance._on_join_follower = _on_join_follower
