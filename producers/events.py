@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal, get_args
 
 from pydantic import (
     AwareDatetime,
@@ -38,11 +38,14 @@ _FREE_FORM = {
     "preferences.updated": "notification_settings",
 }
 USER_ID_MAX = 191
-INTERACTION_TYPES = ("reading", "chat", "feedback", "share")
+SOURCE_MAX = 100
 
 # Checked by pydantic-core's regex engine (no Python call per field); the
 # messages below replace its generic "should match pattern" in errors.
 SLUG_PATTERN = r"^[a-z0-9]+(?:[-_][a-z0-9]+)*$"
+SLUG_MAX = 64
+InteractionType = Literal["reading", "chat", "feedback", "share"]
+INTERACTION_TYPES: tuple[str, ...] = get_args(InteractionType)
 TEXT_ID_PATTERN = r"^[^\x00-\x1f\x7f]*[^\s\x00-\x1f\x7f][^\x00-\x1f\x7f]*$"
 UUID7_PATTERN = r"^[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$"
 LANGUAGE_PATTERN = r"^[a-z]{2,3}(?:-[A-Za-z0-9]{2,8})*$"
@@ -54,7 +57,7 @@ _PATTERN_MESSAGES = {
 }
 
 
-Slug = Annotated[str, Field(max_length=64, pattern=SLUG_PATTERN)]
+Slug = Annotated[str, Field(max_length=SLUG_MAX, pattern=SLUG_PATTERN)]
 UserId = Annotated[str, Field(min_length=1, max_length=USER_ID_MAX, pattern=TEXT_ID_PATTERN)]
 EventId = Annotated[str, Field(pattern=UUID7_PATTERN)]
 JsonObject = dict[str, JsonValue]
@@ -79,7 +82,7 @@ class ContractModel(BaseModel):
     )
 
 
-Source = Annotated[str, Field(min_length=1, max_length=100, pattern=TEXT_ID_PATTERN)]
+Source = Annotated[str, Field(min_length=1, max_length=SOURCE_MAX, pattern=TEXT_ID_PATTERN)]
 _SOURCE_ADAPTER: TypeAdapter[str] = TypeAdapter(Source)
 
 
@@ -102,7 +105,7 @@ class Interaction(EventBase):
     """A reading, chat, feedback or share: one ``"UserInteraction"`` row."""
 
     kind: Literal["interaction"] = "interaction"
-    type: Literal["reading", "chat", "feedback", "share"]
+    type: InteractionType
     service: Slug
     theme: Slug | None = None
     rating: Rating | None = None

@@ -20,7 +20,16 @@ from typing import Any, NamedTuple
 
 from pydantic import ConfigDict, JsonValue, TypeAdapter
 from pydantic_core import to_json
-from usertrail.producers.events import EVENT_MAX_BYTES, ContractModel, Interaction
+from usertrail.producers.events import (
+    EVENT_MAX_BYTES,
+    INTERACTION_TYPES,
+    SLUG_MAX,
+    SLUG_PATTERN,
+    SOURCE_MAX,
+    USER_ID_MAX,
+    ContractModel,
+    Interaction,
+)
 
 NULL = "\\N"  # COPY text format's NULL
 
@@ -73,13 +82,17 @@ class FastRow(NamedTuple):
 # ASCII without control characters, '"' or '\' (no JSON escapes), not
 # starting with a space: a subset of the contract's user ids and sources.
 _TEXT = rb"[!#-\[\]-~][ !#-\[\]-~]"
-_SLUG = rb"[a-z0-9]+(?:[-_][a-z0-9]+)*"  # events.SLUG_PATTERN; length checked after
+_SLUG = SLUG_PATTERN.strip("^$").encode()  # its length is checked after the match
+_TYPES = "|".join(INTERACTION_TYPES).encode()
 _CANONICAL = re.compile(
     rb'\{"eventId":"([0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12})",'
-    rb'"userId":"(' + _TEXT + rb'{0,190})",'  # USER_ID_MAX characters
+    rb'"userId":"(' + _TEXT + b"{0,%d}" % (USER_ID_MAX - 1) + rb')",'  # USER_ID_MAX at most
     rb'"occurredAt":"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d{1,6}))?Z",'
-    rb'"schemaVersion":1,"source":"' + _TEXT + rb'{0,99}","kind":"interaction",'
-    rb'"type":"(reading|chat|feedback|share)","service":"(' + _SLUG + rb')",'
+    rb'"schemaVersion":1,"source":"'
+    + _TEXT
+    + b"{0,%d}" % (SOURCE_MAX - 1)
+    + rb'","kind":"interaction",'
+    rb'"type":"(' + _TYPES + rb')","service":"(' + _SLUG + rb')",'
     rb'(?:"theme":"(' + _SLUG + rb')",)?(?:"rating":([1-5]),)?"metadata":(\{.*\})\}',
     re.DOTALL,
 )
@@ -91,7 +104,6 @@ _METADATA: TypeAdapter[dict[str, Any]] = TypeAdapter(
     ),
 )
 _NULL = NULL.encode()
-_SLUG_MAX = 64
 
 
 def fast_row(value: bytes, key: bytes | None) -> FastRow | None:
@@ -103,7 +115,7 @@ def fast_row(value: bytes, key: bytes | None) -> FastRow | None:
     if m is None:
         return None
     event_id, user, second, fraction, type_, service, theme, rating, metadata = m.groups()
-    if user != key or len(service) > _SLUG_MAX or (theme is not None and len(theme) > _SLUG_MAX):
+    if user != key or len(service) > SLUG_MAX or (theme is not None and len(theme) > SLUG_MAX):
         return None
     try:
         datetime.fromisoformat(second.decode())  # a real date and time of day

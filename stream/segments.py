@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from usertrail.producers.events import SLUG_PATTERN
 from usertrail.stream.fold import AffinityConfig
 
 from usertrail.errors import ConfigurationError
@@ -27,7 +28,7 @@ from usertrail.errors import ConfigurationError
 
 class _Rule(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-    id: Annotated[str, Field(pattern=r"^[a-z0-9]+(?:[-_][a-z0-9]+)*$")]
+    id: Annotated[str, Field(pattern=SLUG_PATTERN)]
 
 
 class ColdStart(_Rule):
