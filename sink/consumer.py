@@ -239,8 +239,8 @@ class Sink:
             old = {i for _, i in found.values() if i is not None} - {now}
             if old:
                 self._log_reset(topic, _other_id(min(old), now))
-                await self._forget_positions(seek=False)
             self.writer.topic_ids[topic] = now
+        await self._forget_positions(seek=False)
 
     async def _forget_positions(self, *, seek: bool = True) -> None:
         """Start over on the topics a reset was found on (``--on-log-reset
@@ -394,14 +394,7 @@ class Sink:
     async def _at_the_end(self) -> bool:
         """Every partition of this member read to its high-water mark (a
         sink stopped before it joined its group has read nothing yet)."""
-        assigned = self.consumer.assignment()
-        if not assigned:
-            return False
-        for tp in assigned:
-            high = self.consumer.highwater(tp)
-            if high is None or await self.consumer.position(tp) < high:
-                return False
-        return True
+        return bool(self.consumer.assignment()) and not await self._behind()
 
     async def _behind(self) -> str:
         """The partitions not read to their high-water mark: where and why."""

@@ -118,6 +118,19 @@ def _stop_pid(pid: int, sig: int, grace: float) -> None:
         time.sleep(0.05)
 
 
+def _lock_pid(lock: Path) -> int | None:
+    """The pid a PostgreSQL lock file names (None: no file, or not readable)."""
+    try:
+        return int(lock.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _live_postgres(pid: int) -> bool:
+    """A live PostgreSQL: not gone, not a zombie, not another program on its pid."""
+    return _process_state(pid) not in (None, "Z") and _is_postgres(pid)
+
+
 def _is_postgres(pid: int) -> bool:
     try:
         return Path(f"/proc/{pid}/comm").read_text().strip().startswith("postgres")
@@ -350,8 +363,7 @@ class EmbeddedPostgres(_Child):
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
-                preexec_fn=_die_with_parent,  # OWNED_CHILD, spelled out for the type checker
-                process_group=0,
+                **OWNED_CHILD,
                 user=user,
                 group=group,
             )
@@ -366,24 +378,24 @@ class EmbeddedPostgres(_Child):
         hold its shared memory.)"""
         # the data directory's lock and the sockets' (in data_dir, ``-k``)
         for lock in [pgdata / "postmaster.pid", *self.data_dir.glob(".s.PGSQL.*.lock")]:
-            try:
-                pid = int(lock.read_text().split()[0])
-            except (OSError, ValueError, IndexError):
+            pid = _lock_pid(lock)
+            if pid is None:
                 continue
-            if _process_state(pid) not in (None, "Z") and _is_postgres(pid) and self.owned:
+            if _live_postgres(pid) and not self.owned:
+                raise EmbeddedStackError(
+                    f"another `usertrail up` is running on {self.data_dir.parent} (its "
+                    f"PostgreSQL, pid {pid}, holds {lock}): stop it first, or choose another "
+                    "--data-dir"
+                )
+            if _live_postgres(pid):
                 log.warning(
                     "stopping PostgreSQL pid %d, left running on %s by an earlier `usertrail up`",
                     pid,
                     pgdata,
                 )
                 _stop_pid(pid, signal.SIGINT, grace=30)
-            elif _process_state(pid) not in (None, "Z") and _is_postgres(pid):
-                raise EmbeddedStackError(
-                    f"another `usertrail up` is running on {self.data_dir.parent} (its "
-                    f"PostgreSQL, pid {pid}, holds {lock}): stop it first, or choose another "
-                    "--data-dir"
-                )
-            log.info("removing %s, left by a PostgreSQL that is gone (pid %d)", lock.name, pid)
+            else:
+                log.info("removing %s, left by a PostgreSQL that is gone (pid %d)", lock.name, pid)
             lock.unlink(missing_ok=True)
 
     def _create_database(self) -> None:
@@ -415,11 +427,8 @@ class EmbeddedPostgres(_Child):
             return
         # A server restarted meanwhile (`pg_ctl restart`) runs under another
         # pid, outside our children: its lock file names it.
-        try:
-            pid = int((self.data_dir / "pgdata" / "postmaster.pid").read_text().split()[0])
-        except (OSError, ValueError, IndexError):
-            return
-        if _process_state(pid) not in (None, "Z") and _is_postgres(pid):
+        pid = _lock_pid(self.data_dir / "pgdata" / "postmaster.pid")
+        if pid is not None and _live_postgres(pid):
             log.info("stopping PostgreSQL pid %d (restarted outside `up`)", pid)
             _stop_pid(pid, signal.SIGINT, grace=30)
 
