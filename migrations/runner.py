@@ -257,3 +257,21 @@ def validate(engine: Engine) -> dict[str, Any]:
 
 def _num(value: Decimal | float | None) -> float | None:
     return None if value is None else float(value)
+
+
+def prepare(settings: Settings, migrate: bool) -> None:
+    """``usertrail up``'s database step: the embedded database is always
+    migrated, a real one only when asked (``migrate``); pending migrations
+    left are refused."""
+    engine = make_engine(settings)
+    try:
+        if migrate or settings.embedded_db:
+            upgrade(engine)
+        st = status(engine)
+        if st.pending:
+            raise UsertrailError(
+                f"the database is at {st.current or 'base'} with {len(st.pending)} migration(s) "
+                "pending: run `usertrail db migrate` (or `up --migrate`)"
+            )
+    finally:
+        engine.dispose()

@@ -26,6 +26,7 @@ from psycopg.conninfo import make_conninfo
 from usertrail.migrations import runner
 from usertrail.sink.consumer import GROUP, Sink, SinkOptions
 
+from usertrail import deadletters, liveness
 from usertrail.errors import UsertrailError
 from usertrail.kafka import high_waters, partitions_of, stop_within
 from usertrail.settings import Settings
@@ -165,11 +166,10 @@ def swap(settings: Settings, group: str, live_group: str = GROUP, schema: str = 
     with psycopg.connect(settings.database_dsn()) as conn:
         for table in REBUILT:
             conn.execute(f'LOCK TABLE public."{table}" IN ACCESS EXCLUSIVE MODE')
+        copied = deadletters.columns(deadletters.COPIED)
         conn.execute(
-            "INSERT INTO public.usertrail_dead_letters (reason, error, topic, partition, "
-            '"offset", key, value, event_id, user_id, received_at, retries, resolved_at) '
-            'SELECT reason, error, topic, partition, "offset", key, value, event_id, user_id, '
-            f'received_at, retries, resolved_at FROM "{schema}".usertrail_dead_letters '
+            f"INSERT INTO public.usertrail_dead_letters ({copied}) "
+            f'SELECT {copied} FROM "{schema}".usertrail_dead_letters '
             'ON CONFLICT (topic, partition, "offset") DO NOTHING'
         )
         conn.execute(f'DELETE FROM "{schema}".usertrail_positions WHERE consumer <> %s', (group,))
@@ -281,3 +281,51 @@ def hand_over(settings: Settings, group: str, live_group: str) -> None:
             "UPDATE usertrail_positions SET consumer = %s WHERE consumer = %s", (live_group, group)
         )
         conn.commit()
+
+
+def replay_db(
+    settings: Settings,
+    *,
+    group: str = GROUP,
+    in_place: bool = False,
+    allow_shrink: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, int]:
+    """``usertrail replay db``: the projections rebuilt from the topics and
+    swapped in (``in_place``: written straight into empty live tables); the
+    live tables' row counts after it. Refuses while sinks of ``group`` run,
+    and, unless ``allow_shrink``, to swap in fewer rows than the live
+    tables hold."""
+
+    async def refuse() -> None:
+        await liveness.refuse_if_live(settings, group, "sink", "usertrail sink")
+
+    asyncio.run(refuse())
+    if in_place:
+        refuse_unless_empty(settings)
+        built = asyncio.run(build(settings, schema="public", progress=progress))
+        hand_over(settings, built, group)
+        return live_rows(settings)
+    make_shadow(settings)
+    try:
+        built = asyncio.run(build(settings, progress=progress))
+        if not allow_shrink:
+            refuse_to_shrink(settings)
+        asyncio.run(refuse())  # none started meanwhile
+        swap(settings, built, group)
+    except BaseException:
+        drop_shadow(settings)
+        raise
+    return live_rows(settings)
+
+
+def verify_db(settings: Settings, limit: int = 1000) -> list[TableDiff]:
+    """The database half of ``usertrail verify``: the projections rebuilt
+    into scratch shadow tables and compared with the live ones (nothing
+    live is written)."""
+    make_shadow(settings)
+    try:
+        asyncio.run(build(settings))
+        return compare(settings, limit=limit)
+    finally:
+        drop_shadow(settings)

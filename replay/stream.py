@@ -227,6 +227,25 @@ async def live_states(settings: Settings) -> Live:
     return live
 
 
+async def replay_stream(
+    settings: Settings,
+    rules: Rules,
+    *,
+    since: datetime | None = None,
+    allow_shrink: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, int]:
+    """``usertrail replay stream``: refuse while workers of the group run,
+    fold the log (``rebuild``), refuse again (none started meanwhile), then
+    ``publish``. A replay ``since`` a time leaves out, by design, users with
+    nothing since then, so it may shrink the profiles."""
+    await refuse_if_live(settings)
+    rebuilt = await rebuild(settings, rules, since=since, progress=progress)
+    await refuse_if_live(settings)
+    shrink = allow_shrink or since is not None
+    return await publish(settings, rules, rebuilt, allow_shrink=shrink)
+
+
 async def publish(
     settings: Settings, rules: Rules, rebuilt: Rebuilt, *, allow_shrink: bool = False
 ) -> dict[str, int]:

@@ -45,6 +45,7 @@ from usertrail.sink.metrics import SinkMetrics
 from usertrail.sink.plan import Record
 from usertrail.sink.writer import Prepared, UnknownUsers, Writer, WriteResult
 
+from usertrail import deadletters
 from usertrail.errors import ConfigurationError, LogResetError, StalledError
 from usertrail.kafka import (
     adopt_stale_group_leaders,
@@ -57,8 +58,6 @@ from usertrail.settings import Settings
 log = logging.getLogger("usertrail.sink")
 
 GROUP = "usertrail-sink"
-DEAD_LETTER_MAX_BYTES = 512 * 1024
-"""A dead letter's value on the topic at most (the table keeps every byte)."""
 STOP_CATCH_UP = 10.0
 """Seconds a stopping sink goes on writing what the log holds."""
 _FETCH_SLICE = 64
@@ -531,23 +530,9 @@ class Sink:
         try:
             for dead in result.dead_letters:
                 r = dead.record
-                value, headers = (
-                    r.value,
-                    [
-                        ("reason", dead.reason.encode()),
-                        ("error", dead.error[:1000].encode()),
-                        ("source", f"{r.topic}/{r.partition}/{r.offset}".encode()),
-                    ],
+                key, value, headers = deadletters.message(
+                    dead.reason, dead.error, r.topic, r.partition, r.offset, r.key, r.value
                 )
-                key = r.key
-                # beyond what a topic takes by default (1 MB): the first bytes
-                # here, every one of them in usertrail_dead_letters (#20)
-                if value is not None and len(value) > DEAD_LETTER_MAX_BYTES:
-                    headers.append(("truncated-from", str(len(value)).encode()))
-                    value = value[:DEAD_LETTER_MAX_BYTES]
-                if key is not None and len(key) > DEAD_LETTER_MAX_BYTES // 8:
-                    headers.append(("key-truncated-from", str(len(key)).encode()))
-                    key = key[: DEAD_LETTER_MAX_BYTES // 8]
                 await self.producer.send(
                     self.settings.dead_letter_topic, value, key=key, headers=headers
                 )
@@ -588,6 +573,18 @@ class Sink:
 
 def _other_id(stored: UUID, current: UUID) -> str:
     return f"they were read from topic id {stored}; the broker's has id {current}"
+
+
+async def write_to_the_end(settings: Settings) -> int:
+    """Every partition read to its end and written, archive included, by a
+    sink that takes them all without joining the group: ``up``'s last step
+    before the embedded tansu stops and its log with it (events sent a
+    moment ago; a sink stopped while it was starting; ``up`` run without
+    one). The records written."""
+    sink = Sink(settings, SinkOptions(assign_all=True))
+    sink.stop()  # read to the end of every partition, then return
+    await asyncio.wait_for(sink.run(), 60)
+    return sink.written.records
 
 
 async def run_sink(

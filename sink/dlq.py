@@ -15,6 +15,7 @@ import psycopg
 from usertrail.sink.plan import Record
 from usertrail.sink.writer import UnknownUsers, Writer
 
+from usertrail import deadletters
 from usertrail.settings import Settings
 
 
@@ -51,12 +52,6 @@ class DeadLetterRow:
         }
 
 
-_COLUMNS = (
-    'id, reason, error, topic, partition, "offset", event_id, user_id, received_at, '
-    "retries, resolved_at, key, value"
-)
-
-
 def list_dead_letters(
     settings: Settings,
     *,
@@ -64,13 +59,16 @@ def list_dead_letters(
     include_resolved: bool = False,
     limit: int = 1000,
 ) -> list[DeadLetterRow]:
-    query = f"SELECT {_COLUMNS} FROM usertrail_dead_letters WHERE (%s::text IS NULL OR reason = %s)"
+    query = (
+        f"SELECT {deadletters.columns(deadletters.COLUMNS)} FROM usertrail_dead_letters "
+        "WHERE (%s::text IS NULL OR reason = %s)"
+    )
     if not include_resolved:
         query += " AND resolved_at IS NULL"
     query += " ORDER BY id LIMIT %s"
     with psycopg.connect(settings.database_dsn()) as conn:
         rows = conn.execute(query, (reason, reason, limit)).fetchall()
-    return [DeadLetterRow(*row) for row in rows]
+    return [DeadLetterRow(**dict(zip(deadletters.COLUMNS, row, strict=True))) for row in rows]
 
 
 async def retry(

@@ -52,6 +52,7 @@ from usertrail.sink.plan import (
 )
 from usertrail.sink.rows import FastRow, copy_line
 
+from usertrail import deadletters
 from usertrail.archive import encode
 from usertrail.errors import EventValidationError
 
@@ -596,13 +597,13 @@ class Writer:
         if not dead:
             return
         await cur.executemany(
-            'INSERT INTO usertrail_dead_letters (reason, error, topic, partition, "offset", key, '
-            "value, event_id, user_id) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) "
+            f"INSERT INTO usertrail_dead_letters ({deadletters.columns(deadletters.WRITTEN)}) "
+            f"VALUES ({', '.join(['%s'] * len(deadletters.WRITTEN))}) "
             'ON CONFLICT (topic, partition, "offset") DO NOTHING',
             [
                 (
                     d.reason,
-                    d.error[:10_000],
+                    d.error[: deadletters.ERROR_MAX],
                     d.record.topic,
                     d.record.partition,
                     d.record.offset,

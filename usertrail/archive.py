@@ -26,6 +26,7 @@ from typing import Any
 import psycopg
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
+from usertrail import deadletters
 from usertrail.errors import LogResetError
 from usertrail.kafka import (
     decode_headers,
@@ -258,17 +259,9 @@ async def _restore_dead_letters(
             "FROM usertrail_dead_letters ORDER BY id"
         )
         while rows := await cur.fetchmany(_CHUNK):
-            for reason, error, source, partition, offset, key, value in rows:
-                await producer.send(
-                    topic,
-                    value,
-                    key=key,
-                    headers=[
-                        ("reason", reason.encode()),
-                        ("error", error[:1000].encode()),
-                        ("source", f"{source}/{partition}/{offset}".encode()),
-                    ],
-                )
+            for row in rows:
+                key, value, headers = deadletters.message(*row)
+                await producer.send(topic, value, key=key, headers=headers)
                 n += 1
     await producer.flush()
     return n

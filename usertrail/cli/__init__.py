@@ -1,0 +1,91 @@
+"""The ``usertrail`` command: one module per group of subcommands, each
+adding its parsers (``add``) and holding its commands (``cmd_*``).
+
+Every subcommand takes the connection options (``common.py``); a flag wins
+over the environment (``USERTRAIL_*``, ``KAFKA_BOOTSTRAP_SERVERS``,
+``DATABASE_URL``), which wins over the defaults (the embedded stack that
+``usertrail up`` runs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+import psycopg
+from aiokafka.errors import KafkaError
+from pydantic import ValidationError
+
+from usertrail import __version__
+from usertrail.cli import admin, replay, up, workers
+from usertrail.cli.common import common_options, settings_from
+from usertrail.errors import BrokerUnavailableError, DatabaseUnavailableError, UsertrailError
+from usertrail.settings import Settings
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = common_options()
+    parser = argparse.ArgumentParser(
+        prog="usertrail",
+        description="Event-sourced user-interaction tracking: SDK -> Kafka -> stream "
+        "aggregates and segments -> PostgreSQL.",
+        epilog="Exit codes: 0 done; 1 differences found (verify, db check); 2 a usage, "
+        "configuration or runtime error (one line on stderr); 3 the broker's log is not the "
+        "one the stored positions belong to (docs/log.md); 4 the broker cannot be reached; "
+        "5 the database cannot be reached; 6 a sink stalled (no partitions, or behind and "
+        "reading nothing, for USERTRAIL_STALL_SECONDS): start it again; 130 interrupted.",
+    )
+    parser.add_argument("--version", action="version", version=f"usertrail {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for group in (up, workers, replay, admin):
+        group.add(sub, common)
+    return parser
+
+
+def _fail(exc: UsertrailError) -> int:
+    """One line on stderr; the error's exit code (README, "Exit codes")."""
+    print(f"usertrail: error: {exc}", file=sys.stderr, flush=True)
+    # clients left open by the failed command are not worth a report each
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+    return exc.exit_code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        settings = settings_from(args)
+    except ValidationError as exc:
+        parser.error(str(exc))
+    logging.basicConfig(
+        level=settings.log_level,
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+        stream=sys.stderr,
+    )
+    if logging.root.level > logging.DEBUG:  # DEBUG: theirs too
+        for noisy in ("aiokafka", "alembic"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+    if args.command not in ("up", "sink", "stream"):
+        # a one-off command says what went wrong in one line, below; aiokafka's
+        # own reports of a broker that is down would repeat it (workers keep
+        # them: they retry and log each outage)
+        logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
+    func: Callable[[argparse.Namespace, Settings], int] = args.func
+    try:
+        return func(args, settings)
+    except UsertrailError as exc:
+        return _fail(exc)
+    except KafkaError as exc:
+        return _fail(
+            BrokerUnavailableError(f"cannot reach Kafka at {settings.bootstrap_servers}: {exc}")
+        )
+    except psycopg.OperationalError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return _fail(DatabaseUnavailableError(f"cannot reach PostgreSQL: {first}"))
+    except KeyboardInterrupt:
+        return 130
+
+
+__all__ = ["main", "build_parser", "settings_from"]

@@ -1,0 +1,5 @@
+"""python -m usertrail.cli"""
+
+from usertrail.cli import main
+
+raise SystemExit(main())
