@@ -1,0 +1,344 @@
+"""The worker's batch folder: what the faust agent does with each batch.
+
+For every record of a batch it asks ``Positions`` whether the record is the
+next one of its partition after the applied offset kept in the table; it
+folds each user's new records (``fold``: in the helper process or here),
+writes each changed state once to the table and its changelog partition,
+publishes the user's profile, and sends each partition's new applied offset
+only once every write of the batch and of every earlier batch is
+acknowledged (``then_send``). A hole in a partition is re-read, never
+skipped; a partition whose records were fetched but never delivered is
+re-read too (``reread_undelivered``).
+
+It talks to faust through four things only: the table's ``data`` (the
+store) and ``send_changelog``, and the consumer's ``seek_wait``,
+``earliest_offsets``, ``highwater`` and ``assignment``; the app wires it
+(``app.py``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Protocol, cast
+
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
+from faust.types import TP
+from usertrail.stream.batch import Folded, UserBatch
+from usertrail.stream.policy import RESEEK_SECONDS, Positions, Verdict, then_send
+from usertrail.stream.state import applied_key, log_key
+
+from usertrail.errors import LogResetError
+from usertrail.kafka import log_identity, stop_within
+from usertrail.settings import Settings
+
+log = logging.getLogger("usertrail.stream")
+
+Fold = Callable[[list[UserBatch]], Awaitable[list[Folded | None]]]
+
+
+class Record(Protocol):
+    """What the folder reads of a faust event's message."""
+
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+
+
+class BatchFolder:
+    def __init__(
+        self,
+        settings: Settings,
+        table: Any,
+        consumer: Any,
+        fold: Fold,
+        *,
+        on_batch: Callable[[int], None] | None = None,
+    ) -> None:
+        """``table``: faust's table (``data``, ``send_changelog``);
+        ``consumer``: faust's consumer; ``on_batch(n)``: called once a batch
+        of ``n`` records is folded and its writes (and every earlier
+        batch's) are acknowledged."""
+        self.settings = settings
+        self.table = table
+        self.consumer = consumer
+        self.fold = fold
+        self.on_batch = on_batch
+        self.positions = Positions()
+        # the LogResetError the worker stopped for, if any
+        self.log_reset: LogResetError | None = None
+        # The writes of the last batch folded (with every earlier batch's):
+        # the broker acknowledges them while the next batch is delivered and
+        # folded. On the embedded broker, where faust's producer sends one
+        # record per request, waiting for them took about a sixth of a
+        # batch's time.
+        self.in_flight: list[asyncio.Future[Any]] = []
+        # when each partition last delivered a record (reread_undelivered)
+        self.delivered_at: dict[int, float] = {}
+        self.folded_at = time.monotonic()  # the last batch folded (the stall watchdog)
+        # Profiles go out through a producer of their own: on the embedded
+        # broker faust's producer sends one record per request for its
+        # changelog's sake (docs/brokers.md), which the profiles topic does
+        # not need (its readers go by the high-water mark of their fetches).
+        # Measured: a profile cost about 100 us of the worker's time through
+        # faust's producer.
+        self._producer: AIOKafkaProducer | None = None
+
+    async def profiles_producer(self) -> AIOKafkaProducer:
+        if self._producer is None:  # started by the first batch
+            producer = AIOKafkaProducer(acks="all", linger_ms=5, **self.settings.kafka_options())
+            await producer.start()
+            self._producer = producer
+        return self._producer
+
+    async def writes_acknowledged(self) -> None:
+        while self.in_flight:
+            await self.in_flight.pop(0)  # a failed write raises here: the agent stops
+
+    async def before_revoke(self) -> None:
+        """Before the partitions change hands: every write of ours
+        acknowledged (faust flushed its own producer already), so their
+        next owner recovers all of them."""
+        self.delivered_at.clear()  # the next assignment's partitions get their grace again
+        try:
+            await self.writes_acknowledged()
+        except KafkaError as exc:  # the next owner re-reads from the applied offset
+            log.error("writes of the last batch failed before a rebalance: %r", exc)
+
+    async def close(self) -> None:
+        try:
+            await self.writes_acknowledged()
+        except KafkaError as exc:  # a restart re-reads from the applied offset
+            log.error("writes of the last batch failed at shutdown: %r", exc)
+        producer, self._producer = self._producer, None
+        if producer is not None:
+            await stop_within(producer, 10, "profiles producer")
+
+    # --- the log's identity ---------------------------------------------------
+    async def events_log_id(self) -> bytes | None:
+        """The events topic's id as the broker answers now (None: it offers none)."""
+        client = (await self.profiles_producer()).client
+        topic = self.settings.events_topic
+        try:
+            found = (await log_identity(client, [topic])).topic_ids
+        except KafkaError as exc:
+            log.warning("could not ask the broker for the topic id (%r)", exc)
+            return None
+        topic_id = found.get(topic)
+        return None if topic_id is None else str(topic_id).encode()
+
+    def same_log(self, partition: int, current: bytes | None) -> bool:
+        stored = self.table.data.get(log_key(partition))
+        if stored is None or current is None or stored == current:
+            return True
+        if self.log_reset is None:
+            self.log_reset = LogResetError(
+                f"{self.settings.events_topic}: the broker's log is not the one the stream's "
+                f"state was folded from (partition {partition} was read from topic id "
+                f"{stored.decode()}; the broker's has id {current.decode()}); nothing of it "
+                "was folded. If the broker lost its log, restart `usertrail up` (it restores "
+                "the log from the archive); if that log is gone for good, `usertrail replay "
+                "stream` folds the new one from its start"
+            )
+            log.error("%s", self.log_reset)
+            # stop as SIGTERM does (a faust crash left the process running);
+            # `usertrail stream` then exits with the error's code
+            os.kill(os.getpid(), signal.SIGTERM)
+        return False
+
+    # --- applied offsets ------------------------------------------------------
+    def applied_offset(self, partition: int) -> int | None:
+        raw = self.table.data.get(applied_key(partition))
+        return None if raw is None else int(raw)
+
+    async def applied_or_before_start(self, partition: int) -> int | None:
+        """The partition's applied offset; with none yet, the offset just
+        before the log's start, so that the first record folded is the
+        first record there is. faust was seen on Apache Kafka to begin a
+        partition new to the group at a later offset (while a rebalance
+        moved it under traffic); folding from there would have dropped
+        every earlier event for good. None only if the broker cannot say."""
+        applied = self.applied_offset(partition)
+        if applied is not None:
+            return applied
+        tp = TP(self.settings.events_topic, partition)
+        try:
+            starts = await self.consumer.earliest_offsets(tp)
+        except KafkaError as exc:
+            log.warning("%s: the log's start is unknown (%r); folding what comes", tp, exc)
+            return None
+        start = starts.get(tp)
+        return None if start is None else int(start) - 1
+
+    # --- a batch --------------------------------------------------------------
+    async def fold_batch(self, batch: Sequence[Record]) -> None:
+        """Fold one batch of the events topic's records (faust's messages)."""
+        if self.log_reset is not None:
+            return  # stopping: see same_log
+        current = await self.events_log_id()
+        if not all(self.same_log(p, current) for p in {r.partition for r in batch}):
+            return
+        applied: dict[int, int | None] = {}
+        recovered: dict[int, int | None] = {}  # as the batch found them
+        gaps: dict[int, int] = {}
+        ahead: dict[int, int] = {}
+        per_user: dict[bytes, tuple[int, list[tuple[bytes, int]]]] = {}
+        now = time.monotonic()
+        for record in batch:
+            partition, offset = record.partition, record.offset
+            self.delivered_at[partition] = now
+            if partition not in applied:
+                applied[partition] = recovered[partition] = await self.applied_or_before_start(
+                    partition
+                )
+            verdict = self.positions.admit(partition, offset, applied[partition])
+            if verdict is Verdict.DONE:
+                if partition not in ahead:
+                    target = self.positions.skip_to(
+                        partition, offset, cast(int, applied[partition])
+                    )
+                    if target is not None:
+                        ahead[partition] = target
+                continue
+            if verdict is Verdict.GAP:
+                gaps[partition] = cast(int, applied[partition]) + 1
+                continue
+            applied[partition] = offset
+            key, value = record.key, record.value
+            if key is None or value is None:
+                continue  # never an event of the contract: the sink dead-letters it
+            mine = per_user.get(key)  # a valid event's key is its user id
+            if mine is None:
+                mine = per_user[key] = (partition, [])
+            mine[1].append((value, offset))
+        await self._write(per_user, applied, recovered, current, len(batch))
+        self.folded_at = time.monotonic()
+        for partition, want in gaps.items():
+            if self.positions.should_seek(partition, want):
+                log.warning(
+                    "%s[%d]: delivery skipped to a later offset; re-reading from %d",
+                    self.settings.events_topic,
+                    partition,
+                    want,
+                )
+                await self.seek(partition, want)
+        for partition, want in ahead.items():
+            if partition not in gaps:
+                log.info(
+                    "%s[%d]: state already holds up to %d; reading on from there",
+                    self.settings.events_topic,
+                    partition,
+                    want - 1,
+                )
+                await self.seek(partition, want)
+
+    async def _write(
+        self,
+        per_user: dict[bytes, tuple[int, list[tuple[bytes, int]]]],
+        applied: dict[int, int | None],
+        recovered: dict[int, int | None],
+        current: bytes | None,
+        n: int,
+    ) -> None:
+        table, data = self.table, self.table.data
+        pending: list[Awaitable[Any]] = []
+        profiles = await self.profiles_producer()
+        users = [UserBatch(key, data.get(key), items) for key, (_, items) in per_user.items()]
+        for (key, (partition, _)), result in zip(
+            per_user.items(), await self.fold(users), strict=True
+        ):
+            if result is None:
+                continue  # nothing new, or not valid events: the sink dead-letters those
+            # the store and the changelog directly (what table[key] = value
+            # does), so the changelog partition is the event's and the send
+            # can be awaited
+            data[key] = result.state
+            pending.append(table.send_changelog(partition, key, result.state))
+            pending.append(
+                await profiles.send(self.settings.profiles_topic, result.message, key=key)
+            )
+        marks: list[tuple[int, bytes, bytes]] = []
+        for partition, done_to in applied.items():
+            if done_to is not None and done_to != recovered[partition]:
+                mark, value = applied_key(partition), str(done_to).encode()
+                data[mark] = value
+                marks.append((partition, mark, value))
+                if current is not None and data.get(log_key(partition)) != current:
+                    data[log_key(partition)] = current
+                    marks.append((partition, log_key(partition), current))
+        # Each partition's applied offset goes to its changelog partition only
+        # once this batch's other writes and every earlier batch's are
+        # acknowledged, so a recovered applied offset implies all of them:
+        # without an idempotent producer (the embedded broker has none) a
+        # write can fail while a later one to the same partition gets
+        # through. One future: done when every write so far is acknowledged.
+        previous = list(self.in_flight)
+
+        def send_marks(marks: list[tuple[int, bytes, bytes]] = marks) -> list[Awaitable[Any]]:
+            return [table.send_changelog(*m) for m in marks]
+
+        writes = asyncio.ensure_future(then_send([*pending, *previous], send_marks))
+        self.in_flight[:] = [writes]
+        self._when_acknowledged(writes, n)
+        for earlier in previous:
+            await earlier  # at most two batches' writes in flight
+
+    def _when_acknowledged(self, writes: asyncio.Future[Any], n: int) -> None:
+        def done(f: asyncio.Future[Any]) -> None:
+            if f.cancelled():
+                return
+            if (exc := f.exception()) is not None:
+                # the next batch raises it; the next owner or a restart
+                # re-reads from the applied offset
+                log.error("a batch's writes failed: %r", exc)
+            elif self.on_batch is not None:
+                self.on_batch(n)
+
+        writes.add_done_callback(done)
+
+    # --- records fetched but never delivered ------------------------------------
+    async def reread_undelivered(self) -> None:
+        """On Apache Kafka, with a rebalance under traffic, faust was seen to
+        fetch a partition new to the group to its end without handing one
+        record to the agent: the consumer's position sat at the high-water
+        mark, the table had nothing of it, and nothing more came until new
+        traffic. So: a partition that has records past its applied offset
+        (or, none applied yet, past the log's start) and delivered nothing
+        for RESEEK_SECONDS is re-read from the first record not applied. A
+        needless re-read costs only reading: records already applied are
+        skipped. (Run by a timer; not while the app rebalances.)"""
+        now = time.monotonic()
+        for tp in list(self.consumer.assignment()):
+            if tp.topic != self.settings.events_topic:
+                continue
+            since = self.delivered_at.setdefault(tp.partition, now)  # grace after assignment
+            if now - since < RESEEK_SECONDS:
+                continue
+            try:
+                high = self.consumer.highwater(tp)
+            except AssertionError:  # aiokafka's word for "revoked meanwhile"
+                continue
+            applied = await self.applied_or_before_start(tp.partition)
+            if high is None or applied is None or high <= applied + 1:
+                continue
+            log.warning(
+                "%s[%d]: records up to %d were never delivered; re-reading from %d",
+                self.settings.events_topic,
+                tp.partition,
+                high - 1,
+                applied + 1,
+            )
+            self.delivered_at[tp.partition] = now
+            await self.seek(tp.partition, applied + 1)
+
+    async def seek(self, partition: int, offset: int) -> None:
+        try:
+            await self.consumer.seek_wait({TP(self.settings.events_topic, partition): offset})
+        except KafkaError as exc:  # revoked meanwhile: its new owner reads it
+            log.warning("seek of partition %d failed: %r", partition, exc)

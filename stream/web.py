@@ -1,0 +1,65 @@
+"""The worker's web view: ``GET /profiles/{user_id}``, answered by
+whichever worker owns the user (faust's table routing forwards the
+request), as the profile message the worker publishes plus the profile's
+counts. 503 until the worker can route; 404 for a user it does not know,
+or one erased."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from typing import Any
+
+import faust
+from usertrail.stream.segments import Rules, segment
+from usertrail.stream.state import UserState, load_state, message_for
+
+
+def profile_body(state: UserState, rules: Rules) -> dict[str, Any]:
+    """The JSON a profile is served as."""
+    body = message_for(state, segment(state.profile, rules)).model_dump(mode="json", by_alias=True)
+    p = state.profile
+    body["profile"] = {
+        "countsByType": p.counts_by_type,
+        "countsByService": p.counts_by_service,
+        "countsByTheme": p.counts_by_theme,
+        "favouriteThemes": p.favourite_themes(),
+        "ratingSumByService": p.rating_sum_by_service,
+        "ratingCountByService": p.rating_count_by_service,
+        "firstActivity": p.first_activity.isoformat() if p.first_activity else None,
+        "lastActivity": p.last_activity.isoformat() if p.last_activity else None,
+        "preferences": p.preferences,
+        "onboarding": p.onboarding,
+    }
+    return body
+
+
+def add_profile_view(app: faust.App, table: Any, rules: Rules) -> None:
+    """The page on ``app``'s web server, routed by ``table``'s keys."""
+    routable = asyncio.Event()
+
+    @app.task  # type: ignore[untyped-decorator]
+    async def know_the_changelog() -> None:
+        # faust's table router asks the producer's metadata for the
+        # changelog's partitions and fails (a 500) until it has them.
+        producer = app.producer._ensure_producer()  # type: ignore[attr-defined]
+        await producer.partitions_for(table.changelog_topic.get_topic_name())
+        routable.set()
+
+    def when_routable(view: Any) -> Any:
+        @functools.wraps(view)
+        async def guarded(web: Any, request: Any, **kwargs: Any) -> Any:
+            if not routable.is_set():
+                return web.json({"error": "starting: try again shortly"}, status=503)
+            return await view(web, request, **kwargs)
+
+        return guarded
+
+    @app.page("/profiles/{user_id}")
+    @when_routable
+    @app.table_route(table=table, match_info="user_id")
+    async def get_profile(web: Any, request: Any, user_id: str) -> Any:
+        state = load_state(table.get(user_id.encode()))
+        if state is None or state.profile.erased_at is not None:
+            return web.json({"error": f"unknown user {user_id!r}"}, status=404)
+        return web.json(profile_body(state, rules))

@@ -1,0 +1,168 @@
+"""The batch folder on its own (stream/folder.py): records in, states and
+applied offsets out, in the order the worker's recovery relies on. The
+profiles go to a real broker; the table and the consumer are the two small
+faust surfaces the folder uses, kept here in memory."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import pytest
+from usertrail.stream.batch import Folded, UserBatch, fold_users
+from usertrail.stream.folder import BatchFolder
+from usertrail.stream.segments import load_rules
+from usertrail.stream.state import applied_key, load_state
+
+from tests.conftest import Broker, create_topics, unique
+from usertrail.settings import Settings
+
+RULES = load_rules(None)
+
+
+class Message(NamedTuple):
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+
+
+class Table:
+    """faust's table as the folder sees it: the store and the changelog."""
+
+    def __init__(self, fail_writes: bool = False) -> None:
+        self.data: dict[bytes, bytes] = {}
+        self.sent: list[tuple[int, bytes, bytes]] = []
+        self.fail_writes = fail_writes
+
+    def send_changelog(self, partition: int, key: bytes, value: bytes) -> asyncio.Future[None]:
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if self.fail_writes and not key.startswith(b"\x00"):
+            done.set_exception(OSError("the write failed"))
+        else:
+            self.sent.append((partition, key, value))
+            done.set_result(None)
+        return done
+
+
+class Consumer:
+    def __init__(self) -> None:
+        self.seeks: list[dict[Any, int]] = []
+
+    async def earliest_offsets(self, *tps: Any) -> dict[Any, int]:
+        return {tp: 0 for tp in tps}
+
+    async def seek_wait(self, offsets: dict[Any, int]) -> None:
+        self.seeks.append(offsets)
+
+    def assignment(self) -> set[Any]:
+        return set()
+
+
+def event(user: str, n: int, partition: int, offset: int) -> Message:
+    value = {
+        "kind": "interaction",
+        "schemaVersion": 1,
+        "eventId": f"0193a3c1-aaaa-7bbb-8ccc-{n:012d}",
+        "userId": user,
+        "type": "chat",
+        "service": "saju",
+        "occurredAt": f"2026-03-01T10:{n // 60 % 60:02d}:{n % 60:02d}Z",
+        "source": "web",
+    }
+    return Message(partition, offset, user.encode(), json.dumps(value).encode())
+
+
+@pytest.fixture
+async def folder_for(
+    settings_factory: Callable[..., Settings], broker: Broker
+) -> Any:
+    settings = settings_factory(broker, stream_app_id=unique("folder"))
+    await create_topics(settings)
+    made: list[BatchFolder] = []
+
+    async def fold(users: list[UserBatch]) -> list[Folded | None]:
+        return fold_users(users, RULES)
+
+    def make(table: Table, consumer: Consumer) -> BatchFolder:
+        folder = BatchFolder(settings, table, consumer, fold)
+        made.append(folder)
+        return folder
+
+    yield make
+    for folder in made:
+        await folder.close()
+
+
+def _user_state(table: Table, user: str) -> Any:
+    return load_state(table.data[user.encode()])
+
+
+async def test_a_batch_writes_each_user_once_and_the_applied_offsets_last(
+    folder_for: Callable[[Table, Consumer], BatchFolder],
+) -> None:
+    table, consumer = Table(), Consumer()
+    folder = folder_for(table, consumer)
+    batch = [event("ann", i, 0, i) for i in range(5)] + [event("bo", 10 + i, 1, i) for i in range(3)]
+    await folder.fold_batch(batch)
+    await folder.writes_acknowledged()
+    assert _user_state(table, "ann").profile.counts_by_type == {"chat": 5}
+    assert _user_state(table, "bo").profile.counts_by_type == {"chat": 3}
+    keys = [key for _, key, _ in table.sent]
+    assert keys.count(b"ann") == keys.count(b"bo") == 1  # one write per user and batch
+    marks = {applied_key(0): b"4", applied_key(1): b"2"}
+    assert {k: v for _, k, v in table.sent if k in marks} == marks
+    last_state = max(i for i, k in enumerate(keys) if k in (b"ann", b"bo"))
+    assert all(keys.index(k) > last_state for k in marks), "applied offsets after the states"
+    assert folder.applied_offset(0) == 4
+    assert consumer.seeks == []
+
+
+async def test_redelivered_records_change_nothing_and_a_hole_is_re_read(
+    folder_for: Callable[[Table, Consumer], BatchFolder],
+) -> None:
+    table, consumer = Table(), Consumer()
+    folder = folder_for(table, consumer)
+    await folder.fold_batch([event("ann", i, 0, i) for i in range(3)])
+    await folder.writes_acknowledged()
+    before = table.data[b"ann"]
+    # offsets 0-2 again, then 5: 3 and 4 never came
+    await folder.fold_batch([event("ann", i, 0, i) for i in range(3)] + [event("ann", 5, 0, 5)])
+    await folder.writes_acknowledged()
+    assert table.data[b"ann"] == before
+    assert folder.applied_offset(0) == 2
+    assert [list(s.values()) for s in consumer.seeks] == [[3]], "re-read from the hole"
+    await folder.fold_batch([event("ann", i, 0, i) for i in range(3, 6)])
+    await folder.writes_acknowledged()
+    assert _user_state(table, "ann").profile.counts_by_type == {"chat": 6}
+
+
+async def test_writes_that_fail_leave_the_applied_offset_behind(
+    folder_for: Callable[[Table, Consumer], BatchFolder],
+) -> None:
+    table, consumer = Table(fail_writes=True), Consumer()
+    folder = folder_for(table, consumer)
+    await folder.fold_batch([event("ann", i, 0, i) for i in range(3)])
+    with pytest.raises(OSError, match="the write failed"):
+        await folder.writes_acknowledged()
+    assert all(k != applied_key(0) for _, k, _ in table.sent), "no offset without its writes"
+
+
+async def test_records_that_are_not_events_are_passed_over(
+    folder_for: Callable[[Table, Consumer], BatchFolder],
+) -> None:
+    table, consumer = Table(), Consumer()
+    folder = folder_for(table, consumer)
+    await folder.fold_batch(
+        [
+            Message(0, 0, b"ann", b"[" * 10_000),
+            Message(0, 1, None, b"{}"),
+            Message(0, 2, b"ann", None),
+            event("ann", 3, 0, 3),
+        ]
+    )
+    await folder.writes_acknowledged()
+    assert _user_state(table, "ann").profile.counts_by_type == {"chat": 1}
+    assert folder.applied_offset(0) == 3
