@@ -22,6 +22,7 @@ import psycopg
 from psycopg.types.json import Jsonb
 from usertrail.producers.events import UUID7_PATTERN, EventBase, build
 from usertrail.producers.ids import uuid7_from
+from usertrail.sink.writer import vectors_upsert
 from usertrail.stream.fold import Profile, fold_all
 from usertrail.stream.segments import Rules, segment
 
@@ -158,16 +159,7 @@ def backfill(
         out.users = len(rows)
         out.created = sum(1 for r in rows if r[1] not in existing)
         with conn.cursor() as cur:
-            cur.executemany(
-                'INSERT INTO user_vectors (id, "userId", vector, "createdAt", "updatedAt", '
-                'segments, "primarySegment", "segmentConfidence", "lastSegmentUpdate") '
-                "VALUES (%s, %s, %s, now(), now(), %s, %s, %s, %s) "
-                'ON CONFLICT ("userId") DO UPDATE SET segments = EXCLUDED.segments, '
-                '"primarySegment" = EXCLUDED."primarySegment", '
-                '"segmentConfidence" = EXCLUDED."segmentConfidence", '
-                '"lastSegmentUpdate" = EXCLUDED."lastSegmentUpdate"',
-                rows,
-            )
+            cur.executemany(vectors_upsert(segments_only=True), rows)
         conn.commit()
     return out
 
@@ -184,10 +176,13 @@ def _row(
     profile = fold_all(user, events, config=config) if events else Profile(user)
     seg = segment(profile, rules)
     at = None if profile.now is None else profile.now.astimezone(UTC).replace(tzinfo=None)
+    now = datetime.now(UTC).replace(tzinfo=None)  # a new row's times, as the sink's are: UTC
     return (
         user,
         user,
         Jsonb({k: round(v, 9) for k, v in sorted(profile.affinity.items())}),
+        now,
+        now,
         Jsonb(
             [
                 {"segment": a.segment, "score": round(a.score, 6), "reasons": a.reasons}

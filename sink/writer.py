@@ -180,6 +180,40 @@ async def _archive_rows(
     return rows
 
 
+VECTOR_COLUMNS = (
+    "id",
+    "userId",
+    "vector",
+    "createdAt",
+    "updatedAt",
+    "segments",
+    "primarySegment",
+    "segmentConfidence",
+    "lastSegmentUpdate",
+)
+"""A ``user_vectors`` row as ``vectors_upsert`` takes it (the id is the user's)."""
+_SEGMENT_COLUMNS = VECTOR_COLUMNS[5:]
+
+
+def vectors_upsert(*, segments_only: bool = False) -> str:
+    """The one upsert of ``user_vectors``, a row of ``VECTOR_COLUMNS`` per
+    user. The sink's (default): the profile's whole row, a newer profile
+    (by event time, ``updatedAt``) over an older one. ``segments_only``:
+    seed 002's data migration ("update UserVector with segment data",
+    ``segments backfill``): a row that exists keeps its vector and times,
+    whatever they are, and gets the segment columns."""
+    columns = ", ".join(f'"{c}"' for c in VECTOR_COLUMNS)
+    updated = _SEGMENT_COLUMNS if segments_only else ("vector", "updatedAt", *_SEGMENT_COLUMNS)
+    sql = (
+        f"INSERT INTO user_vectors ({columns}) VALUES ({', '.join(['%s'] * len(VECTOR_COLUMNS))}) "
+        'ON CONFLICT ("userId") DO UPDATE SET '
+        + ", ".join(f'"{c}" = EXCLUDED."{c}"' for c in updated)
+    )
+    if not segments_only:
+        sql += ' WHERE user_vectors."updatedAt" <= EXCLUDED."updatedAt"'
+    return sql
+
+
 class Writer:
     """Owns one connection; ``write`` is one batch, one transaction."""
 
@@ -579,18 +613,7 @@ class Writer:
             )
         if not rows:
             return
-        await cur.executemany(
-            'INSERT INTO user_vectors (id, "userId", vector, "createdAt", "updatedAt", segments, '
-            '"primarySegment", "segmentConfidence", "lastSegmentUpdate") '
-            "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) "
-            'ON CONFLICT ("userId") DO UPDATE SET vector = EXCLUDED.vector, '
-            '"updatedAt" = EXCLUDED."updatedAt", segments = EXCLUDED.segments, '
-            '"primarySegment" = EXCLUDED."primarySegment", '
-            '"segmentConfidence" = EXCLUDED."segmentConfidence", '
-            '"lastSegmentUpdate" = EXCLUDED."lastSegmentUpdate" '
-            'WHERE user_vectors."updatedAt" <= EXCLUDED."updatedAt"',
-            rows,
-        )
+        await cur.executemany(vectors_upsert(), rows)
         result.vectors += len(rows)
 
     async def _dead_letters(self, cur: psycopg.AsyncCursor[Any], dead: list[DeadLetter]) -> None:
