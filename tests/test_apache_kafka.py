@@ -23,16 +23,18 @@ from usertrail.producers import TrackingClient, decode, demo
 
 from tests.conftest import Broker, read_all, unique
 from tests.sink.conftest import query
-from tests.sink.test_sink_faults import count_rows, sink_process
-from tests.stream.test_replay import caught_up, want
-from tests.stream.test_restart import kill
-from tests.stream.test_two_workers import owners
-from tests.stream.test_worker import (
+from tests.workers import (
+    caught_up,
     cli,
+    count_rows,
     events_by_user,
     expected_view,
+    kill,
+    owners,
+    sink_process,
     stream_process,
     wait_for_profile,
+    want,
     worker_view,
 )
 from usertrail.apache_kafka import KafkaCluster, KafkaNode

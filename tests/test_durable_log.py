@@ -19,7 +19,7 @@ import psycopg
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from usertrail.producers import TrackingClient
 
-from tests.test_up import CTRL_C, _alive, _listening, _start_up, _stop, _up_env
+from tests.stack import CTRL_C, _alive, _listening, _start_up, _stop, _up_env
 from usertrail.embedded import EmbeddedBroker
 from usertrail.settings import Settings
 

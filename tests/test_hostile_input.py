@@ -22,13 +22,7 @@ from usertrail.sink.plan import DeadLetter, Record, classify
 
 from tests.conftest import Broker, create_topics, unique
 from tests.sink.conftest import query
-from tests.sink.test_sink_faults import count_rows
-from tests.stream.test_worker import (
-    expected_view,
-    stream_process,
-    wait_for_profile,
-    worker_view,
-)
+from tests.workers import count_rows, expected_view, stream_process, wait_for_profile, worker_view
 from usertrail.embedded import free_port
 from usertrail.settings import Settings
 

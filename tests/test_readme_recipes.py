@@ -19,7 +19,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from tests.test_up import _up_env
+from tests.stack import _up_env
 from usertrail.embedded import free_port
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
@@ -14,19 +13,8 @@ from usertrail.migrations import runner
 from usertrail.migrations.catalog import diff, snapshot
 from usertrail.migrations.models import PRODUCT_TABLES, Base
 
+from tests.seeds import SEEDS_SQL, engine_for, run_sql
 from usertrail.cli import main
-from usertrail.settings import Settings
-
-SEEDS_SQL = (Path(__file__).resolve().parent.parent / "fixtures" / "seeds.sql").read_text()
-
-
-def engine_for(url: str) -> sa.Engine:
-    return runner.make_engine(Settings(database_url=url))
-
-
-def run_sql(engine: sa.Engine, sql: str) -> None:
-    with engine.begin() as conn:
-        conn.exec_driver_sql(sql)
 
 
 def full_catalog(engine: sa.Engine, tables: tuple[str, ...] = runner.OUR_TABLES) -> dict:

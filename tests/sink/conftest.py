@@ -10,9 +10,11 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import psycopg
+import pytest
 from usertrail.migrations import runner
 from usertrail.sink.consumer import Sink, SinkOptions
 
+from tests.conftest import Broker, create_topics
 from usertrail.embedded import EmbeddedPostgres
 from usertrail.settings import Settings
 
@@ -63,3 +65,13 @@ async def run_sink_until(
         sink.stop()
         await asyncio.wait_for(task, 30)
     return sink
+
+
+@pytest.fixture
+async def settings(
+    broker: Broker, settings_factory: Callable[..., Settings], database_url: str
+) -> Settings:
+    """What a sink test starts from: its own database, and the topics created."""
+    settings = settings_factory(broker, database_url=database_url)
+    await create_topics(settings)
+    return settings

@@ -15,7 +15,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from usertrail.sink.consumer import Sink, SinkOptions
 
 from tests.conftest import Broker, create_topics, unique
-from tests.sink.test_sink_faults import count_rows, make_events, produce, resolve_resends
+from tests.workers import count_rows, make_events, produce, resolve_resends
 from usertrail.apache_kafka import KafkaCluster
 from usertrail.embedded import EmbeddedBroker
 from usertrail.errors import LogResetError

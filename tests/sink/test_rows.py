@@ -14,7 +14,7 @@ from usertrail.producers.events import EventBase, Interaction, build, decode, en
 from usertrail.sink.plan import Decoded, Record, classify
 from usertrail.sink.rows import FastRow, copy_line, fast_row
 
-from tests.producers.test_events import event_ids, interactions, metadata, slugs
+from tests.contract import event_ids, interactions, metadata, slugs
 from usertrail.errors import EventValidationError
 
 

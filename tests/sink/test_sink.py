@@ -16,8 +16,8 @@ from usertrail.producers.ids import uuid7
 from usertrail.sink import dlq
 from usertrail.sink.consumer import Sink, SinkOptions
 
-from tests.conftest import create_topics
 from tests.sink.conftest import query, run_sink_until
+from tests.workers import profile_message
 from usertrail.cli import main
 from usertrail.embedded import EmbeddedBroker
 from usertrail.settings import Settings
@@ -29,11 +29,7 @@ def rows_done(url: str, sql: str, expected: int) -> Callable[[], bool]:
     return lambda: query(url, sql)[0][0] >= expected
 
 
-async def test_every_column_equals_the_event(
-    settings_factory: Callable[..., Settings], broker: EmbeddedBroker, database_url: str
-) -> None:
-    settings = settings_factory(broker, database_url=database_url)
-    await create_topics(settings)
+async def test_every_column_equals_the_event(settings: Settings, database_url: str) -> None:
     sent = []
     async with TrackingClient(source="web", settings=settings) as client:
         for i in range(40):
@@ -72,12 +68,9 @@ async def test_every_column_equals_the_event(
 
 
 async def test_preferences_change_only_carried_fields_newer_over_older(
-    settings_factory: Callable[..., Settings],
-    broker: EmbeddedBroker,
+    settings: Settings,
     database_url: str,
 ) -> None:
-    settings = settings_factory(broker, database_url=database_url)
-    await create_topics(settings)
     async with TrackingClient(source="web", settings=settings) as client:
         await client.track_preferences(
             user_id="p1", tone_preference="formal", preferred_themes=["love"], occurred_at=T0
@@ -115,12 +108,9 @@ async def test_preferences_change_only_carried_fields_newer_over_older(
 
 
 async def test_erasure_deletes_the_users_rows_and_later_events_come_back(
-    settings_factory: Callable[..., Settings],
-    broker: EmbeddedBroker,
+    settings: Settings,
     database_url: str,
 ) -> None:
-    settings = settings_factory(broker, database_url=database_url)
-    await create_topics(settings)
     async with TrackingClient(source="web", settings=settings) as client:
         for _ in range(5):
             await client.track_interaction(user_id="gone", type="chat", service="saju")
@@ -142,14 +132,12 @@ async def test_erasure_deletes_the_users_rows_and_later_events_come_back(
 
 
 async def test_poison_messages_become_dead_letters_and_valid_ones_are_written(
-    settings_factory: Callable[..., Settings],
+    settings: Settings,
     broker: EmbeddedBroker,
     database_url: str,
     capsys: pytest.CaptureFixture[str],
     tmp_path: Path,
 ) -> None:
-    settings = settings_factory(broker, database_url=database_url)
-    await create_topics(settings)
 
     def valid(i: int) -> bytes:
         return encode(
@@ -205,12 +193,9 @@ async def test_poison_messages_become_dead_letters_and_valid_ones_are_written(
 
 
 async def test_park_mode_then_retry_once_the_user_exists(
-    settings_factory: Callable[..., Settings],
-    broker: EmbeddedBroker,
+    settings: Settings,
     database_url: str,
 ) -> None:
-    settings = settings_factory(broker, database_url=database_url)
-    await create_topics(settings)
     query_exec = query(database_url, 'INSERT INTO "User" (id) VALUES (%s) RETURNING id', ("known",))
     assert query_exec == [("known",)]
     async with TrackingClient(source="web", settings=settings) as client:
@@ -233,12 +218,9 @@ async def test_park_mode_then_retry_once_the_user_exists(
 
 
 async def test_a_restarted_sink_resumes_at_its_stored_positions(
-    settings_factory: Callable[..., Settings],
-    broker: EmbeddedBroker,
+    settings: Settings,
     database_url: str,
 ) -> None:
-    settings = settings_factory(broker, database_url=database_url)
-    await create_topics(settings)
     async with TrackingClient(source="web", settings=settings) as client:
         for i in range(300):
             await client.track_interaction(user_id=f"r{i % 17}", type="chat", service="saju")
@@ -253,12 +235,9 @@ async def test_a_restarted_sink_resumes_at_its_stored_positions(
 
 
 async def test_a_user_deleted_by_the_product_is_created_again_not_dead_lettered(
-    settings_factory: Callable[..., Settings],
-    broker: EmbeddedBroker,
+    settings: Settings,
     database_url: str,
 ) -> None:
-    settings = settings_factory(broker, database_url=database_url)
-    await create_topics(settings)
     positions = "SELECT coalesce(sum(next_offset), 0) FROM usertrail_positions"
 
     async def send(n: int) -> None:
@@ -283,29 +262,10 @@ async def test_a_user_deleted_by_the_product_is_created_again_not_dead_lettered(
     assert query(database_url, "SELECT count(*) FROM usertrail_dead_letters") == [(0,)]
 
 
-def profile_message(user: str, at: datetime, primary: str, vector: float) -> bytes:
-    from usertrail.producers.profiles import ProfileMessage, SegmentAssignment, encode_profile
-
-    return encode_profile(
-        ProfileMessage(
-            user_id=user,
-            updated_at=at,
-            vector={"theme:love": vector},
-            segments=[SegmentAssignment(segment=primary, score=0.8, reasons=["8 of 10 readings"])],
-            primary_segment=primary,
-            segment_confidence=0.5,
-            last_segment_update=at,
-        )
-    )
-
-
 async def test_profiles_become_user_vectors_newer_over_older_and_tombstones_delete(
-    settings_factory: Callable[..., Settings],
-    broker: EmbeddedBroker,
+    settings: Settings,
     database_url: str,
 ) -> None:
-    settings = settings_factory(broker, database_url=database_url)
-    await create_topics(settings)
     topic = settings.profiles_topic
     producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers)
     await producer.start()
@@ -348,14 +308,11 @@ async def test_profiles_become_user_vectors_newer_over_older_and_tombstones_dele
 
 
 async def test_a_restarted_sink_resumes_each_topic_at_its_own_position(
-    settings_factory: Callable[..., Settings],
-    broker: EmbeddedBroker,
+    settings: Settings,
     database_url: str,
 ) -> None:
     """Events and profiles share partition numbers, not offsets: a restart
     must not seek a profiles partition to the events' position."""
-    settings = settings_factory(broker, database_url=database_url)
-    await create_topics(settings)
     producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers)
     await producer.start()
     try:

@@ -3,163 +3,29 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 import signal
 import subprocess
-import sys
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
 
-import psycopg
 import pytest
-from usertrail.producers import TrackingClient
 from usertrail.sink.consumer import Sink, SinkOptions
 
 from tests.conftest import create_topics, unique
-from tests.sink.conftest import make_database, query
+from tests.sink.conftest import make_database
+from tests.workers import (
+    assert_rows_equal_events,
+    count_rows,
+    make_events,
+    produce,
+    resolve_resends,
+    sink_process,
+    wait_for,
+)
 from usertrail.cli import main
 from usertrail.embedded import EmbeddedBroker, EmbeddedPostgres, free_port
 from usertrail.settings import Settings
-
-T0 = datetime(2026, 1, 1, tzinfo=UTC)
-
-
-def make_events(n: int, resend_every: int = 25, seed: int = 1) -> list[dict[str, Any]]:
-    """``n`` SDK calls; every ``resend_every``-th repeats an earlier event
-    (same id, same content), as an app retrying would."""
-    rng = random.Random(seed)
-    calls: list[dict[str, Any]] = []
-    for i in range(n):
-        if i and i % resend_every == 0:
-            calls.append(dict(rng.choice(calls)))
-            continue
-        calls.append(
-            {
-                "user_id": f"user-{rng.randrange(500)}",
-                "type": rng.choice(["reading", "chat", "feedback", "share"]),
-                "service": rng.choice(["saju", "tarot", "astrology"]),
-                "theme": rng.choice([None, "love", "career", "health"]),
-                "rating": rng.choice([None, 1, 2, 3, 4, 5]),
-                "metadata": {"n": i},
-                "occurred_at": T0 + timedelta(seconds=i),
-            }
-        )
-    return calls
-
-
-async def produce(
-    settings: Settings,
-    calls: list[dict[str, Any]],
-    rate: float,
-    enough: asyncio.Event | None = None,
-) -> dict[str, Any]:
-    """Send ``calls`` at about ``rate`` per second (until ``enough`` is set,
-    if given); returns event id -> fields."""
-    sent: dict[str, Any] = {}
-    ids: dict[int, str] = {}
-    async with TrackingClient(source="faults", settings=settings) as client:
-        loop = asyncio.get_running_loop()
-        start = loop.time()
-        for i, call in enumerate(calls):
-            if enough is not None and enough.is_set():
-                break
-            fields = {k: v for k, v in call.items() if k != "event_id"}
-            key = id(call)
-            if key in ids:  # a resend: same event id
-                fields["event_id"] = ids[key]
-            event_id = await client.track_interaction(**fields)
-            ids.setdefault(key, event_id)
-            sent[event_id] = fields
-            if i % 500 == 0:
-                await client.flush()
-                ahead = i / rate - (loop.time() - start)
-                if ahead > 0:
-                    await asyncio.sleep(ahead)
-    return sent
-
-
-def resolve_resends(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    # make_events copies the dict for a resend; mark copies so produce() reuses the id
-    first: dict[tuple[Any, ...], dict[str, Any]] = {}
-    out = []
-    for call in calls:
-        sig = tuple(sorted((k, repr(v)) for k, v in call.items()))
-        out.append(first.setdefault(sig, call))
-    return out
-
-
-def assert_rows_equal_events(url: str, sent: dict[str, Any]) -> None:
-    rows = query(
-        url,
-        'SELECT id, "userId", "createdAt", type, service, theme, rating, metadata '
-        'FROM "UserInteraction"',
-    )
-    assert len(rows) == len(sent), f"{len(rows)} rows for {len(sent)} distinct events"
-    for event_id, user, created, type_, service, theme, rating, metadata in rows:
-        f = sent[event_id]
-        assert (user, type_, service, theme, rating, metadata) == (
-            f["user_id"],
-            f["type"],
-            f["service"],
-            f["theme"],
-            f["rating"],
-            f["metadata"],
-        )
-        assert created == f["occurred_at"].replace(tzinfo=None)
-
-
-def sink_process(
-    settings: Settings, url: str, log: Path, group: str, **env_extra: str
-) -> subprocess.Popen[bytes]:
-    """A sink process in ``group``: a group of the test's own, so members it
-    kills cannot hold up the groups of later tests on the same broker."""
-    env = {
-        **os.environ,
-        "KAFKA_BOOTSTRAP_SERVERS": settings.bootstrap_servers,
-        "DATABASE_URL": url,
-        "USERTRAIL_EVENTS_TOPIC": settings.events_topic,
-        "USERTRAIL_PROFILES_TOPIC": settings.profiles_topic,
-        "USERTRAIL_DEAD_LETTER_TOPIC": settings.dead_letter_topic,
-        "USERTRAIL_DATA_DIR": str(settings.data_dir),
-        "USERTRAIL_GROUP_SESSION_TIMEOUT_MS": "2000",
-        "USERTRAIL_GROUP_HEARTBEAT_INTERVAL_MS": "200",
-        **env_extra,
-    }
-    with open(log, "ab") as out:
-        return subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "usertrail.cli",
-                "sink",
-                "--batch-max",
-                "2000",
-                "--group",
-                group,
-            ],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-
-
-def count_rows(url: str) -> int:
-    try:
-        return int(query(url, 'SELECT count(*) FROM "UserInteraction"')[0][0])
-    except psycopg.OperationalError:
-        return -1
-
-
-async def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not predicate():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.1)
 
 
 @pytest.mark.xdist_group("heavy")
@@ -267,12 +133,9 @@ async def test_database_restart_and_broker_outage_need_no_manual_step(
 
 
 async def test_two_sinks_split_the_partitions_and_write_each_event_once(
-    settings_factory: Callable[..., Settings],
-    broker: EmbeddedBroker,
+    settings: Settings,
     database_url: str,
 ) -> None:
-    settings = settings_factory(broker, database_url=database_url)
-    await create_topics(settings)
     calls = resolve_resends(make_events(6000, seed=3))
     sent = await produce(settings, calls[:3000], rate=1e9)
     group = unique("sink")

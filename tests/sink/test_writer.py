@@ -8,7 +8,7 @@ from usertrail.sink.plan import Record
 from usertrail.sink.writer import Writer
 
 from tests.sink.conftest import query
-from tests.sink.test_sink import profile_message
+from tests.workers import profile_message
 
 T0 = datetime(2026, 5, 1, tzinfo=UTC)
 P = "profiles"

@@ -9,7 +9,7 @@ import psycopg
 import pytest
 import sqlalchemy as sa
 
-from tests.migrations.test_schema import SEEDS_SQL, engine_for, run_sql
+from tests.seeds import SEEDS_SQL, engine_for, run_sql
 from usertrail.cli import main
 
 LEGACY = """

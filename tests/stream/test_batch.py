@@ -16,8 +16,7 @@ from usertrail.producers.profiles import encode_profile
 from usertrail.stream.batch import Folded, FoldProcess, UserBatch, fold_users
 from usertrail.stream.state import advance, dump_state, load_state
 
-from tests.stream.test_fold import RULES, USER, event_lists, interactions
-from tests.stream.test_state import cut
+from tests.folding import RULES, USER, cut, event_lists, interactions
 
 KEY = USER.encode()
 

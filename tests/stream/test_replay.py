@@ -4,7 +4,6 @@ what happened since, and workers carry on after the replayed point."""
 
 from __future__ import annotations
 
-import asyncio
 import signal
 import subprocess
 from collections.abc import Callable
@@ -13,34 +12,26 @@ from pathlib import Path
 
 from aiokafka import AIOKafkaProducer
 from usertrail.producers import TrackingClient, demo
-from usertrail.producers.events import EventBase
 from usertrail.producers.profiles import decode_profile
 from usertrail.replay.stream import live_states
-from usertrail.stream.fold import Profile, fold_all
+from usertrail.stream.fold import fold_all
 from usertrail.stream.segments import load_rules, segment
 from usertrail.stream.state import dump_state
 
 from tests.conftest import create_topics, read_all, unique
-from tests.stream.test_restart import changelog_states, kill
-from tests.stream.test_worker import RULES, cli, events_by_user, stream_process
+from tests.workers import (
+    CONFIG,
+    RULES,
+    caught_up,
+    changelog_states,
+    cli,
+    events_by_user,
+    kill,
+    stream_process,
+    want,
+)
 from usertrail.embedded import EmbeddedBroker, free_port
 from usertrail.settings import Settings
-
-CONFIG = RULES.affinity_config()
-
-
-def want(by_user: dict[str, list[tuple[EventBase, int]]]) -> dict[str, Profile]:
-    return {u: fold_all(u, events, config=CONFIG) for u, events in by_user.items()}
-
-
-async def caught_up(settings: Settings, expected: dict[str, Profile]) -> dict[str, Profile]:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + 120
-    while True:
-        states = await changelog_states(settings)
-        if all(states.get(u) == p for u, p in expected.items()) or loop.time() > deadline:
-            return states
-        await asyncio.sleep(1)
 
 
 def stop(proc: subprocess.Popen[bytes]) -> None:

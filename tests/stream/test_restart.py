@@ -14,55 +14,13 @@ from pathlib import Path
 import pytest
 from aiokafka import AIOKafkaConsumer
 from usertrail.producers import TrackingClient, demo
-from usertrail.stream.fold import Profile, fold_all
-from usertrail.stream.state import APPLIED, LOG, load_state
+from usertrail.stream.fold import fold_all
 
 from tests.conftest import create_topics, unique
-from tests.stream.test_worker import RULES, cli, events_by_user, stream_process
+from tests.workers import RULES, changelog_states, cli, events_by_user, kill, stream_process
 from usertrail.embedded import EmbeddedBroker, free_port
 from usertrail.kafka import partitions_of, stop_within
 from usertrail.settings import Settings
-
-
-async def changelog_states(settings: Settings) -> dict[str, Profile]:
-    """The last state of every user in the table's changelog: what a worker
-    starting now would recover."""
-    topic = settings.changelog_topic
-    consumer = AIOKafkaConsumer(
-        topic,
-        bootstrap_servers=settings.bootstrap_servers,
-        auto_offset_reset="earliest",
-        enable_auto_commit=False,
-        group_id=None,
-    )
-    await consumer.start()
-    states: dict[str, Profile] = {}
-    try:
-        partitions = consumer.assignment()
-        while not partitions:
-            await asyncio.sleep(0.1)
-            partitions = consumer.assignment()
-        while True:
-            batch = await consumer.getmany(timeout_ms=300)
-            for records in batch.values():
-                for r in records:
-                    if r.key.startswith((APPLIED, LOG)):  # type: ignore[union-attr]
-                        continue  # a partition's applied offset, or its log's id
-                    state = load_state(r.value)
-                    if state is not None:
-                        states[r.key.decode()] = state.profile  # type: ignore[union-attr]
-                    else:  # a tombstone: the user is gone
-                        states.pop(r.key.decode(), None)  # type: ignore[union-attr]
-            # read to the high-water mark fetches carry (docs/brokers.md)
-            behind = 0
-            for tp in partitions:
-                high = consumer.highwater(tp)
-                if high is None or await consumer.position(tp) < high:
-                    behind += 1
-            if not behind:
-                return states
-    finally:
-        await stop_within(consumer, 10)
 
 
 async def changelog_written(settings: Settings) -> int:
@@ -98,11 +56,6 @@ BATCH_MAX = "500"
 """Smaller batches than the default 4000: a life's first write, after which
 the kill falls, comes early (on Apache Kafka, whose worker writes in larger
 batches, lives of 1000 folded every event before the tenth kill)."""
-
-
-def kill(proc: subprocess.Popen[bytes]) -> None:
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
 
 
 @pytest.mark.xdist_group("heavy")

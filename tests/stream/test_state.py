@@ -11,7 +11,7 @@ from usertrail.producers.events import EventBase
 from usertrail.stream.segments import segment, segment_key
 from usertrail.stream.state import UserState, advance, dump_state, load_state
 
-from tests.stream.test_fold import RULES, USER, event_lists, fold_seq
+from tests.folding import RULES, USER, cut, event_lists, fold_seq
 
 
 def run(batches: list[list[tuple[EventBase, int | None]]]) -> tuple[UserState | None, list[Any]]:
@@ -26,11 +26,6 @@ def run(batches: list[list[tuple[EventBase, int | None]]]) -> tuple[UserState | 
         state = load_state(dump_state(result.state))
         published.append(result.message)
     return state, published
-
-
-def cut(items: list[Any], points: list[int]) -> list[list[Any]]:
-    bounds = [0, *sorted(points), len(items)]
-    return [items[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
 
 
 @given(event_lists(erasures=True), st.data())

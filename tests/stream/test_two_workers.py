@@ -9,60 +9,27 @@ import signal
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 from usertrail.producers import TrackingClient, demo
 from usertrail.stream.fold import fold_all
 
 from tests.conftest import create_topics, unique
-from tests.stream.test_restart import changelog_states, kill
-from tests.stream.test_worker import (
+from tests.workers import (
     RULES,
+    changelog_states,
     events_by_user,
     expected_view,
     get,
+    kill,
+    owners,
     stream_process,
     wait_for_profile,
+    wait_for_split,
     worker_view,
 )
 from usertrail.embedded import EmbeddedBroker, free_port
 from usertrail.settings import Settings
-
-
-async def owners(web_port: int, topic: str, timeout: float = 90.0) -> dict[str, list[int]]:
-    """The changelog partitions each worker owns, as faust's router tells
-    (GET /router/), once the assignment covers every partition."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    seen: Any = None
-    while loop.time() < deadline:
-        try:
-            status, body = await asyncio.to_thread(get, f"http://127.0.0.1:{web_port}/router/")
-        except OSError:
-            status, body = 0, {}
-        if status == 200:
-            seen = {url: sorted(topics.get(topic, [])) for url, topics in body.items()}
-            seen = {url: parts for url, parts in seen.items() if parts}
-            if seen:
-                return seen
-        await asyncio.sleep(0.5)
-    raise AssertionError(f"no assignment from worker on {web_port}: {seen}")
-
-
-async def wait_for_split(
-    web_port: int, topic: str, workers: int, partitions: int
-) -> dict[str, list[int]]:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + 120
-    while True:
-        split = await owners(web_port, topic)
-        every = sorted(p for parts in split.values() for p in parts)
-        if len(split) == workers and every == list(range(partitions)):
-            return split
-        if loop.time() > deadline:
-            raise AssertionError(f"partitions never split over {workers} workers: {split}")
-        await asyncio.sleep(0.5)
 
 
 async def test_two_workers_split_answer_for_each_other_and_take_over(
