@@ -26,6 +26,8 @@ every worker recovers exactly its own users.
 
 from __future__ import annotations
 
+import os
+import signal
 from collections.abc import Callable
 from typing import Any
 
@@ -34,9 +36,10 @@ from usertrail.stream.batch import Folded, FoldProcess, UserBatch, fold_users
 from usertrail.stream.folder import BatchFolder
 from usertrail.stream.policy import RESEEK_SECONDS
 from usertrail.stream.segments import Rules
+from usertrail.stream.watchdog import Watchdog
 from usertrail.stream.web import add_profile_view
 
-from usertrail.errors import LogResetError
+from usertrail.errors import UsertrailError
 from usertrail.kafka import adopt_stale_group_leaders
 from usertrail.settings import STREAM_TABLE, Settings
 
@@ -62,13 +65,17 @@ class UsertrailApp(faust.App):
     """faust's app with what the worker keeps beside it."""
 
     usertrail_folder: BatchFolder | None = None
+    usertrail_watchdog: Watchdog | None = None
     usertrail_table: Any = None  # the profiles table, for tests and operator tools
 
     @property
-    def usertrail_log_reset(self) -> LogResetError | None:
-        """The LogResetError the worker stopped for, if any (`usertrail
-        stream` exits with its code)."""
-        return None if self.usertrail_folder is None else self.usertrail_folder.log_reset
+    def usertrail_stopped_for(self) -> UsertrailError | None:
+        """What the worker stopped itself for, if anything: a log that is
+        not its own (LogResetError) or a stall (StalledError); `usertrail
+        stream` exits with its code."""
+        if self.usertrail_folder is not None and self.usertrail_folder.log_reset is not None:
+            return self.usertrail_folder.log_reset
+        return None if self.usertrail_watchdog is None else self.usertrail_watchdog.stalled
 
 
 def create_app(
@@ -141,6 +148,8 @@ def create_app(
         return await helper.fold(users)
 
     folder = BatchFolder(settings, table, app.consumer, fold, on_batch=on_batch)
+    # stopped as SIGTERM stops it (a faust crash would leave the process running)
+    watchdog = Watchdog(app, folder, settings, stop=lambda _: os.kill(os.getpid(), signal.SIGTERM))
 
     @app.agent(events)
     async def fold_events(stream: faust.StreamT[bytes]) -> None:
@@ -155,7 +164,12 @@ def create_app(
 
     @app.on_partitions_revoked.connect  # type: ignore[arg-type]
     async def before_giving_up_partitions(sender: Any, revoked: Any, **kwargs: Any) -> None:
+        watchdog.revoked()
         await folder.before_revoke()
+
+    @app.on_partitions_assigned.connect  # type: ignore[arg-type]
+    async def on_assignment(sender: Any, assigned: Any, **kwargs: Any) -> None:
+        watchdog.assigned()
 
     @app.on_before_shutdown.connect  # type: ignore[arg-type]  # faust's signal types
     async def stop_folding(sender: Any, **kwargs: Any) -> None:
@@ -169,7 +183,35 @@ def create_app(
         async def start_helper() -> None:  # before the first batch needs it
             await helper.start()
 
-    add_profile_view(app, table, rules)
+    add_profile_view(app, table, rules, health=watchdog.health)
     app.usertrail_folder = folder
+    app.usertrail_watchdog = watchdog
     app.usertrail_table = table  # for tests and operator tools
     return app
+
+
+def run_worker(settings: Settings, rules: Rules, *, web_port: int) -> None:
+    """``usertrail stream``: the app run by faust's worker until SIGTERM or
+    Ctrl-C, watched by its watchdog from the first moment (a task of its
+    own, not a faust timer: those wait for faust's start, and faust's start
+    waits for good on a broker that answers nothing). Raises what the
+    worker stopped itself for (a log that is not its own, exit code 3; a
+    stall, 6)."""
+    from usertrail.runtime import tune_gc
+
+    app = create_app(settings, rules, web_port=web_port)
+    tune_gc()
+    worker = faust.Worker(app, loglevel=settings.log_level.lower(), quiet=True)
+    # faust's terminal spinner sets the root logger to DEBUG at levels of
+    # WARNING and above, so every debug line of aiokafka and faust is built
+    worker.spinner = None
+    assert app.usertrail_watchdog is not None
+    watching = worker.loop.create_task(app.usertrail_watchdog.run())
+    try:
+        worker.execute_from_commandline()
+    except SystemExit:
+        if app.usertrail_stopped_for is not None:
+            raise app.usertrail_stopped_for from None  # one line, its exit code
+        raise
+    finally:
+        watching.cancel()

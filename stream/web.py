@@ -2,12 +2,14 @@
 whichever worker owns the user (faust's table routing forwards the
 request), as the profile message the worker publishes plus the profile's
 counts. 503 until the worker can route; 404 for a user it does not know,
-or one erased."""
+or one erased. ``GET /health`` says whether the worker is healthy (the
+watchdog's view, ``watchdog.py``)."""
 
 from __future__ import annotations
 
 import asyncio
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import faust
@@ -34,9 +36,18 @@ def profile_body(state: UserState, rules: Rules) -> dict[str, Any]:
     return body
 
 
-def add_profile_view(app: faust.App, table: Any, rules: Rules) -> None:
-    """The page on ``app``'s web server, routed by ``table``'s keys."""
+def add_profile_view(
+    app: faust.App, table: Any, rules: Rules, *, health: Callable[[], tuple[bool, str]]
+) -> None:
+    """The pages on ``app``'s web server: the profiles, routed by
+    ``table``'s keys, and ``GET /health`` (200 with what the worker is
+    doing, 503 with why it stalled: ``health()``)."""
     routable = asyncio.Event()
+
+    @app.page("/health")
+    async def get_health(web: Any, request: Any) -> Any:
+        ok, state = health()
+        return web.json({"ok": ok, "state": state}, status=200 if ok else 503)
 
     @app.task  # type: ignore[untyped-decorator]
     async def know_the_changelog() -> None:

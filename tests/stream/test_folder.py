@@ -76,9 +76,7 @@ def event(user: str, n: int, partition: int, offset: int) -> Message:
 
 
 @pytest.fixture
-async def folder_for(
-    settings_factory: Callable[..., Settings], broker: Broker
-) -> Any:
+async def folder_for(settings_factory: Callable[..., Settings], broker: Broker) -> Any:
     settings = settings_factory(broker, stream_app_id=unique("folder"))
     await create_topics(settings)
     made: list[BatchFolder] = []
@@ -105,7 +103,9 @@ async def test_a_batch_writes_each_user_once_and_the_applied_offsets_last(
 ) -> None:
     table, consumer = Table(), Consumer()
     folder = folder_for(table, consumer)
-    batch = [event("ann", i, 0, i) for i in range(5)] + [event("bo", 10 + i, 1, i) for i in range(3)]
+    batch = [event("ann", i, 0, i) for i in range(5)] + [
+        event("bo", 10 + i, 1, i) for i in range(3)
+    ]
     await folder.fold_batch(batch)
     await folder.writes_acknowledged()
     assert _user_state(table, "ann").profile.counts_by_type == {"chat": 5}

@@ -34,8 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Exit codes: 0 done; 1 differences found (verify, db check); 2 a usage, "
         "configuration or runtime error (one line on stderr); 3 the broker's log is not the "
         "one the stored positions belong to (docs/log.md); 4 the broker cannot be reached; "
-        "5 the database cannot be reached; 6 a sink stalled (no partitions, or behind and "
-        "reading nothing, for USERTRAIL_STALL_SECONDS): start it again; 130 interrupted.",
+        "5 the database cannot be reached; 6 a sink or stream worker stalled (no partitions, or "
+        "behind and reading nothing, for USERTRAIL_STALL_SECONDS): start it again; "
+        "130 interrupted.",
     )
     parser.add_argument("--version", action="version", version=f"usertrail {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

@@ -30,26 +30,13 @@ def cmd_sink(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_stream(args: argparse.Namespace, settings: Settings) -> int:
     # first of all: from here on `replay stream` sees this worker
     lock = liveness.hold_worker_lock(settings, settings.stream_app_id)
-    import faust
-
-    from usertrail.runtime import tune_gc
-    from usertrail.stream.app import create_app
+    from usertrail.stream.app import run_worker
 
     rules = rules_from(args, settings)
     flags = {"stream_fold_process": args.fold_process, "stream_batch_max": args.batch_max}
     settings = settings.model_copy(update={k: v for k, v in flags.items() if v is not None})
-    app = create_app(settings, rules, web_port=args.web_port or settings.stream_web_port)
-    tune_gc()
-    worker = faust.Worker(app, loglevel=settings.log_level.lower(), quiet=True)
-    # faust's terminal spinner sets the root logger to DEBUG at levels of
-    # WARNING and above, so every debug line of aiokafka and faust is built
-    worker.spinner = None
     try:
-        worker.execute_from_commandline()
-    except SystemExit:
-        if app.usertrail_log_reset is not None:
-            raise app.usertrail_log_reset from None  # one line, exit code 3
-        raise
+        run_worker(settings, rules, web_port=args.web_port or settings.stream_web_port)
     finally:
         lock.close()
     return 0
