@@ -92,6 +92,7 @@ def fold_users(users: Sequence[UserBatch], rules: Rules) -> list[Folded | None]:
 # Pickles only ever pass between a worker and the helper it started.
 
 _HEADER = struct.Struct(">I")
+_DIED = (ConnectionError, asyncio.IncompleteReadError)  # what a helper's death raises here
 _PIPE_LIMIT = 4 * 1024 * 1024
 
 
@@ -124,18 +125,28 @@ class FoldProcess:
     in between. One batch at a time (the worker awaits each), so the
     helper's memo follows the table. A helper that dies is replaced and the
     batch folded again: the function is pure, so a second try gives what
-    the first would have."""
+    the first would have.
+
+    A batch the helper dies on twice holds a record that kills it (a crash,
+    memory): the batch is folded again in halves, by users and then by a
+    user's records, each half in a fresh helper if it dies too, down to the
+    one record the helper dies on twice by itself. That record is left
+    out, as a record that is not a valid event is (the sink dead-letters
+    it), and said in the log; the rest of the batch is folded, so the
+    partition goes on."""
+
+    COMMAND = ("-c", "from usertrail.stream.batch import serve; serve()")
 
     def __init__(self, rules: Rules) -> None:
         self._rules = rules.model_dump(by_alias=True)
         self._proc: asyncio.subprocess.Process | None = None
+        self.left_out: list[tuple[bytes, int]] = []  # (user key, offset) of records left out
 
     async def start(self) -> None:
         if self._proc is None or self._proc.returncode is not None:
             self._proc = await asyncio.create_subprocess_exec(
                 sys.executable,
-                "-c",
-                "from usertrail.stream.batch import serve; serve()",
+                *self.COMMAND,
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
                 limit=_PIPE_LIMIT,
@@ -150,10 +161,60 @@ class FoldProcess:
     async def fold(self, users: Sequence[UserBatch]) -> list[Folded | None]:
         try:
             return await self._fold(users)
-        except (ConnectionError, asyncio.IncompleteReadError) as exc:
+        except _DIED as exc:
             log.warning("the fold helper died (%r); starting another", exc)
             await self.close()
-            return await self._fold(users)  # a second death raises
+        try:
+            return await self._fold(users)
+        except _DIED as exc:
+            log.error(
+                "the fold helper died again on a batch of %d users (%r): folding it in parts "
+                "to find the record it dies on",
+                len(users),
+                exc,
+            )
+            await self.close()
+            return await self._in_parts(list(users))
+
+    async def _try(self, users: list[UserBatch]) -> list[Folded | None] | None:
+        """The batch folded, or None if the helper died on it."""
+        try:
+            return await self._fold(users)
+        except _DIED:
+            await self.close()
+            return None
+
+    async def _in_parts(self, users: list[UserBatch]) -> list[Folded | None]:
+        if len(users) > 1:
+            out: list[Folded | None] = []
+            for part in (users[: len(users) // 2], users[len(users) // 2 :]):
+                folded = await self._try(part)
+                out += folded if folded is not None else await self._in_parts(part)
+            return out
+        user = users[0]
+        if len(user.records) > 1:
+            half = len(user.records) // 2
+            first = await self._one(user._replace(records=user.records[:half]))
+            state = user.state if first is None else first.state
+            second = await self._one(UserBatch(user.key, state, user.records[half:]))
+            return [second if second is not None else first]
+        # one record, which the helper died on: once more, on its own
+        folded = await self._try(users)
+        if folded is not None:
+            return folded
+        offset = user.records[0][1] if user.records else -1
+        log.error(
+            "the fold helper died twice on the record at offset %d (user %r): it is left "
+            "out of the profile, as a record that is not a valid event is",
+            offset,
+            user.key[:200],
+        )
+        self.left_out.append((user.key, offset))
+        return [None]
+
+    async def _one(self, user: UserBatch) -> Folded | None:
+        folded = await self._try([user])
+        return (folded if folded is not None else await self._in_parts([user]))[0]
 
     async def _fold(self, users: Sequence[UserBatch]) -> list[Folded | None]:
         await self.start()

@@ -151,3 +151,50 @@ async def test_close_ends_the_helper() -> None:
     assert proc is not None
     await helper.close()
     assert proc.returncode == 0  # it saw the end of its input and exited
+
+
+class _DiesOnPoison(FoldProcess):
+    """The real helper, in a process that exits at once (as a crash or the
+    OOM killer would end it) when a record it is given holds POISON."""
+
+    COMMAND = (
+        "-c",
+        "import os\n"
+        "from usertrail.stream import batch\n"
+        "fold = batch.fold_users\n"
+        "def dying(users, rules):\n"
+        "    if any(b'POISON' in v for u in users for v, _ in u.records):\n"
+        "        os._exit(137)\n"
+        "    return fold(users, rules)\n"
+        "batch.fold_users = dying\n"
+        "batch.serve()\n",
+    )
+
+
+async def test_a_record_that_kills_the_helper_is_found_and_left_out() -> None:
+    users = [f"u{i}" for i in range(6)]
+    events = {
+        u: [
+            e.model_copy(update={"user_id": u})
+            for e in interactions(7, type="chat", service="saju")
+        ]
+        for u in users
+    }
+    poison = b'{"kind": "interaction", "POISON": 1}'
+    batch = []
+    for n, u in enumerate(users):
+        records = [(encode(e), 10 * n + i) for i, e in enumerate(events[u])]
+        if u == "u3":
+            records.insert(4, (poison, 99))  # between the user's 4th and 5th event
+        batch.append(UserBatch(u.encode(), None, records))
+    helper = _DiesOnPoison(RULES)
+    try:
+        got = await helper.fold(batch)
+        # every user folded as if the record were not there
+        want = fold_users(
+            [b._replace(records=[r for r in b.records if r[0] != poison]) for b in batch], RULES
+        )
+        assert got == want
+        assert helper.left_out == [(b"u3", 99)]
+    finally:
+        await helper.close()
