@@ -189,5 +189,28 @@ class DeadLetter(Base):
     resolved_at: Mapped[datetime | None] = mapped_column(TIMESTAMP(timezone=True))
 
 
+class InFlight(Base):
+    """The offsets of a partition a sink is handling, written before it
+    decodes them: what it was handling if it died (sink/consumer.py,
+    ``Careful``)."""
+
+    __tablename__ = "usertrail_in_flight"
+    __table_args__ = (
+        sa.PrimaryKeyConstraint("consumer", "topic", "partition", name="usertrail_in_flight_pkey"),
+    )
+
+    consumer: Mapped[str] = mapped_column(sa.Text)
+    topic: Mapped[str] = mapped_column(sa.Text)
+    partition: Mapped[int] = mapped_column(sa.Integer)
+    first_offset: Mapped[int] = mapped_column(sa.BigInteger, nullable=False)
+    last_offset: Mapped[int] = mapped_column(sa.BigInteger, nullable=False)
+    attempts: Mapped[int] = mapped_column(sa.Integer, nullable=False, server_default="1")
+
+
 PRODUCT_TABLES = ("User", "UserInteraction", "UserPreferences", "user_vectors")
-PIPELINE_TABLES = ("usertrail_positions", "usertrail_dead_letters", "usertrail_archive")
+PIPELINE_TABLES = (
+    "usertrail_positions",
+    "usertrail_dead_letters",
+    "usertrail_archive",
+    "usertrail_in_flight",
+)

@@ -41,6 +41,7 @@ from aiokafka.errors import (
     NoOffsetForPartitionError,
     OffsetOutOfRangeError,
 )
+from usertrail.sink.careful import Careful, in_flight
 from usertrail.sink.metrics import SinkMetrics
 from usertrail.sink.plan import Record
 from usertrail.sink.writer import Prepared, UnknownUsers, Writer, WriteResult
@@ -94,6 +95,7 @@ class _Positions(ConsumerRebalanceListener):  # type: ignore[misc]
         self.sink._unassigned_since = time.monotonic()
         # Every fetched batch is written before the partitions change hands.
         await self.sink.drain()
+        self.sink.careful.forget([(tp.topic, tp.partition) for tp in revoked])
         log.info("partitions revoked: %s", sorted(tp.partition for tp in revoked))
 
     async def on_partitions_assigned(self, assigned: Sequence[TopicPartition]) -> None:
@@ -131,6 +133,7 @@ class Sink:
         self._caught_up = False
         self._stop_by = 0.0
         self._forget: set[str] = set()
+        self.careful = Careful()  # records a sink was handling when it died
         self.consumer = AIOKafkaConsumer(
             group_id=self.options.group,
             enable_auto_commit=False,
@@ -180,6 +183,21 @@ class Sink:
             if now is not None:
                 self.writer.topic_ids[topic] = now
             stored.update({TopicPartition(topic, p): o for p, (o, _) in found.items()})
+            marks = await self._retry_db(
+                lambda t=topic, ps=partitions: self.writer.in_flight(t, ps), "read in-flight marks"
+            )
+            for p in partitions:
+                position = found[p][0] if p in found else None
+                if self.careful.found((topic, p), position, marks.get(p)):
+                    first, last, attempts = marks[p]
+                    log.warning(
+                        "%s[%d]: records up to %d were in flight when a sink died (%d time(s) "
+                        "with the same ones); reading them again in parts (sink/careful.py)",
+                        topic,
+                        p,
+                        last,
+                        attempts,
+                    )
         for tp in assigned:
             if tp in stored:
                 self.consumer.seek(tp, stored[tp])
@@ -426,10 +444,17 @@ class Sink:
             await self._forget_positions()
             return 1  # what was fetched came from before the new beginning
         if records:  # fetched before a failure: the consumer's position is past them
+            records, again, classified = self.careful.cut(records)
+            for (topic, partition), offset in again.items():
+                self.consumer.seek(TopicPartition(topic, partition), offset)
+            # what this batch holds, marked before it is decoded: if decoding
+            # or writing it kills the process, the next sink knows (careful.py)
+            marks = in_flight(records)
+            await self._retry_db(lambda: self.writer.mark_in_flight(marks), "mark in flight")
             # Preparing yields to the event loop every few hundred records, so
             # the writer's round trips to PostgreSQL wait microseconds, not
             # the tens of milliseconds a whole batch takes to decode.
-            await self._queue.put(await self.writer.prepare(records))
+            await self._queue.put(await self.writer.prepare(records, classified=classified))
         if failure is not None:
             await self._fetch_failed(failure)
             return 1  # not caught up: the broker did not answer

@@ -28,6 +28,7 @@ from usertrail.errors import EventValidationError
 INVALID = "invalid"  # not JSON, wrong shape, a broken rule
 WRONG_KEY = "wrong_key"  # the record key is not the user id: per-user order is not guaranteed
 UNKNOWN_USER = "unknown_user"  # "park" mode and the user is not in "User"
+CRASHED = "crashed"  # a sink died twice while handling this record alone (sink/careful.py)
 
 
 class Record(NamedTuple):

@@ -241,6 +241,7 @@ class Writer:
         # inserted again. If the product deletes one, the foreign key says so,
         # and the cache is dropped and the batch written again.
         self._known_users: set[str] = set()
+        self._marks: psycopg.AsyncConnection[Any] | None = None  # mark_in_flight's
 
     async def connect(self) -> None:
         if self._conn is not None and not self._conn.closed:
@@ -264,6 +265,9 @@ class Writer:
         if self._conn is not None:
             await self._conn.close()
             self._conn = None
+        if self._marks is not None:
+            await self._marks.close()
+            self._marks = None
 
     @property
     def conn(self) -> psycopg.AsyncConnection[Any]:
@@ -293,6 +297,43 @@ class Writer:
                 )
             ).fetchall()
         return {int(p): (int(o), t) for p, o, t in rows}
+
+    async def in_flight(
+        self, topic: str, partitions: Sequence[int]
+    ) -> dict[int, tuple[int, int, int]]:
+        """What this consumer last had in flight on each partition: (first
+        offset, last offset, attempts). Read beside the positions."""
+        async with await psycopg.AsyncConnection.connect(self._conninfo, autocommit=True) as conn:
+            rows = await (
+                await conn.execute(
+                    "SELECT partition, first_offset, last_offset, attempts "
+                    "FROM usertrail_in_flight "
+                    "WHERE consumer = %s AND topic = %s AND partition = ANY(%s::int[])",
+                    (self.consumer, topic, list(partitions)),
+                )
+            ).fetchall()
+        return {int(p): (int(f), int(last), int(a)) for p, f, last, a in rows}
+
+    async def mark_in_flight(self, ranges: dict[tuple[str, int], tuple[int, int]]) -> None:
+        """Before a batch is decoded: per partition, the first and last
+        offset it holds. The same range marked again counts one more
+        attempt. Committed at once, on a connection of its own (the write
+        loop may be inside a batch's transaction on the writer's)."""
+        if not ranges:
+            return
+        if self._marks is None or self._marks.closed:
+            self._marks = await psycopg.AsyncConnection.connect(self._conninfo, autocommit=True)
+        async with self._marks.cursor() as cur:
+            await cur.executemany(
+                "INSERT INTO usertrail_in_flight AS f "
+                "(consumer, topic, partition, first_offset, last_offset) "
+                "VALUES (%s, %s, %s, %s, %s) "
+                "ON CONFLICT (consumer, topic, partition) DO UPDATE SET "
+                "attempts = CASE WHEN f.first_offset = EXCLUDED.first_offset "
+                "AND f.last_offset = EXCLUDED.last_offset THEN f.attempts + 1 ELSE 1 END, "
+                "first_offset = EXCLUDED.first_offset, last_offset = EXCLUDED.last_offset",
+                [(self.consumer, t, p, first, last) for (t, p), (first, last) in ranges.items()],
+            )
 
     async def forget_positions(self, topic: str) -> int:
         """Start over on ``topic``: its positions belong to a log that is
@@ -365,6 +406,10 @@ class Writer:
             if unapplicable is not None:
                 dead.append(DeadLetter(record, UNAPPLICABLE, unapplicable))
                 continue
+            item = classified[i] if classified is not None else None
+            if isinstance(item, DeadLetter):  # never decoded (sink/careful.py)
+                dead.append(item)
+                continue
             if record.topic == self.profiles_topic:
                 profile = classify_profile(record)
                 if isinstance(profile, DeadLetter):
@@ -372,7 +417,6 @@ class Writer:
                 else:
                     _merge_profile(profiles, record, *profile)
                 continue
-            item = classified[i] if classified is not None else None
             if item is None:
                 item = classify(record)
             if isinstance(item, DeadLetter):

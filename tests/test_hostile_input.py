@@ -9,6 +9,7 @@ import json
 import signal
 from collections import defaultdict
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
@@ -16,13 +17,21 @@ from hypothesis import given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 from usertrail.producers import TrackingClient
-from usertrail.producers.events import EventBase, accept
+from usertrail.producers.events import EventBase, accept, build, encode
+from usertrail.producers.ids import uuid7
 from usertrail.sink.consumer import Sink, SinkOptions
 from usertrail.sink.plan import DeadLetter, Record, classify
 
 from tests.conftest import Broker, create_topics, unique
 from tests.sink.conftest import query
-from tests.workers import count_rows, expected_view, stream_process, wait_for_profile, worker_view
+from tests.workers import (
+    count_rows,
+    expected_view,
+    sink_process,
+    stream_process,
+    wait_for_profile,
+    worker_view,
+)
 from usertrail.embedded import free_port
 from usertrail.settings import Settings
 
@@ -194,3 +203,82 @@ async def test_a_dead_letter_too_big_for_its_topic_lands_truncated(
         await asyncio.wait_for(sinking, 60)
     assert query(database_url, "SELECT length(value) FROM usertrail_dead_letters") == [(len(big),)]
     assert [len(value or b"") for _, _, value in dead] == [512 * 1024]
+
+
+# The real sink, in a process that exits at once (as a crash in a parser or
+# the OOM killer would end it) when it decodes a record holding POISON.
+POISONED_SINK = """
+import os
+from usertrail.sink import writer
+classify = writer.classify
+def dying(record):
+    if record.value is not None and b"POISON" in record.value:
+        os._exit(137)
+    return classify(record)
+writer.classify = dying
+"""
+
+
+async def test_a_record_that_kills_every_sink_becomes_a_dead_letter(
+    settings_factory: Callable[..., Settings],
+    broker: Broker,
+    database_url: str,
+    tmp_path: Path,
+) -> None:
+    """300 events of one user with a record in the middle that kills the
+    sink that decodes it, the sink restarted at once each time (as `up`
+    does): after a few deaths the record is a dead letter (reason crashed),
+    never decoded again, and all 300 events are rows."""
+    settings = settings_factory(broker, database_url=database_url)
+    await create_topics(settings)
+    t0 = datetime(2026, 3, 1, tzinfo=UTC)
+    events = [
+        encode(
+            build(
+                "interaction",
+                event_id=uuid7(),
+                user_id="poisoned",
+                occurred_at=t0 + timedelta(seconds=i),
+                source="t",
+                type="chat",
+                service="saju",
+            )
+        )
+        for i in range(300)
+    ]
+    producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers, linger_ms=5)
+    await producer.start()
+    try:
+        for value in events[:150]:
+            await producer.send(settings.events_topic, value, key=b"poisoned")
+        poisoned = await (
+            await producer.send(settings.events_topic, b'{"POISON": 1}', key=b"poisoned")
+        )
+        for value in events[150:]:
+            await producer.send(settings.events_topic, value, key=b"poisoned")
+        await producer.flush()
+    finally:
+        await producer.stop()
+    group, log = unique("sink"), tmp_path / "sink.log"
+    deaths = 0
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 180
+    proc = sink_process(settings, database_url, log, group, prelude=POISONED_SINK)
+    try:
+        while count_rows(database_url) < 300:
+            assert loop.time() < deadline, f"{count_rows(database_url)} rows after {deaths} deaths"
+            if proc.poll() is not None:
+                assert proc.returncode == 137, log.read_text()[-3000:]
+                deaths += 1
+                proc = sink_process(settings, database_url, log, group, prelude=POISONED_SINK)
+            await asyncio.sleep(0.1)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+    dead = query(
+        database_url, 'SELECT reason, partition, "offset", value FROM usertrail_dead_letters'
+    )
+    assert dead == [("crashed", poisoned.partition, poisoned.offset, b'{"POISON": 1}')]
+    print(f"\nthe poisoned record: a dead letter after {deaths} deaths of the sink")
+    assert 2 <= deaths <= 8
+    assert "Traceback" not in log.read_text()

@@ -345,10 +345,17 @@ def assert_rows_equal_events(url: str, sent: dict[str, Any]) -> None:
 
 
 def sink_process(
-    settings: Settings, url: str, log: Path, group: str, **env_extra: str
+    settings: Settings,
+    url: str,
+    log: Path,
+    group: str,
+    *,
+    prelude: str | None = None,
+    **env_extra: str,
 ) -> subprocess.Popen[bytes]:
     """A sink process in ``group``: a group of the test's own, so members it
-    kills cannot hold up the groups of later tests on the same broker."""
+    kills cannot hold up the groups of later tests on the same broker.
+    ``prelude``: Python run in the process before the sink starts."""
     env = {
         **os.environ,
         "KAFKA_BOOTSTRAP_SERVERS": settings.bootstrap_servers,
@@ -365,8 +372,14 @@ def sink_process(
         return subprocess.Popen(
             [
                 sys.executable,
-                "-m",
-                "usertrail.cli",
+                *(
+                    ["-m", "usertrail.cli"]
+                    if prelude is None
+                    else [
+                        "-c",
+                        f"{prelude}\nfrom usertrail.cli import main\nraise SystemExit(main())",
+                    ]
+                ),
                 "sink",
                 "--batch-max",
                 "2000",

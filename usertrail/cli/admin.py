@@ -170,7 +170,8 @@ def add(sub: Any, common: argparse.ArgumentParser) -> None:
         description="List open dead letters (--all: resolved too).",
     )
     dlq_list.add_argument(
-        "--reason", help="only this reason (invalid, wrong_key, unknown_user, unapplicable)"
+        "--reason",
+        help="only this reason (invalid, wrong_key, unknown_user, unapplicable, crashed)",
     )
     dlq_list.add_argument("--all", action="store_true", help="include resolved ones")
     dlq_list.add_argument("--limit", type=int, default=100, help="at most N (default 100)")
