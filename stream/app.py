@@ -106,6 +106,7 @@ def create_app(
         broker_session_timeout=group["session_timeout_ms"] / 1000,
         broker_heartbeat_interval=group["heartbeat_interval_ms"] / 1000,
         broker_rebalance_timeout=group["rebalance_timeout_ms"] / 1000,
+        consumer_group_instance_id=group.get("group_instance_id"),
         # tansu answers ListOffsets(latest) with the first offset of the last
         # batch + 1 (docs/brokers.md): table recovery is only exact when faust's
         # own producer writes one record per batch. Not on a real cluster.

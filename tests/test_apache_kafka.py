@@ -14,7 +14,6 @@ import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -24,6 +23,8 @@ from usertrail.producers import TrackingClient, decode, demo
 from tests.conftest import Broker, read_all, unique
 from tests.sink.conftest import query
 from tests.workers import (
+    Supervisor,
+    Traffic,
     caught_up,
     cli,
     count_rows,
@@ -234,80 +235,6 @@ async def _compacted(settings: Settings, topic: str, timeout: float = 60) -> tup
         if kept < written or time.monotonic() > deadline:
             return kept, written
         await asyncio.sleep(1)
-
-
-# --- three brokers under faults ----------------------------------------------------------
-class Traffic:
-    """The SDK sending at a steady rate until stopped: what it sent and what
-    the broker acknowledged."""
-
-    def __init__(self, settings: Settings, rate: float) -> None:
-        self.settings, self.rate = settings, rate
-        self.sent: dict[str, dict[str, Any]] = {}
-        self.acked: set[str] = set()
-        self.stopped = asyncio.Event()
-
-    def _delivered(self, event_id: str, error: BaseException | None) -> None:
-        if error is None:
-            self.acked.add(event_id)
-
-    async def run(self) -> None:
-        services, types = ["saju", "tarot", "astrology"], ["reading", "chat", "feedback"]
-        async with TrackingClient(
-            source="cluster", settings=self.settings, on_delivery=self._delivered
-        ) as client:
-            loop = asyncio.get_running_loop()
-            start, i = loop.time(), 0
-            while not self.stopped.is_set():
-                fields = {
-                    "user_id": f"user-{i % 300}",
-                    "type": types[i % 3],
-                    "service": services[(i // 3) % 3],
-                    "rating": 1 + i % 5,
-                }
-                self.sent[await client.track_interaction(**fields)] = fields
-                i += 1
-                ahead = i / self.rate - (loop.time() - start)
-                if ahead > 0:
-                    await asyncio.sleep(ahead)
-
-
-class Supervisor:
-    """Restarts a worker process that exits on its own, as `usertrail up`
-    (or compose's restart policy) would; counts the restarts."""
-
-    def __init__(self) -> None:
-        self.procs: dict[
-            str, tuple[Callable[[], subprocess.Popen[bytes]], subprocess.Popen[bytes]]
-        ] = {}
-        self.restarts: collections.Counter[str] = collections.Counter()
-        self.stopped: set[str] = set()
-
-    def start(self, name: str, make: Callable[[], subprocess.Popen[bytes]]) -> None:
-        self.procs[name] = (make, make())
-
-    def stop(self, name: str) -> None:
-        self.stopped.add(name)
-        self.procs[name][1].send_signal(signal.SIGTERM)
-
-    async def watch(self) -> None:
-        while True:
-            for name, (make, proc) in list(self.procs.items()):
-                if proc.poll() is not None and name not in self.stopped:
-                    self.restarts[name] += 1
-                    self.procs[name] = (make, make())
-            await asyncio.sleep(0.5)
-
-    def stop_all(self) -> None:
-        self.stopped.update(self.procs)
-        for _, proc in self.procs.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for _, proc in self.procs.values():
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                kill(proc)
 
 
 # Known defect, not yet understood: it failed in 2 of 6 full-suite runs on

@@ -110,6 +110,12 @@ class Settings(BaseSettings):
     # event with faust's defaults, 3.5 s with these).
     group_session_timeout_ms: int | None = Field(default=None, ge=1000)
     group_heartbeat_interval_ms: int | None = Field(default=None, ge=100)
+    # Static group membership (KIP-345): a member that comes back under the
+    # same name within the session timeout gets its partitions back with no
+    # rebalance of the group (docs/brokers.md, "Rebalance storms"). Unique per
+    # worker process of a group; `usertrail up` names its own workers.
+    # Apache Kafka only: ignored on tansu, whose groups wedge with it.
+    group_instance_id: str | None = Field(default=None, min_length=1, max_length=249)
 
     # A sink with no partitions, or behind and reading nothing, for this long
     # (waiting for the database aside) exits with code 6 to be restarted.
@@ -195,11 +201,16 @@ class Settings(BaseSettings):
         fast = self.is_tansu
         session = self.group_session_timeout_ms or (2000 if fast else 10_000)
         heartbeat = self.group_heartbeat_interval_ms or (200 if fast else 3000)
-        return {
+        options: dict[str, Any] = {
             "session_timeout_ms": session,
             "heartbeat_interval_ms": heartbeat,
             "rebalance_timeout_ms": max(session, 2000 if fast else 60_000),
         }
+        if self.group_instance_id is not None and not fast:
+            # not on tansu: its groups wedged with static members in
+            # `bench/rebalance_storm.py` (docs/brokers.md, "Rebalance storms")
+            options["group_instance_id"] = self.group_instance_id
+        return options
 
     def kafka_options(self) -> dict[str, Any]:
         """Connection keyword arguments for any aiokafka client."""

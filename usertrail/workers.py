@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -14,6 +16,13 @@ from usertrail.errors import LogResetError
 from usertrail.settings import Settings
 
 log = logging.getLogger("usertrail.workers")
+
+
+def instance_id(settings: Settings) -> str:
+    """This ``up``'s name in its workers' groups: the host and its data
+    directory (one ``up`` per data directory)."""
+    where = hashlib.sha256(str(settings.data_dir.resolve()).encode()).hexdigest()[:10]
+    return f"up-{socket.gethostname()}-{where}"
 
 
 class Workers:
@@ -29,6 +38,7 @@ class Workers:
             "USERTRAIL_DATA_DIR": str(settings.data_dir),
             "USERTRAIL_STREAM_WEB_PORT": str(settings.stream_web_port),
         }
+        self.settings = settings
         self.procs: dict[int, subprocess.Popen[bytes]] = {}
         self.restarts: dict[int, tuple[int, float]] = {}
 
@@ -43,6 +53,13 @@ class Workers:
         log.info("%s pid %d", self.commands[index][0], proc.pid)
 
     def start(self) -> None:
+        """Start every worker (the broker answers by now)."""
+        s = self.settings
+        if s.group_instance_id is None and not s.is_tansu:
+            # static membership: a worker restarted here takes its partitions
+            # back with no rebalance (docs/brokers.md, "Rebalance storms");
+            # not on tansu, whose groups were not measured with it
+            self.env["USERTRAIL_GROUP_INSTANCE_ID"] = instance_id(s)
         for index in range(len(self.commands)):
             self._spawn(index)
 

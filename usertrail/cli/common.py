@@ -28,6 +28,7 @@ _SETTING_FLAGS = {
     "brokers": "embedded_kafka_brokers",
     "postgres_port": "embedded_postgres_port",
     "log_level": "log_level",
+    "instance_id": "group_instance_id",
 }
 
 

@@ -91,6 +91,14 @@ def add(sub: Any, common: argparse.ArgumentParser) -> None:
         "recreated topic, a wiped broker): stop with exit code 3 and say so (default), or "
         "forget the positions and read the new log from its start (writes are idempotent)",
     )
+    sink.add_argument(
+        "--instance-id",
+        metavar="NAME",
+        help="static group membership: this worker's name in its group, unique per process; "
+        "restarted under the same name within the session timeout it takes its partitions "
+        'back with no rebalance (docs/brokers.md, "Rebalance storms") '
+        "[env USERTRAIL_GROUP_INSTANCE_ID; default: none, `up` names its own workers]",
+    )
     sink.set_defaults(func=cmd_sink)
 
     stream = sub.add_parser(
@@ -125,5 +133,13 @@ def add(sub: Any, common: argparse.ArgumentParser) -> None:
         metavar="N",
         help="fold at most N events per batch; a changed user's state is written once "
         "per batch [env USERTRAIL_STREAM_BATCH_MAX; default 4000]",
+    )
+    stream.add_argument(
+        "--instance-id",
+        metavar="NAME",
+        help="static group membership: this worker's name in its group, unique per process; "
+        "restarted under the same name within the session timeout it takes its partitions "
+        'back with no rebalance (docs/brokers.md, "Rebalance storms") '
+        "[env USERTRAIL_GROUP_INSTANCE_ID; default: none, `up` names its own workers]",
     )
     stream.set_defaults(func=cmd_stream)
