@@ -8,8 +8,11 @@ import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
+import psycopg
+from usertrail.migrations import runner
+
 from usertrail.apache_kafka import KafkaCluster, free_cluster_port
-from usertrail.embedded import EmbeddedBroker, free_port
+from usertrail.embedded import EmbeddedBroker, EmbeddedPostgres, free_port
 from usertrail.settings import Settings
 from usertrail.topics import TopicSpec, ensure_topics
 
@@ -67,3 +70,17 @@ async def events_and_profiles(
         settings, [TopicSpec(topic, partitions), TopicSpec("bench.profiles", partitions)]
     )
     return settings
+
+
+def migrated_database(pg: EmbeddedPostgres, name: str) -> str:
+    """A new database ``name`` on ``pg`` (dropped first if it exists), migrated
+    to the newest schema; its URL."""
+    admin = f"postgresql://postgres@127.0.0.1:{pg.port}/postgres"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        conn.execute(f'CREATE DATABASE "{name}"')
+    url = f"postgresql://postgres@127.0.0.1:{pg.port}/{name}"
+    engine = runner.make_engine(Settings(database_url=url))
+    runner.upgrade(engine)
+    engine.dispose()
+    return url

@@ -37,7 +37,6 @@ from typing import Any
 import brokers
 import psycopg
 from aiokafka import AIOKafkaProducer
-from usertrail.migrations import runner
 from usertrail.producers.events import build, encode
 from usertrail.producers.ids import uuid7
 
@@ -46,18 +45,6 @@ from usertrail.settings import Settings
 from usertrail.topics import TopicSpec, ensure_topics
 
 PARTITIONS = 8
-
-
-def fresh_database(pg: EmbeddedPostgres, name: str) -> str:
-    admin = f"postgresql://postgres@127.0.0.1:{pg.port}/postgres"
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        conn.execute(f'CREATE DATABASE "{name}"')
-    url = f"postgresql://postgres@127.0.0.1:{pg.port}/{name}"
-    engine = runner.make_engine(Settings(database_url=url))
-    runner.upgrade(engine)
-    engine.dispose()
-    return url
 
 
 def rows(url: str) -> int:
@@ -115,7 +102,7 @@ async def storm(
     broker: brokers.Broker, pg: EmbeddedPostgres, folder: Path, name: str, static: bool, args: Any
 ) -> tuple[float, float, int, int]:
     """(stall, converge) seconds, the kills made and the sinks' own exits."""
-    url = fresh_database(pg, "bench_storm")
+    url = brokers.migrated_database(pg, "bench_storm")
     settings = Settings(
         kafka_bootstrap_servers=broker.bootstrap_servers,
         events_topic=f"{name}.events",

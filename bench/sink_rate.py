@@ -25,7 +25,6 @@ import brokers
 import psycopg
 from aiokafka import AIOKafkaProducer
 from pydantic import SecretStr
-from usertrail.migrations import runner
 from usertrail.producers.events import Interaction, build, encode
 from usertrail.producers.ids import uuid7
 from usertrail.sink.consumer import Sink, SinkOptions
@@ -62,13 +61,7 @@ def make_events(n: int) -> list[Interaction]:
 
 def fresh_database(pg: EmbeddedPostgres, name: str) -> str:
     admin = f"postgresql://postgres@127.0.0.1:{pg.port}/postgres"
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        conn.execute(f'CREATE DATABASE "{name}"')
-    url = f"postgresql://postgres@127.0.0.1:{pg.port}/{name}"
-    engine = runner.make_engine(Settings(database_url=url))
-    runner.upgrade(engine)
-    engine.dispose()
+    url = brokers.migrated_database(pg, name)
     with psycopg.connect(url) as conn:
         conn.execute(
             "INSERT INTO \"User\" (id) SELECT 'user-' || g FROM generate_series(0, %s) g",

@@ -282,36 +282,29 @@ class Writer:
         consumer's assignment listener asks while the write loop may be
         inside a batch's transaction on the writer's (after a database
         restart that broke the listener: #20)."""
-        async with await psycopg.AsyncConnection.connect(self._conninfo, autocommit=True) as conn:
-            rows = await (
-                await conn.execute(
-                    "SELECT partition, next_offset, topic_id FROM usertrail_positions "
-                    "WHERE consumer = %s AND topic = %s "
-                    "AND (%s::int[] IS NULL OR partition = ANY(%s::int[]))",
-                    (
-                        self.consumer,
-                        topic,
-                        partitions and list(partitions),
-                        partitions and list(partitions),
-                    ),
-                )
-            ).fetchall()
+        rows = await self._aside(
+            "SELECT partition, next_offset, topic_id FROM usertrail_positions "
+            "WHERE consumer = %s AND topic = %s "
+            "AND (%s::int[] IS NULL OR partition = ANY(%s::int[]))",
+            (self.consumer, topic, *[partitions and list(partitions)] * 2),
+        )
         return {int(p): (int(o), t) for p, o, t in rows}
+
+    async def _aside(self, query: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+        """A query on a connection of its own (not inside a batch's transaction)."""
+        async with await psycopg.AsyncConnection.connect(self._conninfo, autocommit=True) as conn:
+            return await (await conn.execute(query, params)).fetchall()
 
     async def in_flight(
         self, topic: str, partitions: Sequence[int]
     ) -> dict[int, tuple[int, int, int]]:
         """What this consumer last had in flight on each partition: (first
         offset, last offset, attempts). Read beside the positions."""
-        async with await psycopg.AsyncConnection.connect(self._conninfo, autocommit=True) as conn:
-            rows = await (
-                await conn.execute(
-                    "SELECT partition, first_offset, last_offset, attempts "
-                    "FROM usertrail_in_flight "
-                    "WHERE consumer = %s AND topic = %s AND partition = ANY(%s::int[])",
-                    (self.consumer, topic, list(partitions)),
-                )
-            ).fetchall()
+        rows = await self._aside(
+            "SELECT partition, first_offset, last_offset, attempts FROM usertrail_in_flight "
+            "WHERE consumer = %s AND topic = %s AND partition = ANY(%s::int[])",
+            (self.consumer, topic, list(partitions)),
+        )
         return {int(p): (int(f), int(last), int(a)) for p, f, last, a in rows}
 
     async def mark_in_flight(self, ranges: dict[tuple[str, int], tuple[int, int]]) -> None:

@@ -42,6 +42,17 @@ def cmd_stream(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _add_instance_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--instance-id",
+        metavar="NAME",
+        help="static group membership: this worker's name in its group, unique per process; "
+        "restarted under the same name within the session timeout it takes its partitions "
+        'back with no rebalance (docs/brokers.md, "Rebalance storms") '
+        "[env USERTRAIL_GROUP_INSTANCE_ID; default: none, `up` names its own workers]",
+    )
+
+
 def add(sub: Any, common: argparse.ArgumentParser) -> None:
     """The subcommands of this module, on ``sub``."""
     sink = sub.add_parser(
@@ -91,14 +102,7 @@ def add(sub: Any, common: argparse.ArgumentParser) -> None:
         "recreated topic, a wiped broker): stop with exit code 3 and say so (default), or "
         "forget the positions and read the new log from its start (writes are idempotent)",
     )
-    sink.add_argument(
-        "--instance-id",
-        metavar="NAME",
-        help="static group membership: this worker's name in its group, unique per process; "
-        "restarted under the same name within the session timeout it takes its partitions "
-        'back with no rebalance (docs/brokers.md, "Rebalance storms") '
-        "[env USERTRAIL_GROUP_INSTANCE_ID; default: none, `up` names its own workers]",
-    )
+    _add_instance_argument(sink)
     sink.set_defaults(func=cmd_sink)
 
     stream = sub.add_parser(
@@ -134,12 +138,5 @@ def add(sub: Any, common: argparse.ArgumentParser) -> None:
         help="fold at most N events per batch; a changed user's state is written once "
         "per batch [env USERTRAIL_STREAM_BATCH_MAX; default 4000]",
     )
-    stream.add_argument(
-        "--instance-id",
-        metavar="NAME",
-        help="static group membership: this worker's name in its group, unique per process; "
-        "restarted under the same name within the session timeout it takes its partitions "
-        'back with no rebalance (docs/brokers.md, "Rebalance storms") '
-        "[env USERTRAIL_GROUP_INSTANCE_ID; default: none, `up` names its own workers]",
-    )
+    _add_instance_argument(stream)
     stream.set_defaults(func=cmd_stream)
