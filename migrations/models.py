@@ -160,7 +160,7 @@ class ArchivedRecords(Base):
     data: Mapped[bytes] = mapped_column(BYTEA, nullable=False)
 
 
-class DeadLetter(Base):
+class DeadLetterTable(Base):
     """An event that could not be applied: its reason, error and original bytes."""
 
     __tablename__ = "usertrail_dead_letters"

@@ -85,7 +85,7 @@ class SinkOptions:
     assign_all: bool = False
 
 
-class _Positions(ConsumerRebalanceListener):  # type: ignore[misc]
+class _SeekToStored(ConsumerRebalanceListener):  # type: ignore[misc]
     """Seeks newly assigned partitions to the positions stored in the database."""
 
     def __init__(self, sink: Sink) -> None:
@@ -119,7 +119,7 @@ class Sink:
         self.metrics = metrics or SinkMetrics()
         self.writer = Writer(
             dsn or settings.database_dsn(),
-            consumer=self.options.group,
+            group=self.options.group,
             unknown_users=self.options.unknown_users,
             profiles_topic=settings.profiles_topic,
             archive=settings.archiving if self.options.archive is None else self.options.archive,
@@ -355,7 +355,7 @@ class Sink:
         if self.options.on_log_reset == "start-over":
             await self._start_over_where_reset(topics)
         if not self.options.assign_all:
-            self.consumer.subscribe(topics, listener=_Positions(self))
+            self.consumer.subscribe(topics, listener=_SeekToStored(self))
         await self._start_client(self.consumer)
         if self.options.assign_all:
             tps = [tp for t in topics for tp in await partitions_of(self.consumer, t)]

@@ -20,7 +20,7 @@ from usertrail.settings import Settings
 
 
 @dataclass(frozen=True)
-class DeadLetterRow:
+class StoredDeadLetter:
     id: int
     reason: str
     error: str
@@ -58,7 +58,7 @@ def list_dead_letters(
     reason: str | None = None,
     include_resolved: bool = False,
     limit: int = 1000,
-) -> list[DeadLetterRow]:
+) -> list[StoredDeadLetter]:
     query = (
         f"SELECT {deadletters.columns(deadletters.COLUMNS)} FROM usertrail_dead_letters "
         "WHERE (%s::text IS NULL OR reason = %s)"
@@ -68,7 +68,7 @@ def list_dead_letters(
     query += " ORDER BY id LIMIT %s"
     with psycopg.connect(settings.database_dsn()) as conn:
         rows = conn.execute(query, (reason, reason, limit)).fetchall()
-    return [DeadLetterRow(**dict(zip(deadletters.COLUMNS, row, strict=True))) for row in rows]
+    return [StoredDeadLetter(**dict(zip(deadletters.COLUMNS, row, strict=True))) for row in rows]
 
 
 async def retry(
@@ -77,7 +77,7 @@ async def retry(
     """Re-drive unresolved dead letters; returns (resolved, still failing)."""
     pending = list_dead_letters(settings, reason=reason, limit=1_000_000)
     writer = Writer(
-        settings.database_dsn(), consumer="usertrail-dlq-retry", unknown_users=unknown_users
+        settings.database_dsn(), group="usertrail-dlq-retry", unknown_users=unknown_users
     )
     await writer.connect()
     resolved = failing = 0

@@ -221,7 +221,7 @@ class Writer:
         self,
         conninfo: str,
         *,
-        consumer: str,
+        group: str,
         unknown_users: UnknownUsers = "create",
         profiles_topic: str | None = None,
         archive: bool = False,
@@ -234,7 +234,9 @@ class Writer:
         self._archived_to: dict[tuple[str, int], int] = {}
         self.topic_ids: dict[str, UUID] = {}
         self.profiles_topic = profiles_topic
-        self.consumer = consumer
+        # whose positions and in-flight marks these are: the sink's group
+        # (usertrail_positions.consumer)
+        self.group = group
         self.unknown_users = unknown_users
         self._conn: psycopg.AsyncConnection[Any] | None = None
         # Users known to exist in "User" (created or seen by this writer): not
@@ -286,7 +288,7 @@ class Writer:
             "SELECT partition, next_offset, topic_id FROM usertrail_positions "
             "WHERE consumer = %s AND topic = %s "
             "AND (%s::int[] IS NULL OR partition = ANY(%s::int[]))",
-            (self.consumer, topic, *[partitions and list(partitions)] * 2),
+            (self.group, topic, *[partitions and list(partitions)] * 2),
         )
         return {int(p): (int(o), t) for p, o, t in rows}
 
@@ -303,7 +305,7 @@ class Writer:
         rows = await self._aside(
             "SELECT partition, first_offset, last_offset, attempts FROM usertrail_in_flight "
             "WHERE consumer = %s AND topic = %s AND partition = ANY(%s::int[])",
-            (self.consumer, topic, list(partitions)),
+            (self.group, topic, list(partitions)),
         )
         return {int(p): (int(f), int(last), int(a)) for p, f, last, a in rows}
 
@@ -325,7 +327,7 @@ class Writer:
                 "attempts = CASE WHEN f.first_offset = EXCLUDED.first_offset "
                 "AND f.last_offset = EXCLUDED.last_offset THEN f.attempts + 1 ELSE 1 END, "
                 "first_offset = EXCLUDED.first_offset, last_offset = EXCLUDED.last_offset",
-                [(self.consumer, t, p, first, last) for (t, p), (first, last) in ranges.items()],
+                [(self.group, t, p, first, last) for (t, p), (first, last) in ranges.items()],
             )
 
     async def forget_positions(self, topic: str) -> int:
@@ -335,7 +337,7 @@ class Writer:
         async with self.conn.transaction(), self.conn.cursor() as cur:
             await cur.execute(
                 "DELETE FROM usertrail_positions WHERE consumer = %s AND topic = %s",
-                (self.consumer, topic),
+                (self.group, topic),
             )
             forgotten = cur.rowcount
             if self.archive:
@@ -476,7 +478,7 @@ class Writer:
                         "SET next_offset = EXCLUDED.next_offset, "
                         "topic_id = EXCLUDED.topic_id, updated_at = now()",
                         [
-                            (self.consumer, t, p, o, self.topic_ids.get(t))
+                            (self.group, t, p, o, self.topic_ids.get(t))
                             for (t, p), o in result.positions.items()
                         ],
                     )

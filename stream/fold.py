@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, TypeAdapter
+from pydantic import AfterValidator
 from usertrail.producers.events import (
     EventBase,
     Interaction,
@@ -338,18 +338,6 @@ class Folding:
 
 def _reading_order(r: tuple[datetime, str, str | None]) -> tuple[datetime, str]:
     return r[0], r[1]
-
-
-_PROFILE_ADAPTER: TypeAdapter[Profile] = TypeAdapter(Profile)
-
-
-def to_json(profile: Profile) -> bytes:
-    """The profile as the changelog (and usertrail.profiles) stores it."""
-    return _PROFILE_ADAPTER.dump_json(profile)
-
-
-def from_json(data: bytes | str) -> Profile:
-    return _PROFILE_ADAPTER.validate_json(data)
 
 
 def fold_all(

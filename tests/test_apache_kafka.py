@@ -347,19 +347,23 @@ async def test_three_brokers_killed_restarted_and_frozen_lose_nothing(
     copies = collections.Counter(decode(v or b"").event_id for _, _, v in records)
     lost = traffic.acked - rows
     duplicated = sum(n - 1 for n in copies.values())
+    twice = {e for e, n in copies.items() if n > 1}
     dead = query(database_url, "SELECT count(*) FROM usertrail_dead_letters")[0][0]
     print(
         "\ncluster fault run: "
         + "; ".join(summary)
         + f"\n  outages: {', '.join(f'{k} {v:.1f} s' for k, v in outage.items())}"
         + f"\n  events sent {len(traffic.sent):,}, acknowledged {len(traffic.acked):,}, "
-        + f"rows {len(rows):,}, lost {len(lost)}, duplicated in the topic {duplicated}, "
+        + f"rows {len(rows):,}, lost {len(lost)}, duplicated in the topic {duplicated} "
+        + f"(spooled by the SDK and sent again: {len(traffic.spooled)}), "
         + f"dead letters {dead}, {time.monotonic() - started:.0f} s in all"
         + f"\n  worker restarts after a crash: {dict(supervisor.restarts) or 'none'}"
     )
     assert lost == set()
     assert rows == set(traffic.sent), "rows = distinct events, nothing more"
-    assert duplicated == 0
+    # twice in the topic only what a fault kept unacknowledged and the SDK's
+    # spool sent again (another producer session: idempotence cannot span it)
+    assert twice <= traffic.spooled, twice - traffic.spooled
     assert dead == 0
     checked = cli(settings, tmp_path, "verify", "--database-url", database_url)
     assert checked.returncode == 0, checked.stdout + checked.stderr

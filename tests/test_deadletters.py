@@ -5,13 +5,13 @@ from __future__ import annotations
 
 from hypothesis import given
 from hypothesis import strategies as st
-from usertrail.migrations.models import DeadLetter
+from usertrail.migrations.models import DeadLetterTable
 
 from usertrail import deadletters
 
 
 def test_the_column_list_is_the_tables() -> None:
-    assert deadletters.COLUMNS == tuple(c.name for c in DeadLetter.__table__.columns)
+    assert deadletters.COLUMNS == tuple(c.name for c in DeadLetterTable.__table__.columns)
     assert set(deadletters.WRITTEN) | {"id", "received_at", "retries", "resolved_at"} == set(
         deadletters.COLUMNS
     )

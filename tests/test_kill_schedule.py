@@ -142,20 +142,24 @@ async def test_a_kill_schedule_loses_nothing_and_counts_nothing_twice(
     records = await read_all(settings, settings.events_topic, expected=len(traffic.sent))
     copies = collections.Counter(decode(v or b"").event_id for _, _, v in records)
     duplicated = sum(n - 1 for n in copies.values())
+    twice = {e for e, n in copies.items() if n > 1}
     lost = traffic.acked - rows
     dead = query(database_url, "SELECT count(*) FROM usertrail_dead_letters")[0][0]
     print(
         f"\nkill schedule ({broker.kind}): {sum(kills.values())} SIGKILLs in "
         f"{STORM_SECONDS:.0f} s ({dict(kills)}), stalls: {', '.join(stalls)}"
         f"\n  events sent {len(traffic.sent):,}, acknowledged {len(traffic.acked):,}, "
-        f"rows {len(rows):,}, lost {len(lost)}, duplicated in the topic {duplicated}, "
+        f"rows {len(rows):,}, lost {len(lost)}, duplicated in the topic {duplicated} "
+        f"(spooled by the SDK and sent again: {len(traffic.spooled)}), "
         f"dead letters {dead}; converged {rows_at:.1f} s (rows) and {profiles_at:.1f} s "
         f"(profiles) after the last fault; worker restarts: {dict(supervisor.restarts)}"
     )
     assert lost == set()
     assert rows == set(traffic.sent), "rows = distinct events, nothing more"
     assert dead == 0
+    # twice in the topic only what a fault kept unacknowledged and the SDK's
+    # spool sent again (on Kafka, its idempotent producer adds no copy of its own)
     if broker.kind == "kafka":
-        assert duplicated == 0, "the idempotent SDK writes nothing twice"
+        assert twice <= traffic.spooled, twice - traffic.spooled
     checked = cli(settings, tmp_path, "verify", "--database-url", database_url)
     assert checked.returncode == 0, checked.stdout + checked.stderr

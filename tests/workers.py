@@ -427,18 +427,24 @@ def profile_message(user: str, at: datetime, primary: str, vector: float) -> byt
 
 # --- three brokers under faults ----------------------------------------------------------
 class Traffic:
-    """The SDK sending at a steady rate until stopped: what it sent and what
-    the broker acknowledged."""
+    """The SDK sending at a steady rate until stopped: what it sent, what the
+    broker acknowledged, and what the SDK spooled instead (a send whose
+    acknowledgement a fault kept away: it may have reached the log all the
+    same, and the spool's re-send, from another producer session, is then a
+    second copy in the topic, which the sink and the stream count once)."""
 
     def __init__(self, settings: Settings, rate: float) -> None:
         self.settings, self.rate = settings, rate
         self.sent: dict[str, dict[str, Any]] = {}
         self.acked: set[str] = set()
+        self.spooled: set[str] = set()
         self.stopped = asyncio.Event()
 
     def _delivered(self, event_id: str, error: BaseException | None) -> None:
         if error is None:
             self.acked.add(event_id)
+        else:
+            self.spooled.add(event_id)
 
     async def run(self) -> None:
         services, types = ["saju", "tarot", "astrology"], ["reading", "chat", "feedback"]

@@ -19,7 +19,7 @@ def rec(offset: int, user: str, value: bytes | None) -> Record:
 
 
 async def test_an_older_profile_in_a_later_batch_does_not_overwrite(database_url: str) -> None:
-    writer = Writer(database_url, consumer="c", profiles_topic=P)
+    writer = Writer(database_url, group="c", profiles_topic=P)
     await writer.connect()
     try:
         await writer.write([rec(0, "a", profile_message("a", T0 + timedelta(hours=2), "new", 2))])
@@ -32,7 +32,7 @@ async def test_an_older_profile_in_a_later_batch_does_not_overwrite(database_url
 
 
 async def test_tombstone_then_a_newer_profile_in_one_batch(database_url: str) -> None:
-    writer = Writer(database_url, consumer="c", profiles_topic=P)
+    writer = Writer(database_url, group="c", profiles_topic=P)
     await writer.connect()
     try:
         late = T0 + timedelta(days=1)
@@ -53,7 +53,7 @@ async def test_tombstone_then_a_newer_profile_in_one_batch(database_url: str) ->
 async def test_created_at_is_utc_whatever_offset_the_producer_wrote(database_url: str) -> None:
     # Another language's producer may write occurredAt with its local offset;
     # "createdAt" (timestamp without time zone) holds the instant in UTC.
-    writer = Writer(database_url, consumer="c", profiles_topic=P)
+    writer = Writer(database_url, group="c", profiles_topic=P)
     await writer.connect()
     try:
         events = [
