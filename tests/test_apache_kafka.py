@@ -237,17 +237,17 @@ async def _compacted(settings: Settings, topic: str, timeout: float = 60) -> tup
         await asyncio.sleep(1)
 
 
-# Known defect, not yet understood: it failed in 2 of 6 full-suite runs on
-# 2026-11-30 (and 1 of 5 before: the sinks had not written every event within
-# 120 s of the last fault). In one of the two, both sinks were at the end of
-# their partitions when they were stopped, about 45 s after the last fault.
-# It runs on every test run and shows as XPASS when it passes; when it fails,
-# the end of the test summary says how ("known defect failed", conftest.py).
+# It failed in about 1 full-suite run in 4 until 2026-11-30 (xfail, "not yet
+# understood"). The one failure whose timeline was read failed after the rows
+# and the profiles had caught up (the sinks were at the end of their
+# partitions), so in the final checks. The likeliest of those to fail under
+# leader kills asserted that no event was twice in the topic, which is not
+# the pipeline's promise: an event whose acknowledgement a killed leader kept
+# away is spooled by the SDK and sent again by its next producer session,
+# which idempotence cannot span; the sink and the stream count it once. The
+# test now allows a copy twice only for what the SDK spooled, prints both,
+# and runs as a plain test: a failure of another check shows in full.
 @pytest.mark.xdist_group("heavy")
-@pytest.mark.xfail(
-    reason="the three-node fault run fails about 1 full run in 4 (not yet understood)",
-    strict=False,
-)
 async def test_three_brokers_killed_restarted_and_frozen_lose_nothing(
     kafka3: KafkaCluster,
     settings_factory: Callable[..., Settings],
