@@ -94,3 +94,36 @@ async def test_a_recreated_log_stops_the_sink_and_start_over_reads_it(
                 ).fetchall()
             )
         assert archived == {False: len(new), True: len(old)}
+
+
+async def test_a_position_beyond_the_end_is_asked_again_before_it_stops_the_sink(
+    settings_factory: Callable[..., Settings], broker: Broker, database_url: str
+) -> None:
+    """The same log (same topic id) with an end below a stored position: on
+    Apache Kafka, what a partition's new leader answers until its followers
+    catch up. For the grace the sink asks again and writes nothing; past it,
+    the log counts as another one (exit code 3)."""
+    settings = settings_factory(broker, database_url=database_url)
+    await create_topics(settings)
+    sent = await produce(settings, resolve_resends(make_events(40, seed=6)), rate=10_000)
+    group = unique("sink")
+    await _sink_until(settings, database_url, len(sent), group=group)
+    with psycopg.connect(database_url) as conn:
+        conn.execute(
+            "UPDATE usertrail_positions SET next_offset = next_offset + 50 "
+            "WHERE consumer = %s AND topic = %s AND next_offset > 0",
+            (group, settings.events_topic),
+        )
+    sink = Sink(settings, SinkOptions(group=group, beyond_grace=6))
+    task = asyncio.create_task(sink.run())
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    try:
+        with pytest.raises(LogResetError, match="lies beyond its end"):
+            await asyncio.wait_for(task, 60)
+        assert loop.time() - started >= 6, "asked again for the grace first"
+    finally:
+        if not task.done():
+            sink.stop()
+            await asyncio.wait_for(task, 60)
+    assert count_rows(database_url) == len(sent)
