@@ -67,10 +67,16 @@ class Careful:
         for tp in tps:
             self.care.pop(tp, None)
 
+    @property
+    def active(self) -> bool:
+        """Records are being read again with care."""
+        return bool(self.care)
+
     def cut(
         self, records: list[Record]
     ) -> tuple[list[Record], dict[Partition, int], list[DeadLetter | None] | None]:
-        """A fetched batch cut to what may be handled now: the records kept,
+        """A fetched batch cut to what may be handled now (while any
+        partition is under care: records of one such partition only): the records kept,
         the offset to read each cut partition again from, and (when one of
         them is a record to dead-letter) what each kept record is:
         a DeadLetter, or None to decode it."""
@@ -83,12 +89,18 @@ class Careful:
             care = self.care.get(tp)
             if care is not None and start > care.until:
                 del self.care[tp]  # past what was in flight: as usual again
+        # One partition under care per batch, and nothing else in it: a death
+        # then counts against that partition's records only (the sink writes
+        # such a batch before it marks the next: consumer.py)
+        focus = next((tp for tp in first if tp in self.care), None)
+        if focus is None:
+            return records, {}, None
+        care = self.care[focus]
         kept: list[Record] = []
         again: dict[Partition, int] = {}
         for r in records:
             tp = (r.topic, r.partition)
-            care = self.care.get(tp)
-            if care is None or r.offset < first[tp] + care.limit:
+            if tp == focus and r.offset < first[tp] + care.limit:
                 kept.append(r)
             elif tp not in again:
                 again[tp] = r.offset

@@ -99,7 +99,8 @@ class _SeekToStored(ConsumerRebalanceListener):  # type: ignore[misc]
         # Every fetched batch is written before the partitions change hands.
         await self.sink.drain()
         self.sink.careful.forget([(tp.topic, tp.partition) for tp in revoked])
-        self.sink._beyond.clear()
+        for tp in revoked:
+            self.sink._beyond.pop(tp, None)
         log.info("partitions revoked: %s", sorted(tp.partition for tp in revoked))
 
     async def on_partitions_assigned(self, assigned: Sequence[TopicPartition]) -> None:
@@ -449,11 +450,17 @@ class Sink:
             await self._forget_positions()
             return 1  # what was fetched came from before the new beginning
         if records:  # fetched before a failure: the consumer's position is past them
+            for r in records:  # read from: not beyond its end (any more)
+                self._beyond.pop(TopicPartition(r.topic, r.partition), None)
             records, again, classified = self.careful.cut(records)
             for (topic, partition), offset in again.items():
                 self.consumer.seek(TopicPartition(topic, partition), offset)
             # what this batch holds, marked before it is decoded: if decoding
             # or writing it kills the process, the next sink knows (careful.py)
+            if self.careful.active:
+                # nothing else in flight while records are read again with
+                # care: a death is then this batch's alone (careful.py)
+                await self.drain()
             marks = in_flight(records)
             await self._retry_db(lambda: self.writer.mark_in_flight(marks), "mark in flight")
             # Preparing yields to the event loop every few hundred records, so
@@ -606,7 +613,8 @@ class Sink:
         position = await self.consumer.position(tp)
         now = time.monotonic()
         since = self._beyond.setdefault(tp, now)
-        grace = self.options.beyond_grace
+        # no failover on tansu (one node): its end never lags a leader's
+        grace = 0.0 if self.settings.is_tansu else self.options.beyond_grace
         if now - since < grace:
             if since == now:
                 log.warning(

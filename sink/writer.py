@@ -134,6 +134,9 @@ class Prepared:
     copy: bytes  # COPY text of plan.interactions, each event id once
     copied: int  # rows in `copy`
     archive: list[ArchiveRow] = field(default_factory=list)  # where the log is archived
+    # what was decided of each record before decoding (sink/careful.py), kept
+    # for a batch the database refuses and that is written again in parts
+    classified: Sequence[Decoded | DeadLetter | None] | None = None
 
 
 @dataclass
@@ -318,7 +321,7 @@ class Writer:
             return
         if self._marks is None or self._marks.closed:
             self._marks = await psycopg.AsyncConnection.connect(self._conninfo, autocommit=True)
-        async with self._marks.cursor() as cur:
+        async with self._marks.transaction(), self._marks.cursor() as cur:
             await cur.executemany(
                 "INSERT INTO usertrail_in_flight AS f "
                 "(consumer, topic, partition, first_offset, last_offset) "
@@ -340,6 +343,10 @@ class Writer:
                 (self.group, topic),
             )
             forgotten = cur.rowcount
+            await cur.execute(  # what was in flight belongs to the old log too
+                "DELETE FROM usertrail_in_flight WHERE consumer = %s AND topic = %s",
+                (self.group, topic),
+            )
             if self.archive:
                 self._archived_to = {k: v for k, v in self._archived_to.items() if k[0] != topic}
                 await cur.execute(
@@ -377,7 +384,7 @@ class Writer:
         except (psycopg.DataError, psycopg.IntegrityError) as exc:
             # Bad data, not a bad database: find the record and dead-letter it.
             # (A ProgrammingError is a missing schema or our bug: it stops us.)
-            return await self._isolate(prepared.records, exc, positions)
+            return await self._isolate(prepared.records, exc, positions, prepared.classified)
 
     async def prepare(
         self,
@@ -420,7 +427,9 @@ class Writer:
                 decoded.append(item)
         write_plan, copy, copied = await self._plan(decoded)
         archive = await _archive_rows(records, self._archived_to) if self.archive else []
-        return Prepared(records, found, dead, decoded, profiles, write_plan, copy, copied, archive)
+        return Prepared(
+            records, found, dead, decoded, profiles, write_plan, copy, copied, archive, classified
+        )
 
     @staticmethod
     async def _plan(decoded: list[Decoded]) -> tuple[WritePlan, bytes, int]:
@@ -499,9 +508,16 @@ class Writer:
         )
 
     async def _isolate(
-        self, records: Sequence[Record], exc: Exception, positions: bool = True
+        self,
+        records: Sequence[Record],
+        exc: Exception,
+        positions: bool = True,
+        classified: Sequence[Decoded | DeadLetter | None] | None = None,
     ) -> WriteResult:
-        """Find the record(s) the database refuses by halving the batch."""
+        """Find the record(s) the database refuses by halving the batch (a
+        record decided before decoding stays decided: never decoded again)."""
+        if len(records) == 1 and classified is not None and classified[0] is not None:
+            return await self._apply(await self.prepare(records, classified=classified), positions)
         if len(records) == 1:
             log.error(
                 "record %s:%d@%d cannot be applied: %s",
@@ -515,8 +531,14 @@ class Writer:
         log.warning("batch of %d refused (%s); isolating the record", len(records), exc)
         mid = len(records) // 2
         merged = WriteResult()
-        for half in (records[:mid], records[mid:]):
-            merged.add(await self.write(half, positions=positions))
+        for part in (slice(None, mid), slice(mid, None)):
+            merged.add(
+                await self.write(
+                    records[part],
+                    positions=positions,
+                    classified=None if classified is None else classified[part],
+                )
+            )
         return merged
 
     @staticmethod

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -76,6 +77,19 @@ class UsertrailApp(faust.App):
         if self.usertrail_folder is not None and self.usertrail_folder.log_reset is not None:
             return self.usertrail_folder.log_reset
         return None if self.usertrail_watchdog is None else self.usertrail_watchdog.stalled
+
+
+def _stop_worker(error: UsertrailError) -> None:
+    """Stop as SIGTERM stops the worker (a faust crash would leave the
+    process running); if that hangs on what got stuck, exit anyway."""
+    os.kill(os.getpid(), signal.SIGTERM)
+    timer = threading.Timer(STOP_WITHIN, os._exit, (error.exit_code,))
+    timer.daemon = True
+    timer.start()
+
+
+STOP_WITHIN = 60.0
+"""Seconds a stalled worker's shutdown may take before the process exits."""
 
 
 def create_app(
@@ -149,8 +163,7 @@ def create_app(
         return await helper.fold(users)
 
     folder = BatchFolder(settings, table, app.consumer, fold, on_batch=on_batch)
-    # stopped as SIGTERM stops it (a faust crash would leave the process running)
-    watchdog = Watchdog(app, folder, settings, stop=lambda _: os.kill(os.getpid(), signal.SIGTERM))
+    watchdog = Watchdog(app, folder, settings, stop=_stop_worker)
 
     @app.agent(events)
     async def fold_events(stream: faust.StreamT[bytes]) -> None:

@@ -76,6 +76,7 @@ class Watchdog:
         self.recovery_moved_at = 0.0
         self.recovery_stuck_since: float | None = None
         self.restarts = 0
+        self.rebalancing_since: float | None = None
         self.stalled: StalledError | None = None
         self.state = "starting"
 
@@ -121,7 +122,13 @@ class Watchdog:
                 )
             return
         if self.app.rebalancing:
+            self.rebalancing_since = self.rebalancing_since or now
+            if now - self.rebalancing_since > bound:
+                self._stalled(
+                    f"a rebalance not finished after {now - self.rebalancing_since:.0f} s"
+                )
             return
+        self.rebalancing_since = None
         self.state = "serving"
         behind = await self._behind()
         if not behind:
@@ -133,7 +140,7 @@ class Watchdog:
 
     def _check_recovery(self, recovery: Any, now: float, bound: float) -> None:
         offsets = dict(recovery.active_offsets)
-        if recovery.active_remaining_total() <= 0 or offsets != self.recovery_seen:
+        if offsets != self.recovery_seen:
             self.recovery_seen, self.recovery_moved_at = offsets, now
             self.recovery_stuck_since = None
             return
@@ -147,6 +154,8 @@ class Watchdog:
                 f"({self.restarts} restarts of it)"
             )
             return
+        if recovery.active_remaining_total() <= 0:
+            return  # nothing left to read, only to finish: bounded by the above
         behind = {
             f"{tp.topic}[{tp.partition}]": f"{offsets.get(tp)} of {high}"
             for tp, high in recovery.active_highwaters.items()

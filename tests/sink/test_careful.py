@@ -26,8 +26,9 @@ def test_records_in_flight_are_read_an_eighth_then_one_at_a_time() -> None:
     assert careful.found(TP, 1000, (1000, 4999, 1))
     kept, again, _ = careful.cut(records(1000, 2000) + records(0, 50, partition=4))
     assert [r.offset for r in kept if r.partition == 3] == list(range(1000, 1500))
-    assert again == {TP: 1500}
-    assert len([r for r in kept if r.partition == 4]) == 50, "other partitions as usual"
+    # nothing else in the batch: a death counts against partition 3's records only
+    assert again == {TP: 1500, ("events", 4): 0}
+    assert not [r for r in kept if r.partition == 4]
     careful = Careful()
     assert careful.found(TP, 1000, (1000, 1000 + ONE_BY_ONE - 1, 1))
     kept, again, _ = careful.cut(records(1000, 10))
@@ -55,3 +56,20 @@ def test_in_flight_is_each_partitions_first_and_last(pairs: list[tuple[int, int]
     for p in {p for p, _ in pairs}:
         offsets = [o for q, o in pairs if q == p]
         assert marks[("t", p)] == (min(offsets), max(offsets))
+
+
+def test_two_partitions_under_care_are_read_one_at_a_time() -> None:
+    """A quiet partition's one record in flight beside a record that kills
+    the sink: each is read in a batch of its own, so the quiet one's mark
+    never counts the other's deaths."""
+    careful = Careful()
+    careful.found(TP, 10, (10, 10, 1))
+    careful.found(("events", 5), 200, (200, 210, 1))
+    kept, again, classified = careful.cut(records(10, 3) + records(200, 11, partition=5))
+    assert {r.partition for r in kept} == {3} and [r.offset for r in kept] == [10]
+    assert again == {TP: 11, ("events", 5): 200} and classified is None
+    kept, again, _ = careful.cut(records(11, 2) + records(200, 11, partition=5))
+    assert {r.partition for r in kept} == {5} and len(kept) == 1
+    assert again == {TP: 11, ("events", 5): 201}, "the others wait while one is under care"
+    kept, again, _ = careful.cut(records(11, 2) + records(211, 4, partition=5))
+    assert len(kept) == 6 and again == {}, "none under care: as usual"

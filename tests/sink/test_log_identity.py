@@ -102,7 +102,8 @@ async def test_a_position_beyond_the_end_is_asked_again_before_it_stops_the_sink
     """The same log (same topic id) with an end below a stored position: on
     Apache Kafka, what a partition's new leader answers until its followers
     catch up. For the grace the sink asks again and writes nothing; past it,
-    the log counts as another one (exit code 3)."""
+    the log counts as another one (exit code 3). tansu (one node, no
+    failover) gets no grace."""
     settings = settings_factory(broker, database_url=database_url)
     await create_topics(settings)
     sent = await produce(settings, resolve_resends(make_events(40, seed=6)), rate=10_000)
@@ -121,7 +122,10 @@ async def test_a_position_beyond_the_end_is_asked_again_before_it_stops_the_sink
     try:
         with pytest.raises(LogResetError, match="lies beyond its end"):
             await asyncio.wait_for(task, 60)
-        assert loop.time() - started >= 6, "asked again for the grace first"
+        if broker.kind == "kafka":
+            assert loop.time() - started >= 6, "asked again for the grace first"
+        else:  # one node, no failover: nothing to wait for
+            assert loop.time() - started < 6
     finally:
         if not task.done():
             sink.stop()
