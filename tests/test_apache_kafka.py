@@ -252,8 +252,8 @@ async def _compacted(settings: Settings, topic: str, timeout: float = 60) -> tup
 #   which idempotence cannot span (the sink and the stream count it once).
 #   A copy twice is allowed only for what the SDK spooled.
 # Known defect, seen again on 2026-11-30 at c4edc3c (1 of 7 full runs this
-# session): both sinks stuck for the whole 120 s wait (12,086 rows of 22,778)
-# while aiokafka's fetcher asked node 1, no longer the leader, for the offsets
+# session): 12,086 rows of 22,778 when the 120 s wait ended, while the
+# sinks' aiokafka fetchers asked node 1, no longer the leader, for the offsets
 # of t.profiles[2] every 100 ms ("Failed fetch offsets from 1: [Error 6]
 # NotLeaderForPartitionError"), never updating its metadata. Not fixed yet;
 # it runs every time and the end of the summary says how it failed.
