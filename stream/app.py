@@ -42,7 +42,7 @@ from usertrail.stream.web import add_profile_view
 
 from usertrail.errors import UsertrailError
 from usertrail.kafka import adopt_stale_group_leaders
-from usertrail.settings import STREAM_TABLE, Settings
+from usertrail.settings import METADATA_MAX_AGE_MS, STREAM_TABLE, Settings
 
 TABLE = STREAM_TABLE
 BATCH_WITHIN = 0.25
@@ -121,6 +121,8 @@ def create_app(
         broker_heartbeat_interval=group["heartbeat_interval_ms"] / 1000,
         broker_rebalance_timeout=group["rebalance_timeout_ms"] / 1000,
         consumer_group_instance_id=group.get("group_instance_id"),
+        consumer_metadata_max_age_ms=METADATA_MAX_AGE_MS,
+        producer_metadata_max_age_ms=METADATA_MAX_AGE_MS,
         # tansu answers ListOffsets(latest) with the first offset of the last
         # batch + 1 (docs/brokers.md): table recovery is only exact when faust's
         # own producer writes one record per batch. Not on a real cluster.

@@ -12,7 +12,6 @@ import itertools
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from aiokafka import AIOKafkaConsumer
@@ -33,18 +32,6 @@ def pytest_configure(config: pytest.Config) -> None:
     # 1 s, see TEST_KAFKA_CONFIG); tansu needs them anyway (docs/brokers.md).
     os.environ.setdefault("USERTRAIL_GROUP_SESSION_TIMEOUT_MS", "2000")
     os.environ.setdefault("USERTRAIL_GROUP_HEARTBEAT_INTERVAL_MS", "200")
-
-
-def pytest_terminal_summary(terminalreporter: Any) -> None:
-    """A known defect (an xfail) that showed this run: how it failed, not
-    only the reason it is marked with, so that each run's log helps to
-    understand it."""
-    for report in terminalreporter.stats.get("xfailed", []):
-        text = getattr(report, "longreprtext", "") or ""
-        lines = [line for line in text.splitlines() if line.startswith("E ")]
-        terminalreporter.write_line(f"known defect failed: {report.nodeid}")
-        for line in (lines or text.splitlines())[-40:]:
-            terminalreporter.write_line(f"  {line}")
 
 
 Broker = EmbeddedBroker | KafkaCluster

@@ -238,7 +238,7 @@ async def _compacted(settings: Settings, topic: str, timeout: float = 60) -> tup
 
 
 # It failed in about 1 full-suite run in 4 until 2026-11-30 (xfail, "not yet
-# understood"). Two causes, both fixed:
+# understood"). Three causes, all fixed:
 # - A sink stopped with exit code 3 during a failover ("the stored position
 #   lies beyond its end"): a partition's new leader answers a high-water mark
 #   below its old leader's until its followers catch up. Seen once in a run
@@ -251,17 +251,15 @@ async def _compacted(settings: Settings, topic: str, timeout: float = 60) -> tup
 #   away is spooled by the SDK and sent again by its next producer session,
 #   which idempotence cannot span (the sink and the stream count it once).
 #   A copy twice is allowed only for what the SDK spooled.
-# Known defect, seen again on 2026-11-30 at c4edc3c (1 of 7 full runs this
-# session): 12,086 rows of 22,778 when the 120 s wait ended, while the
-# sinks' aiokafka fetchers asked node 1, no longer the leader, for the offsets
-# of t.profiles[2] every 100 ms ("Failed fetch offsets from 1: [Error 6]
-# NotLeaderForPartitionError"), never updating its metadata. Not fixed yet;
-# it runs every time and the end of the summary says how it failed.
+# - Seen on 2026-11-30 (1 of 7 full runs): 12,086 rows of 22,778 when the
+#   120 s wait ended, while the sinks' aiokafka fetchers asked node 1, no
+#   longer the leader, for the offsets of t.profiles[2] every 100 ms, never
+#   updating their metadata: aiokafka's lookup of a starting offset does not
+#   refresh metadata on a leader error, only its periodic refresh (every
+#   5 min by default) does. Every client now refreshes every 5 s
+#   (usertrail/settings.py, METADATA_MAX_AGE_MS; docs/brokers.md, "Stale
+#   leader").
 @pytest.mark.xdist_group("heavy")
-@pytest.mark.xfail(
-    reason="sinks can stay stuck on a stale partition leader after the faults (aiokafka)",
-    strict=False,
-)
 async def test_three_brokers_killed_restarted_and_frozen_lose_nothing(
     kafka3: KafkaCluster,
     settings_factory: Callable[..., Settings],

@@ -16,6 +16,13 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 EMBEDDED_HOST = "127.0.0.1"
 STREAM_TABLE = "profiles"
+# How old a client's view of the cluster may grow (aiokafka's default is five
+# minutes). aiokafka refreshes it after most leader errors, but not when it
+# looks up where to start reading: after a failover, a sink or worker asked
+# the old leader for a partition's offsets every 100 ms until the periodic
+# refresh, and read nothing from it meanwhile (docs/brokers.md, "Stale
+# leader"). One metadata request per client every few seconds bounds that.
+METADATA_MAX_AGE_MS = 5000
 """The stream's faust table; its changelog is ``<stream_app_id>-profiles-changelog``."""
 
 
@@ -217,6 +224,7 @@ class Settings(BaseSettings):
         opts: dict[str, Any] = {
             "bootstrap_servers": self.bootstrap_servers,
             "security_protocol": self.kafka_security_protocol,
+            "metadata_max_age_ms": METADATA_MAX_AGE_MS,
         }
         if self.kafka_sasl_mechanism is not None:
             opts["sasl_mechanism"] = self.kafka_sasl_mechanism
