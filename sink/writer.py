@@ -608,7 +608,7 @@ class Writer:
             carried = event.carried()
             columns = list(carried)
             values = [Jsonb(v) if _PREFERENCE_COLUMNS[c] else v for c, v in carried.items()]
-            at = event.occurred_at.replace(tzinfo=None)
+            at = event.occurred_at.astimezone(UTC).replace(tzinfo=None)  # the instant, in UTC
             names = sql.SQL(", ").join(sql.Identifier(c) for c in columns)
             query = sql.SQL(
                 'INSERT INTO "UserPreferences" (id, "userId", "createdAt", "updatedAt", {names}) '

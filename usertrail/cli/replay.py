@@ -95,6 +95,23 @@ def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
                 if t.totals[kind] > len(keys[: args.limit]):
                     print(f"  ... and {t.totals[kind] - len(keys[: args.limit]):,} more {label}")
             different |= t.differing > 0
+    if args.only in (None, "rows"):
+        from usertrail.replay.crosscheck import cross_check
+
+        states = asyncio.run(replay.live_states(settings)).states
+        profiles = {key.decode(): state.profile for key, state in states.items()}
+        disagree = cross_check(settings, profiles)
+        print(
+            f"rows: {len(profiles):,} profiles against SQL over the rows, "
+            f"{len(disagree):,} users differ"
+        )
+        for user in disagree[: args.limit]:
+            n = user.open_dead_letters
+            pending = f" ({n:,} dead letters open)" if n else ""
+            print(f"  {user.user_id}: differs: {', '.join(user.fields)}{pending}")
+        if len(disagree) > args.limit:
+            print(f"  ... and {len(disagree) - args.limit:,} more")
+        different |= bool(disagree)
     return 1 if different else 0
 
 
@@ -221,15 +238,19 @@ def add(sub: Any, common: argparse.ArgumentParser) -> None:
         help="compare the live profiles and tables with what the log implies",
         description="Fold usertrail.events afresh and compare every user's state with the "
         "stream table's changelog (what workers recover); rebuild the database "
-        "projections into scratch shadow tables and compare them with the live tables. "
+        "projections into scratch shadow tables and compare them with the live tables; "
+        "compare every live profile with SQL over the rows (counts by type, service and "
+        "theme, ratings, first and last activity, preferences, and favourite themes by the "
+        "seed's query), which shares nothing with the fold. "
         "Prints per table the counts and each differing key; exit code 1 on any difference. "
         "Nothing live is written.",
     )
     add_rules_argument(verify)
     verify.add_argument(
         "--only",
-        choices=["profiles", "database"],
-        help="check only the stream's profiles or only the database (default: both)",
+        choices=["profiles", "database", "rows"],
+        help="check only the stream's profiles against the log, only the database against "
+        "the log, or only the profiles against the rows (default: all three)",
     )
     verify.add_argument(
         "--limit", type=int, default=50, metavar="N", help="differences listed (default 50)"

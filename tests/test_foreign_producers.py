@@ -1,0 +1,159 @@
+"""Events from another client: librdkafka (confluent-kafka) with its default
+partitioner (CRC32, not murmur2), each event written as JSON by hand from the
+exported JSON Schema, not by our SDK. Rows, profiles and ``verify`` (with its
+cross-check of every profile against SQL over the rows) agree (#19)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import signal
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+from confluent_kafka import KafkaError, Message, Producer
+from usertrail.producers.ids import uuid7
+from usertrail.sink.consumer import Sink, SinkOptions
+
+from tests.conftest import Broker, create_topics, unique
+from tests.sink.conftest import query
+from tests.workers import cli, count_rows, stream_process, wait_for_profile
+from usertrail.embedded import free_port
+from usertrail.settings import Settings
+
+BASE = datetime(2026, 3, 1, tzinfo=UTC)
+# the offsets apps write their local times with
+ZONES = [timezone(timedelta(hours=h, minutes=m)) for h, m in ((9, 0), (-5, 0), (5, 45), (0, 0))]
+
+
+def _at(minutes: int, zone: int) -> str:
+    """BASE + minutes, written in ZONES[zone] (RFC 3339, with its offset)."""
+    return (BASE + timedelta(minutes=minutes)).astimezone(ZONES[zone % len(ZONES)]).isoformat()
+
+
+def _event(kind: str, user: str, at: str, **fields: Any) -> dict[str, Any]:
+    return {
+        "kind": kind,
+        "schemaVersion": 1,
+        "eventId": uuid7(),
+        "userId": user,
+        "occurredAt": at,
+        "source": "rdkafka-app",
+        **fields,
+    }
+
+
+def plan(users: list[str], seed: int = 19) -> list[dict[str, Any]]:
+    """Per user, 30 interactions in shuffled order (log order is not event
+    time order), written in four time zones; and three preference changes
+    whose wall times, read without their offsets, order them wrongly."""
+    rng = random.Random(seed)
+    docs = []
+    for user in users:
+        mine = [
+            _event(
+                "interaction",
+                user,
+                _at(i * 7, rng.randrange(4)),
+                type=("reading", "chat", "feedback", "share", "reading")[i % 5],
+                service=("saju", "tarot", "astrology")[i % 3],
+                theme=("love", "career", "health", None)[i % 4],
+                rating=(5, 4, None, 3, 4, 1)[i % 6],
+            )
+            for i in range(30)
+        ]
+        rng.shuffle(mine)
+        docs += [{k: v for k, v in d.items() if v is not None} for d in mine]
+        docs += [
+            # 01:40 UTC, written 10:40+09:00
+            _event("preferences.updated", user, _at(100, 0), readingLength="long"),
+            # 01:50 UTC, written as such: newer, although its wall time is earlier
+            _event(
+                "preferences.updated",
+                user,
+                _at(110, 3),
+                readingLength="short",
+                tonePreference="formal",
+            ),
+            # 00:50 UTC, written 19:50-05:00 the day before: older, sent last
+            _event("preferences.updated", user, _at(50, 1), preferredLanguage="ko"),
+        ]
+    return docs
+
+
+def produce(bootstrap: str, topic: str, docs: list[dict[str, Any]]) -> dict[str, int]:
+    """Send with librdkafka's defaults; the last offset of each user."""
+    last: dict[str, int] = {}
+    failed: list[str] = []
+
+    def delivered(err: KafkaError | None, msg: Message) -> None:
+        if err is not None:
+            failed.append(str(err))
+            return
+        user = (msg.key() or b"").decode()
+        last[user] = max(last.get(user, -1), msg.offset() or 0)
+
+    producer = Producer({"bootstrap.servers": bootstrap, "acks": "all"})
+    for doc in docs:
+        producer.produce(topic, json.dumps(doc), key=doc["userId"], on_delivery=delivered)
+        producer.poll(0)
+    assert producer.flush(60) == 0
+    assert not failed, failed
+    return last
+
+
+async def test_events_written_by_librdkafka_in_any_time_zone_agree_everywhere(
+    settings_factory: Callable[..., Settings], broker: Broker, database_url: str, tmp_path: Path
+) -> None:
+    settings = settings_factory(broker, database_url=database_url, stream_app_id=unique("rdk"))
+    await create_topics(settings)
+    users = [f"rdk-{i}" for i in range(8)]
+    docs = plan(users)
+    last = await asyncio.to_thread(produce, settings.bootstrap_servers, settings.events_topic, docs)
+    interactions = sum(1 for d in docs if d["kind"] == "interaction")
+
+    web_port = free_port()
+    stream = stream_process(settings, web_port, tmp_path / "stream.log")
+    sink = Sink(settings, SinkOptions(group=unique("sink")))
+    sinking = asyncio.create_task(sink.run())
+    try:
+        for user in users:
+            profile = await wait_for_profile(web_port, user, last[user])
+            assert profile["userId"] == user
+        vectors = "SELECT count(*) FROM user_vectors WHERE segments IS NOT NULL"
+        for _ in range(300):
+            if count_rows(database_url) >= interactions:
+                if query(database_url, vectors)[0][0] == len(users):
+                    break
+            await asyncio.sleep(0.2)
+        assert count_rows(database_url) == interactions
+        assert query(database_url, vectors)[0][0] == len(users)
+    finally:
+        sink.stop()
+        await asyncio.wait_for(sinking, 60)
+        stream.send_signal(signal.SIGTERM)
+        stream.wait(timeout=60)
+
+    # every time column holds the UTC instant, whatever offset it was written with
+    rows = query(
+        database_url,
+        'SELECT "readingLength", "tonePreference", "preferredLanguage", "updatedAt" '
+        'FROM "UserPreferences" ORDER BY "userId"',
+    )
+    updated = datetime(2026, 3, 1, 1, 50, tzinfo=UTC).replace(tzinfo=None)
+    assert rows == [("short", "formal", "en", updated)] * len(users)
+    first = next(d for d in docs if d["kind"] == "interaction")
+    (created,) = query(
+        database_url, 'SELECT "createdAt" FROM "UserInteraction" WHERE id = %s', (first["eventId"],)
+    )
+    instant = datetime.fromisoformat(first["occurredAt"]).astimezone(UTC)
+    assert created[0] == instant.replace(tzinfo=None)
+
+    checked = cli(settings, tmp_path, "verify", "--database-url", database_url)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert f"rows: {len(users)} profiles against SQL over the rows, 0 users differ" in (
+        checked.stdout
+    )
