@@ -10,12 +10,16 @@ an event is made.
 from __future__ import annotations
 
 import json
+import math
+import re
 from datetime import UTC, datetime
 from typing import Annotated, Any, ClassVar, Literal, get_args
 
 from pydantic import (
+    AfterValidator,
     AwareDatetime,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     JsonValue,
@@ -46,7 +50,25 @@ SLUG_PATTERN = r"^[a-z0-9]+(?:[-_][a-z0-9]+)*$"
 SLUG_MAX = 64
 InteractionType = Literal["reading", "chat", "feedback", "share"]
 INTERACTION_TYPES: tuple[str, ...] = get_args(InteractionType)
-TEXT_ID_PATTERN = r"^[^\x00-\x1f\x7f]*[^\s\x00-\x1f\x7f][^\x00-\x1f\x7f]*$"
+# Control characters (C0, DEL, C1) and white space, spelled out: "\\s" means
+# other sets in other regex engines (pydantic-core's counts U+0085, a
+# JavaScript validator's does not), and the JSON Schema carries this pattern.
+_CONTROL = "\\x00-\\x1f\\x7f-\\x9f"
+_SPACE = " \u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000\ufeff"
+TEXT_ID_PATTERN = f"^[^{_CONTROL}]*[^{_CONTROL}{_SPACE}][^{_CONTROL}]*$"
+# RFC 3339's date-time, exactly: a 'T' (or 't') between date and time, no
+# leap second (no library here represents one), an offset as Z or +hh:mm.
+# pydantic alone also takes a space for the 'T', an offset "+09" and more.
+# [0-9], never "\\d" (Unicode digits in Python and Rust), and no lookahead.
+RFC3339_PATTERN = (
+    r"^(?:[0-9]{3}[1-9]|[0-9]{2}[1-9]0|[0-9][1-9]00|[1-9]000)"  # a year, not 0000
+    r"-(?:0[1-9]|1[0-2])-(?:0[1-9]|[12][0-9]|3[01])[Tt]"
+    r"(?:[01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](?:\.[0-9]+)?"
+    r"(?:[Zz]|[+-](?:[01][0-9]|2[0-3]):[0-5][0-9])$"
+)
+_RFC3339 = re.compile(RFC3339_PATTERN)
+FREE_FORM_DEPTH = 32
+"""Levels of nesting a free-form object (``metadata`` and the like) may hold."""
 UUID7_PATTERN = r"^[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$"
 LANGUAGE_PATTERN = r"^[a-z]{2,3}(?:-[A-Za-z0-9]{2,8})*$"
 _PATTERN_MESSAGES = {
@@ -57,11 +79,62 @@ _PATTERN_MESSAGES = {
 }
 
 
+def _free_form(value: dict[str, Any]) -> dict[str, Any]:
+    """What PostgreSQL's jsonb and every JSON parser take alike: finite
+    numbers, no NUL in a string or key, valid Unicode, FREE_FORM_DEPTH
+    levels at most. (pydantic's JsonValue takes NaN, Infinity, 1e400 as
+    inf and NUL; PostgreSQL refuses them.)"""
+    problem = _free_form_problem(value, 1)
+    if problem is not None:
+        raise ValueError(problem)
+    return value
+
+
+def _free_form_problem(value: Any, depth: int) -> str | None:
+    if isinstance(value, str):
+        if "\x00" in value:
+            return "must not contain NUL (\\u0000) in a string"
+        if not value.isascii():
+            try:
+                value.encode()
+            except UnicodeEncodeError:
+                return "must be valid Unicode (no lone surrogate)"
+        return None
+    if isinstance(value, float):
+        return None if math.isfinite(value) else "must hold finite numbers (no NaN or Infinity)"
+    if isinstance(value, dict | list):
+        if depth > FREE_FORM_DEPTH:
+            return f"must not be nested more than {FREE_FORM_DEPTH} levels deep"
+        items = value.items() if isinstance(value, dict) else enumerate(value)
+        for k, v in items:
+            problem = (_free_form_problem(k, depth) if isinstance(k, str) else None) or (
+                _free_form_problem(v, depth + 1)
+            )
+            if problem is not None:
+                return problem
+    return None
+
+
+def _whole_number(value: Any) -> Any:
+    """4.0 is the integer 4, as JSON Schema's "integer" says; 4.5 stays
+    refused, and so does a string or a boolean."""
+    if type(value) is float and value.is_integer():
+        return int(value)
+    return value
+
+
+def _rfc3339(value: Any) -> Any:
+    if isinstance(value, str) and _RFC3339.fullmatch(value) is None:
+        raise ValueError("must be an RFC 3339 date-time such as 2026-03-01T10:00:00+09:00")
+    return value
+
+
 Slug = Annotated[str, Field(max_length=SLUG_MAX, pattern=SLUG_PATTERN)]
 UserId = Annotated[str, Field(min_length=1, max_length=USER_ID_MAX, pattern=TEXT_ID_PATTERN)]
 EventId = Annotated[str, Field(pattern=UUID7_PATTERN)]
-JsonObject = dict[str, JsonValue]
-Rating = Annotated[StrictInt, Field(ge=1, le=5)]
+JsonObject = Annotated[dict[str, JsonValue], AfterValidator(_free_form)]
+Rating = Annotated[StrictInt, Field(ge=1, le=5), BeforeValidator(_whole_number)]
+EventTime = Annotated[AwareDatetime, BeforeValidator(_rfc3339)]
 
 
 class ContractModel(BaseModel):
@@ -91,7 +164,7 @@ class EventBase(ContractModel):
 
     event_id: EventId
     user_id: UserId
-    occurred_at: AwareDatetime
+    occurred_at: EventTime
     schema_version: Literal[1] = SCHEMA_VERSION
     source: Source
 
@@ -262,6 +335,22 @@ def key(event: EventBase) -> bytes:
     return event.user_id.encode()
 
 
+_NO_NUL = {"type": "string", "pattern": "^[^\\x00]*$"}
+_JSON_VALUE_SCHEMA: dict[str, Any] = {
+    "description": "any JSON value without NUL (\\u0000) in a string or key",
+    "anyOf": [
+        _NO_NUL,
+        {"type": ["number", "boolean", "null"]},
+        {"type": "array", "items": {"$ref": "#/$defs/JsonValue"}},
+        {
+            "type": "object",
+            "propertyNames": _NO_NUL,
+            "additionalProperties": {"$ref": "#/$defs/JsonValue"},
+        },
+    ],
+}
+
+
 def json_schemas() -> dict[str, dict[str, Any]]:
     """The JSON Schema of each kind, for producers in other languages."""
     schemas = {}
@@ -273,9 +362,39 @@ def json_schemas() -> dict[str, dict[str, Any]]:
         for name in ("kind", "schemaVersion"):
             if name not in schema["required"]:
                 schema["required"].append(name)
-        schema["properties"]["occurredAt"]["description"] = (
-            "UTC instant with an explicit offset; naive timestamps are refused"
+        schema["properties"]["occurredAt"].update(
+            pattern=RFC3339_PATTERN,
+            description="RFC 3339 date-time with an explicit offset (Z or +hh:mm), any "
+            "offset: it is read as the instant it names, and every time usertrail "
+            "writes or compares is that instant in UTC. Besides the pattern: a real "
+            "calendar date (no 2026-02-30), and no leap second (:60).",
         )
+        if "JsonValue" in schema.get("$defs", {}):
+            schema["$defs"]["JsonValue"] = _JSON_VALUE_SCHEMA
+        free = _FREE_FORM.get(kind)
+        if free is not None:
+            prop = schema["properties"][to_camel(free)]
+            # the object itself, also where the field may be null (anyOf)
+            obj = next(b for b in prop.get("anyOf", [prop]) if b.get("type") == "object")
+            obj["propertyNames"] = _NO_NUL
+            prop["description"] = (
+                "free-form JSON object: finite numbers only (no NaN or Infinity, none "
+                "beyond a double), no NUL (\\u0000) in a string or key, at most "
+                f"{FREE_FORM_DEPTH} levels of nesting"
+            )
+        if kind == "preferences.updated":
+            fields = [to_camel(f) for f in PreferencesUpdated.PREFERENCE_FIELDS]
+            # at least one carried: present and not null (null = not carried)
+            schema["anyOf"] = [
+                {"required": [f], "properties": {f: {"not": {"type": "null"}}}} for f in fields
+            ]
+        schema["description"] = (
+            f"{schema.get('description', '').strip()}\n\nBeyond what this schema says: the "
+            f"record's value is at most {EVENT_MAX_BYTES:,} bytes of UTF-8 JSON with each "
+            "key once (where one repeats, every part of usertrail takes the last, as "
+            "PostgreSQL's jsonb does); strings are valid Unicode (no lone surrogate "
+            "escape); the record's key is the userId."
+        ).strip()
         schema["properties"]["eventId"]["description"] = (
             "lower-case canonical UUIDv7, made by the client; becomes UserInteraction.id"
         )

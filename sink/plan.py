@@ -9,6 +9,7 @@ so the result equals applying the events one by one.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -58,6 +59,33 @@ class Decoded:
     event: EventBase | FastRow  # an interaction in the SDK's layout: its row, made directly
 
 
+def named_user(record: Record) -> str | None:
+    """The user an invalid record names, so that erasure and export find its
+    dead letter: its key, else its payload's ``userId``, when either is
+    text that PostgreSQL can store."""
+    candidates: list[object] = []
+    if record.key is not None:
+        try:
+            candidates.append(record.key.decode())
+        except UnicodeDecodeError:
+            pass
+    if record.value is not None:
+        try:
+            doc = json.loads(record.value)
+        except (ValueError, RecursionError):
+            doc = None
+        if isinstance(doc, dict):
+            candidates.append(doc.get("userId"))
+    for user in candidates:
+        if isinstance(user, str) and user and "\x00" not in user and len(user) <= 1000:
+            try:
+                user.encode()
+            except UnicodeEncodeError:
+                continue
+            return user
+    return None
+
+
 def classify(record: Record) -> Decoded | DeadLetter:
     if record.value is None:
         return DeadLetter(record, INVALID, "empty record value (null)")
@@ -67,9 +95,10 @@ def classify(record: Record) -> Decoded | DeadLetter:
             return Decoded(record, row)
         event = events.decode(record.value)
     except EventValidationError as exc:
-        return DeadLetter(record, INVALID, str(exc))
+        return DeadLetter(record, INVALID, str(exc), None, named_user(record))
     except Exception as exc:  # noqa: BLE001  # whatever the bytes: a dead letter, never a crash
-        return DeadLetter(record, INVALID, f"undecodable: {type(exc).__name__}: {exc}"[:1000])
+        error = f"undecodable: {type(exc).__name__}: {exc}"[:1000].replace("\x00", "\\u0000")
+        return DeadLetter(record, INVALID, error, None, named_user(record))
     if record.key != event.user_id.encode():
         return DeadLetter(
             record,

@@ -18,7 +18,7 @@ from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
-from pydantic import ConfigDict, JsonValue, TypeAdapter
+from pydantic import ConfigDict, TypeAdapter
 from pydantic_core import to_json
 from usertrail.producers.events import (
     EVENT_MAX_BYTES,
@@ -29,6 +29,7 @@ from usertrail.producers.events import (
     USER_ID_MAX,
     ContractModel,
     Interaction,
+    JsonObject,
 )
 
 NULL = "\\N"  # COPY text format's NULL
@@ -97,7 +98,7 @@ _CANONICAL = re.compile(
     re.DOTALL,
 )
 _METADATA: TypeAdapter[dict[str, Any]] = TypeAdapter(
-    dict[str, JsonValue],
+    JsonObject,  # with the contract's own checks: finite numbers, no NUL
     config=ConfigDict(
         strict=ContractModel.model_config.get("strict", False),
         allow_inf_nan=ContractModel.model_config.get("allow_inf_nan", True),

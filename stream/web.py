@@ -1,4 +1,5 @@
-"""The worker's web view: ``GET /profiles/{user_id}``, answered by
+"""The worker's web view: ``GET /profiles/{user_id}`` (the id
+percent-encoded as one path segment), answered by
 whichever worker owns the user (faust's table routing forwards the
 request), as the profile message the worker publishes plus the profile's
 counts. 503 until the worker can route; 404 for a user it does not know,
@@ -66,7 +67,9 @@ def add_profile_view(
 
         return guarded
 
-    @app.page("/profiles/{user_id}")
+    # any user id: a client percent-encodes it as one path segment, and
+    # aiohttp decodes it; "{user_id}" alone would refuse '{', '}' and '/'
+    @app.page("/profiles/{user_id:.+}")
     @when_routable
     @app.table_route(table=table, match_info="user_id")
     async def get_profile(web: Any, request: Any, user_id: str) -> Any:

@@ -13,9 +13,13 @@ from usertrail.producers.ids import uuid7
 slugs = st.from_regex(r"\A[a-z0-9]{1,10}(?:[-_][a-z0-9]{1,10}){0,2}\Z")
 
 
+# not blank: some character that is not white space as the contract counts it
+# (Unicode's White_Space, and U+FEFF, as JavaScript's \s)
 user_ids = st.text(
     alphabet=st.characters(blacklist_categories=("Cc", "Cs")), min_size=1, max_size=40
-).filter(lambda s: s.strip())
+).filter(lambda s: s.strip().strip("\ufeff"))
+# any text a free-form JSON value may hold: no NUL (PostgreSQL refuses it)
+free_text = st.characters(blacklist_characters="\x00", blacklist_categories=("Cs",))
 
 
 times = st.datetimes(
@@ -30,7 +34,7 @@ json_scalars = (
     st.none()
     | st.booleans()
     | st.integers(-(2**53), 2**53)
-    | st.text(max_size=20)
+    | st.text(free_text, max_size=20)
     | (st.floats(allow_nan=False, allow_infinity=False))
 )
 
@@ -38,13 +42,14 @@ json_scalars = (
 json_values = st.recursive(
     json_scalars,
     lambda inner: (
-        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+        st.lists(inner, max_size=4)
+        | st.dictionaries(st.text(free_text, max_size=8), inner, max_size=4)
     ),
     max_leaves=20,
 )
 
 
-metadata = st.dictionaries(st.text(max_size=10), json_values, max_size=5)
+metadata = st.dictionaries(st.text(free_text, max_size=10), json_values, max_size=5)
 
 
 def _v7(ms: int, rand_a: int, rand_b: int) -> str:

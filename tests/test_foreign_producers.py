@@ -110,7 +110,8 @@ async def test_events_written_by_librdkafka_in_any_time_zone_agree_everywhere(
 ) -> None:
     settings = settings_factory(broker, database_url=database_url, stream_app_id=unique("rdk"))
     await create_topics(settings)
-    users = [f"rdk-{i}" for i in range(8)]
+    # ids a URL must percent-encode are profiles too (GET /profiles/{id})
+    users = [f"rdk-{i}" for i in range(6)] + ["rdk-{6}/100%", "rdk 7?#é"]
     docs = plan(users)
     last = await asyncio.to_thread(produce, settings.bootstrap_servers, settings.events_topic, docs)
     interactions = sum(1 for d in docs if d["kind"] == "interaction")

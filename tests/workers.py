@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections import defaultdict
 from collections.abc import Callable
@@ -121,7 +122,7 @@ def get(url: str) -> tuple[int, dict[str, Any]]:
 
 
 async def wait_for_profile(web_port: int, user: str, offset: int) -> dict[str, Any]:
-    url = f"http://127.0.0.1:{web_port}/profiles/{user}"
+    url = f"http://127.0.0.1:{web_port}/profiles/{urllib.parse.quote(user, safe='')}"
     for _ in range(600):
         try:
             status, body = await asyncio.to_thread(get, url)

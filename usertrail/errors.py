@@ -25,7 +25,9 @@ class EventValidationError(UsertrailError, ValueError):
         self.kind = kind
         self.errors = errors
         detail = "; ".join(f"{field}: {rule}" for field, rule in errors)
-        super().__init__(f"invalid {kind} event: {detail}")
+        # a NUL the event carried (in its kind, say) is written out: the
+        # message is stored as text, which PostgreSQL refuses with a NUL in it
+        super().__init__(f"invalid {kind} event: {detail}".replace("\x00", "\\u0000"))
 
     @property
     def fields(self) -> list[str]:

@@ -10,6 +10,7 @@ too), and a lock that can be taken is a worker that is gone.
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import os
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import IO
 
 from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.errors import KafkaError
 
 from usertrail.errors import UsertrailError
 from usertrail.settings import Settings
@@ -36,7 +38,16 @@ async def group_members(settings: Settings, group: str) -> list[Member]:
     admin = AIOKafkaAdminClient(**settings.kafka_options(), request_timeout_ms=15000)
     await admin.start()
     try:
-        responses = await admin.describe_consumer_groups([group])
+        # A young cluster answers "coordinator not available" until it has
+        # made its offsets topic; aiokafka's admin client does not retry it.
+        for attempt in range(60):
+            try:
+                responses = await admin.describe_consumer_groups([group])
+                break
+            except KafkaError as exc:
+                if not exc.retriable or attempt == 59:
+                    raise
+                await asyncio.sleep(0.5)
     finally:
         await admin.close()
     members = []
