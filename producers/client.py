@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import logging
 import threading
+import time
 import warnings
 from collections.abc import Callable, Coroutine, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -53,6 +54,15 @@ T = TypeVar("T")
 
 
 _PARTITIONER = DefaultPartitioner()
+
+
+def _within_bounds(event: events.EventBase) -> None:
+    """Refuse, as the sink would dead-letter it, an event whose time lies
+    outside the contract's window around now (the record's timestamp)."""
+    problem = events.out_of_bounds(event.occurred_at, int(time.time() * 1000))
+    if problem is not None:
+        field, rule = problem.split(": ", 1)
+        raise EventValidationError(getattr(event, "kind", "any"), [(field, rule)])
 
 
 @dataclass(eq=False, slots=True)
@@ -414,6 +424,7 @@ class TrackingClient:
             fields["occurred_at"] = datetime.now(UTC)
         fields["source"] = self.source
         event, wire = events.build_encoded(kind, fields)
+        _within_bounds(event)
         return SpooledRecord(self.topic, event.user_id.encode(), wire), event.event_id
 
     async def _track(self, kind: str, fields: dict[str, Any]) -> str:
@@ -464,6 +475,7 @@ class TrackingClient:
         # _track, _record and _append_now inlined: the hottest call of the SDK
         fields["source"] = self.source
         event, wire = events.build_encoded("interaction", fields)
+        _within_bounds(event)
         new_id, key = event.event_id, event.user_id.encode()
         record = SpooledRecord(self.topic, key, wire)
         producer = self._producer

@@ -67,6 +67,13 @@ RFC3339_PATTERN = (
     r"(?:[Zz]|[+-](?:[01][0-9]|2[0-3]):[0-5][0-9])$"
 )
 _RFC3339 = re.compile(RFC3339_PATTERN)
+FUTURE_BOUND_MS = 24 * 3600 * 1000
+PAST_BOUND_MS = 3653 * 24 * 3600 * 1000
+"""An event's ``occurredAt`` lies at most a day after its record's timestamp
+(what the log holds, so a replay decides alike) and at most ten years
+before it; outside, the event is a dead letter. One event from year 9999
+would otherwise be every later rule's "now", one from 1970 the user's first
+activity."""
 FREE_FORM_DEPTH = 32
 """Levels of nesting a free-form object (``metadata`` and the like) may hold."""
 UUID7_PATTERN = r"^[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$"
@@ -367,7 +374,9 @@ def json_schemas() -> dict[str, dict[str, Any]]:
             description="RFC 3339 date-time with an explicit offset (Z or +hh:mm), any "
             "offset: it is read as the instant it names, and every time usertrail "
             "writes or compares is that instant in UTC. Besides the pattern: a real "
-            "calendar date (no 2026-02-30), and no leap second (:60).",
+            "calendar date (no 2026-02-30), and no leap second (:60). It lies at most "
+            "one day after the Kafka record's timestamp and at most ten years (3,653 "
+            "days) before it; outside, the event is a dead letter.",
         )
         if "JsonValue" in schema.get("$defs", {}):
             schema["$defs"]["JsonValue"] = _JSON_VALUE_SCHEMA
@@ -402,7 +411,35 @@ def json_schemas() -> dict[str, dict[str, Any]]:
     return schemas
 
 
-def accept(key: bytes | None, value: bytes | None) -> EventBase | None:
+def out_of_bounds(at: datetime, timestamp_ms: int) -> str | None:
+    """Why an event time lies outside the contract's window around its
+    record's timestamp (``FUTURE_BOUND_MS``, ``PAST_BOUND_MS``); None inside
+    it, or when the record has no timestamp (negative)."""
+    if timestamp_ms < 0:
+        return None
+    at_ms = at.timestamp() * 1000
+    if at_ms <= timestamp_ms + FUTURE_BOUND_MS and at_ms >= timestamp_ms - PAST_BOUND_MS:
+        return None
+    side = "a day after" if at_ms > timestamp_ms else "ten years before"
+    return (
+        f"occurredAt: {at.isoformat()} is more than {side} the record's timestamp "
+        f"{_STAMP}{timestamp_ms})"
+    )
+
+
+_STAMP = "(ms since the epoch: "
+_STAMPED = re.compile(re.escape(_STAMP) + r"(-?[0-9]+)\)")
+
+
+def stamped(error: str) -> int:
+    """The record timestamp an ``out_of_bounds`` message names, -1 for none:
+    ``dlq retry`` judges a dead letter again by what its record held, and the
+    dead-letter table keeps the reason's text, not the record's timestamp."""
+    m = _STAMPED.search(error)
+    return int(m.group(1)) if m else -1
+
+
+def accept(key: bytes | None, value: bytes | None, timestamp_ms: int = -1) -> EventBase | None:
     """The event of a record that ``classify`` decodes; None for one it makes
     a dead letter (the stream skips those: the sink keeps them). The same
     checks, without the objects the sink needs, for the stream's hot loop."""
@@ -412,4 +449,6 @@ def accept(key: bytes | None, value: bytes | None) -> EventBase | None:
         event = decode(value)
     except Exception:  # noqa: BLE001  # classify's dead letters, whatever the bytes
         return None
-    return event if key == event.user_id.encode() else None
+    if key != event.user_id.encode() or out_of_bounds(event.occurred_at, timestamp_ms):
+        return None
+    return event

@@ -144,7 +144,7 @@ async def rebuild(
                 for r in records:
                     if r.offset >= end:
                         break
-                    event = accept(r.key, r.value)
+                    event = accept(r.key, r.value, r.timestamp)
                     count += 1
                     if event is None:
                         continue  # the worker skips it too; the sink dead-letters it

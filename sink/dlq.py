@@ -12,6 +12,7 @@ from datetime import datetime
 from typing import Any
 
 import psycopg
+from usertrail.producers.events import stamped
 from usertrail.sink.plan import Record
 from usertrail.sink.writer import UnknownUsers, Writer
 
@@ -77,13 +78,19 @@ async def retry(
     """Re-drive unresolved dead letters; returns (resolved, still failing)."""
     pending = list_dead_letters(settings, reason=reason, limit=1_000_000)
     writer = Writer(
-        settings.database_dsn(), group="usertrail-dlq-retry", unknown_users=unknown_users
+        settings.database_dsn(),
+        group="usertrail-dlq-retry",
+        unknown_users=unknown_users,
+        # a profile dead letter is written as a profile, not decoded as an event
+        profiles_topic=settings.profiles_topic,
     )
     await writer.connect()
     resolved = failing = 0
     try:
         for row in pending:  # one at a time, in the order they arrived
-            record = Record(row.topic, row.partition, row.offset, row.key, row.value)
+            # judged as the sink judged it: a time bound by the record's timestamp
+            stamp = stamped(row.error)
+            record = Record(row.topic, row.partition, row.offset, row.key, row.value, stamp)
             result = await writer.write([record], positions=False)
             still_dead = bool(result.dead_letters)
             async with writer.conn.transaction():

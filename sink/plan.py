@@ -90,7 +90,7 @@ def classify(record: Record) -> Decoded | DeadLetter:
     if record.value is None:
         return DeadLetter(record, INVALID, "empty record value (null)")
     try:
-        row = fast_row(record.value, record.key)
+        row = fast_row(record.value, record.key, record.timestamp)
         if row is not None:
             return Decoded(record, row)
         event = events.decode(record.value)
@@ -104,6 +104,15 @@ def classify(record: Record) -> Decoded | DeadLetter:
             record,
             WRONG_KEY,
             f"record key {record.key!r} is not the user id {event.user_id!r}",
+            event.event_id,
+            event.user_id,
+        )
+    bound = events.out_of_bounds(event.occurred_at, record.timestamp)
+    if bound is not None:
+        return DeadLetter(
+            record,
+            INVALID,
+            f"invalid {getattr(event, 'kind', 'any')} event: {bound}",
             event.event_id,
             event.user_id,
         )

@@ -30,6 +30,7 @@ from usertrail.producers.events import (
     ContractModel,
     Interaction,
     JsonObject,
+    out_of_bounds,
 )
 
 NULL = "\\N"  # COPY text format's NULL
@@ -107,9 +108,10 @@ _METADATA: TypeAdapter[dict[str, Any]] = TypeAdapter(
 _NULL = NULL.encode()
 
 
-def fast_row(value: bytes, key: bytes | None) -> FastRow | None:
+def fast_row(value: bytes, key: bytes | None, timestamp_ms: int = -1) -> FastRow | None:
     """The row of an interaction in ``encode``'s layout whose key is its user
-    id, or None: anything else (invalid or not) is for the contract to judge."""
+    id and whose time lies within bounds of the record's timestamp, or None:
+    anything else (invalid or not) is for the contract to judge."""
     if len(value) > EVENT_MAX_BYTES:
         return None
     m = _CANONICAL.fullmatch(value)
@@ -119,9 +121,11 @@ def fast_row(value: bytes, key: bytes | None) -> FastRow | None:
     if user != key or len(service) > SLUG_MAX or (theme is not None and len(theme) > SLUG_MAX):
         return None
     try:
-        datetime.fromisoformat(second.decode())  # a real date and time of day
+        at = datetime.fromisoformat(second.decode())  # a real date and time of day
         meta = to_json(_METADATA.validate_json(metadata))
     except ValueError:  # pydantic's ValidationError is one
+        return None
+    if timestamp_ms >= 0 and out_of_bounds(at.replace(tzinfo=UTC), timestamp_ms):
         return None
     if fraction is not None and fraction != b"000000"[: len(fraction)]:
         second += b"." + fraction.ljust(6, b"0")  # as pydantic-core writes microseconds

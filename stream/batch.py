@@ -36,7 +36,7 @@ DECODED_STATES = 20_000
 class UserBatch(NamedTuple):
     key: bytes  # the user id in UTF-8: the records' key and the table's
     state: bytes | None  # the user's table value before the batch
-    records: list[tuple[bytes, int]]  # (value, offset) in log order
+    records: list[tuple[bytes, int, int]]  # (value, offset, timestamp ms) in log order
 
 
 class Folded(NamedTuple):
@@ -69,8 +69,8 @@ def fold_users(users: Sequence[UserBatch], rules: Rules) -> list[Folded | None]:
     out: list[Folded | None] = []
     for key, raw, records in users:
         events: list[tuple[EventBase, int]] = []
-        for value, offset in records:
-            event = accept(key, value)  # accepted: the key is the event's user id
+        for value, offset, timestamp in records:
+            event = accept(key, value, timestamp)  # accepted: the key is the event's user id
             if event is not None:
                 events.append((event, offset))
         result = None

@@ -49,6 +49,7 @@ class Record(Protocol):
     offset: int
     key: bytes | None
     value: bytes | None
+    timestamp: float | None  # seconds since the epoch (faust's), None: unknown
 
 
 class BatchFolder:
@@ -188,7 +189,7 @@ class BatchFolder:
         recovered: dict[int, int | None] = {}  # as the batch found them
         gaps: dict[int, int] = {}
         ahead: dict[int, int] = {}
-        per_user: dict[bytes, tuple[int, list[tuple[bytes, int]]]] = {}
+        per_user: dict[bytes, tuple[int, list[tuple[bytes, int, int]]]] = {}
         now = time.monotonic()
         for record in batch:
             partition, offset = record.partition, record.offset
@@ -216,7 +217,9 @@ class BatchFolder:
             mine = per_user.get(key)  # a valid event's key is its user id
             if mine is None:
                 mine = per_user[key] = (partition, [])
-            mine[1].append((value, offset))
+            # faust gives the record's timestamp in seconds (None: unknown)
+            stamp = record.timestamp
+            mine[1].append((value, offset, -1 if stamp is None else round(stamp * 1000)))
         await self._write(per_user, applied, recovered, current, len(batch))
         self.folded_at = time.monotonic()
         for partition, want in gaps.items():
@@ -240,7 +243,7 @@ class BatchFolder:
 
     async def _write(
         self,
-        per_user: dict[bytes, tuple[int, list[tuple[bytes, int]]]],
+        per_user: dict[bytes, tuple[int, list[tuple[bytes, int, int]]]],
         applied: dict[int, int | None],
         recovered: dict[int, int | None],
         current: bytes | None,

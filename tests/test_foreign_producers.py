@@ -84,6 +84,25 @@ def plan(users: list[str], seed: int = 19) -> list[dict[str, Any]]:
     return docs
 
 
+def edge_cases(user: str) -> tuple[list[dict[str, Any]], int]:
+    """Events other producers wrote that the old contract let through or
+    refused wrongly; (events, how many of them are dead letters)."""
+    ok = {"type": "reading", "service": "tarot", "theme": "love"}
+    dead = [
+        _event("interaction", user, "9999-12-31T00:00:00Z", **ok),  # far past the record
+        _event("interaction", user, "1970-01-01T00:00:00Z", **ok),
+        _event("interaction", user, _at(1, 0), metadata={"x": float("nan")}, **ok),
+        _event("interaction", user, _at(2, 0), metadata={"x": "a\u0000b"}, **ok),
+        _event("interaction", user, _at(3, 0), metadata={"x": float("inf")}, **ok),
+        _event("interaction", user, "2026-03-01T10:00:00+09", **ok),  # not RFC 3339
+    ]
+    accepted = [
+        _event("interaction", user, _at(4, 0), rating=4.0, **ok),  # JSON Schema's integer
+        _event("interaction", user, _at(5, 2), rating=5, **ok),
+    ]
+    return dead + accepted, len(dead)
+
+
 def produce(bootstrap: str, topic: str, docs: list[dict[str, Any]]) -> dict[str, int]:
     """Send with librdkafka's defaults; the last offset of each user."""
     last: dict[str, int] = {}
@@ -113,37 +132,47 @@ async def test_events_written_by_librdkafka_in_any_time_zone_agree_everywhere(
     # ids a URL must percent-encode are profiles too (GET /profiles/{id})
     users = [f"rdk-{i}" for i in range(6)] + ["rdk-{6}/100%", "rdk 7?#é"]
     docs = plan(users)
+    odd, refused = edge_cases("rdk-edges")
+    docs += odd
     last = await asyncio.to_thread(produce, settings.bootstrap_servers, settings.events_topic, docs)
-    interactions = sum(1 for d in docs if d["kind"] == "interaction")
+    interactions = sum(1 for d in docs if d["kind"] == "interaction") - refused
 
     web_port = free_port()
     stream = stream_process(settings, web_port, tmp_path / "stream.log")
     sink = Sink(settings, SinkOptions(group=unique("sink")))
     sinking = asyncio.create_task(sink.run())
     try:
-        for user in users:
+        for user in [*users, "rdk-edges"]:
             profile = await wait_for_profile(web_port, user, last[user])
             assert profile["userId"] == user
         vectors = "SELECT count(*) FROM user_vectors WHERE segments IS NOT NULL"
         for _ in range(300):
             if count_rows(database_url) >= interactions:
-                if query(database_url, vectors)[0][0] == len(users):
+                if query(database_url, vectors)[0][0] == len(users) + 1:
                     break
             await asyncio.sleep(0.2)
         assert count_rows(database_url) == interactions
-        assert query(database_url, vectors)[0][0] == len(users)
+        assert query(database_url, vectors)[0][0] == len(users) + 1
     finally:
         sink.stop()
         await asyncio.wait_for(sinking, 60)
         stream.send_signal(signal.SIGTERM)
         stream.wait(timeout=60)
 
+    # each refused event is a dead letter that names its user; the rest count
+    letters = query(database_url, "SELECT user_id, reason FROM usertrail_dead_letters")
+    assert letters == [("rdk-edges", "invalid")] * refused, letters
+    assert query(
+        database_url,
+        'SELECT rating FROM "UserInteraction" WHERE "userId" = %s ORDER BY 1',
+        ("rdk-edges",),
+    ) == [(4,), (5,)]
     # every time column holds the UTC instant, whatever offset it was written with
     rows = query(
         database_url,
         'SELECT "readingLength", "tonePreference", "preferredLanguage", "updatedAt" '
         'FROM "UserPreferences" ORDER BY "userId"',
-    )
+    )  # (rdk-edges has no preferences)
     updated = datetime(2026, 3, 1, 1, 50, tzinfo=UTC).replace(tzinfo=None)
     assert rows == [("short", "formal", "en", updated)] * len(users)
     first = next(d for d in docs if d["kind"] == "interaction")
@@ -155,6 +184,6 @@ async def test_events_written_by_librdkafka_in_any_time_zone_agree_everywhere(
 
     checked = cli(settings, tmp_path, "verify", "--database-url", database_url)
     assert checked.returncode == 0, checked.stdout + checked.stderr
-    assert f"rows: {len(users)} profiles against SQL over the rows, 0 users differ" in (
+    assert f"rows: {len(users) + 1} profiles against SQL over the rows, 0 users differ" in (
         checked.stdout
     )

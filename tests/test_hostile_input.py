@@ -282,3 +282,40 @@ async def test_a_record_that_kills_every_sink_becomes_a_dead_letter(
     print(f"\nthe poisoned record: a dead letter after {deaths} deaths of the sink")
     assert 2 <= deaths <= 8
     assert "Traceback" not in log.read_text()
+
+
+@hsettings(max_examples=300, deadline=None)
+@given(
+    st.datetimes(
+        min_value=datetime(1, 1, 2),  # noqa: DTZ001  # hypothesis adds the zone
+        max_value=datetime(9999, 12, 30),  # noqa: DTZ001
+        timezones=st.just(UTC),
+    ),
+    st.integers(-1, 4_102_444_800_000),  # no timestamp, or up to 2100
+    st.booleans(),
+)
+def test_an_event_time_out_of_bounds_is_a_dead_letter_on_every_path(
+    at: datetime, timestamp: int, canonical: bool
+) -> None:
+    """The sink's fast path, its contract path and the stream's ``accept``
+    agree on the time bound, decided from the record's timestamp alone."""
+    event = build(
+        "interaction",
+        event_id=uuid7(),
+        user_id="USER",
+        occurred_at=at,
+        source="web",
+        type="chat",
+        service="saju",
+    )
+    value = encode(event) if canonical else encode(event).replace(b"{", b"{ ", 1)  # slow path
+    verdict = classify(Record("t", 0, 0, b"USER", value, timestamp))
+    stamp = timestamp if timestamp >= 0 else None
+    within = stamp is None or (
+        stamp - 3653 * 86_400_000 <= at.timestamp() * 1000 <= stamp + 86_400_000
+    )
+    assert isinstance(verdict, DeadLetter) == (not within)
+    assert (accept(b"USER", value, timestamp) is not None) == within
+    if not within:
+        assert isinstance(verdict, DeadLetter) and "record's timestamp" in verdict.error
+        assert verdict.user_id == "USER"

@@ -122,6 +122,9 @@ async def test_invalid_input_raises_at_the_call_and_sends_nothing(settings: Sett
                 service="saju",
                 occurred_at=datetime(2026, 1, 1),  # noqa: DTZ001 naive on purpose
             )
+        for far in (datetime(9999, 1, 1, tzinfo=UTC), datetime(1970, 1, 1, tzinfo=UTC)):
+            with pytest.raises(EventValidationError, match="occurredAt: .* the record's timestamp"):
+                await client.track_preferences(user_id="u", reading_length="long", occurred_at=far)
         await client.track_interaction(user_id="u", type="reading", service="saju", rating=4)
     records = await read_all(settings, settings.events_topic, expected=1)
     assert len(records) == 1 and json.loads(records[0][2] or b"")["rating"] == 4

@@ -192,6 +192,40 @@ async def test_poison_messages_become_dead_letters_and_valid_ones_are_written(
     assert "4 dead letter(s)" in capsys.readouterr().out
 
 
+async def test_retry_writes_a_parked_profile_and_keeps_an_event_out_of_bounds(
+    settings: Settings, database_url: str
+) -> None:
+    """dlq retry resolves a profile dead letter as a profile (it used to
+    decode it as an event, for ever failing), and judges an event refused
+    for its time by its record's timestamp again (#19)."""
+    producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers)
+    await producer.start()
+    try:
+        await producer.send_and_wait(
+            settings.profiles_topic, profile_message("later", T0, "explorer", 0.5), key=b"later"
+        )
+        far = encode(build(
+            "interaction", event_id=uuid7(), user_id="known", source="web", type="chat",
+            service="saju", occurred_at=datetime(9999, 1, 1, tzinfo=UTC),
+        ))  # fmt: skip
+        await producer.send_and_wait(settings.events_topic, far, key=b"known")
+    finally:
+        await producer.stop()
+    query(database_url, 'INSERT INTO "User" (id) VALUES (%s) RETURNING id', ("known",))
+    done = rows_done(database_url, "SELECT count(*) FROM usertrail_dead_letters", 2)
+    await run_sink_until(settings, done, SinkOptions(unknown_users="park"))
+    letters = dlq.list_dead_letters(settings)
+    assert sorted((d.reason, d.user_id) for d in letters) == [
+        ("invalid", "known"),
+        ("unknown_user", "later"),
+    ]
+    query(database_url, 'INSERT INTO "User" (id) VALUES (%s) RETURNING id', ("later",))
+    assert await dlq.retry(settings) == (1, 1)
+    assert query(database_url, 'SELECT "primarySegment" FROM user_vectors') == [("explorer",)]
+    assert [d.reason for d in dlq.list_dead_letters(settings)] == ["invalid"]
+    assert query(database_url, 'SELECT count(*) FROM "UserInteraction"') == [(0,)]
+
+
 async def test_park_mode_then_retry_once_the_user_exists(
     settings: Settings,
     database_url: str,

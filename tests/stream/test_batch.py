@@ -35,11 +35,14 @@ def expected(batches: list[list[tuple[EventBase, int]]]) -> list[Folded | None]:
     return out
 
 
-def as_bytes(batches: list[list[tuple[EventBase, int]]]) -> list[list[tuple[bytes, int]]]:
-    return [[(encode(e), offset) for e, offset in items] for items in batches]
+def as_bytes(
+    batches: list[list[tuple[EventBase, int]]],
+) -> list[list[tuple[bytes, int, int]]]:
+    """As the worker hands records over; no timestamp (-1): no time bound."""
+    return [[(encode(e), offset, -1) for e, offset in items] for items in batches]
 
 
-def through(records: list[list[tuple[bytes, int]]], table: dict[bytes, bytes]) -> list[Any]:
+def through(records: list[list[tuple[bytes, int, int]]], table: dict[bytes, bytes]) -> list[Any]:
     out = []
     for items in records:
         (result,) = fold_users([UserBatch(KEY, table.get(KEY), items)], RULES)
@@ -70,8 +73,8 @@ def test_the_memo_never_stands_in_for_a_different_table_value(
 def test_records_that_are_not_the_users_valid_events_change_nothing() -> None:
     wire = encode(_events(1)[0])
     users = [
-        UserBatch(b"someone-else", None, [(wire, 0)]),  # key is not the user id
-        UserBatch(KEY, None, [(b"not json", 1), (wire.replace(b'"rating":', b'"x":'), 2)]),
+        UserBatch(b"someone-else", None, [(wire, 0, -1)]),  # key is not the user id
+        UserBatch(KEY, None, [(b"not json", 1, -1), (wire.replace(b'"rating":', b'"x":'), 2, -1)]),
     ]
     assert fold_users(users, RULES) == [None, None]
 
@@ -163,7 +166,7 @@ class _DiesOnPoison(FoldProcess):
         "from usertrail.stream import batch\n"
         "fold = batch.fold_users\n"
         "def dying(users, rules):\n"
-        "    if any(b'POISON' in v for u in users for v, _ in u.records):\n"
+        "    if any(b'POISON' in v for u in users for v, _, _ in u.records):\n"
         "        os._exit(137)\n"
         "    return fold(users, rules)\n"
         "batch.fold_users = dying\n"
@@ -183,9 +186,9 @@ async def test_a_record_that_kills_the_helper_is_found_and_left_out() -> None:
     poison = b'{"kind": "interaction", "POISON": 1}'
     batch = []
     for n, u in enumerate(users):
-        records = [(encode(e), 10 * n + i) for i, e in enumerate(events[u])]
+        records = [(encode(e), 10 * n + i, -1) for i, e in enumerate(events[u])]
         if u == "u3":
-            records.insert(4, (poison, 99))  # between the user's 4th and 5th event
+            records.insert(4, (poison, 99, -1))  # between the user's 4th and 5th event
         batch.append(UserBatch(u.encode(), None, records))
     helper = _DiesOnPoison(RULES)
     try:
