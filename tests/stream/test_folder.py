@@ -27,6 +27,7 @@ class Message(NamedTuple):
     offset: int
     key: bytes | None
     value: bytes | None
+    timestamp: float | None = None  # seconds, as faust gives it; None: unknown
 
 
 class Table:
@@ -160,9 +161,11 @@ async def test_records_that_are_not_events_are_passed_over(
             Message(0, 0, b"ann", b"[" * 10_000),
             Message(0, 1, None, b"{}"),
             Message(0, 2, b"ann", None),
-            event("ann", 3, 0, 3),
+            # its time is more than a day after its record's (2026-03-01 10:00)
+            event("ann", 7, 0, 3)._replace(timestamp=1772272800.0 - 2 * 86400),
+            event("ann", 3, 0, 4)._replace(timestamp=1772359200.0),
         ]
     )
     await folder.writes_acknowledged()
     assert _user_state(table, "ann").profile.counts_by_type == {"chat": 1}
-    assert folder.applied_offset(0) == 3
+    assert folder.applied_offset(0) == 4
