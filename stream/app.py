@@ -134,8 +134,9 @@ def create_app(
         # directory, never in the working directory
         datadir=str(datadir),
         web_port=web_port,
-        web_host="127.0.0.1",
-        web_bind="127.0.0.1",
+        web_bind=settings.stream_web_host,
+        # what faust's router gives other workers for this one's partitions
+        canonical_url=settings.web_url(web_port),
     )
     events = app.topic(
         settings.events_topic,

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import socket
+
 import pytest
+
+from usertrail.settings import Settings
 
 
 @pytest.mark.parametrize("command", ["sink", "stream"])
@@ -56,3 +60,20 @@ def test_a_broker_or_database_that_is_down_is_one_line_and_an_exit_code(
     assert done.returncode == code, done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("usertrail: error: cannot reach"), lines
+
+
+@pytest.mark.parametrize(
+    ("given", "url"),
+    [
+        ({}, "http://127.0.0.1:6066"),
+        ({"stream_web_host": "127.0.0.3"}, "http://127.0.0.3:6066"),
+        ({"stream_web_advertise": "w1.internal"}, "http://w1.internal:6066"),
+        ({"stream_web_advertise": "w1:7000"}, "http://w1:7000"),
+        ({"stream_web_advertise": "https://w1.example/"}, "https://w1.example:6066"),
+    ],
+)
+def test_a_worker_advertises_where_other_workers_reach_it(given: dict[str, str], url: str) -> None:
+    assert Settings(**given).web_url(6066) == url  # type: ignore[arg-type]
+    if not given:  # listening on every address: the machine's name
+        named = Settings(stream_web_host="0.0.0.0").web_url(6066)
+        assert named == f"http://{socket.gethostname()}:6066"

@@ -121,8 +121,10 @@ def get(url: str) -> tuple[int, dict[str, Any]]:
             return exc.code, {"body": body.decode(errors="replace")}
 
 
-async def wait_for_profile(web_port: int, user: str, offset: int) -> dict[str, Any]:
-    url = f"http://127.0.0.1:{web_port}/profiles/{urllib.parse.quote(user, safe='')}"
+async def wait_for_profile(
+    web_port: int, user: str, offset: int, host: str = "127.0.0.1"
+) -> dict[str, Any]:
+    url = f"http://{host}:{web_port}/profiles/{urllib.parse.quote(user, safe='')}"
     for _ in range(600):
         try:
             status, body = await asyncio.to_thread(get, url)
@@ -207,7 +209,9 @@ def kill(proc: subprocess.Popen[bytes]) -> None:
     proc.wait()
 
 
-async def owners(web_port: int, topic: str, timeout: float = 90.0) -> dict[str, list[int]]:
+async def owners(
+    web_port: int, topic: str, timeout: float = 90.0, host: str = "127.0.0.1"
+) -> dict[str, list[int]]:
     """The changelog partitions each worker owns, as faust's router tells
     (GET /router/), once the assignment covers every partition."""
     loop = asyncio.get_running_loop()
@@ -215,7 +219,7 @@ async def owners(web_port: int, topic: str, timeout: float = 90.0) -> dict[str, 
     seen: Any = None
     while loop.time() < deadline:
         try:
-            status, body = await asyncio.to_thread(get, f"http://127.0.0.1:{web_port}/router/")
+            status, body = await asyncio.to_thread(get, f"http://{host}:{web_port}/router/")
         except OSError:
             status, body = 0, {}
         if status == 200:
@@ -228,12 +232,12 @@ async def owners(web_port: int, topic: str, timeout: float = 90.0) -> dict[str, 
 
 
 async def wait_for_split(
-    web_port: int, topic: str, workers: int, partitions: int
+    web_port: int, topic: str, workers: int, partitions: int, host: str = "127.0.0.1"
 ) -> dict[str, list[int]]:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + 120
     while True:
-        split = await owners(web_port, topic)
+        split = await owners(web_port, topic, host=host)
         every = sorted(p for parts in split.values() for p in parts)
         if len(split) == workers and every == list(range(partitions)):
             return split

@@ -7,9 +7,11 @@ Leaving both unset means the embedded stack that ``usertrail up`` runs.
 
 from __future__ import annotations
 
+import socket
 import ssl
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -69,6 +71,12 @@ class Settings(BaseSettings):
     events_partitions: int = Field(default=8, ge=1, le=10_000)
     stream_app_id: str = "usertrail-stream"  # the faust app: group id, changelog prefix
     stream_web_port: int = Field(default=6066, ge=1, le=65535)  # GET /profiles/{userId}
+    # The address the worker's web server listens on, and the one other
+    # workers reach it at (a host, host:port or URL; default: the web host,
+    # or this machine's name when listening on every address). faust
+    # forwards a profile lookup to the worker that owns the user by it.
+    stream_web_host: str = "127.0.0.1"
+    stream_web_advertise: str | None = None
     # decode and fold in a helper process, on another core than faust's own
     # work; false: in the worker's process (one core, or to profile the fold)
     stream_fold_process: bool = True
@@ -218,6 +226,21 @@ class Settings(BaseSettings):
             # `bench/rebalance_storm.py` (docs/brokers.md, "Rebalance storms")
             options["group_instance_id"] = self.group_instance_id
         return options
+
+    def web_url(self, port: int) -> str:
+        """The URL other workers reach this worker's web server at."""
+        advertised = self.stream_web_advertise
+        if advertised is None:
+            host = self.stream_web_host
+            if host in ("0.0.0.0", "::", ""):
+                host = socket.gethostname()
+            advertised = f"{host}:{port}"
+        if "://" not in advertised:
+            advertised = f"http://{advertised}"
+        parsed = urlsplit(advertised)
+        if parsed.port is None:
+            advertised = f"{parsed.scheme}://{parsed.hostname}:{port}"
+        return advertised.rstrip("/")
 
     def kafka_options(self) -> dict[str, Any]:
         """Connection keyword arguments for any aiokafka client."""

@@ -131,3 +131,51 @@ async def test_a_third_worker_after_two_stopped_together_serves_at_once(
         except subprocess.TimeoutExpired:
             kill(c)
     assert took < 30, f"C owned every partition only after {took:.0f} s"
+
+
+async def test_three_workers_on_three_addresses_answer_for_any_user(
+    settings_factory: Callable[..., Settings],
+    broker: EmbeddedBroker,
+    tmp_path: Path,
+) -> None:
+    """Workers on several hosts (#16): each listens on an address of its own
+    (127.0.0.2-4, all local on Linux, one port), so a lookup another worker
+    forwards must go to the address the owner advertises. Any worker answers
+    for any user, also after one is SIGKILLed and its partitions move."""
+    settings = settings_factory(broker, stream_app_id=unique("hosts"))
+    await create_topics(settings)
+    changelog = settings.changelog_topic
+    port = free_port()
+    hosts = ["127.0.0.2", "127.0.0.3", "127.0.0.4"]
+    procs = [
+        stream_process(settings, port, tmp_path / f"h{i}.log", USERTRAIL_STREAM_WEB_HOST=host)
+        for i, host in enumerate(hosts)
+    ]
+    try:
+        split = await wait_for_split(port, changelog, 3, settings.events_partitions, host=hosts[0])
+        assert sorted(split) == [f"http://{host}:{port}" for host in hosts]
+        async with TrackingClient(source="demo", settings=settings) as client:
+            sent = await demo.run(client, demo.plan(users=30, events=1500, seed=16))
+        by_user = await events_by_user(settings, sent)
+        for user, events in by_user.items():
+            for host in hosts:
+                body = await wait_for_profile(port, user, max(o for _, o in events), host=host)
+                assert worker_view(body) == expected_view(events), (user, host)
+
+        kill(procs[1])
+        left = await wait_for_split(port, changelog, 2, settings.events_partitions, host=hosts[0])
+        assert sorted(left) == [f"http://{host}:{port}" for host in (hosts[0], hosts[2])]
+        for user, events in by_user.items():
+            for host in (hosts[0], hosts[2]):
+                body = await wait_for_profile(port, user, max(o for _, o in events), host=host)
+                assert worker_view(body) == expected_view(events), (user, host)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    kill(proc)
+    for i in range(3):
+        assert "Traceback" not in (tmp_path / f"h{i}.log").read_text()

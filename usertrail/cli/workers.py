@@ -33,7 +33,12 @@ def cmd_stream(args: argparse.Namespace, settings: Settings) -> int:
     from usertrail.stream.app import run_worker
 
     rules = rules_from(args, settings)
-    flags = {"stream_fold_process": args.fold_process, "stream_batch_max": args.batch_max}
+    flags = {
+        "stream_fold_process": args.fold_process,
+        "stream_batch_max": args.batch_max,
+        "stream_web_host": args.web_host,
+        "stream_web_advertise": args.web_advertise,
+    }
     settings = settings.model_copy(update={k: v for k, v in flags.items() if v is not None})
     try:
         run_worker(settings, rules, web_port=args.web_port or settings.stream_web_port)
@@ -120,8 +125,20 @@ def add(sub: Any, common: argparse.ArgumentParser) -> None:
         "--web-port",
         type=int,
         metavar="PORT",
-        help="port of the worker's web server on 127.0.0.1 "
-        "[env USERTRAIL_STREAM_WEB_PORT; default 6066]",
+        help="port of the worker's web server [env USERTRAIL_STREAM_WEB_PORT; default 6066]",
+    )
+    stream.add_argument(
+        "--web-host",
+        metavar="ADDRESS",
+        help="address the web server listens on; 0.0.0.0 for every one "
+        "[env USERTRAIL_STREAM_WEB_HOST; default 127.0.0.1]",
+    )
+    stream.add_argument(
+        "--web-advertise",
+        metavar="HOST[:PORT]|URL",
+        help="where other workers reach this one's web server, to forward a lookup of a "
+        "user it owns (workers on several hosts) [env USERTRAIL_STREAM_WEB_ADVERTISE; "
+        "default: the web host and port, or this machine's name with 0.0.0.0]",
     )
     stream.add_argument(
         "--fold-process",
