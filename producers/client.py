@@ -59,10 +59,9 @@ _PARTITIONER = DefaultPartitioner()
 def _within_bounds(event: events.EventBase) -> None:
     """Refuse, as the sink would dead-letter it, an event whose time lies
     outside the contract's window around now (the record's timestamp)."""
-    problem = events.out_of_bounds(event.occurred_at, int(time.time() * 1000))
-    if problem is not None:
-        field, rule = problem.split(": ", 1)
-        raise EventValidationError(getattr(event, "kind", "any"), [(field, rule)])
+    error = events.bound_error(event, int(time.time() * 1000))
+    if error is not None:
+        raise error
 
 
 @dataclass(eq=False, slots=True)

@@ -412,7 +412,7 @@ def json_schemas() -> dict[str, dict[str, Any]]:
 
 
 def out_of_bounds(at: datetime, timestamp_ms: int) -> str | None:
-    """Why an event time lies outside the contract's window around its
+    """Why an event time (``occurredAt``) lies outside the contract's window around its
     record's timestamp (``FUTURE_BOUND_MS``, ``PAST_BOUND_MS``); None inside
     it, or when the record has no timestamp (negative)."""
     if timestamp_ms < 0:
@@ -421,10 +421,14 @@ def out_of_bounds(at: datetime, timestamp_ms: int) -> str | None:
     if at_ms <= timestamp_ms + FUTURE_BOUND_MS and at_ms >= timestamp_ms - PAST_BOUND_MS:
         return None
     side = "a day after" if at_ms > timestamp_ms else "ten years before"
-    return (
-        f"occurredAt: {at.isoformat()} is more than {side} the record's timestamp "
-        f"{_STAMP}{timestamp_ms})"
-    )
+    return f"{at.isoformat()} is more than {side} the record's timestamp {_STAMP}{timestamp_ms})"
+
+
+def bound_error(event: EventBase, timestamp_ms: int) -> EventValidationError | None:
+    """``out_of_bounds`` as the contract's error, naming ``occurredAt``."""
+    rule = out_of_bounds(event.occurred_at, timestamp_ms)
+    kind = getattr(event, "kind", "any")  # every kind's model has one
+    return None if rule is None else EventValidationError(kind, [("occurredAt", rule)])
 
 
 _STAMP = "(ms since the epoch: "

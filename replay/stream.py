@@ -370,11 +370,12 @@ class Difference:
     what: str
 
 
-async def verify_profiles(settings: Settings, rules: Rules) -> tuple[int, int, list[Difference]]:
-    """The live table (its changelog) against a fresh fold of the log: (live
-    users, folded users, differences)."""
+async def verify_profiles(settings: Settings, rules: Rules) -> tuple[Live, int, list[Difference]]:
+    """The live table (its changelog) against a fresh fold of the log: (the
+    live table as read, folded users, differences)."""
     rebuilt = await rebuild(settings, rules)
-    live = (await live_states(settings)).states
+    current = await live_states(settings)
+    live = current.states
     out = []
     for key in sorted(set(live) | set(rebuilt.states)):
         a, b = live.get(key), rebuilt.states.get(key)
@@ -394,4 +395,4 @@ async def verify_profiles(settings: Settings, rules: Rules) -> tuple[int, int, l
             if a.segment_key != b.segment_key:
                 fields.append("segments")
             out.append(Difference(name, "differs: " + ", ".join(fields)))
-    return len(live), len(rebuilt.states), out
+    return current, len(rebuilt.states), out

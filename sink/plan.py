@@ -107,15 +107,9 @@ def classify(record: Record) -> Decoded | DeadLetter:
             event.event_id,
             event.user_id,
         )
-    bound = events.out_of_bounds(event.occurred_at, record.timestamp)
+    bound = events.bound_error(event, record.timestamp)
     if bound is not None:
-        return DeadLetter(
-            record,
-            INVALID,
-            f"invalid {getattr(event, 'kind', 'any')} event: {bound}",
-            event.event_id,
-            event.user_id,
-        )
+        return DeadLetter(record, INVALID, str(bound), event.event_id, event.user_id)
     return Decoded(record, event)
 
 

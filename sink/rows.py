@@ -125,7 +125,7 @@ def fast_row(value: bytes, key: bytes | None, timestamp_ms: int = -1) -> FastRow
         meta = to_json(_METADATA.validate_json(metadata))
     except ValueError:  # pydantic's ValidationError is one
         return None
-    if timestamp_ms >= 0 and out_of_bounds(at.replace(tzinfo=UTC), timestamp_ms):
+    if out_of_bounds(at.replace(tzinfo=UTC), timestamp_ms):
         return None
     if fraction is not None and fraction != b"000000"[: len(fraction)]:
         second += b"." + fraction.ljust(6, b"0")  # as pydantic-core writes microseconds

@@ -69,10 +69,12 @@ def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
     from usertrail.replay import stream as replay
 
     different = False
+    current = None  # the live table, read once for the checks against the log and the rows
     if args.only in (None, "profiles"):
-        live, folded, differences = asyncio.run(
+        current, folded, differences = asyncio.run(
             replay.verify_profiles(settings, rules_from(args, settings))
         )
+        live = len(current.states)
         print(f"profiles: {live:,} live, {folded:,} from the log, {len(differences):,} differ")
         for d in differences[: args.limit]:
             print(f"  {d.key}: {d.what}")
@@ -98,8 +100,8 @@ def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
     if args.only in (None, "rows"):
         from usertrail.replay.crosscheck import cross_check
 
-        states = asyncio.run(replay.live_states(settings)).states
-        profiles = {key.decode(): state.profile for key, state in states.items()}
+        current = current or asyncio.run(replay.live_states(settings))
+        profiles = {key.decode(): state.profile for key, state in current.states.items()}
         disagree = cross_check(settings, profiles)
         print(
             f"rows: {len(profiles):,} profiles against SQL over the rows, "
