@@ -13,6 +13,7 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
+import aiohttp
 import faust
 from usertrail.stream.segments import Rules, segment
 from usertrail.stream.state import UserState, load_state, message_for
@@ -63,7 +64,15 @@ def add_profile_view(
         async def guarded(web: Any, request: Any, **kwargs: Any) -> Any:
             if not routable.is_set():
                 return web.json({"error": "starting: try again shortly"}, status=503)
-            return await view(web, request, **kwargs)
+            try:
+                return await view(web, request, **kwargs)
+            except aiohttp.ClientConnectionError as exc:
+                # the user's owner, as this worker last heard, is gone (killed,
+                # say) until the group reassigns its partitions
+                return web.json(
+                    {"error": f"the worker that owns this user is unreachable ({exc})"},
+                    status=503,
+                )
 
         return guarded
 
