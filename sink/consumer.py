@@ -61,6 +61,9 @@ log = logging.getLogger("usertrail.sink")
 GROUP = "usertrail-sink"
 STOP_CATCH_UP = 10.0
 """Seconds a stopping sink goes on writing what the log holds."""
+ASK_TIMEOUT = 5.0
+"""Seconds for a request whose answer can wait (topic ids, the commit kept
+for lag tools): aiokafka's own timeout is 40 s, retried without end."""
 _FETCH_SLICE = 64
 """Records taken from aiokafka between two yields to the event loop (see
 writer._SLICE: 500 cost about a tenth of the sink's rate)."""
@@ -157,6 +160,7 @@ class Sink:
         # Fetched and prepared batches waiting for the writer: preparing the
         # next batch overlaps with PostgreSQL writing this one (two cores).
         self._queue: asyncio.Queue[Prepared | None] = asyncio.Queue(2)
+        self._writer: asyncio.Task[None] | None = None
         self.written = WriteResult()
 
     def stop(self) -> None:
@@ -218,9 +222,16 @@ class Sink:
         """The broker's id of each topic (None: none offered, or no such topic)."""
         try:
             # the dead-letter producer's connections: a request on the
-            # consumer's waits behind its fetch (up to fetch_max_wait_ms)
-            return (await log_identity(self.producer.client, list(topics))).topic_ids
-        except KafkaError as exc:
+            # consumer's waits behind its fetch (up to fetch_max_wait_ms).
+            # Bounded: asked inside the assignment callback too, and a frozen
+            # broker would hold the request for aiokafka's 40 s request
+            # timeout while the group waits for this member.
+            return (
+                await asyncio.wait_for(
+                    log_identity(self.producer.client, list(topics)), ASK_TIMEOUT
+                )
+            ).topic_ids
+        except (KafkaError, TimeoutError) as exc:
             log.warning("could not ask the broker for topic ids (%r); asking again later", exc)
             return {}
 
@@ -367,7 +378,7 @@ class Sink:
             tps = [tp for t in topics for tp in await partitions_of(self.consumer, t)]
             self.consumer.assign(tps)
             await self.seek_to_stored(tps)
-        writer = asyncio.create_task(self._write_loop())
+        writer = self._writer = asyncio.create_task(self._write_loop())
         try:
             while not (self._stopping.is_set() and self._done_reading()):
                 if writer.done():
@@ -545,9 +556,36 @@ class Sink:
             finally:
                 self._queue.task_done()
 
+    def health(self) -> tuple[bool, dict[str, Any]]:
+        """Whether the sink is working, and what it is doing: not while it
+        waits for the database, nor once it stalled (it then exits)."""
+        now = time.monotonic()
+        state: dict[str, Any] = {
+            "partitions": len(self.consumer.assignment()),
+            "records": self.written.records,
+        }
+        if self._stalled is not None:
+            return False, {**state, "state": str(self._stalled)}
+        if self._waiting_for_db:
+            return False, {**state, "state": "waiting for the database"}
+        if self._stopping.is_set():
+            return True, {**state, "state": "stopping"}
+        if self._unassigned_since is not None and not self.options.assign_all:
+            since = now - self._unassigned_since
+            return True, {**state, "state": f"joining the group ({since:.0f} s)"}
+        return True, {**state, "state": "writing"}
+
     async def drain(self) -> None:
-        """Wait until every fetched batch is written."""
-        await self._queue.join()
+        """Wait until every fetched batch is written, or the writer has
+        stopped (it failed: the main loop says why and stops; a rebalance
+        waiting here must not wait for ever)."""
+        if self._writer is None or self._writer.done():
+            return
+        joined = asyncio.ensure_future(self._queue.join())
+        try:
+            await asyncio.wait({joined, self._writer}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            joined.cancel()
 
     def _account(self, result: WriteResult, seconds: float) -> None:
         m = self.metrics
@@ -586,8 +624,12 @@ class Sink:
     async def _commit_for_monitoring(self, result: WriteResult) -> None:
         offsets = {TopicPartition(t, p): o for (t, p), o in result.positions.items()}
         try:
-            await self.consumer.commit(offsets)
-        except KafkaError as exc:  # positions live in the database; this is only for lag tools
+            # Bounded: aiokafka retries a commit for as long as the group's
+            # coordinator is unreachable, and a rebalance waits (drain, in
+            # the revocation callback) for the writer that waits here.
+            await asyncio.wait_for(self.consumer.commit(offsets), ASK_TIMEOUT)
+        except (KafkaError, TimeoutError) as exc:
+            # positions live in the database; this is only for lag tools
             log.debug("kafka commit (monitoring only) failed: %r", exc)
 
     async def _check_reset_and_lag(self) -> None:
@@ -647,20 +689,24 @@ async def write_to_the_end(settings: Settings) -> int:
     return sink.written.records
 
 
-async def run_sink(
-    settings: Settings, options: SinkOptions | None = None, metrics_port: int | None = None
-) -> None:
+async def run_sink(settings: Settings, options: SinkOptions | None = None) -> None:
     import signal
+
+    from usertrail.sink.web import serve
 
     from usertrail.runtime import tune_gc
 
     sink = Sink(settings, options)
     tune_gc()
-    if metrics_port is not None:
-        sink.metrics.serve(metrics_port)
-        log.info("metrics on http://127.0.0.1:%d/metrics", metrics_port)
+    runner = None
+    if settings.sink_web_port is not None:
+        runner = await serve(sink, settings.sink_web_host, settings.sink_web_port)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, sink.stop)
-    await sink.run()
+    try:
+        await sink.run()
+    finally:
+        if runner is not None:
+            await runner.cleanup()
     log.info("sink stopped after %d records", sink.written.records)

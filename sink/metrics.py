@@ -1,8 +1,8 @@
-"""Prometheus metrics of the sink (served by ``usertrail sink --metrics-port``)."""
+"""Prometheus metrics of the sink (served by ``usertrail sink --web-port``, sink/web.py)."""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 
 class SinkMetrics:
@@ -43,6 +43,3 @@ class SinkMetrics:
             ["cause"],
             registry=self.registry,
         )
-
-    def serve(self, port: int, addr: str = "127.0.0.1") -> None:
-        start_http_server(port, addr=addr, registry=self.registry)

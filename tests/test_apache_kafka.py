@@ -386,13 +386,29 @@ async def test_three_brokers_killed_restarted_and_frozen_lose_nothing(
     # is restarted: counted above, and nothing of it shows in the results.
     assert _tracebacks(tmp_path, "sink*.log") == []
     sinks_stopped = [n for n in supervisor.restarts if n.startswith("sink")]
-    assert sinks_stopped == [], _errors(tmp_path, "sink*.log")
+    assert sinks_stopped == [], _errors(tmp_path, "sink*.log") + "\n" + _group_story(tmp_path)
 
 
 def _tails(folder: Path, pattern: str, lines: int) -> str:
     return "\n".join(
         f"--- {log.name}\n" + "\n".join(log.read_text().splitlines()[-lines:])
         for log in sorted(folder.glob(pattern))
+    )
+
+
+def _group_story(folder: Path) -> str:
+    """What each sink's group did (joins, revocations, coordinator moves,
+    assignments): the lines a stalled sink is read by."""
+    return "\n".join(
+        f"--- {log.name}\n"
+        + "\n".join(
+            [
+                line
+                for line in log.read_text().splitlines()
+                if "group_coordinator" in line or "usertrail.sink" in line
+            ][-80:]
+        )
+        for log in sorted(folder.glob("sink*.log"))
     )
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -68,7 +69,9 @@ def hold_worker_lock(settings: Settings, group: str) -> IO[str]:
     until the process ends. Returns the open file; keep it."""
     directory = _lock_dir(settings, group)
     directory.mkdir(parents=True, exist_ok=True)
-    handle = open(directory / f"{os.getpid()}.lock", "w")  # noqa: SIM115 - held for life
+    # the host too: containers sharing a data volume each run as pid 1
+    name = f"{os.getpid()}@{socket.gethostname()}.lock"
+    handle = open(directory / name, "w")  # noqa: SIM115 - held for life
     fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     return handle
 

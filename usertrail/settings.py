@@ -77,6 +77,10 @@ class Settings(BaseSettings):
     # forwards a profile lookup to the worker that owns the user by it.
     stream_web_host: str = "127.0.0.1"
     stream_web_advertise: str | None = None
+    # the sink's metrics and health (`GET /metrics`, `GET /health`; sink/web.py);
+    # no port: not served
+    sink_web_host: str = "127.0.0.1"
+    sink_web_port: int | None = Field(default=None, ge=1, le=65535)
     # decode and fold in a helper process, on another core than faust's own
     # work; false: in the worker's process (one core, or to profile the fold)
     stream_fold_process: bool = True

@@ -17,6 +17,7 @@ from tests.sink.conftest import make_database
 from tests.workers import (
     assert_rows_equal_events,
     count_rows,
+    get,
     make_events,
     produce,
     resolve_resends,
@@ -106,13 +107,32 @@ async def test_database_restart_and_broker_outage_need_no_manual_step(
         await create_topics(settings)
         calls = resolve_resends(make_events(20_000, seed=2))
         producing = asyncio.create_task(produce(settings, calls, rate=2000))
-        proc = sink_process(settings, url, tmp_path / "sink.log", group)
+        web = free_port()
+        proc = sink_process(
+            settings, url, tmp_path / "sink.log", group, USERTRAIL_SINK_WEB_PORT=str(web)
+        )
+
+        async def health_says(status: int, state: str) -> None:
+            health = f"http://127.0.0.1:{web}/health"
+            for _ in range(300):
+                try:
+                    got, body = await asyncio.to_thread(get, health)
+                except OSError:
+                    got, body = 0, {}
+                if got == status and body.get("state") == state:
+                    return
+                await asyncio.sleep(0.1)
+            raise AssertionError(f"/health never said {status} {state!r}: {got} {body}")
+
         try:
             await wait_for(lambda: count_rows(url) > 2000, 60, "progress")
+            await health_says(200, "writing")
             pg.stop()  # the database goes away mid-run...
-            await asyncio.sleep(3)
+            await health_says(503, "waiting for the database")
+            await asyncio.sleep(1)
             pg.start()  # ...and comes back
             await wait_for(lambda: count_rows(url) > 8000, 60, "progress after the restart")
+            await health_says(200, "writing")
             assert own_broker.proc is not None
             own_broker.proc.send_signal(signal.SIGSTOP)  # the broker is gone for 10 s
             await asyncio.sleep(10)

@@ -68,6 +68,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if logging.root.level > logging.DEBUG:  # DEBUG: theirs too
         for noisy in ("aiokafka", "alembic"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
+        if args.command in ("up", "sink", "stream") and logging.root.level <= logging.INFO:
+            # a worker's group joins, revocations and coordinator moves: one
+            # line each per rebalance, what an operator reads a stall by
+            logging.getLogger("aiokafka.consumer.group_coordinator").setLevel(logging.INFO)
     if args.command not in ("up", "sink", "stream"):
         # a one-off command says what went wrong in one line, below; aiokafka's
         # own reports of a broker that is down would repeat it (workers keep

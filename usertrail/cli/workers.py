@@ -22,7 +22,9 @@ def cmd_sink(args: argparse.Namespace, settings: Settings) -> int:
         batch_max_wait_ms=args.batch_wait_ms,
         on_log_reset=args.on_log_reset,
     )
-    asyncio.run(run_sink(settings, options, metrics_port=args.metrics_port))
+    web = {"sink_web_host": args.web_host, "sink_web_port": args.web_port}
+    settings = settings.model_copy(update={k: v for k, v in web.items() if v is not None})
+    asyncio.run(run_sink(settings, options))
     lock.close()
     return 0
 
@@ -94,10 +96,17 @@ def add(sub: Any, common: argparse.ArgumentParser) -> None:
         help="how long to wait to fill a batch (default 200)",
     )
     sink.add_argument(
-        "--metrics-port",
+        "--web-port",
         type=int,
         metavar="PORT",
-        help="serve Prometheus metrics on 127.0.0.1:PORT/metrics",
+        help="serve GET /metrics (Prometheus) and GET /health (200 working, 503 waiting for "
+        "the database or stalled) on PORT [env USERTRAIL_SINK_WEB_PORT; default: not served]",
+    )
+    sink.add_argument(
+        "--web-host",
+        metavar="ADDRESS",
+        help="address that server listens on; 0.0.0.0 for every one "
+        "[env USERTRAIL_SINK_WEB_HOST; default 127.0.0.1]",
     )
     sink.add_argument(
         "--on-log-reset",
