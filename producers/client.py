@@ -18,6 +18,7 @@ events were delivered and how many spooled.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import threading
@@ -156,7 +157,12 @@ class TrackingClient:
         self._shipping: set[asyncio.Task[None]] = set()
         self._buffered = 0
         self._room = asyncio.Event()
-        self._ship_lock = asyncio.Lock()
+        # one lock per partition (FIFO, as asyncio's are): a partition's
+        # batches leave in the order they were made; a partition whose leader
+        # does not answer holds back its own batches only
+        self._ship_locks: collections.defaultdict[tuple[str, int], asyncio.Lock] = (
+            collections.defaultdict(asyncio.Lock)
+        )
         self._partitions: dict[str, list[int]] = {}
         self._key_partitions: dict[tuple[str, bytes], int] = {}
         self._delivered = 0
@@ -219,7 +225,7 @@ class TrackingClient:
         """Wait until every buffered event is delivered or spooled."""
         producer = self._require_started()
         for batch in list(self._open.values()):
-            await self._ship(batch)
+            self._ship_soon(batch)  # after the ships asked for before (their order)
         if self._shipping:
             await asyncio.gather(*self._shipping)
         try:
@@ -277,8 +283,9 @@ class TrackingClient:
     # placement of every Kafka client) and appended to one open batch per
     # partition, shipped with send_batch when full, when linger_ms passes or
     # on flush. One batch per partition is in flight at a time (aiokafka's
-    # own rule), and ships go out in the order they were made (a FIFO lock),
-    # so one user's events keep their order. Per event this costs a dict
+    # own rule), and a partition's ships go out in the order they were made
+    # (a FIFO lock per partition), so one user's events keep their order,
+    # while a partition whose leader is frozen holds back only its own. Per event this costs a dict
     # lookup and an append instead of a send() each.
     def _require_started(self) -> AIOKafkaProducer:
         if self._producer is None:
@@ -323,7 +330,7 @@ class TrackingClient:
         if batch is None:
             batch = self._new_batch(producer, tp)
         if not self._add(batch, record, event_id):
-            await self._ship(batch)  # full
+            self._ship_soon(batch)  # full; the caller does not wait for its partition
             batch = self._new_batch(producer, tp)
             if not self._add(batch, record, event_id):
                 self._open.pop(tp, None)
@@ -348,9 +355,14 @@ class TrackingClient:
 
     def _linger_over(self, batch: _Batch) -> None:
         if self._open.get((batch.topic, batch.partition)) is batch:
-            task = asyncio.get_running_loop().create_task(self._ship(batch))
-            self._shipping.add(task)
-            task.add_done_callback(self._shipping.discard)
+            self._ship_soon(batch)
+
+    def _ship_soon(self, batch: _Batch) -> None:
+        """Ship in a task of its own: tasks start in the order they were
+        made, so a partition's batches queue on its lock in that order."""
+        task = asyncio.get_running_loop().create_task(self._ship(batch))
+        self._shipping.add(task)
+        task.add_done_callback(self._shipping.discard)
 
     async def _ship(self, batch: _Batch) -> None:
         # A linger timer's task, flush() and a full batch can each ask to ship
@@ -366,7 +378,7 @@ class TrackingClient:
             return
         producer = self._require_started()
         self._in_flight.add(batch)
-        async with self._ship_lock:
+        async with self._ship_locks[(batch.topic, batch.partition)]:
             try:
                 future = await producer.send_batch(
                     batch.builder, batch.topic, partition=batch.partition

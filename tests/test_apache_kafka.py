@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.partitioner import DefaultPartitioner
 from usertrail.producers import TrackingClient, decode, demo
 
 from tests.conftest import Broker, read_all, unique
@@ -259,6 +260,73 @@ async def _compacted(settings: Settings, topic: str, timeout: float = 60) -> tup
 #   5 min by default) does. Every client now refreshes every 5 s
 #   (usertrail/settings.py, METADATA_MAX_AGE_MS; docs/brokers.md, "Stale
 #   leader").
+@pytest.mark.xdist_group("heavy")
+async def test_a_frozen_leader_holds_back_the_sdk_on_its_own_partitions_only(
+    kafka3: KafkaCluster, settings_factory: Callable[..., Settings]
+) -> None:
+    """A leader that takes requests and answers nothing (SIGSTOP): the SDK's
+    batches for its partitions wait (aiokafka keeps one batch per partition
+    in flight, up to the delivery timeout), and the other partitions' events
+    are acknowledged meanwhile. The SDK once shipped every partition's
+    batches through one lock: the second batch of a frozen partition held it,
+    and with it every partition, for the whole delivery timeout (30 s)."""
+    settings = settings_factory(kafka3, events_partitions=6)
+    await ensure_topics(settings)
+    await asyncio.to_thread(kafka3.wait_ready)
+    frozen = await _leader(kafka3, settings.events_topic, 0)
+    held = [p for p in range(6) if (await _leader(kafka3, settings.events_topic, p)) is frozen]
+    others = [p for p in range(6) if p not in held]
+    assert others, "the other nodes lead some partitions"
+    partitions = list(range(6))
+    users: dict[int, list[str]] = collections.defaultdict(list)
+    n = 0
+    while min(len(users[p]) for p in partitions) < 3:
+        user = f"user-{n}"
+        users[DefaultPartitioner()(user.encode(), partitions, partitions)].append(user)
+        n += 1
+    acked: dict[str, float] = {}
+    spooled: set[str] = set()
+    ids: dict[str, int] = {}
+
+    def delivered(event_id: str, error: BaseException | None) -> None:
+        if error is None:
+            acked[event_id] = time.monotonic()
+        else:
+            spooled.add(event_id)
+
+    async with TrackingClient(
+        source="frozen", settings=settings, on_delivery=delivered, max_batch_size=4096
+    ) as client:
+        for p in partitions:  # partitions known, connections open
+            ids[
+                await client.track_interaction(user_id=users[p][0], type="chat", service="saju")
+            ] = p
+        await client.flush()
+        frozen.pause()
+        try:
+            started = time.monotonic()
+            for i in range(600):  # several full batches for every partition
+                p = partitions[i % 6]
+                event_id = await client.track_interaction(
+                    user_id=users[p][i % 3], type="chat", service="saju", metadata={"pad": "x" * 64}
+                )
+                ids[event_id] = p
+            waited = time.monotonic() - started
+            deadline = time.monotonic() + 10
+            theirs = {e for e, p in ids.items() if p in others}
+            while not theirs <= set(acked) and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+            missing = theirs - set(acked)
+        finally:
+            frozen.resume()
+    assert waited < 2, f"the app waited {waited:.1f} s for 600 calls"
+    assert not missing, (
+        f"{len(missing)} events of the partitions {others} that no frozen node leads were "
+        f"not acknowledged within 10 s while node {frozen.node_id} was frozen"
+    )
+    assert set(ids) == set(acked) | spooled  # afterwards every event is settled
+
+
 @pytest.mark.xdist_group("heavy")
 async def test_three_brokers_killed_restarted_and_frozen_lose_nothing(
     kafka3: KafkaCluster,
