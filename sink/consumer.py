@@ -62,8 +62,9 @@ GROUP = "usertrail-sink"
 STOP_CATCH_UP = 10.0
 """Seconds a stopping sink goes on writing what the log holds."""
 ASK_TIMEOUT = 5.0
-"""Seconds for a request whose answer can wait (topic ids, the commit kept
-for lag tools): aiokafka's own timeout is 40 s, retried without end."""
+"""Seconds for a request whose answer can wait (topic ids; the last commit
+kept for lag tools, at stop): aiokafka's own timeout is 40 s, and it
+retries a commit without end."""
 _FETCH_SLICE = 64
 """Records taken from aiokafka between two yields to the event loop (see
 writer._SLICE: 500 cost about a tenth of the sink's rate)."""
@@ -89,6 +90,11 @@ class SinkOptions:
     # seconds a stored position may lie beyond its partition's end before the
     # log counts as another one (_beyond_the_end)
     beyond_grace: float = 60.0
+
+
+def _commit_done(done: asyncio.Future[Any]) -> None:
+    if not done.cancelled() and (exc := done.exception()) is not None:
+        log.debug("kafka commit (monitoring only) failed: %r", exc)
 
 
 class _SeekToStored(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -161,6 +167,8 @@ class Sink:
         # next batch overlaps with PostgreSQL writing this one (two cores).
         self._queue: asyncio.Queue[Prepared | None] = asyncio.Queue(2)
         self._writer: asyncio.Task[None] | None = None
+        self._committing: asyncio.Future[Any] | None = None
+        self._to_commit: dict[TopicPartition, int] = {}
         self.written = WriteResult()
 
     def stop(self) -> None:
@@ -393,6 +401,8 @@ class Sink:
         finally:
             if not writer.done():
                 writer.cancel()
+            if self._committing is not None:  # the last commit for lag tools, briefly
+                await asyncio.wait({self._committing}, timeout=ASK_TIMEOUT)
             await stop_within(self.consumer, 10, "consumer")
             await stop_within(self.producer, 10, "dead-letter producer")
             await self.writer.close()
@@ -550,7 +560,7 @@ class Sink:
                 started = time.perf_counter()
                 result = await self._retry_db(lambda p=item: self.writer.apply(p), "write")
                 self._account(result, time.perf_counter() - started)
-                await self._commit_for_monitoring(result)
+                self._commit_for_monitoring(result)
                 if result.dead_letters:
                     await self._publish_dead_letters(result)
             finally:
@@ -621,16 +631,18 @@ class Sink:
                 exc,
             )
 
-    async def _commit_for_monitoring(self, result: WriteResult) -> None:
-        offsets = {TopicPartition(t, p): o for (t, p), o in result.positions.items()}
-        try:
-            # Bounded: aiokafka retries a commit for as long as the group's
-            # coordinator is unreachable, and a rebalance waits (drain, in
-            # the revocation callback) for the writer that waits here.
-            await asyncio.wait_for(self.consumer.commit(offsets), ASK_TIMEOUT)
-        except (KafkaError, TimeoutError) as exc:
-            # positions live in the database; this is only for lag tools
-            log.debug("kafka commit (monitoring only) failed: %r", exc)
+    def _commit_for_monitoring(self, result: WriteResult) -> None:
+        """The written positions, committed to the group for lag tools (the
+        positions that count live in the database). Never waited for: aiokafka
+        retries a commit while the group's coordinator is unreachable, and a
+        rebalance waits (drain, in the revocation callback) for the writer.
+        One commit at a time; positions written meanwhile go with the next."""
+        self._to_commit.update({TopicPartition(t, p): o for (t, p), o in result.positions.items()})
+        if self._committing is not None and not self._committing.done():
+            return
+        offsets, self._to_commit = self._to_commit, {}
+        self._committing = asyncio.ensure_future(self.consumer.commit(offsets))
+        self._committing.add_done_callback(_commit_done)
 
     async def _check_reset_and_lag(self) -> None:
         for tp in self.consumer.assignment():

@@ -270,7 +270,10 @@ async def test_a_frozen_leader_holds_back_the_sdk_on_its_own_partitions_only(
     are acknowledged meanwhile. The SDK once shipped every partition's
     batches through one lock: the second batch of a frozen partition held it,
     and with it every partition, for the whole delivery timeout (30 s)."""
-    settings = settings_factory(kafka3, events_partitions=6)
+    # one replica per partition: with three, a frozen follower holds every
+    # partition's acks=all writes until it leaves the in-sync replicas (30 s,
+    # replica.lag.time.max.ms), which is the broker's rule, not the SDK's
+    settings = settings_factory(kafka3, events_partitions=6, replication_factor=1)
     await ensure_topics(settings)
     await asyncio.to_thread(kafka3.wait_ready)
     frozen = await _leader(kafka3, settings.events_topic, 0)
