@@ -31,9 +31,11 @@ import os
 import signal
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import faust
+from usertrail.stream import store
 from usertrail.stream.batch import Folded, FoldProcess, UserBatch, fold_users
 from usertrail.stream.folder import BatchFolder
 from usertrail.stream.policy import RESEEK_SECONDS
@@ -71,6 +73,8 @@ class UsertrailApp(faust.App):
     usertrail_folder: BatchFolder | None = None
     usertrail_watchdog: Watchdog | None = None
     usertrail_table: Any = None  # the profiles table, for tests and operator tools
+    usertrail_datadir: Path | None = None  # faust's files of this worker
+    usertrail_store: str = "memory"
 
     @property
     def usertrail_stopped_for(self) -> UsertrailError | None:
@@ -95,26 +99,36 @@ STOP_WITHIN = 60.0
 """Seconds a stalled worker's shutdown may take before the process exits."""
 
 
+def worker_dir(settings: Settings, web_port: int) -> Path:
+    """This worker's faust directory (its table's local state): one per
+    worker, named by its web address, which no two workers of a host share
+    (workers on 127.0.0.2 and 127.0.0.3 may listen on the same port)."""
+    where = f"{settings.stream_web_host}-{web_port}".replace("/", "_")
+    return settings.data_dir / "faust" / settings.stream_app_id / f"worker-{where}"
+
+
 def create_app(
     settings: Settings,
     rules: Rules,
     *,
     web_port: int = 6066,
-    store: str = "memory://",
     on_batch: Callable[[int], None] | None = None,
 ) -> UsertrailApp:
     """The worker's faust app. ``on_batch(n)`` is called after each batch of
     ``n`` records is folded and its writes (and every earlier batch's) are
     acknowledged."""
     group = settings.group_options()
-    datadir = settings.data_dir / "faust" / settings.stream_app_id
+    datadir = worker_dir(settings, web_port)
     datadir.mkdir(parents=True, exist_ok=True)
+    kind = settings.stream_store_kind()
+    if kind == "rocksdb":
+        store.begin(datadir)  # the local state only if the last stop was clean
     if settings.is_tansu:
         adopt_stale_group_leaders()  # docs/brokers.md, "Stale group leader"
     app = UsertrailApp(
         settings.stream_app_id,
         broker=[f"kafka://{host}" for host in settings.bootstrap_servers.split(",")],
-        store=store,
+        store=store.store_url(kind),
         autodiscover=False,
         topic_partitions=settings.events_partitions,
         topic_replication_factor=settings.replicas(),
@@ -154,7 +168,10 @@ def create_app(
         # the events, so the changelog partition is the producers' partition.
         key_type=bytes,
         value_type=bytes,
+        options=dict(store.OPTIONS) if kind == "rocksdb" else None,
     )
+    app.usertrail_datadir = datadir
+    app.usertrail_store = kind
     app.consumer._read_offset = _DeliverEverything()  # type: ignore[attr-defined]
 
     # Decoding and folding, most of a batch's CPU, run in a helper process on
@@ -262,6 +279,10 @@ def run_worker(settings: Settings, rules: Rules, *, web_port: int) -> None:
     except SystemExit:
         if app.usertrail_stopped_for is not None:
             raise app.usertrail_stopped_for from None  # one line, its exit code
+        folder = app.usertrail_folder
+        if app.usertrail_store == "rocksdb" and folder is not None and folder.closed_clean:
+            assert app.usertrail_datadir is not None
+            store.end_clean(app.usertrail_datadir)  # the next start may use the local state
         raise
     finally:
         watching.cancel()

@@ -11,7 +11,8 @@ skipped; a partition whose records were fetched but never delivered is
 re-read too (``reread_undelivered``).
 
 It talks to faust through four things only: the table's ``data`` (the
-store) and ``send_changelog``, and the consumer's ``seek_wait``,
+store, read and written on a named partition: stream/store.py) and
+``send_changelog``, and the consumer's ``seek_wait``,
 ``earliest_offsets``, ``highwater`` and ``assignment``; the app wires it
 (``app.py``).
 """
@@ -32,6 +33,7 @@ from faust.types import TP
 from usertrail.stream.batch import Folded, UserBatch
 from usertrail.stream.policy import RESEEK_SECONDS, Positions, Verdict, then_send
 from usertrail.stream.state import applied_key, log_key
+from usertrail.stream.store import on_partition
 
 from usertrail.errors import LogResetError
 from usertrail.kafka import log_identity, stop_within
@@ -90,6 +92,22 @@ class BatchFolder:
         # Measured: a profile cost about 100 us of the worker's time through
         # faust's producer.
         self._producer: AIOKafkaProducer | None = None
+        # a write failed (the local store may be ahead of the changelog), or
+        # closing; the worker's state on disk is kept only after a stop with
+        # neither (stream/store.py)
+        self.failed_writes = False
+        self.closing = False
+        self.closed_clean = False
+
+    # --- the table, partition by partition (stream/store.py) -------------------
+    def _get(self, partition: int, key: bytes) -> bytes | None:
+        with on_partition(partition):
+            value: bytes | None = self.table.data.get(key)
+            return value
+
+    def _set(self, partition: int, key: bytes, value: bytes) -> None:
+        with on_partition(partition):
+            self.table.data[key] = value
 
     async def profiles_producer(self) -> AIOKafkaProducer:
         if self._producer is None:  # started by the first batch
@@ -110,13 +128,17 @@ class BatchFolder:
         try:
             await self.writes_acknowledged()
         except KafkaError as exc:  # the next owner re-reads from the applied offset
+            self.failed_writes = True
             log.error("writes of the last batch failed before a rebalance: %r", exc)
 
     async def close(self) -> None:
+        self.closing = True  # no batch is folded from here on
         try:
             await self.writes_acknowledged()
         except KafkaError as exc:  # a restart re-reads from the applied offset
+            self.failed_writes = True
             log.error("writes of the last batch failed at shutdown: %r", exc)
+        self.closed_clean = not self.failed_writes
         producer, self._producer = self._producer, None
         if producer is not None:
             await stop_within(producer, 10, "profiles producer")
@@ -135,7 +157,7 @@ class BatchFolder:
         return None if topic_id is None else str(topic_id).encode()
 
     def same_log(self, partition: int, current: bytes | None) -> bool:
-        stored = self.table.data.get(log_key(partition))
+        stored = self._get(partition, log_key(partition))
         if stored is None or current is None or stored == current:
             return True
         if self.log_reset is None:
@@ -155,7 +177,7 @@ class BatchFolder:
 
     # --- applied offsets ------------------------------------------------------
     def applied_offset(self, partition: int) -> int | None:
-        raw = self.table.data.get(applied_key(partition))
+        raw = self._get(partition, applied_key(partition))
         return None if raw is None else int(raw)
 
     async def applied_or_before_start(self, partition: int) -> int | None:
@@ -180,8 +202,8 @@ class BatchFolder:
     # --- a batch --------------------------------------------------------------
     async def fold_batch(self, batch: Sequence[Record]) -> None:
         """Fold one batch of the events topic's records (faust's messages)."""
-        if self.log_reset is not None:
-            return  # stopping: see same_log
+        if self.log_reset is not None or self.closing:
+            return  # stopping (see same_log, close): nothing more is folded
         current = await self.events_log_id()
         if not all(self.same_log(p, current) for p in {r.partition for r in batch}):
             return
@@ -249,10 +271,10 @@ class BatchFolder:
         current: bytes | None,
         n: int,
     ) -> None:
-        table, data = self.table, self.table.data
+        table = self.table
         pending: list[Awaitable[Any]] = []
         profiles = await self.profiles_producer()
-        users = [UserBatch(key, data.get(key), items) for key, (_, items) in per_user.items()]
+        users = [UserBatch(key, self._get(p, key), items) for key, (p, items) in per_user.items()]
         for (key, (partition, _)), result in zip(
             per_user.items(), await self.fold(users), strict=True
         ):
@@ -261,7 +283,7 @@ class BatchFolder:
             # the store and the changelog directly (what table[key] = value
             # does), so the changelog partition is the event's and the send
             # can be awaited
-            data[key] = result.state
+            self._set(partition, key, result.state)
             pending.append(table.send_changelog(partition, key, result.state))
             pending.append(
                 await profiles.send(self.settings.profiles_topic, result.message, key=key)
@@ -270,10 +292,10 @@ class BatchFolder:
         for partition, done_to in applied.items():
             if done_to is not None and done_to != recovered[partition]:
                 mark, value = applied_key(partition), str(done_to).encode()
-                data[mark] = value
+                self._set(partition, mark, value)
                 marks.append((partition, mark, value))
-                if current is not None and data.get(log_key(partition)) != current:
-                    data[log_key(partition)] = current
+                if current is not None and self._get(partition, log_key(partition)) != current:
+                    self._set(partition, log_key(partition), current)
                     marks.append((partition, log_key(partition), current))
         # Each partition's applied offset goes to its changelog partition only
         # once this batch's other writes and every earlier batch's are
@@ -299,6 +321,7 @@ class BatchFolder:
             if (exc := f.exception()) is not None:
                 # the next batch raises it; the next owner or a restart
                 # re-reads from the applied offset
+                self.failed_writes = True
                 log.error("a batch's writes failed: %r", exc)
             elif self.on_batch is not None:
                 self.on_batch(n)

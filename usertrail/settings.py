@@ -81,6 +81,13 @@ class Settings(BaseSettings):
     # no port: not served
     sink_web_host: str = "127.0.0.1"
     sink_web_port: int | None = Field(default=None, ge=1, le=65535)
+    # where a stream worker keeps its table: "rocksdb" (on disk under the data
+    # directory, recovered from there plus the changelog's tail: stream/store.py),
+    # "memory" (re-read from the changelog at every start), or "auto": rocksdb on
+    # Apache Kafka, memory on tansu, whose log `up` restores into new topics
+    # (a local store would hold another log's offsets) and whose changelog is
+    # small and in memory anyway
+    stream_store: Literal["auto", "memory", "rocksdb"] = "auto"
     # decode and fold in a helper process, on another core than faust's own
     # work; false: in the worker's process (one core, or to profile the fold)
     stream_fold_process: bool = True
@@ -230,6 +237,11 @@ class Settings(BaseSettings):
             # `bench/rebalance_storm.py` (docs/brokers.md, "Rebalance storms")
             options["group_instance_id"] = self.group_instance_id
         return options
+
+    def stream_store_kind(self) -> Literal["memory", "rocksdb"]:
+        if self.stream_store != "auto":
+            return self.stream_store
+        return "memory" if self.is_tansu else "rocksdb"
 
     def web_url(self, port: int) -> str:
         """The URL other workers reach this worker's web server at."""

@@ -40,6 +40,7 @@ def cmd_stream(args: argparse.Namespace, settings: Settings) -> int:
         "stream_batch_max": args.batch_max,
         "stream_web_host": args.web_host,
         "stream_web_advertise": args.web_advertise,
+        "stream_store": args.store,
     }
     settings = settings.model_copy(update={k: v for k, v in flags.items() if v is not None})
     try:
@@ -148,6 +149,13 @@ def add(sub: Any, common: argparse.ArgumentParser) -> None:
         help="where other workers reach this one's web server, to forward a lookup of a "
         "user it owns (workers on several hosts) [env USERTRAIL_STREAM_WEB_ADVERTISE; "
         "default: the web host and port, or this machine's name with 0.0.0.0]",
+    )
+    stream.add_argument(
+        "--store",
+        choices=["auto", "memory", "rocksdb"],
+        help="where the worker keeps its table: rocksdb (on disk under the data directory; a "
+        "restart reads only the changelog's tail), memory (the whole changelog at each start) "
+        "[env USERTRAIL_STREAM_STORE; default auto: rocksdb on Apache Kafka, memory on tansu]",
     )
     stream.add_argument(
         "--fold-process",
