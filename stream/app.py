@@ -73,8 +73,6 @@ class UsertrailApp(faust.App):
     usertrail_folder: BatchFolder | None = None
     usertrail_watchdog: Watchdog | None = None
     usertrail_table: Any = None  # the profiles table, for tests and operator tools
-    usertrail_datadir: Path | None = None  # faust's files of this worker
-    usertrail_store: str = "memory"
 
     @property
     def usertrail_stopped_for(self) -> UsertrailError | None:
@@ -121,8 +119,6 @@ def create_app(
     datadir = worker_dir(settings, web_port)
     datadir.mkdir(parents=True, exist_ok=True)
     kind = settings.stream_store_kind()
-    if kind == "rocksdb":
-        store.begin(datadir)  # the local state only if the last stop was clean
     if settings.is_tansu:
         adopt_stale_group_leaders()  # docs/brokers.md, "Stale group leader"
     app = UsertrailApp(
@@ -170,8 +166,6 @@ def create_app(
         value_type=bytes,
         options=dict(store.OPTIONS) if kind == "rocksdb" else None,
     )
-    app.usertrail_datadir = datadir
-    app.usertrail_store = kind
     app.consumer._read_offset = _DeliverEverything()  # type: ignore[attr-defined]
 
     # Decoding and folding, most of a batch's CPU, run in a helper process on
@@ -279,10 +273,6 @@ def run_worker(settings: Settings, rules: Rules, *, web_port: int) -> None:
     except SystemExit:
         if app.usertrail_stopped_for is not None:
             raise app.usertrail_stopped_for from None  # one line, its exit code
-        folder = app.usertrail_folder
-        if app.usertrail_store == "rocksdb" and folder is not None and folder.closed_clean:
-            assert app.usertrail_datadir is not None
-            store.end_clean(app.usertrail_datadir)  # the next start may use the local state
         raise
     finally:
         watching.cancel()

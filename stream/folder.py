@@ -92,22 +92,43 @@ class BatchFolder:
         # Measured: a profile cost about 100 us of the worker's time through
         # faust's producer.
         self._producer: AIOKafkaProducer | None = None
-        # a write failed (the local store may be ahead of the changelog), or
-        # closing; the worker's state on disk is kept only after a stop with
-        # neither (stream/store.py)
-        self.failed_writes = False
         self.closing = False
-        self.closed_clean = False
+        # Written behind: a batch's states and applied offsets reach the
+        # store (and its persisted changelog offsets) only once the broker
+        # acknowledged them in the changelog, so the store is never ahead of
+        # the changelog, and a worker killed at any moment restarts from its
+        # local state plus the changelog's tail (stream/store.py). Until
+        # then they are read from here: (partition, key) -> value.
+        self.unwritten: dict[tuple[int, bytes], bytes] = {}
 
     # --- the table, partition by partition (stream/store.py) -------------------
     def _get(self, partition: int, key: bytes) -> bytes | None:
-        with on_partition(partition):
-            value: bytes | None = self.table.data.get(key)
+        value = self.unwritten.get((partition, key))
+        if value is not None:
             return value
-
-    def _set(self, partition: int, key: bytes, value: bytes) -> None:
         with on_partition(partition):
-            self.table.data[key] = value
+            stored: bytes | None = self.table.data.get(key)
+            return stored
+
+    def _store(self, writes: list[tuple[int, bytes, bytes]], sent: list[Any]) -> None:
+        """A batch's writes, acknowledged in the changelog: into the store,
+        then each changelog partition's newest offset among them as the
+        store's persisted offset (from where recovery reads on)."""
+        data = self.table.data
+        for partition, key, value in writes:
+            with on_partition(partition):
+                data[key] = value
+            if self.unwritten.get((partition, key)) is value:
+                del self.unwritten[(partition, key)]  # no later batch changed it
+        persist = getattr(data, "usertrail_persist", None)
+        if persist is not None:
+            newest: dict[int, int] = {}
+            for future in sent:
+                meta = future.result()
+                p = meta.topic_partition.partition
+                newest[p] = max(newest.get(p, -1), meta.offset)
+            for p, offset in newest.items():
+                persist(p, offset)
 
     async def profiles_producer(self) -> AIOKafkaProducer:
         if self._producer is None:  # started by the first batch
@@ -128,17 +149,17 @@ class BatchFolder:
         try:
             await self.writes_acknowledged()
         except KafkaError as exc:  # the next owner re-reads from the applied offset
-            self.failed_writes = True
             log.error("writes of the last batch failed before a rebalance: %r", exc)
+        # what was acknowledged is in the store; anything left failed, and the
+        # partitions' next owner (this worker again, maybe) recovers them
+        self.unwritten.clear()
 
     async def close(self) -> None:
         self.closing = True  # no batch is folded from here on
         try:
             await self.writes_acknowledged()
         except KafkaError as exc:  # a restart re-reads from the applied offset
-            self.failed_writes = True
             log.error("writes of the last batch failed at shutdown: %r", exc)
-        self.closed_clean = not self.failed_writes
         producer, self._producer = self._producer, None
         if producer is not None:
             await stop_within(producer, 10, "profiles producer")
@@ -273,6 +294,13 @@ class BatchFolder:
     ) -> None:
         table = self.table
         pending: list[Awaitable[Any]] = []
+        writes_: list[tuple[int, bytes, bytes]] = []  # to the store once acknowledged
+        sent: list[Any] = []  # the changelog sends, for their offsets
+
+        def write(partition: int, key: bytes, value: bytes) -> None:
+            self.unwritten[(partition, key)] = value
+            writes_.append((partition, key, value))
+
         profiles = await self.profiles_producer()
         users = [UserBatch(key, self._get(p, key), items) for key, (p, items) in per_user.items()]
         for (key, (partition, _)), result in zip(
@@ -283,8 +311,9 @@ class BatchFolder:
             # the store and the changelog directly (what table[key] = value
             # does), so the changelog partition is the event's and the send
             # can be awaited
-            self._set(partition, key, result.state)
-            pending.append(table.send_changelog(partition, key, result.state))
+            write(partition, key, result.state)
+            sent.append(table.send_changelog(partition, key, result.state))
+            pending.append(sent[-1])
             pending.append(
                 await profiles.send(self.settings.profiles_topic, result.message, key=key)
             )
@@ -292,10 +321,10 @@ class BatchFolder:
         for partition, done_to in applied.items():
             if done_to is not None and done_to != recovered[partition]:
                 mark, value = applied_key(partition), str(done_to).encode()
-                self._set(partition, mark, value)
+                write(partition, mark, value)
                 marks.append((partition, mark, value))
                 if current is not None and self._get(partition, log_key(partition)) != current:
-                    self._set(partition, log_key(partition), current)
+                    write(partition, log_key(partition), current)
                     marks.append((partition, log_key(partition), current))
         # Each partition's applied offset goes to its changelog partition only
         # once this batch's other writes and every earlier batch's are
@@ -306,24 +335,32 @@ class BatchFolder:
         previous = list(self.in_flight)
 
         def send_marks(marks: list[tuple[int, bytes, bytes]] = marks) -> list[Awaitable[Any]]:
-            return [table.send_changelog(*m) for m in marks]
+            sent.extend(table.send_changelog(*m) for m in marks)
+            return sent[len(sent) - len(marks) :]
 
         writes = asyncio.ensure_future(then_send([*pending, *previous], send_marks))
         self.in_flight[:] = [writes]
-        self._when_acknowledged(writes, n)
+        self._when_acknowledged(writes, n, writes_, sent)
         for earlier in previous:
             await earlier  # at most two batches' writes in flight
 
-    def _when_acknowledged(self, writes: asyncio.Future[Any], n: int) -> None:
+    def _when_acknowledged(
+        self,
+        writes: asyncio.Future[Any],
+        n: int,
+        batch: list[tuple[int, bytes, bytes]],
+        sent: list[Any],
+    ) -> None:
         def done(f: asyncio.Future[Any]) -> None:
             if f.cancelled():
                 return
             if (exc := f.exception()) is not None:
                 # the next batch raises it; the next owner or a restart
                 # re-reads from the applied offset
-                self.failed_writes = True
                 log.error("a batch's writes failed: %r", exc)
-            elif self.on_batch is not None:
+                return
+            self._store(batch, sent)  # before anything awaiting the batch resumes
+            if self.on_batch is not None:
                 self.on_batch(n)
 
         writes.add_done_callback(done)

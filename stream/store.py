@@ -1,6 +1,5 @@
 """The stream table's state on disk: faust's RocksDB store, told which
-partition each read and write belongs to, and discarded after a stop that
-was not clean.
+partition each read and write belongs to, and never ahead of the changelog.
 
 Why not faust's ``rocksdb://`` as it is: its store keeps one database per
 changelog partition and picks the partition of a read or write from the
@@ -9,40 +8,38 @@ many partitions at once (stream/folder.py), so that event is the batch's
 last, and most users would be read from and written to another
 partition's database. Here the folder names the partition
 (``on_partition``), and only when it does not (a profile lookup, faust's own
-recovery) does faust's logic apply. faust internals used here and nowhere
-else: the store's ``_db_for_partition`` and ``_key_index``; a faust upgrade
-that changes them fails ``tests/stream/test_store.py``.
+recovery) does faust's logic apply.
 
-Why a stop must be clean: the folder writes a batch's states to the store
-at once and to the changelog as they are acknowledged (the applied offsets
-last). A worker killed in between leaves the store ahead of the
-changelog; restarted on that store it would take those events for folded
-and never send what they changed. So a worker marks its state clean only
-after a stop in which every write was acknowledged, and a worker that
-starts without that mark discards its local state and recovers it from
-the changelog, as a new worker would (Kafka Streams does the same under
-exactly-once)."""
+Why never ahead: faust records, per partition, the changelog offset its
+store holds data up to (the persisted offset), and a restarted worker reads
+the changelog on from there. faust sets it as each changelog write is
+acknowledged; the folder writes a batch to the store only once all of the
+batch is acknowledged (stream/folder.py, ``unwritten``), so here the
+persisted offset moves only with what the folder wrote
+(``usertrail_persist``) or what recovery read. A worker killed at any
+moment then restarts from its local state plus the changelog's tail.
+
+faust internals used here and nowhere else: the store's
+``_db_for_partition``, ``_key_index``, ``set_persisted_offset`` and
+``apply_changelog_batch``; a faust upgrade that changes them fails
+``tests/stream/test_store.py``."""
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
 import logging
-import shutil
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 from faust.stores import STORES
 from faust.stores.rocksdb import Store as RocksDBStore
+from faust.types import TP
 
 log = logging.getLogger("usertrail.stream")
 
 SCHEME = "usertrail-rocksdb"
 """The store URL's scheme: ``usertrail-rocksdb://``."""
-
-CLEAN = "clean-stop"
-"""The file in a worker's faust directory saying its last stop was clean."""
 
 # modest: eight partitions' databases share one process; faust's defaults
 # (64 MiB write buffers, three of them, 2 GiB block cache) suit one table
@@ -92,6 +89,32 @@ class PartitionedRocksDB(RocksDBStore):
             self._key_index[key] = partition
         return value
 
+    # --- the persisted offsets ------------------------------------------------
+    _recovering = False
+    usertrail_recovered = 0
+    """Changelog records read into the store since the worker started."""
+
+    def apply_changelog_batch(self, batch: Any, to_key: Any, to_value: Any) -> None:
+        events = list(batch)
+        self._recovering = True
+        try:
+            super().apply_changelog_batch(events, to_key, to_value)
+        finally:
+            self._recovering = False
+        self.usertrail_recovered += len(events)
+
+    def set_persisted_offset(self, tp: Any, offset: int) -> None:
+        if self._recovering:  # what recovery just wrote
+            super().set_persisted_offset(tp, offset)
+        # else faust's acknowledgement of one changelog write: the folder has
+        # not written it to the store yet (usertrail_persist)
+
+    def usertrail_persist(self, partition: int, offset: int) -> None:
+        """The folder wrote the store up to this changelog offset."""
+        super().set_persisted_offset(
+            TP(self.table.changelog_topic.get_topic_name(), partition), offset
+        )
+
     def _del(self, key: bytes) -> None:
         partition = _partition.get()
         if partition is None:
@@ -105,26 +128,3 @@ STORES.aliases[SCHEME] = f"{__name__}:PartitionedRocksDB"
 
 def store_url(kind: str) -> str:
     return f"{SCHEME}://" if kind == "rocksdb" else "memory://"
-
-
-def begin(datadir: Path) -> bool:
-    """Called before the worker opens its state: keep the local state if
-    the last stop was clean (True), else discard it. Either way the mark
-    is removed: it is written again only by the next clean stop."""
-    mark = datadir / CLEAN
-    tables = datadir / "v1" / "tables"
-    clean = mark.exists()
-    mark.unlink(missing_ok=True)
-    if not clean and tables.exists() and any(tables.iterdir()):
-        log.warning(
-            "the last stop of this worker was not clean: its local state may be ahead "
-            "of the changelog; discarded, it is recovered from the changelog"
-        )
-        shutil.rmtree(tables)
-    return clean
-
-
-def end_clean(datadir: Path) -> None:
-    """Every write of the stopped worker is acknowledged: its local state
-    equals the changelog, the next start may use it."""
-    (datadir / CLEAN).touch()

@@ -43,13 +43,18 @@ def add_profile_view(
 ) -> None:
     """The pages on ``app``'s web server: the profiles, routed by
     ``table``'s keys, and ``GET /health`` (200 with what the worker is
-    doing, 503 with why it stalled: ``health()``)."""
+    doing, 503 with why it stalled: ``health()``; with the table on disk,
+    also how many changelog records its recovery read since the start)."""
     routable = asyncio.Event()
 
     @app.page("/health")
     async def get_health(web: Any, request: Any) -> Any:
         ok, state = health()
-        return web.json({"ok": ok, "state": state}, status=200 if ok else 503)
+        body = {"ok": ok, "state": state}
+        recovered = getattr(table.data, "usertrail_recovered", None)
+        if recovered is not None:  # on disk: what recovery read of the changelog
+            body["changelogRecordsRecovered"] = recovered
+        return web.json(body, status=200 if ok else 503)
 
     @app.task  # type: ignore[untyped-decorator]
     async def know_the_changelog() -> None:

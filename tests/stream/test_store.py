@@ -1,7 +1,7 @@
 """The stream table on disk (stream/store.py): faust's RocksDB store routed
-by the partition the folder names; a worker restarted after a clean stop
-recovers from its local state plus the changelog's tail, one restarted after
-SIGKILL discards it and recovers from the changelog."""
+by the partition the folder names and never ahead of the changelog, so that
+a worker killed at any moment restarts from its local state plus the
+changelog's tail."""
 
 from __future__ import annotations
 
@@ -13,14 +13,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from aiokafka import TopicPartition
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, RecordsToDelete
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from faust.stores import by_url
 from faust.stores.rocksdb import Store as RocksDBStore
+from faust.tables.base import Collection as Table
 from usertrail.producers import TrackingClient, demo
 from usertrail.stream import store
-from usertrail.stream.app import worker_dir
 
 from tests.conftest import create_topics, unique
 from tests.workers import (
@@ -43,27 +43,20 @@ def test_what_the_store_takes_from_faust_is_still_there() -> None:
     assert by_url(f"{store.SCHEME}://") is store.PartitionedRocksDB
     for name in ("_db_for_partition", "_set", "_get", "_del"):
         assert callable(getattr(RocksDBStore, name, None)), name
-    assert list(inspect.signature(RocksDBStore._db_for_partition).parameters) == [
-        "self",
-        "partition",
-    ]
-    assert list(inspect.signature(RocksDBStore._set).parameters) == ["self", "key", "value"]
+
+    def params(f: object) -> list[str]:
+        return list(inspect.signature(f).parameters)  # type: ignore[arg-type]
+
+    assert params(RocksDBStore._db_for_partition) == ["self", "partition"]
+    assert params(RocksDBStore._set) == ["self", "key", "value"]
+    assert params(RocksDBStore.set_persisted_offset) == ["self", "tp", "offset"]
+    assert params(RocksDBStore.apply_changelog_batch) == ["self", "batch", "to_key", "to_value"]
     assert "self._key_index = " in inspect.getsource(RocksDBStore.__init__)
     assert "current_event()" in inspect.getsource(RocksDBStore._set)  # why we route
-
-
-def test_a_stop_that_was_not_clean_discards_the_local_state(tmp_path: Path) -> None:
-    tables = tmp_path / "v1" / "tables"
-    (tables / "profiles-0.db").mkdir(parents=True)
-    assert store.begin(tmp_path) is False  # never stopped cleanly: discarded
-    assert not tables.exists()
-    (tables / "profiles-0.db").mkdir(parents=True)
-    store.end_clean(tmp_path)
-    assert store.begin(tmp_path) is True  # kept ...
-    assert (tables / "profiles-0.db").exists()
-    assert not (tmp_path / store.CLEAN).exists()  # ... and the mark is used up
-    assert store.begin(tmp_path) is False  # a kill after that start: discarded
-    assert not tables.exists()
+    # recovery marks what it read through set_persisted_offset, on the store
+    assert "self.set_persisted_offset(" in inspect.getsource(RocksDBStore.apply_changelog_batch)
+    # ... and the table, as each changelog write is acknowledged (ignored)
+    assert "self.data.set_persisted_offset(" in inspect.getsource(Table._on_changelog_sent)
 
 
 def test_auto_is_rocksdb_on_apache_kafka_and_memory_on_tansu(
@@ -121,8 +114,6 @@ async def _wipe_changelog(settings: Settings) -> int:
     admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap_servers)
     await admin.start()
     try:
-        from aiokafka import AIOKafkaConsumer
-
         consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap_servers)
         await consumer.start()
         try:
@@ -147,65 +138,72 @@ async def _wipe_changelog(settings: Settings) -> int:
         await admin.close()
 
 
+async def _recovered(port: int) -> int:
+    status, body = await asyncio.to_thread(get, f"http://127.0.0.1:{port}/health")
+    assert status == 200, body
+    return int(body["changelogRecordsRecovered"])
+
+
+async def _changelog_end(settings: Settings) -> int:
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap_servers)
+    await consumer.start()
+    try:
+        tps = await partitions_of(consumer, settings.changelog_topic)
+        return sum((await consumer.end_offsets(tps)).values())
+    finally:
+        await consumer.stop()
+
+
 @pytest.mark.xdist_group("heavy")
-async def test_a_clean_restart_recovers_from_the_local_state_and_a_killed_one_from_the_changelog(
+async def test_a_killed_worker_restarts_from_its_local_state_and_the_changelog_tail(
     kafka1: KafkaCluster, settings_factory: Callable[..., Settings], tmp_path: Path
 ) -> None:
     settings = settings_factory(kafka1, stream_app_id=unique("store"))
     await create_topics(settings)
-    plan = list(demo.plan(users=60, events=6000, seed=31))
+    plan = list(demo.plan(users=60, events=8000, seed=31))
     first, second = plan[:3000], plan[3000:]
     async with TrackingClient(source="demo", settings=settings) as client:
         sent = await demo.run(client, first)
     port = free_port()  # the same worker each time: the same directory
     log = tmp_path / "stream.log"
-    env = {"USERTRAIL_STREAM_STORE": "rocksdb"}
-    datadir = worker_dir(settings.model_copy(update={"data_dir": tmp_path}), port)
+    env = {"USERTRAIL_STREAM_STORE": "rocksdb", "USERTRAIL_STREAM_BATCH_MAX": "200"}
 
     proc = stream_process(settings, port, log, **env)
     by_user = await events_by_user(settings, sent)
-    await _until_profiles(port, {u: expected_view(e) for u, e in by_user.items()}, log)
-    proc.send_signal(signal.SIGTERM)
-    assert await asyncio.to_thread(proc.wait, 60) == 0
-    assert (datadir / store.CLEAN).exists(), "a clean stop is marked"
-    assert any((datadir / "v1" / "tables").iterdir())
+    try:
+        await _until_profiles(port, {u: expected_view(e) for u, e in by_user.items()}, log)
+    finally:
+        kill(proc)  # SIGKILL: no stop of any kind
 
     # Nothing left in the changelog: the profiles can only come from disk.
     assert await _wipe_changelog(settings) > 0
     proc = stream_process(settings, port, log, **env)
     try:
         await _until_profiles(port, {u: expected_view(e) for u, e in by_user.items()}, log)
-        # ... and the applied offsets too: the second half is folded on top,
-        # nothing of the first half twice
+        assert await _recovered(port) == 0
+        # the applied offsets came back too: the second half is folded on
+        # top, nothing of the first half twice; killed while folding it
+        before = await _changelog_end(settings)
         async with TrackingClient(source="demo", settings=settings) as client:
             sent += await demo.run(client, second)
-        by_user = await events_by_user(settings, sent)
-        await _until_profiles(port, {u: expected_view(e) for u, e in by_user.items()}, log)
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        assert await asyncio.to_thread(proc.wait, 60) == 0
-
-    # Another app (a changelog of its own, whole) folds the same log and is
-    # killed: its next start discards the local state and recovers it from
-    # the changelog.
-    other = settings.model_copy(update={"stream_app_id": unique("store")})
-    await create_topics(other)
-    port, log = free_port(), tmp_path / "other.log"
-    datadir = worker_dir(other.model_copy(update={"data_dir": tmp_path}), port)
-    expected = {u: expected_view(e) for u, e in by_user.items()}
-    proc = stream_process(other, port, log, **env)
-    try:
-        await _until_profiles(port, expected, log)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 60
+        while await _changelog_end(settings) < before + 200 and loop.time() < deadline:
+            await asyncio.sleep(0.05)
     finally:
         kill(proc)
-    assert not (datadir / store.CLEAN).exists()
-    assert any((datadir / "v1" / "tables").iterdir())
-    proc = stream_process(other, port, log, **env)
+    killed_at = await _changelog_end(settings)
+    assert killed_at > before, "it was killed while folding the second half"
+
+    proc = stream_process(settings, port, log, **env)
     try:
-        await _until_profiles(port, expected, log)
+        by_user = await events_by_user(settings, sent)
+        await _until_profiles(port, {u: expected_view(e) for u, e in by_user.items()}, log)
+        recovered = await _recovered(port)
     finally:
         proc.send_signal(signal.SIGTERM)
         assert await asyncio.to_thread(proc.wait, 60) == 0
-    text = (tmp_path / "stream.log").read_text() + log.read_text()
-    assert "the last stop of this worker was not clean" in log.read_text()
-    assert "Traceback" not in text
+    # what recovery read: at most the tail written after the second start
+    # (the state before it came from disk), not the whole changelog
+    assert recovered <= killed_at - before, (recovered, before, killed_at)
+    assert "Traceback" not in log.read_text()
