@@ -285,8 +285,8 @@ class TrackingClient:
     # on flush. One batch per partition is in flight at a time (aiokafka's
     # own rule), and a partition's ships go out in the order they were made
     # (a FIFO lock per partition), so one user's events keep their order,
-    # while a partition whose leader is frozen holds back only its own. Per event this costs a dict
-    # lookup and an append instead of a send() each.
+    # while a partition whose leader is frozen holds back only its own. Per
+    # event this costs a dict lookup and an append instead of a send() each.
     def _require_started(self) -> AIOKafkaProducer:
         if self._producer is None:
             raise ClientClosedError("call start() (or use `async with`) before sending")

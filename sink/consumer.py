@@ -569,7 +569,6 @@ class Sink:
     def health(self) -> tuple[bool, dict[str, Any]]:
         """Whether the sink is working, and what it is doing: not while it
         waits for the database, nor once it stalled (it then exits)."""
-        now = time.monotonic()
         state: dict[str, Any] = {
             "partitions": len(self.consumer.assignment()),
             "records": self.written.records,
@@ -581,7 +580,7 @@ class Sink:
         if self._stopping.is_set():
             return True, {**state, "state": "stopping"}
         if self._unassigned_since is not None and not self.options.assign_all:
-            since = now - self._unassigned_since
+            since = time.monotonic() - self._unassigned_since
             return True, {**state, "state": f"joining the group ({since:.0f} s)"}
         return True, {**state, "state": "writing"}
 

@@ -294,12 +294,12 @@ class BatchFolder:
     ) -> None:
         table = self.table
         pending: list[Awaitable[Any]] = []
-        writes_: list[tuple[int, bytes, bytes]] = []  # to the store once acknowledged
+        to_store: list[tuple[int, bytes, bytes]] = []  # into the store once acknowledged
         sent: list[Any] = []  # the changelog sends, for their offsets
 
         def write(partition: int, key: bytes, value: bytes) -> None:
             self.unwritten[(partition, key)] = value
-            writes_.append((partition, key, value))
+            to_store.append((partition, key, value))
 
         profiles = await self.profiles_producer()
         users = [UserBatch(key, self._get(p, key), items) for key, (p, items) in per_user.items()]
@@ -335,12 +335,13 @@ class BatchFolder:
         previous = list(self.in_flight)
 
         def send_marks(marks: list[tuple[int, bytes, bytes]] = marks) -> list[Awaitable[Any]]:
-            sent.extend(table.send_changelog(*m) for m in marks)
-            return sent[len(sent) - len(marks) :]
+            futures = [table.send_changelog(*m) for m in marks]
+            sent.extend(futures)
+            return futures
 
         writes = asyncio.ensure_future(then_send([*pending, *previous], send_marks))
         self.in_flight[:] = [writes]
-        self._when_acknowledged(writes, n, writes_, sent)
+        self._when_acknowledged(writes, n, to_store, sent)
         for earlier in previous:
             await earlier  # at most two batches' writes in flight
 

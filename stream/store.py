@@ -28,15 +28,12 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import logging
 from collections.abc import Iterator
 from typing import Any
 
 from faust.stores import STORES
 from faust.stores.rocksdb import Store as RocksDBStore
 from faust.types import TP
-
-log = logging.getLogger("usertrail.stream")
 
 SCHEME = "usertrail-rocksdb"
 """The store URL's scheme: ``usertrail-rocksdb://``."""

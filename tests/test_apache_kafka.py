@@ -87,17 +87,26 @@ async def test_what_the_tansu_workarounds_are_for(
         assert client.idempotent == (broker.kind == "kafka")
 
 
-async def _leader(cluster: KafkaCluster, topic: str, partition: int) -> KafkaNode:
+async def _leaders(cluster: KafkaCluster, topic: str) -> dict[int, KafkaNode]:
+    """Each partition's leader, as one metadata answer gives them."""
     admin = AIOKafkaAdminClient(bootstrap_servers=cluster.bootstrap_servers)
     await admin.start()
     try:
-        for described in await admin.describe_topics([topic]):
-            for p in described["partitions"]:
-                if p["partition"] == partition:
-                    return cluster.node(p["leader"])
+        return {
+            p["partition"]: cluster.node(p["leader"])
+            for described in await admin.describe_topics([topic])
+            for p in described["partitions"]
+            if p["leader"] >= 0  # none while an election runs
+        }
     finally:
         await admin.close()
-    raise AssertionError(f"no leader for {topic}[{partition}]")
+
+
+async def _leader(cluster: KafkaCluster, topic: str, partition: int) -> KafkaNode:
+    leader = (await _leaders(cluster, topic)).get(partition)
+    if leader is None:
+        raise AssertionError(f"no leader for {topic}[{partition}]")
+    return leader
 
 
 async def test_the_idempotent_sdk_writes_nothing_twice_through_broker_stalls(
@@ -276,8 +285,9 @@ async def test_a_frozen_leader_holds_back_the_sdk_on_its_own_partitions_only(
     settings = settings_factory(kafka3, events_partitions=6, replication_factor=1)
     await ensure_topics(settings)
     await asyncio.to_thread(kafka3.wait_ready)
-    frozen = await _leader(kafka3, settings.events_topic, 0)
-    held = [p for p in range(6) if (await _leader(kafka3, settings.events_topic, p)) is frozen]
+    leaders = await _leaders(kafka3, settings.events_topic)
+    frozen = leaders[0]
+    held = [p for p in range(6) if leaders[p] is frozen]
     others = [p for p in range(6) if p not in held]
     assert others, "the other nodes lead some partitions"
     partitions = list(range(6))

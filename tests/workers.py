@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-from aiokafka import AIOKafkaConsumer
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from usertrail.producers import TrackingClient, decode
 from usertrail.producers.events import EventBase
 from usertrail.stream.fold import Profile, fold_all
@@ -28,7 +28,7 @@ from usertrail.stream.segments import load_rules, segment
 from usertrail.stream.state import APPLIED, LOG, load_state
 
 from tests.sink.conftest import query
-from usertrail.kafka import stop_within
+from usertrail.kafka import partitions_of, stop_within
 from usertrail.settings import Settings
 
 RULES = load_rules()
@@ -161,6 +161,23 @@ def worker_view(body: dict[str, Any]) -> dict[str, Any]:
         "segments": [(a["segment"], a["score"], a["reasons"]) for a in body["segments"]],
         "vector": body["vector"],
     }
+
+
+async def changelog_ends(settings: Settings) -> dict[TopicPartition, int]:
+    """Each partition's end offset in the table's changelog (the worker's
+    producer writes one record per batch on tansu, so they are exact)."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap_servers, group_id=None)
+    await consumer.start()
+    try:
+        tps = await partitions_of(consumer, settings.changelog_topic)
+        return dict(await consumer.end_offsets(tps))
+    finally:
+        await stop_within(consumer, 10)
+
+
+async def changelog_written(settings: Settings) -> int:
+    """Records in the table's changelog so far."""
+    return sum((await changelog_ends(settings)).values())
 
 
 async def changelog_states(settings: Settings) -> dict[str, Profile]:

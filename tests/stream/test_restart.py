@@ -12,28 +12,21 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from aiokafka import AIOKafkaConsumer
 from usertrail.producers import TrackingClient, demo
 from usertrail.stream.fold import fold_all
 
 from tests.conftest import create_topics, unique
-from tests.workers import RULES, changelog_states, cli, events_by_user, kill, stream_process
+from tests.workers import (
+    RULES,
+    changelog_states,
+    changelog_written,
+    cli,
+    events_by_user,
+    kill,
+    stream_process,
+)
 from usertrail.embedded import EmbeddedBroker, free_port
-from usertrail.kafka import partitions_of, stop_within
 from usertrail.settings import Settings
-
-
-async def changelog_written(settings: Settings) -> int:
-    """Records in the table's changelog so far (the worker's producer writes
-    one record per batch on tansu, so its end offsets are exact)."""
-    topic = settings.changelog_topic
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap_servers, group_id=None)
-    await consumer.start()
-    try:
-        ends = await consumer.end_offsets(await partitions_of(consumer, topic))
-        return sum(ends.values())
-    finally:
-        await stop_within(consumer, 10)
 
 
 async def kill_while_folding(

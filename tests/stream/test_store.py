@@ -13,7 +13,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, RecordsToDelete
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from faust.stores import by_url
@@ -24,6 +23,8 @@ from usertrail.stream import store
 
 from tests.conftest import create_topics, unique
 from tests.workers import (
+    changelog_ends,
+    changelog_written,
     events_by_user,
     expected_view,
     get,
@@ -33,7 +34,6 @@ from tests.workers import (
 )
 from usertrail.apache_kafka import KafkaCluster
 from usertrail.embedded import free_port
-from usertrail.kafka import partitions_of
 from usertrail.settings import Settings
 
 
@@ -114,21 +114,12 @@ async def _wipe_changelog(settings: Settings) -> int:
     admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap_servers)
     await admin.start()
     try:
-        consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap_servers)
-        await consumer.start()
-        try:
-            tps = await partitions_of(consumer, settings.changelog_topic)
-            ends = await consumer.end_offsets(tps)
-        finally:
-            await consumer.stop()
+        ends = await changelog_ends(settings)
         # Kafka deletes records only from topics whose policy includes delete
         await admin.alter_configs([_policy(settings.changelog_topic, "compact,delete")])
         try:
             done = await admin.delete_records(
-                {
-                    TopicPartition(tp.topic, tp.partition): RecordsToDelete(end)
-                    for tp, end in ends.items()
-                }
+                {tp: RecordsToDelete(end) for tp, end in ends.items()}
             )
         finally:
             await admin.alter_configs([_policy(settings.changelog_topic, "compact")])
@@ -142,16 +133,6 @@ async def _recovered(port: int) -> int:
     status, body = await asyncio.to_thread(get, f"http://127.0.0.1:{port}/health")
     assert status == 200, body
     return int(body["changelogRecordsRecovered"])
-
-
-async def _changelog_end(settings: Settings) -> int:
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap_servers)
-    await consumer.start()
-    try:
-        tps = await partitions_of(consumer, settings.changelog_topic)
-        return sum((await consumer.end_offsets(tps)).values())
-    finally:
-        await consumer.stop()
 
 
 @pytest.mark.xdist_group("heavy")
@@ -183,16 +164,16 @@ async def test_a_killed_worker_restarts_from_its_local_state_and_the_changelog_t
         assert await _recovered(port) == 0
         # the applied offsets came back too: the second half is folded on
         # top, nothing of the first half twice; killed while folding it
-        before = await _changelog_end(settings)
+        before = await changelog_written(settings)
         async with TrackingClient(source="demo", settings=settings) as client:
             sent += await demo.run(client, second)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 60
-        while await _changelog_end(settings) < before + 200 and loop.time() < deadline:
+        while await changelog_written(settings) < before + 200 and loop.time() < deadline:
             await asyncio.sleep(0.05)
     finally:
         kill(proc)
-    killed_at = await _changelog_end(settings)
+    killed_at = await changelog_written(settings)
     assert killed_at > before, "it was killed while folding the second half"
 
     proc = stream_process(settings, port, log, **env)

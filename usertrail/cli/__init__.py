@@ -53,6 +53,10 @@ def _fail(exc: UsertrailError) -> int:
     return exc.exit_code
 
 
+WORKER_COMMANDS = ("up", "sink", "stream")
+"""The long-running commands: they log what the broker's outages do to them."""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -68,11 +72,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if logging.root.level > logging.DEBUG:  # DEBUG: theirs too
         for noisy in ("aiokafka", "alembic"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
-        if args.command in ("up", "sink", "stream") and logging.root.level <= logging.INFO:
+        if args.command in WORKER_COMMANDS and logging.root.level <= logging.INFO:
             # a worker's group joins, revocations and coordinator moves: one
             # line each per rebalance, what an operator reads a stall by
             logging.getLogger("aiokafka.consumer.group_coordinator").setLevel(logging.INFO)
-    if args.command not in ("up", "sink", "stream"):
+    if args.command not in WORKER_COMMANDS:
         # a one-off command says what went wrong in one line, below; aiokafka's
         # own reports of a broker that is down would repeat it (workers keep
         # them: they retry and log each outage)
