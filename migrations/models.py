@@ -207,10 +207,22 @@ class InFlight(Base):
     attempts: Mapped[int] = mapped_column(sa.Integer, nullable=False, server_default="1")
 
 
+class SeenEvent(Base):
+    """The id of an applied event no product row keeps: a preferences
+    change, an onboarding, an erasure, an interaction an erasure deleted
+    (sink/writer.py: a resend of any of them changes nothing)."""
+
+    __tablename__ = "usertrail_seen_events"
+    __table_args__ = (sa.PrimaryKeyConstraint("id", name="usertrail_seen_events_pkey"),)
+
+    id: Mapped[str] = mapped_column(sa.Text)
+
+
 PRODUCT_TABLES = ("User", "UserInteraction", "UserPreferences", "user_vectors")
 PIPELINE_TABLES = (
     "usertrail_positions",
     "usertrail_dead_letters",
     "usertrail_archive",
     "usertrail_in_flight",
+    "usertrail_seen_events",
 )

@@ -35,7 +35,13 @@ log = logging.getLogger("usertrail.rebuild")
 
 SHADOW = "usertrail_shadow"
 REPLACED = "usertrail_replaced"
-REBUILT = ("UserInteraction", "UserPreferences", "user_vectors", "usertrail_positions")
+REBUILT = (
+    "UserInteraction",
+    "UserPreferences",
+    "user_vectors",
+    "usertrail_seen_events",
+    "usertrail_positions",
+)
 """Swapped in: the projections and the positions they were written up to."""
 
 # What identifies a row, and the columns compared (what the log decides:

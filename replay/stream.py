@@ -25,10 +25,12 @@ from aiokafka.errors import CommitFailedError
 from aiokafka.structs import OffsetAndMetadata
 from usertrail.producers.events import accept, decode
 from usertrail.producers.profiles import encode_profile
+from usertrail.stream.fold import chunks_needed, decode_chunk, encode_chunk
 from usertrail.stream.segments import Rules, segment
 from usertrail.stream.state import (
     APPLIED,
     LOG,
+    SEEN,
     UserState,
     advance,
     applied_key,
@@ -36,6 +38,7 @@ from usertrail.stream.state import (
     load_state,
     log_key,
     message_for,
+    seen_key,
 )
 
 from usertrail import liveness
@@ -54,6 +57,8 @@ FOLD_EVERY = 50_000
 class Rebuilt:
     states: dict[bytes, UserState] = field(default_factory=dict)
     partition_of: dict[bytes, int] = field(default_factory=dict)
+    # each user's sealed chunks of event ids (stream/fold.py)
+    chunks: dict[bytes, dict[int, bytes]] = field(default_factory=dict)
     ends: dict[int, int] = field(default_factory=dict)  # next offset per partition
     starts: dict[int, int] = field(default_factory=dict)
     records: int = 0
@@ -170,10 +175,17 @@ async def rebuild(
 
 def _fold(out: Rebuilt, pending: dict[bytes, tuple[int, list[Any]]], rules: Rules) -> None:
     for key, (partition, items) in pending.items():
-        result = advance(out.states.get(key), items[0][0].user_id, items, rules)
+        state, stored = out.states.get(key), out.chunks.get(key, {})
+        chunks = {}
+        if state is not None and state.profile.sealed:  # late resends: the chunks they need
+            need = chunks_needed(state.profile.sealed, (e.event_id for e, _ in items), ())
+            chunks = {i: decode_chunk(stored[i]) for i in need}
+        result = advance(state, items[0][0].user_id, items, rules, chunks)
         if result is not None:
             out.states[key] = result.state
             out.partition_of[key] = partition
+            for index, ids in result.chunks.items():
+                out.chunks.setdefault(key, {})[index] = encode_chunk(ids)
 
 
 @dataclass
@@ -184,6 +196,7 @@ class Live:
     states: dict[bytes, UserState] = field(default_factory=dict)
     partition_of: dict[bytes, int] = field(default_factory=dict)
     applied: dict[int, int] = field(default_factory=dict)
+    chunk_keys: dict[bytes, int] = field(default_factory=dict)  # sealed chunks' keys -> partition
 
 
 async def live_states(settings: Settings) -> Live:
@@ -212,6 +225,11 @@ async def live_states(settings: Settings) -> Live:
                         live.applied[int(r.key[len(APPLIED) :])] = int(r.value or b"-1")
                     elif r.key.startswith(LOG):
                         continue
+                    elif r.key.startswith(SEEN):
+                        if r.value is None:
+                            live.chunk_keys.pop(r.key, None)
+                        else:
+                            live.chunk_keys[r.key] = r.partition
                     else:
                         raw[r.key] = r.value
                         live.partition_of[r.key] = r.partition
@@ -283,6 +301,21 @@ async def publish(
     changelog = settings.changelog_topic
     try:
         sends = []
+        chunk_keys = set()
+        for key, chunks in rebuilt.chunks.items():  # before the states that name them
+            for index, chunk in chunks.items():
+                chunk_keys.add(seen_key(key, index))
+                sends.append(
+                    await producer.send(
+                        changelog,
+                        chunk,
+                        key=seen_key(key, index),
+                        partition=rebuilt.partition_of[key],
+                    )
+                )
+        for key, partition in live.chunk_keys.items():
+            if key not in chunk_keys:
+                sends.append(await producer.send(changelog, None, key=key, partition=partition))
         for key, state in rebuilt.states.items():
             sends.append(
                 await producer.send(

@@ -122,6 +122,9 @@ class WritePlan:
     # where batches happen to split.
     preferences: list[PreferencesUpdated] = field(default_factory=list)
     users: set[str] = field(default_factory=set)  # users that must exist in "User"
+    # interactions an erasure later in the batch forgets: their ids are kept
+    # (usertrail_seen_events) as an erased row's are
+    forgotten: list[str] = field(default_factory=list)
 
 
 def plan(decoded: list[EventBase | FastRow]) -> WritePlan:
@@ -134,6 +137,8 @@ def plan(decoded: list[EventBase | FastRow]) -> WritePlan:
     out.erase = sorted(last_erasure)
     for i, event in enumerate(decoded):
         if last_erasure.get(event.user_id, -1) >= i:
+            if isinstance(event, (FastRow, Interaction)):
+                out.forgotten.append(event.event_id)
             continue  # before (or is) the user's erasure in this batch
         if isinstance(event, (FastRow, Interaction)):
             out.interactions.append(event)

@@ -37,7 +37,7 @@ from uuid import UUID
 import psycopg
 from psycopg import sql
 from psycopg.types.json import Jsonb
-from usertrail.producers.events import PreferencesUpdated, UserErased
+from usertrail.producers.events import Interaction, PreferencesUpdated, UserErased
 from usertrail.producers.profiles import ProfileMessage, decode_profile
 from usertrail.sink.plan import (
     INVALID,
@@ -463,8 +463,11 @@ class Writer:
                     )
                     kept = self._park_unknown(known, decoded, result)
                     profiles = self._park_profiles(known, profiles, result)
-                    if len(kept) != len(decoded):
-                        write_plan, copy, copied = await self._plan(kept)
+                else:
+                    kept = decoded
+                kept = await self._not_resent(cur, kept)
+                if len(kept) != len(decoded):
+                    write_plan, copy, copied = await self._plan(kept)
                 users = write_plan.users | {u for u, w in profiles.items() if w.message is not None}
                 new_users = users - self._known_users
                 if self.unknown_users == "create" and new_users:
@@ -549,6 +552,46 @@ class Writer:
         return {row[0] for row in await cur.fetchall()}
 
     @staticmethod
+    async def _not_resent(cur: psycopg.AsyncCursor[Any], decoded: list[Decoded]) -> list[Decoded]:
+        """``decoded`` without the events applied before, however long ago
+        (rule 2): an interaction whose id an erasure kept, any other kind
+        whose id is kept already (recorded here, the first time, in this
+        transaction). A repeat within the batch is left to ``plan``'s
+        callers for interactions (one row) and dropped here for the rest."""
+        others: list[str] = []
+        interactions: list[str] = []
+        for d in decoded:
+            is_row = isinstance(d.event, (FastRow, Interaction))
+            (interactions if is_row else others).append(d.event.event_id)
+        fresh: set[str] = set()
+        if others:
+            await cur.execute(
+                "INSERT INTO usertrail_seen_events (id) SELECT DISTINCT unnest(%s::text[]) "
+                "ON CONFLICT DO NOTHING RETURNING id",
+                (others,),
+            )
+            fresh = {row[0] for row in await cur.fetchall()}
+        erased: set[str] = set()
+        if interactions:
+            await cur.execute(
+                "SELECT id FROM usertrail_seen_events WHERE id = ANY(%s::text[])",
+                (interactions,),
+            )
+            erased = {row[0] for row in await cur.fetchall()}
+        if len(fresh) == len(others) and not erased and len(set(others)) == len(others):
+            return decoded
+        kept = []
+        for d in decoded:
+            event_id = d.event.event_id
+            if isinstance(d.event, (FastRow, Interaction)):
+                if event_id not in erased:
+                    kept.append(d)
+            elif event_id in fresh:
+                fresh.discard(event_id)  # its first occurrence only
+                kept.append(d)
+        return kept
+
+    @staticmethod
     def _park_unknown(
         known: set[str], decoded: list[Decoded], result: WriteResult
     ) -> list[Decoded]:
@@ -573,6 +616,12 @@ class Writer:
     ) -> None:
         if not write_plan.erase:
             return
+        # the erased interactions' ids stay: a resend of one changes nothing
+        await cur.execute(
+            'INSERT INTO usertrail_seen_events (id) SELECT id FROM "UserInteraction" '
+            'WHERE "userId" = ANY(%s) UNION SELECT unnest(%s::text[]) ON CONFLICT DO NOTHING',
+            (write_plan.erase, write_plan.forgotten),
+        )
         for table in ("UserInteraction", "UserPreferences", "user_vectors"):
             await cur.execute(
                 sql.SQL('DELETE FROM {} WHERE "userId" = ANY(%s)').format(sql.Identifier(table)),

@@ -36,7 +36,7 @@ from typing import Any
 
 import faust
 from usertrail.stream import store
-from usertrail.stream.batch import Folded, FoldProcess, UserBatch, fold_users
+from usertrail.stream.batch import FoldProcess, Result, UserBatch, fold_users
 from usertrail.stream.folder import BatchFolder
 from usertrail.stream.policy import RESEEK_SECONDS
 from usertrail.stream.segments import Rules
@@ -174,7 +174,7 @@ def create_app(
     # waits for it as for any batch.
     helper = FoldProcess(rules) if settings.stream_fold_process else None
 
-    async def fold(users: list[UserBatch]) -> list[Folded | None]:
+    async def fold(users: list[UserBatch]) -> list[Result]:
         if helper is None:
             return fold_users(users, rules)
         return await helper.fold(users)

@@ -21,6 +21,7 @@ from typing import Any, NamedTuple
 
 from usertrail.producers.events import EventBase, accept
 from usertrail.producers.profiles import encode_profile
+from usertrail.stream.fold import NeedChunks, decode_chunk, encode_chunk
 from usertrail.stream.segments import Rules
 from usertrail.stream.state import UserState, advance, dump_state, load_state
 
@@ -37,12 +38,25 @@ class UserBatch(NamedTuple):
     key: bytes  # the user id in UTF-8: the records' key and the table's
     state: bytes | None  # the user's table value before the batch
     records: list[tuple[bytes, int, int]]  # (value, offset, timestamp ms) in log order
+    # sealed chunks of the user's event ids (index -> stored value), as Wanted
+    chunks: dict[int, bytes] | None = None
 
 
 class Folded(NamedTuple):
     state: bytes  # the new table value
     message: bytes | None  # the profile to publish; None: a tombstone
+    chunks: tuple[tuple[int, bytes], ...] = ()  # chunks sealed by the batch, to store
 
+
+class Wanted(NamedTuple):
+    """The user's batch needs these sealed chunks (stream/fold.py): fold it
+    again with them in ``UserBatch.chunks``."""
+
+    chunks: tuple[int, ...]
+
+
+Result = Folded | Wanted | None
+"""What ``fold_users`` answers for one user."""
 
 _decoded: dict[bytes, tuple[bytes, UserState]] = {}
 
@@ -62,12 +76,12 @@ def _remember(key: bytes, raw: bytes, state: UserState) -> None:
         del _decoded[next(iter(_decoded))]
 
 
-def fold_users(users: Sequence[UserBatch], rules: Rules) -> list[Folded | None]:
+def fold_users(users: Sequence[UserBatch], rules: Rules) -> list[Result]:
     """Per user, in order: the state and message after its records, or None
     when they change nothing (all redelivered, resent or not valid events:
-    the sink dead-letters those)."""
-    out: list[Folded | None] = []
-    for key, raw, records in users:
+    the sink dead-letters those), or the sealed chunks it needs (Wanted)."""
+    out: list[Result] = []
+    for key, raw, records, stored in users:
         events: list[tuple[EventBase, int]] = []
         for value, offset, timestamp in records:
             event = accept(key, value, timestamp)  # accepted: the key is the event's user id
@@ -75,14 +89,20 @@ def fold_users(users: Sequence[UserBatch], rules: Rules) -> list[Folded | None]:
                 events.append((event, offset))
         result = None
         if events:
-            result = advance(_state_of(key, raw), events[0][0].user_id, events, rules)
+            chunks = {i: decode_chunk(v) for i, v in (stored or {}).items()}
+            try:
+                result = advance(_state_of(key, raw), events[0][0].user_id, events, rules, chunks)
+            except NeedChunks as need:
+                out.append(Wanted(tuple(sorted(need.indices))))
+                continue
         if result is None:
             out.append(None)
             continue
         value = dump_state(result.state)
         _remember(key, value, result.state)
         message = None if result.message is None else encode_profile(result.message)
-        out.append(Folded(value, message))
+        sealed = tuple((i, encode_chunk(ids)) for i, ids in sorted(result.chunks.items()))
+        out.append(Folded(value, message, sealed))
     return out
 
 
@@ -158,7 +178,7 @@ class FoldProcess:
         data = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
         self._proc.stdin.write(_HEADER.pack(len(data)) + data)
 
-    async def fold(self, users: Sequence[UserBatch]) -> list[Folded | None]:
+    async def fold(self, users: Sequence[UserBatch]) -> list[Result]:
         try:
             return await self._fold(users)
         except _DIED as exc:
@@ -176,7 +196,7 @@ class FoldProcess:
             await self.close()
             return await self._in_parts(list(users))
 
-    async def _try(self, users: list[UserBatch]) -> list[Folded | None] | None:
+    async def _try(self, users: list[UserBatch]) -> list[Result] | None:
         """The batch folded, or None if the helper died on it."""
         try:
             return await self._fold(users)
@@ -184,9 +204,9 @@ class FoldProcess:
             await self.close()
             return None
 
-    async def _in_parts(self, users: list[UserBatch]) -> list[Folded | None]:
+    async def _in_parts(self, users: list[UserBatch]) -> list[Result]:
         if len(users) > 1:
-            out: list[Folded | None] = []
+            out: list[Result] = []
             for part in (users[: len(users) // 2], users[len(users) // 2 :]):
                 folded = await self._try(part)
                 out += folded if folded is not None else await self._in_parts(part)
@@ -195,8 +215,17 @@ class FoldProcess:
         if len(user.records) > 1:
             half = len(user.records) // 2
             first = await self._one(user._replace(records=user.records[:half]))
+            if isinstance(first, Wanted):
+                return [first]
             state = user.state if first is None else first.state
-            second = await self._one(UserBatch(user.key, state, user.records[half:]))
+            chunks = dict(user.chunks or {})
+            sealed = () if first is None else first.chunks
+            chunks.update(sealed)
+            second = await self._one(
+                user._replace(state=state, records=user.records[half:], chunks=chunks)
+            )
+            if isinstance(second, Folded):  # with what the first half sealed
+                return [second._replace(chunks=sealed + second.chunks)]
             return [second if second is not None else first]
         # one record, which the helper died on: once more, on its own
         folded = await self._try(users)
@@ -212,11 +241,11 @@ class FoldProcess:
         self.left_out.append((user.key, offset))
         return [None]
 
-    async def _one(self, user: UserBatch) -> Folded | None:
+    async def _one(self, user: UserBatch) -> Result:
         folded = await self._try([user])
         return (folded if folded is not None else await self._in_parts([user]))[0]
 
-    async def _fold(self, users: Sequence[UserBatch]) -> list[Folded | None]:
+    async def _fold(self, users: Sequence[UserBatch]) -> list[Result]:
         await self.start()
         proc = self._proc
         assert proc is not None and proc.stdin is not None and proc.stdout is not None
@@ -232,7 +261,7 @@ class FoldProcess:
             if proc.returncode is None:
                 proc.kill()
             raise
-        result: list[Folded | None] = pickle.loads(answer)
+        result: list[Result] = pickle.loads(answer)
         return result
 
     async def close(self) -> None:

@@ -5,10 +5,16 @@ events in log order. Time is event time only: "now" is the newest
 ``occurredAt`` folded so far, so a replay gives identical profiles.
 
 Exactly-once in effect (docs/architecture.md, rule 2): the profile keeps the source
-offset of the last event folded (one user lives in one partition, so offsets
-only grow) and the ids of its most recent events; a redelivered record
-(offset not above the last) or an event an app sent twice (id among the
-recent ones) leaves the profile unchanged.
+offset of the last event folded (a user's events are folded from one
+partition, their home: docs/architecture.md, so offsets only grow) and the
+id of every event it ever folded; a redelivered record (offset not above
+the last) or an event an app sent again, however late (id seen before),
+leaves the profile unchanged. The newest ids are in the profile itself;
+older ones are sealed, SEEN_CHUNK at a time, into chunks stored beside it
+(``seen_key``), and the profile keeps each chunk's lowest and highest id.
+Event ids are UUIDv7 (time-ordered), so a new event's id is above every
+sealed chunk and costs no lookup; a late resend loads the one chunk whose
+range holds it (``NeedChunks`` asks for it).
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ from __future__ import annotations
 import bisect
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Container, Iterable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Annotated, Any
@@ -48,7 +54,45 @@ def in_utc(value: datetime) -> datetime:
 UtcDatetime = Annotated[datetime, AfterValidator(in_utc)]
 
 RECENT_IDS = 256
-"""Event ids remembered per user for deduplication of resends."""
+"""Event ids held in the profile itself; past that, the SEEN_CHUNK lowest
+are sealed into a chunk."""
+SEEN_CHUNK = 128
+"""Event ids per sealed chunk (about 4.7 KiB stored)."""
+
+
+class NeedChunks(Exception):  # noqa: N818  # a request, not an error
+    """The fold needs sealed chunks it was not given (by index)."""
+
+    def __init__(self, indices: set[int]) -> None:
+        super().__init__(sorted(indices))
+        self.indices = frozenset(indices)
+
+
+def encode_chunk(ids: frozenset[str]) -> bytes:
+    return ",".join(sorted(ids)).encode()
+
+
+def decode_chunk(value: bytes) -> frozenset[str]:
+    return frozenset(value.decode().split(","))
+
+
+def chunks_needed(
+    sealed: Sequence[tuple[str, str]], event_ids: Iterable[str], have: Container[int]
+) -> set[int]:
+    """The sealed chunks whose id range holds one of ``event_ids``, but for
+    those in ``have``."""
+    if not sealed:
+        return set()
+    top = max(hi for _, hi in sealed)
+    return {
+        i
+        for x in event_ids
+        if x <= top
+        for i, (lo, hi) in enumerate(sealed)
+        if lo <= x <= hi and i not in have
+    }
+
+
 FAVOURITE_WINDOW = 20
 """The seed's query: themes of the latest 20 readings rated 4 or more."""
 RECENT_ACTIVITY = 200
@@ -92,6 +136,8 @@ class Profile:
     now: UtcDatetime | None = None  # the newest event time folded
     last_offset: int | None = None
     recent_ids: tuple[str, ...] = ()
+    # (lowest, highest) id of each sealed chunk of older ids, by index
+    sealed: tuple[tuple[str, str], ...] = ()
     erased_at: UtcDatetime | None = None  # a tombstone: the user was erased
 
     @property
@@ -118,12 +164,22 @@ class Profile:
 
 
 def fold(
-    profile: Profile, event: EventBase, offset: int | None = None, *, config: AffinityConfig
+    profile: Profile,
+    event: EventBase,
+    offset: int | None = None,
+    *,
+    config: AffinityConfig,
+    chunks: MutableMapping[int, frozenset[str]] | None = None,
 ) -> Profile:
     """The profile after ``event`` (read at ``offset`` of the user's partition);
-    ``profile`` itself when the event changes nothing."""
-    folding = Folding(profile, config)
-    return folding.freeze() if folding.apply(event, offset) else profile
+    ``profile`` itself when the event changes nothing. ``chunks``: the
+    profile's sealed chunks, to which a chunk sealed here is added."""
+    folding = Folding(profile, config, chunks)
+    if not folding.apply(event, offset):
+        return profile
+    if chunks is not None:
+        chunks.update(folding.new_chunks)
+    return folding.freeze()
 
 
 @functools.cache
@@ -144,8 +200,10 @@ class Folding:
     __slots__ = (
         "_config",
         "_dims",
+        "_chunks",
         "_half_life",
         "_ids",
+        "_sealed_top",
         "_totals",
         "affinity",
         "counts_by_service",
@@ -162,12 +220,21 @@ class Folding:
         "rating_count_by_service",
         "rating_sum_by_service",
         "recent_activity",
+        "new_chunks",
         "recent_ids",
+        "sealed",
         "top_readings",
         "user_id",
     )
 
-    def __init__(self, p: Profile, config: AffinityConfig) -> None:
+    def __init__(
+        self,
+        p: Profile,
+        config: AffinityConfig,
+        chunks: Mapping[int, frozenset[str]] | None = None,
+    ) -> None:
+        """``chunks``: those of the profile's sealed chunks at hand; a
+        resend whose id falls in another one's range raises NeedChunks."""
         self._config = config
         self._dims = _dimensions(config)
         self._half_life = config.half_life_days * 86400.0
@@ -189,6 +256,10 @@ class Folding:
         self.last_offset = p.last_offset
         self.recent_ids = list(p.recent_ids)
         self._ids = set(p.recent_ids)
+        self.sealed = list(p.sealed)
+        self._sealed_top = max((hi for _, hi in p.sealed), default="")
+        self._chunks = dict(chunks or {})
+        self.new_chunks: dict[int, frozenset[str]] = {}  # sealed here
         self.erased_at = p.erased_at
         self._totals = list(p.totals())  # kept as events come: rules read them each time
 
@@ -220,6 +291,7 @@ class Folding:
             now=self.now,
             last_offset=self.last_offset,
             recent_ids=tuple(self.recent_ids),
+            sealed=tuple(self.sealed),
             erased_at=self.erased_at,
         )
 
@@ -232,7 +304,7 @@ class Folding:
         if offset is not None and self.last_offset is not None and offset <= self.last_offset:
             return False  # redelivered after a crash
         event_id = event.event_id
-        if event_id in self._ids:
+        if event_id in self._ids or (event_id <= self._sealed_top and self._sealed_has(event_id)):
             if offset is None:
                 return False
             self.last_offset = offset
@@ -241,7 +313,7 @@ class Folding:
         ids.append(event_id)
         self._ids.add(event_id)
         if len(ids) > RECENT_IDS:
-            self._ids.discard(ids.pop(0))
+            self._seal()
         before = self.now
         at = in_utc(event.occurred_at)
         self.now = at if before is None else max(before, at)
@@ -267,8 +339,30 @@ class Folding:
             }
         return True
 
+    def _sealed_has(self, event_id: str) -> bool:
+        for i, (lo, hi) in enumerate(self.sealed):
+            if lo <= event_id <= hi:
+                chunk = self._chunks.get(i)
+                if chunk is None:
+                    raise NeedChunks({i})
+                if event_id in chunk:
+                    return True
+        return False
+
+    def _seal(self) -> None:
+        """The SEEN_CHUNK lowest recent ids into a new sealed chunk."""
+        chunk = sorted(self.recent_ids)[:SEEN_CHUNK]
+        gone = frozenset(chunk)
+        self.recent_ids = [x for x in self.recent_ids if x not in gone]
+        self._ids -= gone
+        i = len(self.sealed)
+        self.sealed.append((chunk[0], chunk[-1]))
+        self._sealed_top = max(self._sealed_top, chunk[-1])
+        self._chunks[i] = self.new_chunks[i] = gone
+
     def _forget(self, at: datetime) -> None:
-        """Erasure: nothing of the user is kept but what dedup needs."""
+        """Erasure: nothing of the user is kept but what dedup needs (every
+        event id: a resend of an event from before the erasure stays a resend)."""
         for counts in (
             self.counts_by_type,
             self.counts_by_service,
@@ -344,7 +438,7 @@ def fold_all(
     user_id: str, events: list[tuple[EventBase, int | None]], *, config: AffinityConfig
 ) -> Profile:
     """Fold a user's events (with their offsets) from an empty profile."""
-    profile = Profile(user_id)
+    folding = Folding(Profile(user_id), config)
     for event, offset in events:
-        profile = fold(profile, event, offset, config=config)
-    return profile
+        folding.apply(event, offset)
+    return folding.freeze()

@@ -30,9 +30,9 @@ from typing import Any, Protocol, cast
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 from faust.types import TP
-from usertrail.stream.batch import Folded, UserBatch
+from usertrail.stream.batch import Folded, Result, UserBatch, Wanted
 from usertrail.stream.policy import RESEEK_SECONDS, Positions, Verdict, then_send
-from usertrail.stream.state import applied_key, log_key
+from usertrail.stream.state import applied_key, log_key, seen_key
 from usertrail.stream.store import on_partition
 
 from usertrail.errors import LogResetError
@@ -41,7 +41,7 @@ from usertrail.settings import Settings
 
 log = logging.getLogger("usertrail.stream")
 
-Fold = Callable[[list[UserBatch]], Awaitable[list[Folded | None]]]
+Fold = Callable[[list[UserBatch]], Awaitable[list[Result]]]
 
 
 class Record(Protocol):
@@ -304,13 +304,17 @@ class BatchFolder:
         profiles = await self.profiles_producer()
         users = [UserBatch(key, self._get(p, key), items) for key, (p, items) in per_user.items()]
         for (key, (partition, _)), result in zip(
-            per_user.items(), await self.fold(users), strict=True
+            per_user.items(), await self._fold_with_chunks(users, per_user), strict=True
         ):
             if result is None:
                 continue  # nothing new, or not valid events: the sink dead-letters those
             # the store and the changelog directly (what table[key] = value
             # does), so the changelog partition is the event's and the send
-            # can be awaited
+            # can be awaited; a chunk before the state that names it
+            for index, chunk in result.chunks:
+                write(partition, seen_key(key, index), chunk)
+                sent.append(table.send_changelog(partition, seen_key(key, index), chunk))
+                pending.append(sent[-1])
             write(partition, key, result.state)
             sent.append(table.send_changelog(partition, key, result.state))
             pending.append(sent[-1])
@@ -344,6 +348,44 @@ class BatchFolder:
         self._when_acknowledged(writes, n, to_store, sent)
         for earlier in previous:
             await earlier  # at most two batches' writes in flight
+
+    async def _fold_with_chunks(
+        self,
+        users: list[UserBatch],
+        per_user: dict[bytes, tuple[int, list[tuple[bytes, int, int]]]],
+    ) -> list[Folded | None]:
+        """``fold``, and again for the users whose late resends need sealed
+        chunks of their event ids (stream/fold.py), with those chunks."""
+        results = await self.fold(users)
+        for _ in range(3):
+            wanted = [i for i, r in enumerate(results) if isinstance(r, Wanted)]
+            if not wanted:
+                break
+            again = []
+            for i in wanted:
+                want = cast(Wanted, results[i])
+                partition = per_user[users[i].key][0]
+                chunks = {}
+                for index in want.chunks:
+                    value = self._get(partition, seen_key(users[i].key, index))
+                    if value is None:  # a write the broker lost: nothing to compare with
+                        log.error(
+                            "user %r: sealed chunk %d of event ids is missing",
+                            users[i].key[:200],
+                            index,
+                        )
+                        value = b""
+                    chunks[index] = value
+                users[i] = users[i]._replace(chunks=chunks)
+                again.append(users[i])
+            for i, result in zip(wanted, await self.fold(again), strict=True):
+                results[i] = result
+        out: list[Folded | None] = []
+        for r in results:
+            if isinstance(r, Wanted):
+                raise RuntimeError(f"sealed chunks {r.chunks} still wanted after loading them")
+            out.append(r)
+        return out
 
     def _when_acknowledged(
         self,

@@ -5,13 +5,13 @@ so a replayed state is the live one, byte for byte.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 
 from pydantic import TypeAdapter
 from usertrail.producers.events import EventBase
 from usertrail.producers.profiles import ProfileMessage, SegmentAssignment
-from usertrail.stream.fold import Folding, Profile, UtcDatetime
+from usertrail.stream.fold import Folding, NeedChunks, Profile, UtcDatetime, chunks_needed
 from usertrail.stream.segments import Rules, Segmentation, segment, segment_key
 
 # The table also holds, beside the users, per events partition:
@@ -24,6 +24,20 @@ LOG = b"\x00usertrail/log/"
 offset belongs to (docs/log.md): a worker that finds the broker's topic
 under another id stops (LogResetError) instead of skipping the new log's
 records as applied."""
+
+
+SEEN = b"\x00usertrail/seen/"
+"""Table key prefix of a user's sealed chunks of event ids (stream/fold.py):
+``seen_key``."""
+
+
+def is_user_key(key: bytes) -> bool:
+    """Whether a table key is a user's (not an applied offset, log id or chunk)."""
+    return not key.startswith(b"\x00")
+
+
+def seen_key(user_key: bytes, index: int) -> bytes:
+    return SEEN + str(index).encode() + b"/" + user_key
 
 
 def applied_key(partition: int) -> bytes:
@@ -82,6 +96,7 @@ class Advance:
 
     state: UserState
     message: ProfileMessage | None  # None: a tombstone
+    chunks: dict[int, frozenset[str]] = field(default_factory=dict)  # sealed by the batch
 
     @property
     def erased(self) -> bool:
@@ -93,6 +108,7 @@ def advance(
     user_id: str,
     events: Iterable[tuple[EventBase, int | None]],
     rules: Rules,
+    chunks: Mapping[int, frozenset[str]] | None = None,
 ) -> Advance | None:
     """``state`` after the user's ``events`` (with their source offsets), in
     log order; None when they change nothing (all redelivered or resent).
@@ -100,8 +116,16 @@ def advance(
     Segments are decided after every event, so ``segments_changed_at`` is
     the event time at which they last changed, however the events are cut
     into batches; the published message is always the profile after the
-    batch, so the last message of a user is the final profile's."""
-    folding = Folding(state.profile if state else Profile(user_id), rules.affinity_config())
+    batch, so the last message of a user is the final profile's.
+
+    ``chunks``: the user's sealed chunks at hand; NeedChunks, before
+    anything is folded, names those the events' ids need and are not."""
+    events = list(events)
+    if state is not None and state.profile.sealed:
+        need = chunks_needed(state.profile.sealed, (e.event_id for e, _ in events), chunks or {})
+        if need:
+            raise NeedChunks(need)
+    folding = Folding(state.profile if state else Profile(user_id), rules.affinity_config(), chunks)
     key = state.segment_key if state else None
     changed_at = state.segments_changed_at if state else None
     first = state is None
@@ -121,5 +145,5 @@ def advance(
     profile = folding.freeze()
     new = UserState(profile, changed_at, key)
     if profile.erased_at is not None:
-        return Advance(new, None)
-    return Advance(new, message_for(new, segment(profile, rules)))
+        return Advance(new, None, folding.new_chunks)
+    return Advance(new, message_for(new, segment(profile, rules)), folding.new_chunks)

@@ -79,17 +79,24 @@ def event_lists(draw: st.DrawFn, erasures: bool = False) -> list[EventBase]:
     return out
 
 
-def fold_seq(events: list[tuple[EventBase, int | None]], start: Profile | None = None) -> Profile:
+def fold_seq(
+    events: list[tuple[EventBase, int | None]],
+    start: Profile | None = None,
+    chunks: dict[int, frozenset[str]] | None = None,
+) -> Profile:
+    """``fold`` event by event; ``chunks``: the sealed chunks of ids, kept
+    across calls as the worker's table keeps them."""
     profile = start or Profile(USER)
+    chunks = {} if chunks is None else chunks
     for event, offset in events:
-        profile = fold(profile, event, offset, config=CONFIG)
+        profile = fold(profile, event, offset, config=CONFIG, chunks=chunks)
     return profile
 
 
 def data_of(p: Profile) -> dict[str, Any]:
     """The profile without its exactly-once bookkeeping."""
     d = dataclasses.asdict(p)
-    for key in ("last_offset", "recent_ids"):
+    for key in ("last_offset", "recent_ids", "sealed"):
         d.pop(key)
     return d
 

@@ -25,7 +25,7 @@ from usertrail.producers import TrackingClient, decode
 from usertrail.producers.events import EventBase
 from usertrail.stream.fold import Profile, fold_all
 from usertrail.stream.segments import load_rules, segment
-from usertrail.stream.state import APPLIED, LOG, load_state
+from usertrail.stream.state import is_user_key, load_state
 
 from tests.sink.conftest import query
 from usertrail.kafka import partitions_of, stop_within
@@ -202,8 +202,8 @@ async def changelog_states(settings: Settings) -> dict[str, Profile]:
             batch = await consumer.getmany(timeout_ms=300)
             for records in batch.values():
                 for r in records:
-                    if r.key.startswith((APPLIED, LOG)):  # type: ignore[union-attr]
-                        continue  # a partition's applied offset, or its log's id
+                    if not is_user_key(r.key):  # type: ignore[arg-type]
+                        continue  # a partition's applied offset, its log's id, a chunk of ids
                     state = load_state(r.value)
                     if state is not None:
                         states[r.key.decode()] = state.profile  # type: ignore[union-attr]

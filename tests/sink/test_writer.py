@@ -83,3 +83,53 @@ async def test_created_at_is_utc_whatever_offset_the_producer_wrote(database_url
         ]
     finally:
         await writer.close()
+
+
+def _event(n: int, kind: str, at: datetime, **fields: str) -> bytes:
+    extra = "".join(f',"{k}":"{v}"' for k, v in fields.items())
+    return (
+        f'{{"eventId":"01936b2a-0000-7000-8000-{n:012d}","userId":"u","kind":"{kind}",'
+        f'"occurredAt":"{at.isoformat()}","source":"web"{extra}}}'
+    ).encode()
+
+
+async def test_a_resend_however_late_changes_no_row(database_url: str) -> None:
+    """Rule 2 for every kind: a resent erasure does not erase again, a
+    resent preferences change does not come back over a newer one of the
+    same instant, and an interaction an erasure deleted is not written
+    back by its resend (#19)."""
+    writer = Writer(database_url, group="c", profiles_topic=P)
+    await writer.connect()
+    reading = {"type": "reading", "service": "tarot"}
+    try:
+        events = [
+            _event(1, "interaction", T0, **reading),
+            _event(2, "interaction", T0 + timedelta(minutes=1), **reading),
+            _event(3, "user.erased", T0 + timedelta(minutes=2)),
+            _event(4, "interaction", T0 + timedelta(minutes=3), **reading),
+            _event(5, "preferences.updated", T0 + timedelta(minutes=4), readingLength="long"),
+            _event(6, "preferences.updated", T0 + timedelta(minutes=4), readingLength="short"),
+        ]
+        # the first two and the erasure in one batch, then the rest, one by one
+        await writer.write([Record("events", 0, i, b"u", v) for i, v in enumerate(events[:3])])
+        for i, v in enumerate(events[3:], start=3):
+            await writer.write([Record("events", 0, i, b"u", v)])
+
+        def rows() -> list[tuple[object, ...]]:
+            return query(
+                database_url,
+                'SELECT i.id::text, p."readingLength" FROM "UserInteraction" i '
+                'LEFT JOIN "UserPreferences" p USING ("userId") ORDER BY 1',
+            )
+
+        before = rows()
+        assert before == [("01936b2a-0000-7000-8000-000000000004", "short")]
+        # every event again, much later, in log order and in one batch
+        resent = [Record("events", 0, 10 + i, b"u", v) for i, v in enumerate(events)]
+        await writer.write(resent)
+        assert rows() == before
+        for i, v in enumerate(events):  # and one by one
+            await writer.write([Record("events", 0, 20 + i, b"u", v)])
+        assert rows() == before
+    finally:
+        await writer.close()

@@ -9,9 +9,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from usertrail.producers.events import EventBase, build
-from usertrail.stream.fold import fold_all
+from usertrail.stream.fold import RECENT_IDS, NeedChunks, fold_all
 from usertrail.stream.segments import load_rules, segment
-from usertrail.stream.state import UserState, dump_state, load_state
+from usertrail.stream.state import UserState, advance, dump_state, load_state
 
 from tests.folding import (
     BAD_KIND,
@@ -62,6 +62,65 @@ def test_repeats_and_redeliveries_change_nothing(
             noisy.append((events[data.draw(st.integers(max(0, i - 50), i))], offset))
             offset += 1
     assert data_of(fold_seq(noisy)) == data_of(plain)
+
+
+def _many(n: int) -> list[EventBase]:
+    """``n`` interactions of USER, ids and times increasing."""
+    return [
+        build(
+            "interaction",
+            event_id=_v7(i),
+            user_id=USER,
+            source="t",
+            occurred_at=T0 + timedelta(minutes=i),
+            type=("reading", "chat")[i % 2],
+            service=("saju", "tarot")[i % 2],
+            rating=1 + i % 5,
+        )
+        for i in range(n)
+    ]
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(300, 1200), st.lists(st.integers(0, 10**6), min_size=1, max_size=20), st.data())
+def test_a_resend_however_late_changes_nothing(
+    n: int, picks: list[int], data: st.DataObject
+) -> None:
+    """Dedup is exact forever: ids older than the profile's own window are
+    sealed into chunks, and a resend of any of them, after hundreds of newer
+    events, is still recognised (#19)."""
+    events = _many(n)
+    plain = fold_seq([(e, i) for i, e in enumerate(events)])
+    assert len(plain.sealed) >= 1 and len(plain.recent_ids) <= RECENT_IDS
+    noisy: list[tuple[EventBase, int | None]] = [(e, i) for i, e in enumerate(events)]
+    for pick in picks:  # resends anywhere later in the log
+        at = data.draw(st.integers(pick % n + 1, len(noisy)))
+        noisy.insert(at, (events[pick % n], None))
+    noisy = [(e, i) for i, (e, _) in enumerate(noisy)]
+    chunks: dict[int, frozenset[str]] = {}
+    got = fold_seq(noisy, chunks=chunks)
+    assert data_of(got) == data_of(plain)
+    assert got.interactions == n
+    # what the table stores: every id once, in the profile or in one chunk
+    stored = [x for c in chunks.values() for x in c] + list(got.recent_ids)
+    assert sorted(stored) == sorted(e.event_id for e in events)
+
+
+def test_a_resend_names_the_chunk_it_needs() -> None:
+    events = _many(600)
+    state = advance(None, USER, [(e, i) for i, e in enumerate(events)], RULES)
+    assert state is not None and state.chunks
+    sealed = state.state.profile.sealed
+    old = events[3]
+    want = {i for i, (lo, hi) in enumerate(sealed) if lo <= old.event_id <= hi}
+    with pytest.raises(NeedChunks) as asked:
+        advance(state.state, USER, [(old, 600)], RULES)
+    assert asked.value.indices == want
+    again = advance(state.state, USER, [(old, 600)], RULES, state.chunks)
+    assert again is not None and again.state.profile.interactions == 600
+    # a new event needs no chunk at all
+    new = _many(601)[600]
+    assert advance(state.state, USER, [(new, 601)], RULES) is not None
 
 
 @given(event_lists(), event_lists())

@@ -169,3 +169,34 @@ async def test_records_that_are_not_events_are_passed_over(
     await folder.writes_acknowledged()
     assert _user_state(table, "ann").profile.counts_by_type == {"chat": 1}
     assert folder.applied_offset(0) == 4
+
+
+async def test_a_resend_hundreds_of_events_late_is_found_in_a_sealed_chunk(
+    folder_for: Callable[[Table, Consumer], BatchFolder],
+) -> None:
+    """Past the ids a profile holds, the folder stores sealed chunks of them
+    (before the state that names them) and loads the one a late resend
+    needs: the resend changes nothing (#19)."""
+    table, consumer = Table(), Consumer()
+    folder = folder_for(table, consumer)
+    for start in range(0, 700, 100):
+        await folder.fold_batch([event("ann", i, 0, i) for i in range(start, start + 100)])
+    await folder.writes_acknowledged()
+    before = _user_state(table, "ann").profile
+    assert before.counts_by_type == {"chat": 700} and before.sealed
+    keys = [key for _, key, _ in table.sent]
+    chunk_keys = [k for k in keys if k.startswith(b"\x00usertrail/seen/")]
+    assert len(chunk_keys) == len(before.sealed)
+    first_naming = {
+        k: min(i for i, x in enumerate(keys) if x == b"ann" and i > keys.index(k))
+        for k in chunk_keys
+    }
+    assert all(keys.index(k) < i for k, i in first_naming.items()), "a chunk before its state"
+    # resends of the first events, after 700 newer ones, with one new event
+    await folder.fold_batch(
+        [event("ann", 0, 0, 700), event("ann", 5, 0, 701), event("ann", 700, 0, 702)]
+    )
+    await folder.writes_acknowledged()
+    after = _user_state(table, "ann").profile
+    assert after.counts_by_type == {"chat": 701}
+    assert after.last_offset == 702
