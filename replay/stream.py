@@ -45,7 +45,14 @@ from usertrail import liveness
 from usertrail.errors import EventValidationError, UsertrailError
 from usertrail.kafka import high_waters, log_identity, partitions_of, stop_within
 from usertrail.settings import Settings
-from usertrail.topics import TopicSpec, ensure_topics
+from usertrail.topics import (
+    FORWARDED,
+    TopicSpec,
+    ensure_topics,
+    home_partition,
+    homes_count,
+    is_home,
+)
 
 log = logging.getLogger("usertrail.replay")
 
@@ -62,6 +69,10 @@ class Rebuilt:
     ends: dict[int, int] = field(default_factory=dict)  # next offset per partition
     starts: dict[int, int] = field(default_factory=dict)
     records: int = 0
+    homes: int | None = None  # the partition count homes are taken over
+    # records away from their home that no copy in the log names (the
+    # stream was stopped before it copied them): ``publish`` copies them
+    unforwarded: list[Any] = field(default_factory=list)
 
 
 async def refuse_if_live(settings: Settings) -> None:
@@ -131,6 +142,14 @@ async def rebuild(
         tps = await partitions_of(consumer, settings.events_topic)
         if not tps:
             raise UsertrailError(f"topic {settings.events_topic!r} does not exist")
+        cluster = await consumer._client.fetch_all_metadata()
+        out.homes = homes_count(
+            settings,
+            {
+                t: len(cluster.partitions_for_topic(t) or ())
+                for t in (settings.events_topic, settings.changelog_topic)
+            },
+        )
         consumer.assign(tps)
         out.ends = await high_waters(consumer, tps)
         for tp in tps:
@@ -142,6 +161,8 @@ async def rebuild(
         active = [tp for tp in tps if out.starts[tp.partition] < out.ends[tp.partition]]
         pending: dict[bytes, tuple[int, list[Any]]] = {}
         count = 0
+        forwarded: set[bytes] = set()  # "partition/offset" of originals copied home
+        away: list[Any] = []
         while active:
             batch = await consumer.getmany(*active, timeout_ms=1000, max_records=20_000)
             for tp, records in batch.items():
@@ -149,8 +170,14 @@ async def rebuild(
                 for r in records:
                     if r.offset >= end:
                         break
-                    event = accept(r.key, r.value, r.timestamp)
                     count += 1
+                    for name, value in r.headers or ():
+                        if name == FORWARDED:
+                            forwarded.add(value)
+                    if not is_home(r.key, r.partition, out.homes):
+                        away.append(r)  # folded as its copy, at its home
+                        continue
+                    event = accept(r.key, r.value, r.timestamp)
                     if event is None:
                         continue  # the worker skips it too; the sink dead-letters it
                     mine = pending.get(r.key)  # accepted: the key is the user id
@@ -168,6 +195,7 @@ async def rebuild(
                 progress(count, total)
         _fold(out, pending, rules)
         out.records = count
+        out.unforwarded = [r for r in away if f"{r.partition}/{r.offset}".encode() not in forwarded]
     finally:
         await stop_within(consumer, 10, "consumer")
     return out
@@ -301,6 +329,21 @@ async def publish(
     changelog = settings.changelog_topic
     try:
         sends = []
+        for r in rebuilt.unforwarded:  # where the worker would have copied them
+            assert rebuilt.homes is not None
+            sends.append(
+                await producer.send(
+                    settings.events_topic,
+                    r.value,
+                    key=r.key,
+                    partition=home_partition(r.key, rebuilt.homes),
+                    timestamp_ms=r.timestamp,
+                    headers=[
+                        *((k, v) for k, v in r.headers or () if k != FORWARDED),
+                        (FORWARDED, f"{r.partition}/{r.offset}".encode()),
+                    ],
+                )
+            )
         chunk_keys = set()
         for key, chunks in rebuilt.chunks.items():  # before the states that name them
             for index, chunk in chunks.items():
@@ -366,6 +409,7 @@ async def publish(
     return {
         "users": len(rebuilt.states),
         "removed": len(gone),
+        "copied_home": len(rebuilt.unforwarded),
         "records": rebuilt.records,
         "committed": int(committed),
     }

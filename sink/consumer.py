@@ -47,7 +47,7 @@ from usertrail.sink.plan import Record
 from usertrail.sink.writer import Prepared, UnknownUsers, Writer, WriteResult
 
 from usertrail import deadletters
-from usertrail.errors import ConfigurationError, LogResetError, StalledError
+from usertrail.errors import ConfigurationError, LogResetError, StalledError, UsertrailError
 from usertrail.kafka import (
     adopt_stale_group_leaders,
     log_identity,
@@ -55,6 +55,7 @@ from usertrail.kafka import (
     stop_within,
 )
 from usertrail.settings import Settings
+from usertrail.topics import homes_count
 
 log = logging.getLogger("usertrail.sink")
 
@@ -138,7 +139,7 @@ class Sink:
             profiles_topic=settings.profiles_topic,
             archive=settings.archiving if self.options.archive is None else self.options.archive,
         )
-        self._refusal: LogResetError | None = None
+        self._refusal: UsertrailError | None = None
         # the stall watchdog's view: since when without partitions (None:
         # assigned), whether waiting for the database, what it last saw
         self._unassigned_since: float | None = time.monotonic()
@@ -182,6 +183,7 @@ class Sink:
         if not assigned:
             return
         topics = sorted({tp.topic for tp in assigned})  # events and profiles
+        await self._learn_homes()
         current = await self._topic_ids(topics)
         stored: dict[TopicPartition, int] = {}
         for topic in topics:
@@ -225,6 +227,28 @@ class Sink:
             "assigned %s",
             {f"{tp.topic}[{tp.partition}]": stored.get(tp, 0) for tp in sorted(assigned)},
         )
+
+    async def _learn_homes(self) -> None:
+        """The partition count of the events topic's homes (usertrail/topics.py);
+        a count that no longer matches the stream's changelog is refused."""
+        events = self.settings.events_topic
+        try:
+            cluster = await asyncio.wait_for(self.producer.client.fetch_all_metadata(), ASK_TIMEOUT)
+        except (KafkaError, TimeoutError) as exc:
+            log.warning("the events topic's partition count is unknown (%r)", exc)
+            return
+        counts = {
+            t: len(cluster.partitions_for_topic(t) or ())
+            for t in (events, self.settings.changelog_topic)
+        }
+        try:
+            homes = homes_count(self.settings, counts)
+        except ConfigurationError as exc:
+            self._refusal = self._refusal or exc
+            log.error("%s", exc)
+            return
+        if homes is not None:
+            self.writer.homes[events] = homes
 
     async def _topic_ids(self, topics: Sequence[str]) -> dict[str, UUID | None]:
         """The broker's id of each topic (None: none offered, or no such topic)."""

@@ -55,6 +55,7 @@ from usertrail.sink.rows import FastRow, copy_line
 from usertrail import deadletters
 from usertrail.archive import encode
 from usertrail.errors import EventValidationError
+from usertrail.topics import is_home
 
 log = logging.getLogger("usertrail.sink")
 
@@ -236,6 +237,12 @@ class Writer:
         self.archive = archive
         self._archived_to: dict[tuple[str, int], int] = {}
         self.topic_ids: dict[str, UUID] = {}
+        # Per events topic, the partition count homes are taken over
+        # (usertrail/topics.py, set by the consumer): a record away from its
+        # key's home is passed over here, since the stream copies it there
+        # and this writes the copy in the home's order. Unknown: written
+        # where it is (its copy is then a resend, and changes nothing).
+        self.homes: dict[str, int] = {}
         self.profiles_topic = profiles_topic
         # whose positions and in-flight marks these are: the sink's group
         # (usertrail_positions.consumer)
@@ -408,6 +415,8 @@ class Writer:
             if unapplicable is not None:
                 dead.append(DeadLetter(record, UNAPPLICABLE, unapplicable))
                 continue
+            if not is_home(record.key, record.partition, self.homes.get(record.topic)):
+                continue  # written as its copy, at its home
             item = classified[i] if classified is not None else None
             if isinstance(item, DeadLetter):  # never decoded (sink/careful.py)
                 dead.append(item)

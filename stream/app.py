@@ -79,8 +79,8 @@ class UsertrailApp(faust.App):
         """What the worker stopped itself for, if anything: a log that is
         not its own (LogResetError) or a stall (StalledError); `usertrail
         stream` exits with its code."""
-        if self.usertrail_folder is not None and self.usertrail_folder.log_reset is not None:
-            return self.usertrail_folder.log_reset
+        if self.usertrail_folder is not None and self.usertrail_folder.stopped_for is not None:
+            return self.usertrail_folder.stopped_for
         return None if self.usertrail_watchdog is None else self.usertrail_watchdog.stalled
 
 

@@ -35,9 +35,10 @@ from usertrail.stream.policy import RESEEK_SECONDS, Positions, Verdict, then_sen
 from usertrail.stream.state import applied_key, log_key, seen_key
 from usertrail.stream.store import on_partition
 
-from usertrail.errors import LogResetError
+from usertrail.errors import ConfigurationError, LogResetError, UsertrailError
 from usertrail.kafka import log_identity, stop_within
 from usertrail.settings import Settings
+from usertrail.topics import FORWARDED, home_partition, homes_count, is_home
 
 log = logging.getLogger("usertrail.stream")
 
@@ -52,6 +53,14 @@ class Record(Protocol):
     key: bytes | None
     value: bytes | None
     timestamp: float | None  # seconds since the epoch (faust's), None: unknown
+
+
+def _headers(record: Record) -> list[tuple[str, bytes]]:
+    """A faust message's headers as aiokafka sends them (faust gives a list
+    of pairs or a mapping)."""
+    headers = getattr(record, "headers", None) or []
+    items = headers.items() if isinstance(headers, dict) else headers
+    return [(str(k), bytes(v)) for k, v in items if k != FORWARDED]
 
 
 class BatchFolder:
@@ -74,8 +83,9 @@ class BatchFolder:
         self.fold = fold
         self.on_batch = on_batch
         self.positions = Positions()
-        # the LogResetError the worker stopped for, if any
-        self.log_reset: LogResetError | None = None
+        # what the worker stopped itself for, if anything: a log that is not
+        # its own (LogResetError), a changed partition count (ConfigurationError)
+        self.stopped_for: UsertrailError | None = None
         # The writes of the last batch folded (with every earlier batch's):
         # the broker acknowledges them while the next batch is delivered and
         # folded. On the embedded broker, where faust's producer sends one
@@ -181,8 +191,8 @@ class BatchFolder:
         stored = self._get(partition, log_key(partition))
         if stored is None or current is None or stored == current:
             return True
-        if self.log_reset is None:
-            self.log_reset = LogResetError(
+        self._stop(
+            LogResetError(
                 f"{self.settings.events_topic}: the broker's log is not the one the stream's "
                 f"state was folded from (partition {partition} was read from topic id "
                 f"{stored.decode()}; the broker's has id {current.decode()}); nothing of it "
@@ -190,11 +200,33 @@ class BatchFolder:
                 "the log from the archive); if that log is gone for good, `usertrail replay "
                 "stream` folds the new one from its start"
             )
-            log.error("%s", self.log_reset)
+        )
+        return False
+
+    def _stop(self, error: UsertrailError) -> None:
+        if self.stopped_for is None:
+            self.stopped_for = error
+            log.error("%s", error)
             # stop as SIGTERM does (a faust crash left the process running);
             # `usertrail stream` then exits with the error's code
             os.kill(os.getpid(), signal.SIGTERM)
-        return False
+
+    async def homes(self) -> int | None:
+        """The partition count users' homes are taken over (usertrail/topics.py),
+        None if the broker cannot say; stops the worker if the events topic
+        no longer matches its changelog."""
+        producer = await self.profiles_producer()
+        counts = {}
+        for topic in (self.settings.events_topic, self.settings.changelog_topic):
+            try:
+                counts[topic] = len(await producer.partitions_for(topic))
+            except KafkaError as exc:
+                log.warning("the partitions of %s are unknown (%r)", topic, exc)
+        try:
+            return homes_count(self.settings, counts)
+        except ConfigurationError as exc:
+            self._stop(exc)
+            raise
 
     # --- applied offsets ------------------------------------------------------
     def applied_offset(self, partition: int) -> int | None:
@@ -223,11 +255,16 @@ class BatchFolder:
     # --- a batch --------------------------------------------------------------
     async def fold_batch(self, batch: Sequence[Record]) -> None:
         """Fold one batch of the events topic's records (faust's messages)."""
-        if self.log_reset is not None or self.closing:
-            return  # stopping (see same_log, close): nothing more is folded
+        if self.stopped_for is not None or self.closing:
+            return  # stopping (see _stop, close): nothing more is folded
         current = await self.events_log_id()
         if not all(self.same_log(p, current) for p in {r.partition for r in batch}):
             return
+        try:
+            homes = await self.homes()
+        except ConfigurationError:
+            return
+        forward: list[Record] = []  # records a producer put away from their home
         applied: dict[int, int | None] = {}
         recovered: dict[int, int | None] = {}  # as the batch found them
         gaps: dict[int, int] = {}
@@ -255,6 +292,9 @@ class BatchFolder:
                 continue
             applied[partition] = offset
             key, value = record.key, record.value
+            if not is_home(key, partition, homes):
+                forward.append(record)  # to be read, and folded, at its home
+                continue
             if key is None or value is None:
                 continue  # never an event of the contract: the sink dead-letters it
             mine = per_user.get(key)  # a valid event's key is its user id
@@ -263,7 +303,7 @@ class BatchFolder:
             # faust gives the record's timestamp in seconds (None: unknown)
             stamp = record.timestamp
             mine[1].append((value, offset, -1 if stamp is None else round(stamp * 1000)))
-        await self._write(per_user, applied, recovered, current, len(batch))
+        await self._write(per_user, applied, recovered, current, len(batch), forward, homes)
         self.folded_at = time.monotonic()
         for partition, want in gaps.items():
             if self.positions.should_seek(partition, want):
@@ -291,6 +331,8 @@ class BatchFolder:
         recovered: dict[int, int | None],
         current: bytes | None,
         n: int,
+        forward: Sequence[Record] = (),
+        homes: int | None = None,
     ) -> None:
         table = self.table
         pending: list[Awaitable[Any]] = []
@@ -302,6 +344,28 @@ class BatchFolder:
             to_store.append((partition, key, value))
 
         profiles = await self.profiles_producer()
+        for record in forward:
+            # a copy at the end of its home partition, where the worker (this
+            # one, or the home's owner) folds it and the sink writes it, in
+            # that partition's order; the partition's applied offset moves
+            # past the original only once the copy is acknowledged
+            assert record.key is not None and homes is not None
+            stamp = record.timestamp
+            pending.append(
+                await profiles.send(
+                    self.settings.events_topic,
+                    record.value,
+                    key=record.key,
+                    partition=home_partition(record.key, homes),
+                    timestamp_ms=None if stamp is None else round(stamp * 1000),
+                    headers=[
+                        *_headers(record),
+                        (FORWARDED, f"{record.partition}/{record.offset}".encode()),
+                    ],
+                )
+            )
+        if forward:
+            log.info("%d records copied to their home partitions", len(forward))
         users = [UserBatch(key, self._get(p, key), items) for key, (p, items) in per_user.items()]
         for (key, (partition, _)), result in zip(
             per_user.items(), await self._fold_with_chunks(users, per_user), strict=True

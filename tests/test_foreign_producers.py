@@ -15,12 +15,14 @@ from pathlib import Path
 from typing import Any
 
 from confluent_kafka import KafkaError, Message, Producer
+from usertrail.producers.client import TrackingClient
+from usertrail.producers.events import decode
 from usertrail.producers.ids import uuid7
 from usertrail.sink.consumer import Sink, SinkOptions
 
 from tests.conftest import Broker, create_topics, unique
 from tests.sink.conftest import query
-from tests.workers import cli, count_rows, stream_process, wait_for_profile
+from tests.workers import changelog_states, cli, count_rows, stream_process, wait_for_profile
 from usertrail.embedded import free_port
 from usertrail.settings import Settings
 
@@ -103,8 +105,11 @@ def edge_cases(user: str) -> tuple[list[dict[str, Any]], int]:
     return dead + accepted, len(dead)
 
 
-def produce(bootstrap: str, topic: str, docs: list[dict[str, Any]]) -> dict[str, int]:
-    """Send with librdkafka's defaults; the last offset of each user."""
+def produce(
+    bootstrap: str, topic: str, docs: list[dict[str, Any]], partitioner: str = "consistent_random"
+) -> dict[str, int]:
+    """Send with librdkafka's defaults (its partitioner: CRC32 of the key,
+    unless another is named); the last offset of each user."""
     last: dict[str, int] = {}
     failed: list[str] = []
 
@@ -115,7 +120,7 @@ def produce(bootstrap: str, topic: str, docs: list[dict[str, Any]]) -> dict[str,
         user = (msg.key() or b"").decode()
         last[user] = max(last.get(user, -1), msg.offset() or 0)
 
-    producer = Producer({"bootstrap.servers": bootstrap, "acks": "all"})
+    producer = Producer({"bootstrap.servers": bootstrap, "acks": "all", "partitioner": partitioner})
     for doc in docs:
         producer.produce(topic, json.dumps(doc), key=doc["userId"], on_delivery=delivered)
         producer.poll(0)
@@ -134,7 +139,7 @@ async def test_events_written_by_librdkafka_in_any_time_zone_agree_everywhere(
     docs = plan(users)
     odd, refused = edge_cases("rdk-edges")
     docs += odd
-    last = await asyncio.to_thread(produce, settings.bootstrap_servers, settings.events_topic, docs)
+    await asyncio.to_thread(produce, settings.bootstrap_servers, settings.events_topic, docs)
     interactions = sum(1 for d in docs if d["kind"] == "interaction") - refused
 
     web_port = free_port()
@@ -143,7 +148,10 @@ async def test_events_written_by_librdkafka_in_any_time_zone_agree_everywhere(
     sinking = asyncio.create_task(sink.run())
     try:
         for user in [*users, "rdk-edges"]:
-            profile = await wait_for_profile(web_port, user, last[user])
+            # CRC32 put most users away from their murmur2 home: their events
+            # are folded (and written) as the stream's copies there
+            want = 2 if user == "rdk-edges" else 30
+            profile = await wait_for_profile(web_port, user, interactions=want)
             assert profile["userId"] == user
         vectors = "SELECT count(*) FROM user_vectors WHERE segments IS NOT NULL"
         for _ in range(300):
@@ -187,3 +195,94 @@ async def test_events_written_by_librdkafka_in_any_time_zone_agree_everywhere(
     assert f"rows: {len(users) + 1} profiles against SQL over the rows, 0 users differ" in (
         checked.stdout
     )
+
+
+async def test_one_users_events_on_several_partitions_are_folded_once_in_one_order(
+    settings_factory: Callable[..., Settings], broker: Broker, database_url: str, tmp_path: Path
+) -> None:
+    """Three producers for the same users: our SDK (murmur2), librdkafka's
+    default (CRC32) and librdkafka at random, each resending some events of
+    the others. Every event is folded once, at its user's home partition
+    (the stream copies the others there), live and replayed alike; a
+    stopped stream's uncopied records are copied by ``replay stream``
+    (#19, item 2)."""
+    settings = settings_factory(broker, database_url=database_url, stream_app_id=unique("mix"))
+    await create_topics(settings)
+    users = [f"mix-{i}" for i in range(8)]
+    rng = random.Random(2)
+    docs = plan(users, seed=3)
+    docs.append(_event("user.erased", users[0], _at(60, 2)))  # mid-way, by event time
+    docs.append(_event("onboarding.completed", users[1], _at(5, 1), interests=["love"]))
+    rng.shuffle(docs)
+    # each producer sends a third, and resends a few of another third
+    thirds: list[list[dict[str, Any]]] = [docs[0::3], docs[1::3], docs[2::3]]
+    for i, third in enumerate(thirds):
+        third += rng.sample(thirds[(i + 1) % 3], 5)
+    ids = {d["eventId"] for d in docs}
+
+    async def send_all(extra: list[dict[str, Any]] | None = None) -> None:
+        sdk, crc, scatter = (extra, extra, extra) if extra is not None else thirds
+        async with TrackingClient(source="mix", settings=settings) as client:
+            for d in sdk if extra is None else []:
+                await client.send(decode(json.dumps(d).encode()))
+        bootstrap, topic = settings.bootstrap_servers, settings.events_topic
+        if extra is None:
+            await asyncio.to_thread(produce, bootstrap, topic, crc)
+        await asyncio.to_thread(produce, bootstrap, topic, scatter, "random")
+
+    await send_all()
+    rows = sum(1 for d in docs if d["kind"] == "interaction" and d["userId"] != users[0])
+
+    def erased_rows() -> int:
+        return int(
+            query(
+                database_url,
+                'SELECT count(*) FROM "UserInteraction" WHERE "userId" = %s',
+                (users[0],),
+            )[0][0]
+        )
+
+    async def run_until_agreed(expected_rows: int) -> None:
+        web_port = free_port()
+        stream = stream_process(settings, web_port, tmp_path / "stream.log")
+        sink = Sink(settings, SinkOptions(group="mix-sink"))
+        sinking = asyncio.create_task(sink.run())
+        try:
+            for user in users[1:]:
+                await wait_for_profile(web_port, user, interactions=expected_rows // 7)
+            for _ in range(300):
+                if count_rows(database_url) - erased_rows() == expected_rows:
+                    break
+                await asyncio.sleep(0.2)
+            assert count_rows(database_url) - erased_rows() == expected_rows
+        finally:
+            sink.stop()
+            await asyncio.wait_for(sinking, 60)
+            stream.send_signal(signal.SIGTERM)
+            assert stream.wait(timeout=60) == 0
+
+    # one row and one count per event, whichever producers sent it, and how often
+    await run_until_agreed(rows)
+    assert {r[0] for r in query(database_url, 'SELECT id FROM "UserInteraction"')} <= ids
+    checked = cli(settings, tmp_path, "verify", "--database-url", database_url)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert "0 users differ" in checked.stdout and "0 differ" in checked.stdout
+    live = await changelog_states(settings)
+
+    # replayed from the log: the same profiles, byte for byte
+    replayed = cli(settings, tmp_path, "replay", "stream")
+    assert replayed.returncode == 0, replayed.stdout + replayed.stderr
+    assert await changelog_states(settings) == live
+
+    # records sent while no stream runs: `replay stream` copies them home
+    more = [
+        _event("interaction", u, _at(200 + i, i), type="chat", service="saju")
+        for i, u in enumerate(users[1:] * 2)
+    ]
+    await send_all(more)
+    replayed = cli(settings, tmp_path, "replay", "stream")
+    assert replayed.returncode == 0, replayed.stdout + replayed.stderr
+    assert "were copied there" in replayed.stdout, replayed.stdout
+    await run_until_agreed(rows + len(more))
+    checked = cli(settings, tmp_path, "verify", "--database-url", database_url)
+    assert checked.returncode == 0, checked.stdout + checked.stderr

@@ -122,18 +122,36 @@ def get(url: str) -> tuple[int, dict[str, Any]]:
 
 
 async def wait_for_profile(
-    web_port: int, user: str, offset: int, host: str = "127.0.0.1"
+    web_port: int,
+    user: str,
+    offset: int | None = None,
+    host: str = "127.0.0.1",
+    *,
+    interactions: int | None = None,
 ) -> dict[str, Any]:
+    """The user's profile once it was folded up to ``offset`` of the user's
+    home partition, or holds ``interactions`` interactions (when a producer
+    put them on other partitions, whose offsets say nothing of the copies)."""
     url = f"http://{host}:{web_port}/profiles/{urllib.parse.quote(user, safe='')}"
     for _ in range(600):
         try:
             status, body = await asyncio.to_thread(get, url)
         except (urllib.error.URLError, ConnectionError, TimeoutError):
             status, body = 0, {}
-        if status == 200 and body.get("sourceOffset") == offset:
+        if (
+            status == 200
+            and (offset is None or body.get("sourceOffset") == offset)
+            and (
+                interactions is None
+                or sum(body["profile"]["countsByType"].values()) == interactions
+            )
+        ):
             return body
         await asyncio.sleep(0.1)
-    raise AssertionError(f"worker never reached offset {offset} of {user}: {status} {body}")
+    raise AssertionError(
+        f"worker never reached offset {offset} / {interactions} interactions of {user}: "
+        f"{status} {body}"
+    )
 
 
 def expected_view(events: list[tuple[EventBase, int]]) -> dict[str, Any]:

@@ -7,11 +7,49 @@ from dataclasses import dataclass, field
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaConnectionError, TopicAlreadyExistsError
+from aiokafka.partitioner import murmur2
 
-from usertrail.errors import BrokerUnavailableError
+from usertrail.errors import BrokerUnavailableError, ConfigurationError
 from usertrail.settings import Settings
 
 log = logging.getLogger("usertrail.topics")
+
+FORWARDED = "usertrail-forwarded-from"
+"""Header of a record the stream copied to its home partition: the
+original's ``partition/offset`` (docs/architecture.md, "Home partitions")."""
+
+
+def home_partition(key: bytes, partitions: int) -> int:
+    """The partition of a record keyed ``key`` when the topic has
+    ``partitions``: murmur2 of the key, as the SDK, aiokafka and the Java
+    client place it. A user's events are folded and written in the order of
+    this one partition; a record a producer put elsewhere is copied here."""
+    return (murmur2(key) & 0x7FFFFFFF) % partitions
+
+
+def is_home(key: bytes | None, partition: int, partitions: int | None) -> bool:
+    """Whether a record is read where it is applied: at its key's home, or
+    it has no key (nothing to place it by), or the count is unknown."""
+    return key is None or not partitions or home_partition(key, partitions) == partition
+
+
+def homes_count(settings: Settings, counts: dict[str, int]) -> int | None:
+    """The partition count homes are taken over: the events topic's, when it
+    equals the stream changelog's (created with it). A grown events topic
+    would move users to other homes, which nothing here supports: refused,
+    with what to do."""
+    events = counts.get(settings.events_topic)
+    changelog = counts.get(settings.changelog_topic)
+    if events and changelog and events != changelog:
+        raise ConfigurationError(
+            f"{settings.events_topic} has {events} partitions but the stream's changelog "
+            f"{settings.changelog_topic} has {changelog}: a user's events are applied in the "
+            "order of one home partition (murmur2 of the user id over the partition count), "
+            "and a changed count moves every home. usertrail does not support changing the "
+            "events topic's partition count; set it back, or start a new events topic and "
+            're-send the log into it (docs/architecture.md, "Home partitions")'
+        )
+    return events or None
 
 
 @dataclass(frozen=True)

@@ -93,9 +93,9 @@ def test_a_resend_however_late_changes_nothing(
     plain = fold_seq([(e, i) for i, e in enumerate(events)])
     assert len(plain.sealed) >= 1 and len(plain.recent_ids) <= RECENT_IDS
     noisy: list[tuple[EventBase, int | None]] = [(e, i) for i, e in enumerate(events)]
-    for pick in picks:  # resends anywhere later in the log
-        at = data.draw(st.integers(pick % n + 1, len(noisy)))
-        noisy.insert(at, (events[pick % n], None))
+    for pick in picks:  # resends anywhere after the original in the log
+        original = next(i for i, (e, _) in enumerate(noisy) if e is events[pick % n])
+        noisy.insert(data.draw(st.integers(original + 1, len(noisy))), (events[pick % n], None))
     noisy = [(e, i) for i, (e, _) in enumerate(noisy)]
     chunks: dict[int, frozenset[str]] = {}
     got = fold_seq(noisy, chunks=chunks)

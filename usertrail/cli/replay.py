@@ -39,6 +39,12 @@ def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
         f"({written['removed']:,} removed) in {time.monotonic() - started:.1f}s; "
         f"workers of {settings.stream_app_id!r} carry on after them"
         + ("" if written["committed"] else " (from the applied offsets; see the warning)")
+        + (
+            f"; {written['copied_home']:,} records a producer put away from their user's "
+            "home partition were copied there, for the workers to fold"
+            if written["copied_home"]
+            else ""
+        )
     )
     return 0
 
