@@ -147,7 +147,7 @@ async def rebuild(
             settings,
             {
                 t: len(cluster.partitions_for_topic(t) or ())
-                for t in (settings.events_topic, settings.changelog_topic)
+                for t in (settings.events_topic, settings.changelog_topic, settings.profiles_topic)
             },
         )
         consumer.assign(tps)

@@ -239,7 +239,7 @@ class Sink:
             return
         counts = {
             t: len(cluster.partitions_for_topic(t) or ())
-            for t in (events, self.settings.changelog_topic)
+            for t in (events, self.settings.changelog_topic, self.settings.profiles_topic)
         }
         try:
             homes = homes_count(self.settings, counts)

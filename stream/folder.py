@@ -217,7 +217,11 @@ class BatchFolder:
         no longer matches its changelog."""
         producer = await self.profiles_producer()
         counts = {}
-        for topic in (self.settings.events_topic, self.settings.changelog_topic):
+        for topic in (
+            self.settings.events_topic,
+            self.settings.changelog_topic,
+            self.settings.profiles_topic,
+        ):
             try:
                 counts[topic] = len(await producer.partitions_for(topic))
             except KafkaError as exc:

@@ -22,9 +22,17 @@ from usertrail.sink.consumer import Sink, SinkOptions
 
 from tests.conftest import Broker, create_topics, unique
 from tests.sink.conftest import query
-from tests.workers import changelog_states, cli, count_rows, stream_process, wait_for_profile
+from tests.workers import (
+    changelog_states,
+    cli,
+    count_rows,
+    sink_process,
+    stream_process,
+    wait_for_profile,
+)
 from usertrail.embedded import free_port
 from usertrail.settings import Settings
+from usertrail.topics import TopicSpec, ensure_topics
 
 BASE = datetime(2026, 3, 1, tzinfo=UTC)
 # the offsets apps write their local times with
@@ -286,3 +294,38 @@ async def test_one_users_events_on_several_partitions_are_folded_once_in_one_ord
     await run_until_agreed(rows + len(more))
     checked = cli(settings, tmp_path, "verify", "--database-url", database_url)
     assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+async def test_a_grown_events_topic_is_refused_by_every_part(
+    settings_factory: Callable[..., Settings], broker: Broker, database_url: str, tmp_path: Path
+) -> None:
+    """More partitions would move every user's home: the sink, the stream
+    and the replay each refuse, in one line, with exit code 2."""
+    settings = settings_factory(broker, database_url=database_url, stream_app_id=unique("grown"))
+    # as a grown topic is (tansu cannot add partitions): the events topic
+    # with one more partition than the changelog made for it
+    grown = settings.events_partitions + 1
+    await ensure_topics(settings, [TopicSpec(settings.events_topic, grown)])
+    await create_topics(settings)
+    await asyncio.to_thread(
+        produce,
+        settings.bootstrap_servers,
+        settings.events_topic,
+        [_event("interaction", "g", _at(1, 0), type="chat", service="saju")],
+    )
+    said = "does not support changing the events topic's partition count"
+    replayed = cli(settings, tmp_path, "replay", "stream")
+    assert replayed.returncode == 2 and said in replayed.stderr, replayed.stderr
+    assert "Traceback" not in replayed.stderr
+    log = tmp_path / "workers.log"
+    for proc in (
+        sink_process(settings, database_url, log, unique("grown-sink")),
+        stream_process(settings, free_port(), log),
+    ):
+        try:
+            assert proc.wait(timeout=90) == 2
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    text = log.read_text()
+    assert text.count(said) >= 2 and "Traceback" not in text, text[-3000:]

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from usertrail.stream.batch import Folded, UserBatch, fold_users
 from usertrail.stream.folder import BatchFolder
 from usertrail.stream.segments import load_rules
@@ -18,8 +19,12 @@ from usertrail.stream.state import applied_key, load_state
 
 from tests.conftest import Broker, create_topics, unique
 from usertrail.settings import Settings
+from usertrail.topics import home_partition
 
 RULES = load_rules(None)
+# users whose home (murmur2 over the tests' 4 partitions) is partition 0 and 1
+ANN, BO = "ann0", "bo6"
+assert (home_partition(ANN.encode(), 4), home_partition(BO.encode(), 4)) == (0, 1)
 
 
 class Message(NamedTuple):
@@ -104,18 +109,16 @@ async def test_a_batch_writes_each_user_once_and_the_applied_offsets_last(
 ) -> None:
     table, consumer = Table(), Consumer()
     folder = folder_for(table, consumer)
-    batch = [event("ann", i, 0, i) for i in range(5)] + [
-        event("bo", 10 + i, 1, i) for i in range(3)
-    ]
+    batch = [event(ANN, i, 0, i) for i in range(5)] + [event(BO, 10 + i, 1, i) for i in range(3)]
     await folder.fold_batch(batch)
     await folder.writes_acknowledged()
-    assert _user_state(table, "ann").profile.counts_by_type == {"chat": 5}
-    assert _user_state(table, "bo").profile.counts_by_type == {"chat": 3}
+    assert _user_state(table, ANN).profile.counts_by_type == {"chat": 5}
+    assert _user_state(table, BO).profile.counts_by_type == {"chat": 3}
     keys = [key for _, key, _ in table.sent]
-    assert keys.count(b"ann") == keys.count(b"bo") == 1  # one write per user and batch
+    assert keys.count(ANN.encode()) == keys.count(BO.encode()) == 1  # one write per user and batch
     marks = {applied_key(0): b"4", applied_key(1): b"2"}
     assert {k: v for _, k, v in table.sent if k in marks} == marks
-    last_state = max(i for i, k in enumerate(keys) if k in (b"ann", b"bo"))
+    last_state = max(i for i, k in enumerate(keys) if k in (ANN.encode(), BO.encode()))
     assert all(keys.index(k) > last_state for k in marks), "applied offsets after the states"
     assert folder.applied_offset(0) == 4
     assert consumer.seeks == []
@@ -126,18 +129,18 @@ async def test_redelivered_records_change_nothing_and_a_hole_is_re_read(
 ) -> None:
     table, consumer = Table(), Consumer()
     folder = folder_for(table, consumer)
-    await folder.fold_batch([event("ann", i, 0, i) for i in range(3)])
+    await folder.fold_batch([event(ANN, i, 0, i) for i in range(3)])
     await folder.writes_acknowledged()
-    before = table.data[b"ann"]
+    before = table.data[ANN.encode()]
     # offsets 0-2 again, then 5: 3 and 4 never came
-    await folder.fold_batch([event("ann", i, 0, i) for i in range(3)] + [event("ann", 5, 0, 5)])
+    await folder.fold_batch([event(ANN, i, 0, i) for i in range(3)] + [event(ANN, 5, 0, 5)])
     await folder.writes_acknowledged()
-    assert table.data[b"ann"] == before
+    assert table.data[ANN.encode()] == before
     assert folder.applied_offset(0) == 2
     assert [list(s.values()) for s in consumer.seeks] == [[3]], "re-read from the hole"
-    await folder.fold_batch([event("ann", i, 0, i) for i in range(3, 6)])
+    await folder.fold_batch([event(ANN, i, 0, i) for i in range(3, 6)])
     await folder.writes_acknowledged()
-    assert _user_state(table, "ann").profile.counts_by_type == {"chat": 6}
+    assert _user_state(table, ANN).profile.counts_by_type == {"chat": 6}
 
 
 async def test_writes_that_fail_leave_the_applied_offset_behind(
@@ -145,7 +148,7 @@ async def test_writes_that_fail_leave_the_applied_offset_behind(
 ) -> None:
     table, consumer = Table(fail_writes=True), Consumer()
     folder = folder_for(table, consumer)
-    await folder.fold_batch([event("ann", i, 0, i) for i in range(3)])
+    await folder.fold_batch([event(ANN, i, 0, i) for i in range(3)])
     with pytest.raises(OSError, match="the write failed"):
         await folder.writes_acknowledged()
     assert all(k != applied_key(0) for _, k, _ in table.sent), "no offset without its writes"
@@ -158,16 +161,16 @@ async def test_records_that_are_not_events_are_passed_over(
     folder = folder_for(table, consumer)
     await folder.fold_batch(
         [
-            Message(0, 0, b"ann", b"[" * 10_000),
+            Message(0, 0, ANN.encode(), b"[" * 10_000),
             Message(0, 1, None, b"{}"),
-            Message(0, 2, b"ann", None),
+            Message(0, 2, ANN.encode(), None),
             # its time is more than a day after its record's (2026-03-01 10:00)
-            event("ann", 7, 0, 3)._replace(timestamp=1772272800.0 - 2 * 86400),
-            event("ann", 3, 0, 4)._replace(timestamp=1772359200.0),
+            event(ANN, 7, 0, 3)._replace(timestamp=1772272800.0 - 2 * 86400),
+            event(ANN, 3, 0, 4)._replace(timestamp=1772359200.0),
         ]
     )
     await folder.writes_acknowledged()
-    assert _user_state(table, "ann").profile.counts_by_type == {"chat": 1}
+    assert _user_state(table, ANN).profile.counts_by_type == {"chat": 1}
     assert folder.applied_offset(0) == 4
 
 
@@ -180,23 +183,48 @@ async def test_a_resend_hundreds_of_events_late_is_found_in_a_sealed_chunk(
     table, consumer = Table(), Consumer()
     folder = folder_for(table, consumer)
     for start in range(0, 700, 100):
-        await folder.fold_batch([event("ann", i, 0, i) for i in range(start, start + 100)])
+        await folder.fold_batch([event(ANN, i, 0, i) for i in range(start, start + 100)])
     await folder.writes_acknowledged()
-    before = _user_state(table, "ann").profile
+    before = _user_state(table, ANN).profile
     assert before.counts_by_type == {"chat": 700} and before.sealed
     keys = [key for _, key, _ in table.sent]
     chunk_keys = [k for k in keys if k.startswith(b"\x00usertrail/seen/")]
     assert len(chunk_keys) == len(before.sealed)
     first_naming = {
-        k: min(i for i, x in enumerate(keys) if x == b"ann" and i > keys.index(k))
+        k: min(i for i, x in enumerate(keys) if x == ANN.encode() and i > keys.index(k))
         for k in chunk_keys
     }
     assert all(keys.index(k) < i for k, i in first_naming.items()), "a chunk before its state"
     # resends of the first events, after 700 newer ones, with one new event
-    await folder.fold_batch(
-        [event("ann", 0, 0, 700), event("ann", 5, 0, 701), event("ann", 700, 0, 702)]
-    )
+    await folder.fold_batch([event(ANN, 0, 0, 700), event(ANN, 5, 0, 701), event(ANN, 700, 0, 702)])
     await folder.writes_acknowledged()
-    after = _user_state(table, "ann").profile
+    after = _user_state(table, ANN).profile
     assert after.counts_by_type == {"chat": 701}
     assert after.last_offset == 702
+
+
+async def test_a_record_away_from_its_home_is_copied_there_not_folded(
+    folder_for: Callable[[Table, Consumer], BatchFolder],
+) -> None:
+    table, consumer = Table(), Consumer()
+    folder = folder_for(table, consumer)
+    settings = folder.settings
+    away = event(ANN, 1, 1, 0)._replace(timestamp=1772272800.0)  # ANN's home is 0
+    await folder.fold_batch([away, event(BO, 2, 1, 1)])
+    await folder.writes_acknowledged()
+    assert ANN.encode() not in table.data  # folded as its copy, when that is read
+    assert _user_state(table, BO).profile.counts_by_type == {"chat": 1}
+    assert folder.applied_offset(1) == 1  # past the original, the copy acknowledged
+    reader = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap_servers, group_id=None)
+    await reader.start()
+    try:
+        home = TopicPartition(settings.events_topic, 0)
+        reader.assign([home])
+        await reader.seek_to_beginning(home)
+        copies = (await reader.getmany(home, timeout_ms=10_000)).get(home, [])
+    finally:
+        await reader.stop()
+    assert [(c.key, c.value, c.timestamp) for c in copies] == [
+        (away.key, away.value, 1772272800000)
+    ]
+    assert ("usertrail-forwarded-from", b"1/0") in list(copies[0].headers)
