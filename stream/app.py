@@ -41,7 +41,7 @@ from usertrail.stream.folder import BatchFolder
 from usertrail.stream.policy import RESEEK_SECONDS
 from usertrail.stream.segments import Rules
 from usertrail.stream.watchdog import Watchdog
-from usertrail.stream.web import add_profile_view
+from usertrail.stream.web import add_metrics_view, add_profile_view
 
 from usertrail.errors import UsertrailError
 from usertrail.kafka import adopt_stale_group_leaders
@@ -177,7 +177,12 @@ def create_app(
     async def fold(users: list[UserBatch]) -> list[Result]:
         if helper is None:
             return fold_users(users, rules)
-        return await helper.fold(users)
+        before = len(helper.left_out)
+        try:
+            return await helper.fold(users)
+        finally:
+            if len(helper.left_out) > before:
+                folder.metrics.left_out.inc(len(helper.left_out) - before)
 
     folder = BatchFolder(settings, table, app.consumer, fold, on_batch=on_batch)
     watchdog = Watchdog(app, folder, settings, stop=_stop_worker)
@@ -214,7 +219,20 @@ def create_app(
         async def start_helper() -> None:  # before the first batch needs it
             await helper.start()
 
+    @app.task  # type: ignore[untyped-decorator]
+    async def say_started() -> None:
+        log.info(
+            "stream worker of %s: folding %s into %s, table %s (%s), web %s",
+            settings.stream_app_id,
+            settings.events_topic,
+            settings.profiles_topic,
+            TABLE,
+            kind,
+            settings.web_url(web_port),
+        )
+
     add_profile_view(app, table, rules, health=watchdog.health)
+    add_metrics_view(app, table, folder, datadir if kind == "rocksdb" else None)
     app.usertrail_folder = folder
     app.usertrail_watchdog = watchdog
     app.usertrail_table = table  # for tests and operator tools
@@ -258,11 +276,17 @@ def run_worker(settings: Settings, rules: Rules, *, web_port: int) -> None:
     waits for good on a broker that answers nothing). Raises what the
     worker stopped itself for (a log that is not its own, exit code 3; a
     stall, 6)."""
+    from usertrail import logs
     from usertrail.runtime import tune_gc
 
     app = create_app(settings, rules, web_port=web_port)
     tune_gc()
-    worker = BoundedWorker(app, loglevel=settings.log_level.lower(), quiet=True)
+    worker = BoundedWorker(
+        app,
+        loglevel=settings.log_level.lower(),
+        quiet=True,
+        logging_config=logs.worker_config(settings.log_level, settings.log_format),
+    )
     # faust's terminal spinner sets the root logger to DEBUG at levels of
     # WARNING and above, so every debug line of aiokafka and faust is built
     worker.spinner = None

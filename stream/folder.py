@@ -31,6 +31,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 from faust.types import TP
 from usertrail.stream.batch import Folded, Result, UserBatch, Wanted
+from usertrail.stream.metrics import StreamMetrics
 from usertrail.stream.policy import RESEEK_SECONDS, Positions, Verdict, then_send
 from usertrail.stream.state import applied_key, log_key, seen_key
 from usertrail.stream.store import on_partition
@@ -83,6 +84,7 @@ class BatchFolder:
         self.fold = fold
         self.on_batch = on_batch
         self.positions = Positions()
+        self.metrics = StreamMetrics()  # served on /metrics (stream/web.py)
         # what the worker stopped itself for, if anything: a log that is not
         # its own (LogResetError), a changed partition count (ConfigurationError)
         self.stopped_for: UsertrailError | None = None
@@ -264,6 +266,7 @@ class BatchFolder:
         current = await self.events_log_id()
         if not all(self.same_log(p, current) for p in {r.partition for r in batch}):
             return
+        started = time.perf_counter()
         try:
             homes = await self.homes()
         except ConfigurationError:
@@ -309,6 +312,12 @@ class BatchFolder:
             mine[1].append((value, offset, -1 if stamp is None else round(stamp * 1000)))
         await self._write(per_user, applied, recovered, current, len(batch), forward, homes)
         self.folded_at = time.monotonic()
+        metrics = self.metrics
+        metrics.batch_seconds.observe(time.perf_counter() - started)
+        metrics.batch_records.observe(len(batch))
+        metrics.records.inc(len(batch))
+        if forward:
+            metrics.forwarded.inc(len(forward))
         for partition, want in gaps.items():
             if self.positions.should_seek(partition, want):
                 log.warning(
@@ -384,6 +393,7 @@ class BatchFolder:
                 sent.append(table.send_changelog(partition, seen_key(key, index), chunk))
                 pending.append(sent[-1])
             write(partition, key, result.state)
+            self.metrics.profiles.inc()
             sent.append(table.send_changelog(partition, key, result.state))
             pending.append(sent[-1])
             pending.append(
@@ -424,7 +434,8 @@ class BatchFolder:
     ) -> list[Folded | None]:
         """``fold``, and again for the users whose late resends need sealed
         chunks of their event ids (stream/fold.py), with those chunks."""
-        results = await self.fold(users)
+        with self.metrics.fold_seconds.time():
+            results = await self.fold(users)
         for _ in range(3):
             wanted = [i for i, r in enumerate(results) if isinstance(r, Wanted)]
             if not wanted:
@@ -446,7 +457,9 @@ class BatchFolder:
                     chunks[index] = value
                 users[i] = users[i]._replace(chunks=chunks)
                 again.append(users[i])
-            for i, result in zip(wanted, await self.fold(again), strict=True):
+            with self.metrics.fold_seconds.time():
+                folded_again = await self.fold(again)
+            for i, result in zip(wanted, folded_again, strict=True):
                 results[i] = result
         out: list[Folded | None] = []
         for r in results:
@@ -475,6 +488,23 @@ class BatchFolder:
                 self.on_batch(n)
 
         writes.add_done_callback(done)
+
+    def lags(self) -> list[tuple[str, int, int]]:
+        """(topic, partition, records not yet folded) of each events partition
+        assigned: the high-water mark past the applied offset."""
+        out = []
+        for tp in list(self.consumer.assignment()):
+            if tp.topic != self.settings.events_topic:
+                continue
+            try:
+                high = self.consumer.highwater(tp)
+            except AssertionError:  # revoked meanwhile
+                continue
+            if high is None:
+                continue
+            applied = self.applied_offset(tp.partition)
+            out.append((tp.topic, tp.partition, max(0, high - (applied or -1) - 1)))
+        return out
 
     # --- records fetched but never delivered ------------------------------------
     async def reread_undelivered(self) -> None:

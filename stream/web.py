@@ -4,19 +4,24 @@ whichever worker owns the user (faust's table routing forwards the
 request), as the profile message the worker publishes plus the profile's
 counts. 503 until the worker can route; 404 for a user it does not know,
 or one erased. ``GET /health`` says whether the worker is healthy (the
-watchdog's view, ``watchdog.py``)."""
+watchdog's view, ``watchdog.py``); ``GET /metrics`` is for Prometheus."""
 
 from __future__ import annotations
 
 import asyncio
 import functools
 from collections.abc import Callable
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import faust
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from usertrail.stream.segments import Rules, segment
 from usertrail.stream.state import UserState, load_state, message_for
+
+if TYPE_CHECKING:
+    from usertrail.stream.folder import BatchFolder
 
 
 def profile_body(state: UserState, rules: Rules) -> dict[str, Any]:
@@ -36,6 +41,23 @@ def profile_body(state: UserState, rules: Rules) -> dict[str, Any]:
         "onboarding": p.onboarding,
     }
     return body
+
+
+def add_metrics_view(
+    app: faust.App, table: Any, folder: BatchFolder, store_dir: Path | None
+) -> None:
+    """``GET /metrics``: the worker's Prometheus metrics (stream/metrics.py).
+    ``store_dir``: the table's directory on disk (None: in memory)."""
+
+    @app.page("/metrics")
+    async def get_metrics(web: Any, request: Any) -> Any:
+        data = table.data
+        keys = None if store_dir is not None else (lambda: len(data))
+        folder.metrics.refresh(
+            folder.lags(), store_dir, keys, getattr(data, "usertrail_recovered", None)
+        )
+        body = generate_latest(folder.metrics.registry)
+        return web.bytes(body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
 def add_profile_view(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import json
 import os
 import re
 import signal
@@ -288,6 +289,11 @@ async def test_every_service_runs_as_the_file_says(
             await asyncio.sleep(0.2)
         else:
             raise AssertionError(f"profile of {user}: {status} {body}\n{tail('stream')}")
+        stream_metrics = await asyncio.to_thread(_read, f"http://127.0.0.1:{stream_port}/metrics")
+        assert re.search(r"usertrail_stream_records_read_total [1-9][0-9]*\.0", stream_metrics), (
+            stream_metrics[:2000]
+        )
+        assert "usertrail_stream_store_bytes" in stream_metrics
         (sink_port,) = ports["sink"].values()
         metrics = await asyncio.to_thread(_read, f"http://127.0.0.1:{sink_port}/metrics")
         assert re.search(
@@ -301,6 +307,11 @@ async def test_every_service_runs_as_the_file_says(
             assert await asyncio.to_thread(proc.wait, grace) == 0, tail(service)
         for service in ("stream", "sink"):
             assert "Traceback" not in tail(service), tail(service)
+        # USERTRAIL_LOG_FORMAT=json: every line of every service is one object
+        for service in procs:
+            text = (tmp_path / f"{service}.log").read_text()
+            lines = [json.loads(line) for line in text.splitlines() if line.strip()]
+            assert lines and all({"time", "level", "logger", "message"} <= set(d) for d in lines)
     finally:
         for proc in procs.values():
             if proc.poll() is None:

@@ -56,7 +56,9 @@ def stream_process(
                 "usertrail.cli",
                 "stream",
                 "--log-level",
-                os.environ.get("USERTRAIL_TEST_LOG_LEVEL", "WARNING"),
+                extra_env.get(
+                    "USERTRAIL_LOG_LEVEL", os.environ.get("USERTRAIL_TEST_LOG_LEVEL", "WARNING")
+                ),
             ],
             env=env,
             stdout=out,

@@ -148,6 +148,8 @@ class Settings(BaseSettings):
     stall_seconds: float = Field(default=120.0, ge=1)
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    # text: a line of prose per record; json: one JSON object per line
+    log_format: Literal["text", "json"] = "text"
 
     # --- derived ------------------------------------------------------------
     @property

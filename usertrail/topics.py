@@ -28,7 +28,8 @@ def home_partition(key: bytes, partitions: int) -> int:
     this one partition; a record a producer put elsewhere is copied here.
     (Remembered per key: murmur2 in Python costs about 5 us, and every
     record of the sink and the stream asks.)"""
-    return (murmur2(key) & 0x7FFFFFFF) % partitions
+    hashed: int = murmur2(key)
+    return (hashed & 0x7FFFFFFF) % partitions
 
 
 def is_home(key: bytes | None, partition: int, partitions: int | None) -> bool:
@@ -39,12 +40,14 @@ def is_home(key: bytes | None, partition: int, partitions: int | None) -> bool:
 
 def homes_count(settings: Settings, counts: dict[str, int]) -> int | None:
     """The partition count homes are taken over: the events topic's, when it
-    equals the stream changelog's (or, without one, the profiles topic's:
-    both are created with it). A grown events topic would move users to
-    other homes, which nothing here supports: refused, with what to do.
-    ``counts``: partitions per topic as the broker answered (0: no topic)."""
+    equals the profiles topic's (or, without one, the stream changelog's:
+    each is created with it, and the profiles topic is named beside the
+    events topic, where the changelog is named by the stream's app id). A
+    grown events topic would move users to other homes, which nothing here
+    supports: refused, with what to do. ``counts``: partitions per topic as
+    the broker answered (0: no topic)."""
     events = counts.get(settings.events_topic)
-    for reference in (settings.changelog_topic, settings.profiles_topic):
+    for reference in (settings.profiles_topic, settings.changelog_topic):
         made_with = counts.get(reference)
         if not made_with:
             continue

@@ -37,6 +37,8 @@ class Workers:
             "DATABASE_URL": settings.database_dsn(),
             "USERTRAIL_DATA_DIR": str(settings.data_dir),
             "USERTRAIL_STREAM_WEB_PORT": str(settings.stream_web_port),
+            "USERTRAIL_LOG_LEVEL": settings.log_level,
+            "USERTRAIL_LOG_FORMAT": settings.log_format,
         }
         self.settings = settings
         self.procs: dict[int, subprocess.Popen[bytes]] = {}

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import subprocess
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
+from prometheus_client.parser import text_string_to_metric_families
 from usertrail.producers import TrackingClient, demo
 
 from tests.conftest import create_topics, unique
@@ -29,7 +32,10 @@ async def test_worker_profiles_equal_the_pure_fold(
     settings = settings_factory(broker, stream_app_id=unique("stream"))
     await create_topics(settings)
     web_port = free_port()
-    proc = stream_process(settings, web_port, tmp_path / "stream.log")
+    log = tmp_path / "stream.log"
+    proc = stream_process(
+        settings, web_port, log, USERTRAIL_LOG_FORMAT="json", USERTRAIL_LOG_LEVEL="INFO"
+    )
     try:
         async with TrackingClient(source="demo", settings=settings) as client:
             sent = await demo.run(client, demo.plan(users=25, events=1500, seed=5))
@@ -40,6 +46,20 @@ async def test_worker_profiles_equal_the_pure_fold(
             assert worker_view(body) == expected_view(events), user
         status, _ = await asyncio.to_thread(get, f"http://127.0.0.1:{web_port}/profiles/nobody")
         assert status == 404
+        # Prometheus metrics: every record read, nothing left behind
+        metrics = await asyncio.to_thread(scrape, f"http://127.0.0.1:{web_port}/metrics")
+        records = sum(len(e) for e in by_user.values())
+        assert metrics["usertrail_stream_records_read_total"][()] == records
+        assert metrics["usertrail_stream_profiles_published_total"][()] >= 25
+        assert metrics["usertrail_stream_batch_seconds_count"][()] >= 1
+        assert metrics["usertrail_stream_fold_seconds_count"][()] >= 1
+        lags = metrics["usertrail_stream_lag"]
+        assert len(lags) == settings.events_partitions and set(lags.values()) == {0}, lags
+        if settings.stream_store_kind() == "memory":
+            assert metrics["usertrail_stream_store_keys"][()] >= 25 + settings.events_partitions
+        else:  # RocksDB: its files
+            assert metrics["usertrail_stream_store_bytes"][()] > 0
+        assert metrics["usertrail_stream_records_left_out_total"][()] == 0
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -47,7 +67,24 @@ async def test_worker_profiles_equal_the_pure_fold(
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-    assert "Traceback" not in (tmp_path / "stream.log").read_text()
+    text = log.read_text()
+    assert "Traceback" not in text
+    # --log-format json: every line one object a log collector reads
+    lines = [json.loads(line) for line in text.splitlines() if line.strip()]
+    assert lines and all({"time", "level", "logger", "message"} <= set(d) for d in lines)
+    assert any(d["logger"].startswith("usertrail") for d in lines)
+
+
+def scrape(url: str) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
+    """A Prometheus page: sample name -> labels -> value."""
+    with urllib.request.urlopen(url, timeout=5) as response:
+        assert response.headers["Content-Type"].startswith("text/plain")
+        text = response.read().decode()
+    out: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out.setdefault(sample.name, {})[tuple(sorted(sample.labels.items()))] = sample.value
+    return out
 
 
 async def test_a_worker_whose_group_never_forms_says_so_and_exits_to_be_restarted(

@@ -18,7 +18,7 @@ import psycopg
 from aiokafka.errors import KafkaError
 from pydantic import ValidationError
 
-from usertrail import __version__
+from usertrail import __version__, logs
 from usertrail.cli import admin, replay, up, workers
 from usertrail.cli.common import common_options, settings_from
 from usertrail.errors import BrokerUnavailableError, DatabaseUnavailableError, UsertrailError
@@ -45,9 +45,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _fail(exc: UsertrailError) -> int:
-    """One line on stderr; the error's exit code (README, "Exit codes")."""
-    print(f"usertrail: error: {exc}", file=sys.stderr, flush=True)
+def _fail(exc: UsertrailError, log_format: str = "text") -> int:
+    """One line on stderr (in JSON, one object, as every log line is then);
+    the error's exit code (README, "Exit codes")."""
+    if log_format == "json":
+        print(logs.error_line(str(exc), exc.exit_code), file=sys.stderr, flush=True)
+    else:
+        print(f"usertrail: error: {exc}", file=sys.stderr, flush=True)
     # clients left open by the failed command are not worth a report each
     logging.getLogger("asyncio").setLevel(logging.CRITICAL)
     return exc.exit_code
@@ -64,11 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = settings_from(args)
     except ValidationError as exc:
         parser.error(str(exc))
-    logging.basicConfig(
-        level=settings.log_level,
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-        stream=sys.stderr,
-    )
+    logs.configure(settings.log_level, settings.log_format)
     if logging.root.level > logging.DEBUG:  # DEBUG: theirs too
         for noisy in ("aiokafka", "alembic"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -85,14 +85,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return func(args, settings)
     except UsertrailError as exc:
-        return _fail(exc)
+        return _fail(exc, settings.log_format)
     except KafkaError as exc:
         return _fail(
-            BrokerUnavailableError(f"cannot reach Kafka at {settings.bootstrap_servers}: {exc}")
+            BrokerUnavailableError(f"cannot reach Kafka at {settings.bootstrap_servers}: {exc}"),
+            settings.log_format,
         )
     except psycopg.OperationalError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        return _fail(DatabaseUnavailableError(f"cannot reach PostgreSQL: {first}"))
+        return _fail(
+            DatabaseUnavailableError(f"cannot reach PostgreSQL: {first}"), settings.log_format
+        )
     except KeyboardInterrupt:
         return 130
 

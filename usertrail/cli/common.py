@@ -28,6 +28,7 @@ _SETTING_FLAGS = {
     "brokers": "embedded_kafka_brokers",
     "postgres_port": "embedded_postgres_port",
     "log_level": "log_level",
+    "log_format": "log_format",
     "instance_id": "group_instance_id",
 }
 
@@ -69,6 +70,13 @@ def common_options() -> argparse.ArgumentParser:
         "--log-level",
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
         help="[env USERTRAIL_LOG_LEVEL; default INFO]",
+    )
+    g.add_argument(
+        "--log-format",
+        choices=["text", "json"],
+        help="text: a line of prose per record; json: one JSON object per line (time, "
+        "level, logger, message, pid, exception) for log collectors "
+        "[env USERTRAIL_LOG_FORMAT; default text]",
     )
     return p
 
