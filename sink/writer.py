@@ -9,7 +9,9 @@ of it or none of it (docs/architecture.md, rule 2):
 
 1. the users the events need ("create" mode) or the parking of events of
    unknown users ("park" mode);
-2. erasures (the user's interactions, preferences and vector);
+2. erasures (the user's interactions and preferences; the vector is the
+   profiles topic's to delete, by the tombstone the stream publishes, so
+   that ``user_vectors`` follows that one topic's order alone);
 3. interactions, by COPY straight into "UserInteraction" inside a savepoint;
    a redelivered batch hits the primary key, and then the rows go through
    a staging table and ``INSERT ... ON CONFLICT (id) DO NOTHING``;
@@ -565,8 +567,7 @@ class Writer:
         """``decoded`` without the events applied before, however long ago
         (rule 2): an interaction whose id an erasure kept, any other kind
         whose id is kept already (recorded here, the first time, in this
-        transaction). A repeat within the batch is left to ``plan``'s
-        callers for interactions (one row) and dropped here for the rest."""
+        transaction), and any repeat of an id earlier in the batch."""
         others: list[str] = []
         interactions: list[str] = []
         for d in decoded:
@@ -587,16 +588,39 @@ class Writer:
                 (interactions,),
             )
             erased = {row[0] for row in await cur.fetchall()}
-        if len(fresh) == len(others) and not erased and len(set(others)) == len(others):
+            # a user erased in this batch: the erasure deletes their rows before
+            # the batch's rows are copied, so a resend of a row they had would
+            # come back; it is one already
+            gone = {d.event.user_id for d in decoded if isinstance(d.event, UserErased)}
+            theirs = [
+                d.event.event_id
+                for d in decoded
+                if d.event.user_id in gone and isinstance(d.event, (FastRow, Interaction))
+            ]
+            if theirs:
+                await cur.execute(
+                    'SELECT id FROM "UserInteraction" WHERE id = ANY(%s::text[])', (theirs,)
+                )
+                erased |= {row[0] for row in await cur.fetchall()}
+        if (
+            len(fresh) == len(others)
+            and not erased
+            and len(set(others)) + len(set(interactions)) == len(decoded)
+        ):
             return decoded
         kept = []
+        in_batch: set[str] = set()
         for d in decoded:
             event_id = d.event.event_id
+            if event_id in in_batch:
+                # a repeat within the batch: only the first counts, as in the
+                # stream (an erasure between the two must not let the second in)
+                continue
+            in_batch.add(event_id)
             if isinstance(d.event, (FastRow, Interaction)):
                 if event_id not in erased:
                     kept.append(d)
             elif event_id in fresh:
-                fresh.discard(event_id)  # its first occurrence only
                 kept.append(d)
         return kept
 
@@ -631,7 +655,7 @@ class Writer:
             'WHERE "userId" = ANY(%s) UNION SELECT unnest(%s::text[]) ON CONFLICT DO NOTHING',
             (write_plan.erase, write_plan.forgotten),
         )
-        for table in ("UserInteraction", "UserPreferences", "user_vectors"):
+        for table in ("UserInteraction", "UserPreferences"):
             await cur.execute(
                 sql.SQL('DELETE FROM {} WHERE "userId" = ANY(%s)').format(sql.Identifier(table)),
                 (write_plan.erase,),

@@ -9,11 +9,14 @@ import asyncio
 import json
 import random
 import signal
+import time
+import urllib.request
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
+from aiokafka import AIOKafkaConsumer
 from confluent_kafka import KafkaError, Message, Producer
 from usertrail.producers.client import TrackingClient
 from usertrail.producers.events import decode
@@ -31,6 +34,7 @@ from tests.workers import (
     wait_for_profile,
 )
 from usertrail.embedded import free_port
+from usertrail.kafka import high_waters, partitions_of
 from usertrail.settings import Settings
 from usertrail.topics import TopicSpec, ensure_topics
 
@@ -258,16 +262,31 @@ async def test_one_users_events_on_several_partitions_are_folded_once_in_one_ord
         try:
             for user in users[1:]:
                 await wait_for_profile(web_port, user, interactions=expected_rows // 7)
+            # and the erased user's too: every record folded, copies included
+            for _ in range(60):
+                if await asyncio.to_thread(stream_caught_up, web_port):
+                    break
+            else:
+                raise AssertionError("the stream never caught up")
             for _ in range(300):
                 if count_rows(database_url) - erased_rows() == expected_rows:
                     break
                 await asyncio.sleep(0.2)
             assert count_rows(database_url) - erased_rows() == expected_rows
+            # every profile published, then written: the sink at both topics' ends
+            stream.send_signal(signal.SIGTERM)
+            assert await asyncio.to_thread(stream.wait, 60) == 0
+            for _ in range(300):
+                if await sink_at_the_end(settings, database_url, "mix-sink"):
+                    break
+                await asyncio.sleep(0.2)
+            assert await sink_at_the_end(settings, database_url, "mix-sink")
         finally:
             sink.stop()
             await asyncio.wait_for(sinking, 60)
-            stream.send_signal(signal.SIGTERM)
-            assert stream.wait(timeout=60) == 0
+            if stream.poll() is None:
+                stream.kill()
+                stream.wait()
 
     # one row and one count per event, whichever producers sent it, and how often
     await run_until_agreed(rows)
@@ -294,6 +313,48 @@ async def test_one_users_events_on_several_partitions_are_folded_once_in_one_ord
     await run_until_agreed(rows + len(more))
     checked = cli(settings, tmp_path, "verify", "--database-url", database_url)
     assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+def stream_caught_up(web_port: int) -> bool:
+    """Whether the worker's /metrics shows no lag on any partition, twice a
+    second apart (a copy it just made is then folded too)."""
+    for attempt in range(2):
+        with urllib.request.urlopen(f"http://127.0.0.1:{web_port}/metrics", timeout=5) as r:
+            lags = [
+                float(line.rsplit(" ", 1)[1])
+                for line in r.read().decode().splitlines()
+                if line.startswith("usertrail_stream_lag{")
+            ]
+        if not lags or any(lags):
+            return False
+        if attempt == 0:
+            time.sleep(1)
+    return True
+
+
+async def sink_at_the_end(settings: Settings, url: str, group: str) -> bool:
+    """Whether the sink's stored positions are at the high-water marks of the
+    events and profiles topics."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap_servers, group_id=None)
+    await consumer.start()
+    try:
+        ends = {}
+        for topic in (settings.events_topic, settings.profiles_topic):
+            tps = await partitions_of(consumer, topic)
+            consumer.assign(tps)
+            for p, end in (await high_waters(consumer, tps)).items():
+                ends[(topic, p)] = end
+    finally:
+        await consumer.stop()
+    stored = {
+        (t, p): o
+        for t, p, o in query(
+            url,
+            "SELECT topic, partition, next_offset FROM usertrail_positions WHERE consumer = %s",
+            (group,),
+        )
+    }
+    return all(stored.get(k, 0) >= end for k, end in ends.items())
 
 
 async def test_a_grown_events_topic_is_refused_by_every_part(

@@ -131,5 +131,22 @@ async def test_a_resend_however_late_changes_no_row(database_url: str) -> None:
         for i, v in enumerate(events):  # and one by one
             await writer.write([Record("events", 0, 20 + i, b"u", v)])
         assert rows() == before
+        # within one batch: an interaction, an erasure, the interaction again
+        # (its resend): the erasure forgets it, and the resend stays a resend
+        again = [
+            _event(7, "interaction", T0 + timedelta(minutes=7), **reading),
+            _event(8, "user.erased", T0 + timedelta(minutes=8)),
+            _event(7, "interaction", T0 + timedelta(minutes=7), **reading),
+        ]
+        await writer.write([Record("events", 0, 30 + i, b"u", v) for i, v in enumerate(again)])
+        assert rows() == []
+        # a row written before, then in one batch: an erasure and the row's resend
+        await writer.write([Record("events", 0, 40, b"u", _event(9, "interaction", T0, **reading))])
+        late = [
+            _event(10, "user.erased", T0 + timedelta(minutes=9)),
+            _event(9, "interaction", T0, **reading),
+        ]
+        await writer.write([Record("events", 0, 41 + i, b"u", v) for i, v in enumerate(late)])
+        assert rows() == []
     finally:
         await writer.close()
