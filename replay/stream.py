@@ -48,9 +48,10 @@ from usertrail.settings import Settings
 from usertrail.topics import (
     FORWARDED,
     TopicSpec,
+    copy_headers,
     ensure_topics,
     home_partition,
-    homes_count,
+    homes_in,
     is_home,
 )
 
@@ -143,13 +144,7 @@ async def rebuild(
         if not tps:
             raise UsertrailError(f"topic {settings.events_topic!r} does not exist")
         cluster = await consumer._client.fetch_all_metadata()
-        out.homes = homes_count(
-            settings,
-            {
-                t: len(cluster.partitions_for_topic(t) or ())
-                for t in (settings.events_topic, settings.changelog_topic, settings.profiles_topic)
-            },
-        )
+        out.homes = homes_in(settings, cluster)
         consumer.assign(tps)
         out.ends = await high_waters(consumer, tps)
         for tp in tps:
@@ -338,10 +333,7 @@ async def publish(
                     key=r.key,
                     partition=home_partition(r.key, rebuilt.homes),
                     timestamp_ms=r.timestamp,
-                    headers=[
-                        *((k, v) for k, v in r.headers or () if k != FORWARDED),
-                        (FORWARDED, f"{r.partition}/{r.offset}".encode()),
-                    ],
+                    headers=copy_headers(r.headers or (), r.partition, r.offset),
                 )
             )
         chunk_keys = set()

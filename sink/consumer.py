@@ -55,7 +55,7 @@ from usertrail.kafka import (
     stop_within,
 )
 from usertrail.settings import Settings
-from usertrail.topics import homes_count
+from usertrail.topics import homes_in
 
 log = logging.getLogger("usertrail.sink")
 
@@ -237,12 +237,8 @@ class Sink:
         except (KafkaError, TimeoutError) as exc:
             log.warning("the events topic's partition count is unknown (%r)", exc)
             return
-        counts = {
-            t: len(cluster.partitions_for_topic(t) or ())
-            for t in (events, self.settings.changelog_topic, self.settings.profiles_topic)
-        }
         try:
-            homes = homes_count(self.settings, counts)
+            homes = homes_in(self.settings, cluster)
         except ConfigurationError as exc:
             self._refusal = self._refusal or exc
             log.error("%s", exc)

@@ -39,7 +39,7 @@ from usertrail.stream.store import on_partition
 from usertrail.errors import ConfigurationError, LogResetError, UsertrailError
 from usertrail.kafka import log_identity, stop_within
 from usertrail.settings import Settings
-from usertrail.topics import FORWARDED, home_partition, homes_count, is_home
+from usertrail.topics import copy_headers, home_partition, homes_count, is_home
 
 log = logging.getLogger("usertrail.stream")
 
@@ -61,7 +61,7 @@ def _headers(record: Record) -> list[tuple[str, bytes]]:
     of pairs or a mapping)."""
     headers = getattr(record, "headers", None) or []
     items = headers.items() if isinstance(headers, dict) else headers
-    return [(str(k), bytes(v)) for k, v in items if k != FORWARDED]
+    return [(str(k), bytes(v)) for k, v in items]
 
 
 class BatchFolder:
@@ -371,10 +371,7 @@ class BatchFolder:
                     key=record.key,
                     partition=home_partition(record.key, homes),
                     timestamp_ms=None if stamp is None else round(stamp * 1000),
-                    headers=[
-                        *_headers(record),
-                        (FORWARDED, f"{record.partition}/{record.offset}".encode()),
-                    ],
+                    headers=copy_headers(_headers(record), record.partition, record.offset),
                 )
             )
         if forward:

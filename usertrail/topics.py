@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaConnectionError, TopicAlreadyExistsError
@@ -36,6 +38,23 @@ def is_home(key: bytes | None, partition: int, partitions: int | None) -> bool:
     """Whether a record is read where it is applied: at its key's home, or
     it has no key (nothing to place it by), or the count is unknown."""
     return key is None or not partitions or home_partition(key, partitions) == partition
+
+
+def copy_headers(
+    headers: Iterable[tuple[str, bytes]], partition: int, offset: int
+) -> list[tuple[str, bytes]]:
+    """The headers of a record's copy at its home: the original's, naming
+    the original (``FORWARDED``) in place of any such header it had."""
+    return [
+        *((k, v) for k, v in headers if k != FORWARDED),
+        (FORWARDED, f"{partition}/{offset}".encode()),
+    ]
+
+
+def homes_in(settings: Settings, cluster: Any) -> int | None:
+    """``homes_count`` from an aiokafka cluster's metadata."""
+    topics = (settings.events_topic, settings.changelog_topic, settings.profiles_topic)
+    return homes_count(settings, {t: len(cluster.partitions_for_topic(t) or ()) for t in topics})
 
 
 def homes_count(settings: Settings, counts: dict[str, int]) -> int | None:
