@@ -130,7 +130,11 @@ def serve() -> None:
         header = source.read(_HEADER.size)
         if len(header) < _HEADER.size:
             return None
-        return pickle.loads(source.read(_HEADER.unpack(header)[0]))
+        size = _HEADER.unpack(header)[0]
+        frame = source.read(size)
+        if len(frame) < size:  # the worker died half way through a frame
+            return None
+        return pickle.loads(frame)
 
     rules = Rules.model_validate(read())
     while (users := read()) is not None:
