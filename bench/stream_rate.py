@@ -76,7 +76,7 @@ class Clock:
 
 def child(role: str, expected: int, result: Path) -> None:
     import faust
-    from usertrail.stream.app import BATCH_WITHIN, create_app
+    from usertrail.stream.app import create_app
 
     from usertrail.runtime import tune_gc
 
@@ -107,7 +107,9 @@ def child(role: str, expected: int, result: Path) -> None:
         @app.agent(topic)
         async def only_decode(stream: Any) -> None:
             # batched as the worker batches
-            async for values in stream.take(settings.stream_batch_max, within=BATCH_WITHIN):
+            async for values in stream.take(
+                settings.stream_batch_max, within=settings.stream_batch_wait_ms / 1000
+            ):
                 for value in values:
                     decode(value)
                 clock.add(len(values))

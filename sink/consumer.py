@@ -159,6 +159,7 @@ class Sink:
             auto_offset_reset="none",
             max_partition_fetch_bytes=8 * 1024 * 1024,
             fetch_max_bytes=64 * 1024 * 1024,
+            fetch_max_wait_ms=settings.fetch_wait_ms,
             **settings.group_options(),
             **settings.kafka_options(),
         )

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import faust
-from usertrail.stream import store
+from usertrail.stream import consumer, store
 from usertrail.stream.batch import FoldProcess, Result, UserBatch, fold_users
 from usertrail.stream.folder import BatchFolder
 from usertrail.stream.policy import RESEEK_SECONDS
@@ -50,8 +50,6 @@ from usertrail.settings import METADATA_MAX_AGE_MS, STREAM_TABLE, Settings
 log = logging.getLogger("usertrail.stream")
 
 TABLE = STREAM_TABLE
-BATCH_WITHIN = 0.25
-"""Seconds a batch waits to fill before it is folded anyway."""
 
 
 class _DeliverEverything(dict[Any, Any]):
@@ -136,10 +134,6 @@ def create_app(
         consumer_group_instance_id=group.get("group_instance_id"),
         consumer_metadata_max_age_ms=METADATA_MAX_AGE_MS,
         producer_metadata_max_age_ms=METADATA_MAX_AGE_MS,
-        # tansu answers ListOffsets(latest) with the first offset of the last
-        # batch + 1 (docs/brokers.md): table recovery is only exact when faust's
-        # own producer writes one record per batch. Not on a real cluster.
-        producer_max_batch_size=1 if settings.is_tansu else 16384,
         # faust's own files (rocksdb tables, if chosen) under our data
         # directory, never in the working directory
         datadir=str(datadir),
@@ -190,7 +184,9 @@ def create_app(
     @app.agent(events)
     async def fold_events(stream: faust.StreamT[bytes]) -> None:
         takes = stream.take_events  # type: ignore[attr-defined]  # faust's, untyped
-        async for batch in takes(settings.stream_batch_max, within=BATCH_WITHIN):
+        async for batch in takes(
+            settings.stream_batch_max, within=settings.stream_batch_wait_ms / 1000
+        ):
             await folder.fold_batch([event.message for event in batch])
 
     @app.timer(RESEEK_SECONDS / 2)  # type: ignore[untyped-decorator]
@@ -205,6 +201,7 @@ def create_app(
 
     @app.on_partitions_assigned.connect  # type: ignore[arg-type]
     async def on_assignment(sender: Any, assigned: Any, **kwargs: Any) -> None:
+        consumer.set_fetch_wait(app, settings.fetch_wait_ms)
         watchdog.assigned()
 
     @app.on_before_shutdown.connect  # type: ignore[arg-type]  # faust's signal types

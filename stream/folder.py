@@ -10,11 +10,11 @@ acknowledged (``then_send``). A hole in a partition is re-read, never
 skipped; a partition whose records were fetched but never delivered is
 re-read too (``reread_undelivered``).
 
-It talks to faust through four things only: the table's ``data`` (the
-store, read and written on a named partition: stream/store.py) and
-``send_changelog``, and the consumer's ``seek_wait``,
-``earliest_offsets``, ``highwater`` and ``assignment``; the app wires it
-(``app.py``).
+It talks to faust through two things only: the table's ``data`` (the
+store, read and written on a named partition: stream/store.py), and the
+consumer's ``seek_wait``, ``earliest_offsets``, ``highwater`` and
+``assignment``; the app wires it (``app.py``). The table's changelog it
+writes itself, with a producer of its own (``Changelog``).
 """
 
 from __future__ import annotations
@@ -45,6 +45,11 @@ log = logging.getLogger("usertrail.stream")
 
 Fold = Callable[[list[UserBatch]], Awaitable[list[Result]]]
 
+Changelog = Callable[[int, bytes, bytes], Awaitable["asyncio.Future[Any]"]]
+"""Sends one write to the table's changelog partition: ``(partition, key,
+value)``, answering the future of its acknowledgement (the record's
+metadata: ``topic_partition.partition``, ``offset``)."""
+
 
 class Record(Protocol):
     """What the folder reads of a faust event's message."""
@@ -73,11 +78,13 @@ class BatchFolder:
         fold: Fold,
         *,
         on_batch: Callable[[int], None] | None = None,
+        changelog: Changelog | None = None,
     ) -> None:
-        """``table``: faust's table (``data``, ``send_changelog``);
-        ``consumer``: faust's consumer; ``on_batch(n)``: called once a batch
-        of ``n`` records is folded and its writes (and every earlier
-        batch's) are acknowledged."""
+        """``table``: faust's table (its ``data``); ``consumer``: faust's
+        consumer; ``on_batch(n)``: called once a batch of ``n`` records is
+        folded and its writes (and every earlier batch's) are acknowledged;
+        ``changelog``: how a write reaches the table's changelog (default:
+        this folder's own producer, ``send_changelog``)."""
         self.settings = settings
         self.table = table
         self.consumer = consumer
@@ -90,20 +97,31 @@ class BatchFolder:
         self.stopped_for: UsertrailError | None = None
         # The writes of the last batch folded (with every earlier batch's):
         # the broker acknowledges them while the next batch is delivered and
-        # folded. On the embedded broker, where faust's producer sends one
+        # folded. On the embedded broker, where the changelog is sent one
         # record per request, waiting for them took about a sixth of a
         # batch's time.
         self.in_flight: list[asyncio.Future[Any]] = []
         # when each partition last delivered a record (reread_undelivered)
         self.delivered_at: dict[int, float] = {}
         self.folded_at = time.monotonic()  # the last batch folded (the stall watchdog)
-        # Profiles go out through a producer of their own: on the embedded
-        # broker faust's producer sends one record per request for its
-        # changelog's sake (docs/brokers.md), which the profiles topic does
-        # not need (its readers go by the high-water mark of their fetches).
+        # Profiles go out through a producer of the folder's own, in batches
+        # (its readers go by the high-water mark of their fetches, so even
+        # on the embedded broker they need not be one record per batch).
         # Measured: a profile cost about 100 us of the worker's time through
         # faust's producer.
         self._producer: AIOKafkaProducer | None = None
+        # The changelog too, rather than through faust's table: faust puts
+        # each write in a buffer that one task drains a record at a time
+        # (with faust's per-message work), and its conductor stops
+        # delivering events while that buffer holds more than 100 ("producer
+        # buffer full" in the log at 1,000 events/s of 500 users).
+        # `./dev bench stream_rate` (2 rounds each, one after the other):
+        # worker/ceiling 0.81-0.86 through faust's table, 1.05-1.31 through
+        # this producer. On the embedded broker the changelog needs one
+        # record per batch (docs/brokers.md (1)), so it has a producer of its
+        # own there; elsewhere it shares the profiles'.
+        self._changelog_producer: AIOKafkaProducer | None = None
+        self.send_changelog: Changelog = changelog or self._send_changelog
         self.closing = False
         # Written behind: a batch's states and applied offsets reach the
         # store (and its persisted changelog offsets) only once the broker
@@ -149,14 +167,31 @@ class BatchFolder:
             self._producer = producer
         return self._producer
 
+    async def _send_changelog(
+        self, partition: int, key: bytes, value: bytes
+    ) -> asyncio.Future[Any]:
+        producer = self._changelog_producer
+        if producer is None:
+            if self.settings.is_tansu:  # one record per batch (docs/brokers.md (1))
+                producer = AIOKafkaProducer(
+                    acks="all", max_batch_size=1, linger_ms=0, **self.settings.kafka_options()
+                )
+                await producer.start()
+            else:
+                producer = await self.profiles_producer()
+            self._changelog_producer = producer
+        future: asyncio.Future[Any] = await producer.send(
+            self.settings.changelog_topic, value, key=key, partition=partition
+        )
+        return future
+
     async def writes_acknowledged(self) -> None:
         while self.in_flight:
             await self.in_flight.pop(0)  # a failed write raises here: the agent stops
 
     async def before_revoke(self) -> None:
         """Before the partitions change hands: every write of ours
-        acknowledged (faust flushed its own producer already), so their
-        next owner recovers all of them."""
+        acknowledged, so their next owner recovers all of them."""
         self.delivered_at.clear()  # the next assignment's partitions get their grace again
         try:
             await self.writes_acknowledged()
@@ -173,6 +208,9 @@ class BatchFolder:
         except KafkaError as exc:  # a restart re-reads from the applied offset
             log.error("writes of the last batch failed at shutdown: %r", exc)
         producer, self._producer = self._producer, None
+        changelog, self._changelog_producer = self._changelog_producer, None
+        if changelog is not None and changelog is not producer:
+            await stop_within(changelog, 10, "changelog producer")
         if producer is not None:
             await stop_within(producer, 10, "profiles producer")
 
@@ -347,7 +385,6 @@ class BatchFolder:
         forward: Sequence[Record] = (),
         homes: int | None = None,
     ) -> None:
-        table = self.table
         pending: list[Awaitable[Any]] = []
         to_store: list[tuple[int, bytes, bytes]] = []  # into the store once acknowledged
         sent: list[Any] = []  # the changelog sends, for their offsets
@@ -387,11 +424,11 @@ class BatchFolder:
             # can be awaited; a chunk before the state that names it
             for index, chunk in result.chunks:
                 write(partition, seen_key(key, index), chunk)
-                sent.append(table.send_changelog(partition, seen_key(key, index), chunk))
+                sent.append(await self.send_changelog(partition, seen_key(key, index), chunk))
                 pending.append(sent[-1])
             write(partition, key, result.state)
             self.metrics.profiles.inc()
-            sent.append(table.send_changelog(partition, key, result.state))
+            sent.append(await self.send_changelog(partition, key, result.state))
             pending.append(sent[-1])
             pending.append(
                 await profiles.send(self.settings.profiles_topic, result.message, key=key)
@@ -413,8 +450,10 @@ class BatchFolder:
         # through. One future: done when every write so far is acknowledged.
         previous = list(self.in_flight)
 
-        def send_marks(marks: list[tuple[int, bytes, bytes]] = marks) -> list[Awaitable[Any]]:
-            futures = [table.send_changelog(*m) for m in marks]
+        async def send_marks(
+            marks: list[tuple[int, bytes, bytes]] = marks,
+        ) -> Sequence[Awaitable[Any]]:
+            futures = [await self.send_changelog(*m) for m in marks]
             sent.extend(futures)
             return futures
 

@@ -98,9 +98,9 @@ class _Resync:
 
 
 async def then_send(
-    writes: Sequence[Awaitable[Any]], send: Callable[[], Sequence[Awaitable[Any]]]
+    writes: Sequence[Awaitable[Any]], send: Callable[[], Awaitable[Sequence[Awaitable[Any]]]]
 ) -> None:
     """Wait for ``writes``; only when every one succeeded, ``send`` and wait
     for what it sent. A failed write raises here and nothing is sent."""
     await asyncio.gather(*writes)
-    await asyncio.gather(*send())
+    await asyncio.gather(*(await send()))

@@ -92,7 +92,18 @@ class Watchdog:
         """Healthy or not, and what the worker is doing."""
         if self.stalled is not None:
             return False, str(self.stalled)
+        if self.state in ("starting", "rebalancing") and self._settled():
+            # as the next check will say (it runs every CHECK_SECONDS)
+            self.state = "serving"
         return True, self.state
+
+    def _settled(self) -> bool:
+        """Assigned, not rebalancing, not recovering: serving."""
+        return (
+            self.unassigned_since is None
+            and not self.app.rebalancing
+            and not self.app.tables.recovery.in_recovery
+        )
 
     async def run(self) -> None:
         """Check every ``CHECK_SECONDS`` until the worker stops (or stalls)."""

@@ -184,8 +184,8 @@ def worker_view(body: dict[str, Any]) -> dict[str, Any]:
 
 
 async def changelog_ends(settings: Settings) -> dict[TopicPartition, int]:
-    """Each partition's end offset in the table's changelog (the worker's
-    producer writes one record per batch on tansu, so they are exact)."""
+    """Each partition's end offset in the table's changelog (the worker
+    writes it one record per batch on tansu, so they are exact)."""
     consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap_servers, group_id=None)
     await consumer.start()
     try:

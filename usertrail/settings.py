@@ -94,6 +94,9 @@ class Settings(BaseSettings):
     # events folded per batch at most (a changed user's state is written once
     # per batch)
     stream_batch_max: int = Field(default=4000, ge=1)
+    # how long a batch waits to fill before it is folded anyway: an event's
+    # latency at a trickle, while under load batches fill before it passes
+    stream_batch_wait_ms: int = Field(default=50, ge=1)
     # replicas of every topic we create; unset: as many as the cluster has
     # brokers, at most 3
     replication_factor: int | None = Field(default=None, ge=1)
@@ -239,6 +242,15 @@ class Settings(BaseSettings):
             # `bench/rebalance_storm.py` (docs/brokers.md, "Rebalance storms")
             options["group_instance_id"] = self.group_instance_id
         return options
+
+    @property
+    def fetch_wait_ms(self) -> int:
+        """How long a consumer's fetch may wait for records on the broker.
+        Apache Kafka answers a waiting fetch as soon as records arrive, so
+        the wait only bounds idle polling. tansu answers only when the wait
+        is over, records or not (docs/brokers.md, "Fetches wait their whole
+        wait"): there every wait is latency, so it is short."""
+        return 50 if self.is_tansu else 500
 
     def stream_store_kind(self) -> Literal["memory", "rocksdb"]:
         if self.stream_store != "auto":

@@ -36,14 +36,16 @@ class Message(NamedTuple):
 
 
 class Table:
-    """faust's table as the folder sees it: the store and the changelog."""
+    """faust's table as the folder sees it (the store), and its changelog."""
 
     def __init__(self, fail_writes: bool = False) -> None:
         self.data: dict[bytes, bytes] = {}
         self.sent: list[tuple[int, bytes, bytes]] = []
         self.fail_writes = fail_writes
 
-    def send_changelog(self, partition: int, key: bytes, value: bytes) -> asyncio.Future[None]:
+    async def send_changelog(
+        self, partition: int, key: bytes, value: bytes
+    ) -> asyncio.Future[None]:
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         if self.fail_writes and not key.startswith(b"\x00"):
             done.set_exception(OSError("the write failed"))
@@ -91,7 +93,7 @@ async def folder_for(settings_factory: Callable[..., Settings], broker: Broker) 
         return fold_users(users, RULES)
 
     def make(table: Table, consumer: Consumer) -> BatchFolder:
-        folder = BatchFolder(settings, table, consumer, fold)
+        folder = BatchFolder(settings, table, consumer, fold, changelog=table.send_changelog)
         made.append(folder)
         return folder
 

@@ -14,7 +14,7 @@ async def test_nothing_is_sent_while_a_write_is_unacknowledged() -> None:
     first, second = loop.create_future(), loop.create_future()
     sent: list[str] = []
 
-    def send() -> list[asyncio.Future[None]]:
+    async def send() -> list[asyncio.Future[None]]:
         sent.append("marks")
         done = loop.create_future()
         done.set_result(None)
@@ -36,7 +36,12 @@ async def test_a_failed_write_sends_nothing_and_says_why() -> None:
     ok.set_result(None)
     failed.set_exception(ConnectionError("broker refused the state write"))
     with pytest.raises(ConnectionError, match="refused the state write"):
-        await then_send([ok, failed], lambda: sent.append("marks") or [])
+
+        async def send() -> list[asyncio.Future[None]]:
+            sent.append("marks")
+            return []
+
+        await then_send([ok, failed], send)
     assert sent == []
 
 
@@ -45,4 +50,8 @@ async def test_a_failed_mark_is_reported_too() -> None:
     mark = loop.create_future()
     mark.set_exception(TimeoutError("mark not acknowledged"))
     with pytest.raises(TimeoutError):
-        await then_send([], lambda: [mark])
+
+        async def send() -> list[asyncio.Future[None]]:
+            return [mark]
+
+        await then_send([], send)
