@@ -18,12 +18,16 @@ events were delivered and how many spooled.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import collections
+import concurrent.futures
 import contextlib
 import logging
+import os
 import threading
 import time
 import warnings
+import weakref
 from collections.abc import Callable, Coroutine, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -33,10 +37,10 @@ from typing import Any, Literal, TypeVar
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaConnectionError, KafkaError, UnknownError
 from aiokafka.partitioner import DefaultPartitioner
-from usertrail.producers import events
+from usertrail.producers import events, headers
 from usertrail.producers.events import EventBase
 from usertrail.producers.ids import uuid7
-from usertrail.producers.spool import Spool, SpooledRecord
+from usertrail.producers.spool import Spool, SpooledRecord, default_directory
 
 from usertrail.errors import (
     BrokerUnavailableError,
@@ -107,6 +111,7 @@ class TrackingClient:
         idempotence: bool | None = None,
         spool_path: Path | str | None = None,
         on_delivery: DeliveryCallback | None = None,
+        disabled: bool = False,
     ) -> None:
         """
         :param source: the emitting app, stamped on every event.
@@ -119,9 +124,14 @@ class TrackingClient:
             event before it is spooled.
         :param idempotence: ``None`` uses Kafka's idempotent producer where
             the broker offers it; ``True`` requires it; ``False`` never.
-        :param spool_path: where undelivered events wait for the next start.
+        :param spool_path: where undelivered events wait for the next start
+            (default: ``<spool dir>/<source>.jsonl``, the spool directory
+            being ``USERTRAIL_SPOOL_DIR`` or the user's data directory).
         :param on_delivery: called with ``(event_id, None)`` on delivery and
             ``(event_id, error)`` when an event was spooled instead.
+        :param disabled: validate every event and return its id, but connect
+            to nothing and send nothing (tests, local development; to see
+            what would have been sent, ``usertrail.producers.testing``).
         """
         self._settings = settings if settings is not None else Settings()
         if bootstrap_servers is not None:
@@ -136,7 +146,10 @@ class TrackingClient:
             "client_id": f"{self._settings.kafka_client_id}-{source}",
             "acks": acks,
             "compression_type": compression_type,
-            "linger_ms": linger_ms,
+            # the batches are ours (_Batch, shipped when linger_ms passes):
+            # aiokafka sends what it is given at once, or a flush would wait
+            # out its linger too, and every event twice the linger
+            "linger_ms": 0,
             "max_batch_size": max_batch_size,
             "request_timeout_ms": int(delivery_timeout * 1000),
         }
@@ -147,7 +160,7 @@ class TrackingClient:
         self.spool = Spool(
             Path(spool_path)
             if spool_path is not None
-            else self._settings.data_dir / "spool" / f"{source}.jsonl"
+            else (self._settings.spool_dir or default_directory()) / f"{source}.jsonl"
         )
         self._on_delivery = on_delivery
         self._linger = linger_ms / 1000
@@ -169,10 +182,18 @@ class TrackingClient:
         self._spooled = 0
         self.idempotent = False
         self.resent_from_spool = 0
+        self.disabled = disabled
+        self._started_disabled = False
+        # events handed over by SyncTrackingClient's callers, in their order
+        self._inbox: collections.deque[tuple[SpooledRecord, str]] = collections.deque()
+        self._drainer: asyncio.Task[None] | None = None
 
     # --- lifecycle -------------------------------------------------------------
     async def start(self) -> None:
         """Connect, then re-send whatever an earlier run spooled."""
+        if self.disabled:
+            self._started_disabled = True
+            return
         if self._producer is not None:
             return
         self._producer = await self._start_producer()
@@ -223,11 +244,18 @@ class TrackingClient:
 
     async def flush(self) -> DeliveryReport:
         """Wait until every buffered event is delivered or spooled."""
+        if self.disabled:
+            if not self._started_disabled:
+                raise ClientClosedError("call start() (or use `async with`) before sending")
+            return DeliveryReport(0, 0)
+        await self._drained()
         producer = self._require_started()
         for batch in list(self._open.values()):
             self._ship_soon(batch)  # after the ships asked for before (their order)
         if self._shipping:
-            await asyncio.gather(*self._shipping)
+            # asyncio.wait: a flush given up on (cancelled) leaves the ships
+            # to go on; gather would cancel them with it
+            await asyncio.wait(list(self._shipping))
         try:
             await asyncio.wait_for(producer.flush(), timeout=self._delivery_timeout + 5)
         except TimeoutError:
@@ -249,8 +277,11 @@ class TrackingClient:
 
     async def close(self) -> DeliveryReport:
         """Deliver everything buffered, spool what cannot be, and disconnect."""
+        self._started_disabled = False
+        await self._drained()
         if self._producer is None:
-            return DeliveryReport(0, 0)
+            spooled, self._spooled = self._spooled, 0
+            return DeliveryReport(0, spooled)
         report = await self.flush()
         producer, self._producer = self._producer, None
         await self._stop_producer(producer)
@@ -292,10 +323,26 @@ class TrackingClient:
             raise ClientClosedError("call start() (or use `async with`) before sending")
         return self._producer
 
+    def _not_sent(self, record: SpooledRecord) -> _Batch:
+        """A disabled client's send: nothing leaves, the event is settled."""
+        if not self._started_disabled:
+            raise ClientClosedError("call start() (or use `async with`) before sending")
+        self.record_unsent(record)
+        batch = _Batch(record.topic, -1, None)
+        batch.future = asyncio.get_running_loop().create_future()
+        batch.future.set_result(None)
+        return batch
+
+    def record_unsent(self, record: SpooledRecord) -> None:
+        """What a disabled client does with an event instead of sending it:
+        nothing here (``usertrail.producers.testing`` keeps them)."""
+
     async def send(self, event: EventBase) -> asyncio.Future[Any]:
         """Buffer a built event. The returned future resolves when the batch
         holding it is acknowledged, and fails if it was spooled instead."""
-        record = SpooledRecord(self.topic, events.key(event), events.encode(event))
+        record = SpooledRecord(
+            self.topic, events.key(event), events.encode(event), headers.for_event()
+        )
         batch = await self._enqueue(record, event.event_id)
         if batch.future is None:
             batch.future = asyncio.get_running_loop().create_future()
@@ -317,6 +364,8 @@ class TrackingClient:
         return partition
 
     async def _enqueue(self, record: SpooledRecord, event_id: str | None = None) -> _Batch:
+        if self.disabled:
+            return self._not_sent(record)
         producer = self._require_started()
         if self._buffered >= self._buffer_size:
             await self._wait_for_room()
@@ -339,7 +388,10 @@ class TrackingClient:
 
     def _add(self, batch: _Batch, record: SpooledRecord, event_id: str | None) -> bool:
         """Append to a batch and account for it; False when the batch is full."""
-        if batch.builder.append(key=record.key, value=record.value, timestamp=None) is None:
+        appended = batch.builder.append(
+            key=record.key, value=record.value, timestamp=None, headers=list(record.headers)
+        )
+        if appended is None:
             return False
         batch.records.append(record)
         if self._on_delivery is not None and event_id is not None:
@@ -436,13 +488,55 @@ class TrackingClient:
         fields["source"] = self.source
         event, wire = events.build_encoded(kind, fields)
         _within_bounds(event)
-        return SpooledRecord(self.topic, event.user_id.encode(), wire), event.event_id
+        record = SpooledRecord(self.topic, event.user_id.encode(), wire, headers.for_event())
+        return record, event.event_id
 
     async def _track(self, kind: str, fields: dict[str, Any]) -> str:
         record, event_id = self._record(kind, fields)
         if not self._append_now(record, event_id):
             await self._enqueue(record, event_id)
         return event_id
+
+    def _accept(self, record: SpooledRecord, event_id: str) -> None:
+        """An event handed over from another thread (SyncTrackingClient), on
+        this client's loop: appended at once in the common case, else by a
+        task that takes the handed-over events one by one, in order. What it
+        cannot buffer (closed meanwhile, the buffer full against the odds:
+        the caller checked for room) is spooled, never dropped."""
+        if not self._inbox and self._append_now(record, event_id):
+            return
+        self._inbox.append((record, event_id))
+        if self._drainer is None:
+            self._drainer = asyncio.get_running_loop().create_task(self._drain())
+
+    async def _drain(self) -> None:
+        try:
+            while self._inbox:
+                record, event_id = self._inbox[0]
+                try:
+                    if not self._append_now(record, event_id):
+                        await self._enqueue(record, event_id)
+                except (BufferFullError, ClientClosedError) as exc:
+                    self._spool_now([record], [event_id], exc)
+                self._inbox.popleft()
+        finally:
+            self._drainer = None
+
+    async def _drained(self) -> None:
+        while self._drainer is not None:
+            await asyncio.shield(self._drainer)
+
+    def _spool_now(
+        self, records: list[SpooledRecord], ids: list[str], error: BaseException
+    ) -> None:
+        self.spool.append(records)
+        self._spooled += len(records)
+        log.warning(
+            "%d events not buffered (%r); spooled to %s", len(records), error, self.spool.path
+        )
+        if self._on_delivery is not None:
+            for event_id in ids:
+                self._on_delivery(event_id, error)
 
     def _append_now(self, record: SpooledRecord, event_id: str) -> bool:
         """The common case without an await: room in the buffer, the key's
@@ -470,25 +564,22 @@ class TrackingClient:
         event_id: str | None = None,
     ) -> str:
         """A reading, chat, feedback or share. Returns the event id."""
-        fields: dict[str, Any] = {
-            "user_id": user_id,
-            "type": type,
-            "service": service,
-            "occurred_at": occurred_at or datetime.now(UTC),
-            "event_id": event_id or uuid7(),
-        }
-        if theme is not None:
-            fields["theme"] = theme
-        if rating is not None:
-            fields["rating"] = rating
-        if metadata is not None:
-            fields["metadata"] = metadata
+        fields = interaction_fields(
+            user_id=user_id,
+            type=type,
+            service=service,
+            theme=theme,
+            rating=rating,
+            metadata=metadata,
+            occurred_at=occurred_at,
+            event_id=event_id,
+        )
         # _track, _record and _append_now inlined: the hottest call of the SDK
         fields["source"] = self.source
         event, wire = events.build_encoded("interaction", fields)
         _within_bounds(event)
         new_id, key = event.event_id, event.user_id.encode()
-        record = SpooledRecord(self.topic, key, wire)
+        record = SpooledRecord(self.topic, key, wire, headers.for_event())
         producer = self._producer
         if producer is not None and self._buffered < self._buffer_size:
             partition = self._key_partitions.get((record.topic, key))
@@ -517,17 +608,17 @@ class TrackingClient:
         """Explicit preferences; only the fields given change. Returns the event id."""
         return await self._track(
             "preferences.updated",
-            {
-                "user_id": user_id,
-                "preferred_language": preferred_language,
-                "preferred_themes": _list_or_none(preferred_themes),
-                "preferred_services": _list_or_none(preferred_services),
-                "notification_settings": notification_settings,
-                "reading_length": reading_length,
-                "tone_preference": tone_preference,
-                "occurred_at": occurred_at,
-                "event_id": event_id,
-            },
+            preferences_fields(
+                user_id=user_id,
+                preferred_language=preferred_language,
+                preferred_themes=preferred_themes,
+                preferred_services=preferred_services,
+                notification_settings=notification_settings,
+                reading_length=reading_length,
+                tone_preference=tone_preference,
+                occurred_at=occurred_at,
+                event_id=event_id,
+            ),
         )
 
     async def track_onboarding(
@@ -542,17 +633,18 @@ class TrackingClient:
         event_id: str | None = None,
     ) -> str:
         """The onboarding answers (cold-start segments). Returns the event id."""
-        fields: dict[str, Any] = {
-            "user_id": user_id,
-            "interests": list(interests),
-            "services": list(services),
-            "experience": experience,
-            "occurred_at": occurred_at,
-            "event_id": event_id,
-        }
-        if answers is not None:
-            fields["answers"] = answers
-        return await self._track("onboarding.completed", fields)
+        return await self._track(
+            "onboarding.completed",
+            onboarding_fields(
+                user_id=user_id,
+                interests=interests,
+                services=services,
+                experience=experience,
+                answers=answers,
+                occurred_at=occurred_at,
+                event_id=event_id,
+            ),
+        )
 
     async def erase_user(
         self,
@@ -563,12 +655,94 @@ class TrackingClient:
     ) -> str:
         """Erase every row and aggregate of the user. Returns the event id."""
         return await self._track(
-            "user.erased", {"user_id": user_id, "occurred_at": occurred_at, "event_id": event_id}
+            "user.erased", erase_fields(user_id=user_id, occurred_at=occurred_at, event_id=event_id)
         )
 
 
 def _list_or_none(values: Iterable[str] | None) -> list[str] | None:
     return None if values is None else list(values)
+
+
+# --- each kind's fields from the track_* arguments (both clients) -----------------
+def interaction_fields(
+    *,
+    user_id: str,
+    type: str,
+    service: str,
+    theme: str | None = None,
+    rating: int | None = None,
+    metadata: dict[str, Any] | None = None,
+    occurred_at: datetime | None = None,
+    event_id: str | None = None,
+) -> dict[str, Any]:
+    fields: dict[str, Any] = {
+        "user_id": user_id,
+        "type": type,
+        "service": service,
+        "occurred_at": occurred_at or datetime.now(UTC),
+        "event_id": event_id or uuid7(),
+    }
+    if theme is not None:
+        fields["theme"] = theme
+    if rating is not None:
+        fields["rating"] = rating
+    if metadata is not None:
+        fields["metadata"] = metadata
+    return fields
+
+
+def preferences_fields(
+    *,
+    user_id: str,
+    preferred_language: str | None = None,
+    preferred_themes: Iterable[str] | None = None,
+    preferred_services: Iterable[str] | None = None,
+    notification_settings: dict[str, Any] | None = None,
+    reading_length: str | None = None,
+    tone_preference: str | None = None,
+    occurred_at: datetime | None = None,
+    event_id: str | None = None,
+) -> dict[str, Any]:
+    return {
+        "user_id": user_id,
+        "preferred_language": preferred_language,
+        "preferred_themes": _list_or_none(preferred_themes),
+        "preferred_services": _list_or_none(preferred_services),
+        "notification_settings": notification_settings,
+        "reading_length": reading_length,
+        "tone_preference": tone_preference,
+        "occurred_at": occurred_at,
+        "event_id": event_id,
+    }
+
+
+def onboarding_fields(
+    *,
+    user_id: str,
+    interests: Iterable[str] = (),
+    services: Iterable[str] = (),
+    experience: str | None = None,
+    answers: dict[str, Any] | None = None,
+    occurred_at: datetime | None = None,
+    event_id: str | None = None,
+) -> dict[str, Any]:
+    fields: dict[str, Any] = {
+        "user_id": user_id,
+        "interests": list(interests),
+        "services": list(services),
+        "experience": experience,
+        "occurred_at": occurred_at,
+        "event_id": event_id,
+    }
+    if answers is not None:
+        fields["answers"] = answers
+    return fields
+
+
+def erase_fields(
+    *, user_id: str, occurred_at: datetime | None = None, event_id: str | None = None
+) -> dict[str, Any]:
+    return {"user_id": user_id, "occurred_at": occurred_at, "event_id": event_id}
 
 
 @contextlib.contextmanager
@@ -598,45 +772,125 @@ def _event_id_of(value: bytes) -> str:
 
 
 class SyncTrackingClient:
-    """``TrackingClient`` for code without an event loop (Flask, Django, scripts).
+    """``TrackingClient`` for code without an event loop (Flask, Django,
+    Celery, scripts), safe to share between threads.
 
-    Runs the asyncio client on a private background thread; every method
-    blocks until the async one returns and raises what it raises.
+    The asyncio client runs on a private background thread. A ``track_*``
+    call validates and encodes the event in the caller's thread (an invalid
+    event raises there, and the caller's OpenTelemetry span is the one on
+    the event), hands it to that thread without waiting for it, and returns
+    the event id: microseconds. Only when the buffer is full does it wait,
+    up to ``buffer_timeout`` seconds, then raise ``BufferFullError`` (the
+    event is not accepted). ``start``, ``flush`` and ``close`` wait at most
+    ``call_timeout`` seconds (then ``TimeoutError``).
+
+    Forgotten ``close()``: the client closes at interpreter exit (delivering
+    or spooling what it buffered). After ``os.fork`` (gunicorn
+    ``--preload``, Celery, multiprocessing) the child's client is a fresh one
+    with an empty buffer, started on first use if the parent's was: the
+    parent's buffered events are the parent's to deliver, never twice.
     """
 
-    def __init__(self, **kwargs: Any) -> None:
+    client_class: type[TrackingClient] = TrackingClient  # what runs on the thread
+
+    def __init__(self, *, call_timeout: float | None = None, **kwargs: Any) -> None:
+        self._kwargs = kwargs
+        delivery = float(kwargs.get("delivery_timeout", 30.0))
+        self._call_timeout = call_timeout if call_timeout is not None else delivery + 30
+        self._lock = threading.Lock()
+        self._handed = 0  # handed to the thread, not yet taken by its client
+        self._started = False
+        self._closed = False
+        self._begin()
+        _LIVE.add(self)
+
+    def _begin(self) -> None:
+        self._pid = os.getpid()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
             target=self._loop.run_forever, name="usertrail-sdk", daemon=True
         )
         self._thread.start()
-        self._client: TrackingClient = self._call(_make_client(kwargs))
+        self._client: TrackingClient = self._call(
+            _make_client(self.client_class, self._kwargs), self._call_timeout
+        )
 
-    def _call(self, coro: Coroutine[Any, Any, T]) -> T:
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+    def _after_fork(self) -> None:
+        """In a forked child: the parent's thread is gone and its buffer is
+        the parent's. Keep its objects from being finalized here, and begin
+        again on first use."""
+        _ABANDONED.append((self._loop, self._thread, self._client))
+        self._pid = -1
+        self._handed = 0
+        self._lock = threading.Lock()
+
+    def _ready(self) -> TrackingClient:
+        if self._pid != os.getpid():  # a forked child's first use
+            with _FORK_LOCK:
+                if self._pid != os.getpid():
+                    self._begin()
+                    if self._started and not self._closed:
+                        self._call(self._client.start(), self._call_timeout)
+        return self._client
+
+    def _call(self, coro: Coroutine[Any, Any, T], timeout: float) -> T:
+        future = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        try:
+            return future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            # not cancelled: what it does (deliver, connect) goes on behind
+            raise TimeoutError(
+                f"the usertrail client did not answer within {timeout:g} s"
+            ) from None
 
     @property
     def spool(self) -> Spool:
-        return self._client.spool
+        return self._ready().spool
 
     @property
     def resent_from_spool(self) -> int:
-        return self._client.resent_from_spool
+        return self._ready().resent_from_spool
 
-    def start(self) -> None:
-        self._call(self._client.start())
+    @property
+    def idempotent(self) -> bool:
+        return self._ready().idempotent
 
-    def flush(self) -> DeliveryReport:
-        return self._call(self._client.flush())
+    def start(self, timeout: float | None = None) -> None:
+        client = self._ready()
+        self._call(client.start(), self._call_timeout if timeout is None else timeout)
+        self._started, self._closed = True, False
 
-    def close(self) -> DeliveryReport:
+    def flush(self, timeout: float | None = None) -> DeliveryReport:
+        """``TrackingClient.flush``, waiting at most ``timeout`` seconds
+        (default: ``call_timeout``); then ``TimeoutError``, and the events
+        stay buffered."""
+        return self._call(self._ready().flush(), self._call_timeout if timeout is None else timeout)
+
+    def close(self, timeout: float | None = None) -> DeliveryReport:
+        if self._pid != os.getpid():  # a forked child that never sent: nothing to close
+            self._closed = True
+            _LIVE.discard(self)
+            return DeliveryReport(0, 0)
+        client = self._client
+        self._closed = True
         try:
-            return self._call(self._client.close())
+            return self._call(client.close(), self._call_timeout if timeout is None else timeout)
         finally:
             if self._loop.is_running():
                 self._loop.call_soon_threadsafe(self._loop.stop)
                 self._thread.join(timeout=10)
+            if not self._loop.is_running():
                 self._loop.close()
+            _LIVE.discard(self)
+
+    def _close_at_exit(self) -> None:
+        if self._started and not self._closed and self._pid == os.getpid():
+            try:
+                report = self.close()
+            except Exception as exc:  # noqa: BLE001  # at exit: say it, never raise
+                log.error("closing the usertrail client at exit failed: %r", exc)
+                return
+            log.info("closed at interpreter exit: %s", report)
 
     def __enter__(self) -> SyncTrackingClient:
         self.start()
@@ -645,19 +899,79 @@ class SyncTrackingClient:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
+    def _hand_over(self, kind: str, fields: dict[str, Any]) -> str:
+        client = self._ready()
+        if self._closed or not self._started:
+            raise ClientClosedError("call start() (or use `with`) before sending")
+        record, event_id = client._record(kind, fields)
+        if client.disabled:
+            client.record_unsent(record)
+            return event_id
+        self._wait_for_room(client)
+        with self._lock:
+            self._handed += 1
+        self._loop.call_soon_threadsafe(self._taken, client, record, event_id)
+        return event_id
+
+    def _taken(self, client: TrackingClient, record: SpooledRecord, event_id: str) -> None:
+        with self._lock:
+            self._handed -= 1
+        client._accept(record, event_id)
+
+    def _wait_for_room(self, client: TrackingClient) -> None:
+        """The documented policy when the buffer is full: wait up to
+        ``buffer_timeout`` for room, then refuse with ``BufferFullError``."""
+        size = client._buffer_size
+
+        def used() -> int:
+            return self._handed + client._buffered + len(client._inbox)
+
+        if used() < size:
+            return
+        deadline = time.monotonic() + client._buffer_timeout
+        while used() >= size:
+            if time.monotonic() >= deadline:
+                raise BufferFullError(
+                    f"{size} events are waiting for the broker after {client._buffer_timeout}s"
+                )
+            time.sleep(0.002)
+
     def track_interaction(self, **fields: Any) -> str:
-        return self._call(self._client.track_interaction(**fields))
+        return self._hand_over("interaction", interaction_fields(**fields))
 
     def track_preferences(self, **fields: Any) -> str:
-        return self._call(self._client.track_preferences(**fields))
+        return self._hand_over("preferences.updated", preferences_fields(**fields))
 
     def track_onboarding(self, **fields: Any) -> str:
-        return self._call(self._client.track_onboarding(**fields))
+        return self._hand_over("onboarding.completed", onboarding_fields(**fields))
 
     def erase_user(self, **fields: Any) -> str:
-        return self._call(self._client.erase_user(**fields))
+        return self._hand_over("user.erased", erase_fields(**fields))
 
 
-async def _make_client(kwargs: dict[str, Any]) -> TrackingClient:
+# Sync clients alive in this process: closed at exit, begun again after a fork.
+_LIVE: weakref.WeakSet[SyncTrackingClient] = weakref.WeakSet()
+_ABANDONED: list[Any] = []  # a forked child's inherited loops and threads, never finalized
+_FORK_LOCK = threading.Lock()
+
+
+def _close_all_at_exit() -> None:
+    for client in list(_LIVE):
+        client._close_at_exit()
+
+
+def _after_fork_in_child() -> None:
+    global _FORK_LOCK
+    _FORK_LOCK = threading.Lock()
+    for client in list(_LIVE):
+        client._after_fork()
+
+
+atexit.register(_close_all_at_exit)
+if hasattr(os, "register_at_fork"):  # not on Windows, which has no fork
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+async def _make_client(cls: type[TrackingClient], kwargs: dict[str, Any]) -> TrackingClient:
     # Built on the client's own loop thread, where it will run.
-    return TrackingClient(**kwargs)
+    return cls(**kwargs)

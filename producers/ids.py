@@ -7,12 +7,23 @@ steps back never makes an id smaller than the last one.
 
 from __future__ import annotations
 
+import os
 import random
 import threading
 import time
 import uuid
 
 _lock = threading.Lock()
+
+
+def _new_lock_in_child() -> None:  # a thread of the parent may have held it at the fork
+    global _lock
+    _lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):  # not on Windows, which has no fork
+    os.register_at_fork(after_in_child=_new_lock_in_child)
+
 _last_ms = 0
 _counter = 0
 _prefix = ""  # the text of _last_ms: "tttttttt-tttt-7"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -32,6 +33,10 @@ def pytest_configure(config: pytest.Config) -> None:
     # 1 s, see TEST_KAFKA_CONFIG); tansu needs them anyway (docs/brokers.md).
     os.environ.setdefault("USERTRAIL_GROUP_SESSION_TIMEOUT_MS", "2000")
     os.environ.setdefault("USERTRAIL_GROUP_HEARTBEAT_INTERVAL_MS", "200")
+    # The SDK spools under the user's data directory by default; each test
+    # process (and what it starts) gets a spool of its own, so no test ever
+    # re-sends what another one spooled.
+    os.environ["USERTRAIL_SPOOL_DIR"] = tempfile.mkdtemp(prefix="usertrail-spool-")
 
 
 Broker = EmbeddedBroker | KafkaCluster

@@ -8,7 +8,12 @@ holds what they share: settings, errors, Kafka helpers, the embedded stack;
 and the command line (docs/architecture.md).
 """
 
+from importlib.metadata import PackageNotFoundError, version
+
 from usertrail.errors import UsertrailError
 
 __all__ = ["UsertrailError"]
-__version__ = "0.1.0"
+try:
+    __version__ = version("usertrail")  # the installed package's, as pip shows it
+except PackageNotFoundError:  # run from a source tree that was never installed
+    __version__ = "0.0.0+unknown"

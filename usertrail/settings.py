@@ -104,6 +104,10 @@ class Settings(BaseSettings):
     # stream/rules.toml. The workers `usertrail up` runs read it too.
     rules: Path | None = None
 
+    # where the SDK keeps what the broker did not acknowledge (one file per
+    # source); unset: the user's data directory (producers/spool.py)
+    spool_dir: Path | None = None
+
     # --- embedded stack ---------------------------------------------------
     data_dir: Path = Path(".usertrail")
     embedded_kafka_port: int = Field(default=19092, ge=1, le=65535)

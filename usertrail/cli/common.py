@@ -52,7 +52,7 @@ def common_options() -> argparse.ArgumentParser:
         "--data-dir",
         type=Path,
         metavar="DIR",
-        help="embedded data, spool files [env USERTRAIL_DATA_DIR; default .usertrail]",
+        help="embedded data and worker state [env USERTRAIL_DATA_DIR; default .usertrail]",
     )
     g.add_argument(
         "--kafka-port",

@@ -1,0 +1,45 @@
+"""The Kafka headers on every event the SDK sends: what the value is
+(``content-type``), which version of the contract it follows
+(``usertrail-schema-version``, as its ``schemaVersion``), and, when the app
+traces with OpenTelemetry, the W3C trace context of the span it was sent in
+(``traceparent``, ``tracestate``). OpenTelemetry is optional
+(``usertrail[tracing]``): without it nothing is looked up per event."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from usertrail.producers.events import SCHEMA_VERSION
+
+Headers = tuple[tuple[str, bytes], ...]
+
+CONTENT_TYPE = "content-type"
+SCHEMA_VERSION_HEADER = "usertrail-schema-version"
+TRACE_HEADERS = ("traceparent", "tracestate")
+
+STATIC: Headers = (
+    (CONTENT_TYPE, b"application/json"),
+    (SCHEMA_VERSION_HEADER, str(SCHEMA_VERSION).encode()),
+)
+
+
+def _injector() -> Callable[[dict[str, Any]], None] | None:
+    try:
+        from opentelemetry import propagate
+    except ImportError:
+        return None
+    return propagate.inject
+
+
+_inject = _injector()
+
+
+def for_event() -> Headers:
+    """The headers of an event sent now (in the current span, if any)."""
+    if _inject is None:
+        return STATIC
+    carrier: dict[str, Any] = {}
+    _inject(carrier)
+    trace = tuple((name, str(carrier[name]).encode()) for name in TRACE_HEADERS if name in carrier)
+    return STATIC + trace if trace else STATIC
