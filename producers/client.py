@@ -10,7 +10,9 @@
 Each ``track_*`` validates at the call (``EventValidationError`` names the
 field and the rule; nothing is sent), buffers the event and returns its id.
 Delivery is asynchronous: failures reach ``on_delivery`` and the log, and the
-event goes to the local spool, which the next ``start()`` re-sends.
+event goes to the local spool, which the client sends again once the broker
+answers (and the next ``start()`` does too). A broker that does not answer at
+``start()`` is no error: events are accepted and sent once it does.
 ``flush()`` and ``close()`` wait for everything buffered and say how many
 events were delivered and how many spooled.
 """
@@ -59,6 +61,9 @@ T = TypeVar("T")
 
 
 _PARTITIONER = DefaultPartitioner()
+
+RESEND_SECONDS = 15.0
+"""How often a running client sends its spool again, if the broker answers."""
 
 
 def _within_bounds(event: events.EventBase) -> None:
@@ -184,21 +189,36 @@ class TrackingClient:
         self.resent_from_spool = 0
         self.disabled = disabled
         self._started_disabled = False
+        self._healthy = True  # the last batch was acknowledged (_resend_spooled)
+        self._resender: asyncio.Task[None] | None = None
+        # accepted while no broker answers (started offline, _connect_later)
+        self._held: list[tuple[SpooledRecord, str | None, _Batch]] = []
+        self._connecting: asyncio.Task[None] | None = None
         # events handed over by SyncTrackingClient's callers, in their order
         self._inbox: collections.deque[tuple[SpooledRecord, str]] = collections.deque()
         self._drainer: asyncio.Task[None] | None = None
 
     # --- lifecycle -------------------------------------------------------------
     async def start(self) -> None:
-        """Connect, then re-send whatever an earlier run spooled."""
+        """Connect, then re-send whatever an earlier run spooled. A broker
+        that does not answer is no error: events are accepted (held, and
+        spooled past the buffer) and sent once it answers."""
         if self.disabled:
             self._started_disabled = True
             return
-        if self._producer is not None:
+        if self._producer is not None or self._connecting is not None:
             return
-        self._producer = await self._start_producer()
+        try:
+            self._producer = await self._start_producer()
+        except _Unreachable as exc:
+            # Accepted all the same: held here (and spooled past the buffer)
+            # until the broker answers, then sent (_connect_later).
+            log.warning("%s; accepting events and connecting in the background", exc)
+            self._connecting = asyncio.get_running_loop().create_task(self._connect_later())
+            return
         self._partitions.clear()
         self._key_partitions.clear()
+        self._resender = asyncio.get_running_loop().create_task(self._resend_spooled())
         records = self.spool.take()
         if records:
             log.info("re-sending %d spooled events from %s", len(records), self.spool.path)
@@ -208,6 +228,117 @@ class TrackingClient:
             self.resent_from_spool = report.delivered
             if report.spooled:
                 log.warning("%d spooled events are still undelivered", report.spooled)
+
+    async def _connect_later(self) -> None:
+        """Started while the broker was unreachable: try again, more and
+        more slowly (0.5 s to 10 s), until it answers; then send what an
+        earlier run spooled and what was accepted meanwhile, in that order,
+        appended without an await between them, so no event accepted later
+        overtakes one held."""
+        delay = 0.5
+        while True:
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 10.0)
+            try:
+                producer = await self._start_producer()
+            except _Unreachable:
+                continue
+            except (KafkaError, BrokerUnavailableError) as exc:
+                log.warning("connecting failed (%r); trying again", exc)
+                continue
+            try:
+                topics = {self.topic} | {r.topic for r, _, _ in self._held}
+                for topic in topics:
+                    self._partitions[topic] = sorted(await producer.partitions_for(topic))
+            except BaseException:
+                await self._stop_producer(producer)
+                raise
+            break
+        # from here on, no await: nothing is accepted meanwhile
+        self._key_partitions.clear()
+        self._producer = producer
+        self._connecting = None
+        log.info("connected to Kafka at %s", self._settings.bootstrap_servers)
+        self._resender = asyncio.get_running_loop().create_task(self._resend_spooled())
+        spooled = self.spool.take()
+        unknown = [r for r in spooled if r.topic not in self._partitions]
+        if unknown:
+            self.spool.append(unknown)  # sent by the next start
+        held, self._held = self._held, []
+        self._buffered -= len(held)
+        for record in spooled:
+            if record.topic in self._partitions:
+                self._append_known(record, None)
+        for record, event_id, placeholder in held:
+            batch = self._append_known(record, event_id)
+            if placeholder.future is not None:
+                if batch.future is None:
+                    batch.future = asyncio.get_running_loop().create_future()
+                _chain(batch.future, placeholder.future)
+
+    async def _resend_spooled(self) -> None:
+        """While the client runs: every RESEND_SECONDS, if the broker's last
+        word was an acknowledgement, send again what was spooled (by this
+        client during an outage, or by another process of the same source),
+        so that a broker that comes back gets it without a restart."""
+        while True:
+            await asyncio.sleep(RESEND_SECONDS)
+            producer = self._producer
+            if producer is None or not self.spool.path.exists():
+                continue
+            if not self._healthy:  # is it back? (nothing may have been sent since)
+                try:
+                    await asyncio.wait_for(producer.client.fetch_all_metadata(), 5)
+                except (KafkaError, TimeoutError):
+                    continue
+                self._healthy = True
+            records = self.spool.take()
+            if records:
+                log.info("re-sending %d spooled events from %s", len(records), self.spool.path)
+            for i, record in enumerate(records):
+                try:
+                    await self._enqueue(record)
+                except asyncio.CancelledError:
+                    self.spool.append(records[i:])  # closing: left for the next start
+                    raise
+                except (ClientClosedError, BufferFullError):
+                    self.spool.append(records[i:])
+                    break
+
+    def _append_known(self, record: SpooledRecord, event_id: str | None) -> _Batch:
+        """``_enqueue`` without an await, for a topic whose partitions are
+        known (the buffer's room is not waited for)."""
+        assert self._producer is not None
+        partitions = self._partitions[record.topic]
+        partition: int = _PARTITIONER(record.key, partitions, partitions)
+        tp = (record.topic, partition)
+        batch = self._open.get(tp) or self._new_batch(self._producer, tp)
+        if not self._add(batch, record, event_id):
+            self._ship_soon(batch)
+            batch = self._new_batch(self._producer, tp)
+            self._add(batch, record, event_id)  # it fitted in a batch when it was accepted
+        return batch
+
+    def _hold(self, record: SpooledRecord, event_id: str | None) -> _Batch:
+        """Accept an event while no broker answers. A full buffer goes to
+        the spool at once (one write), so there is room again: nothing
+        accepted waits on a broker that is not there."""
+        if self._buffered >= self._buffer_size:
+            self._spool_held(BrokerUnavailableError("the broker did not answer yet"))
+        placeholder = _Batch(record.topic, -1, None)
+        self._held.append((record, event_id, placeholder))
+        self._buffered += 1
+        return placeholder
+
+    def _spool_held(self, error: BaseException) -> None:
+        held, self._held = self._held, []
+        if not held:
+            return
+        self._buffered -= len(held)
+        self._spool_now([r for r, _, _ in held], [i for _, i, _ in held if i is not None], error)
+        for _, _, placeholder in held:
+            if placeholder.future is not None and not placeholder.future.done():
+                placeholder.future.set_exception(DeliveryError(f"spooled: {error}"))
 
     async def _start_producer(self) -> AIOKafkaProducer:
         attempts = [True, False] if self._idempotence is None else [self._idempotence]
@@ -232,7 +363,7 @@ class TrackingClient:
                 ) from None
             except KafkaConnectionError as exc:
                 await self._stop_producer(producer)
-                raise BrokerUnavailableError(
+                raise _Unreachable(
                     f"cannot reach Kafka at {self._settings.bootstrap_servers}: {exc}"
                 ) from exc
             self.idempotent = idempotent
@@ -249,6 +380,12 @@ class TrackingClient:
                 raise ClientClosedError("call start() (or use `async with`) before sending")
             return DeliveryReport(0, 0)
         await self._drained()
+        if self._producer is None and self._connecting is not None:
+            # no broker yet: what is held goes to the spool, delivered later
+            self._spool_held(BrokerUnavailableError("the broker did not answer yet"))
+            report = DeliveryReport(self._delivered, self._spooled)
+            self._delivered = self._spooled = 0
+            return report
         producer = self._require_started()
         for batch in list(self._open.values()):
             self._ship_soon(batch)  # after the ships asked for before (their order)
@@ -279,9 +416,20 @@ class TrackingClient:
         """Deliver everything buffered, spool what cannot be, and disconnect."""
         self._started_disabled = False
         await self._drained()
+        resender, self._resender = self._resender, None
+        if resender is not None:
+            resender.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await resender
+        connecting, self._connecting = self._connecting, None
+        if connecting is not None:
+            connecting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await connecting
         if self._producer is None:
+            self._spool_held(BrokerUnavailableError("the broker never answered"))
             spooled, self._spooled = self._spooled, 0
-            return DeliveryReport(0, spooled)
+            return DeliveryReport(self._delivered, spooled)
         report = await self.flush()
         producer, self._producer = self._producer, None
         await self._stop_producer(producer)
@@ -366,6 +514,8 @@ class TrackingClient:
     async def _enqueue(self, record: SpooledRecord, event_id: str | None = None) -> _Batch:
         if self.disabled:
             return self._not_sent(record)
+        if self._producer is None and self._connecting is not None:
+            return self._hold(record, event_id)
         producer = self._require_started()
         if self._buffered >= self._buffer_size:
             await self._wait_for_room()
@@ -463,6 +613,7 @@ class TrackingClient:
         self._buffered -= count
         if self._buffered < self._buffer_size:
             self._room.set()
+        self._healthy = error is None  # the broker's last word
         if error is None:
             self._delivered += count
             if batch.future is not None and future is not None:
@@ -761,6 +912,27 @@ def _quiet_probe() -> Iterator[None]:
         sender_log.removeFilter(drop)
 
 
+class _Unreachable(BrokerUnavailableError):
+    """No broker answered at the bootstrap address (as opposed to a broker
+    that refused what was asked of it)."""
+
+
+def _chain(source: asyncio.Future[Any], target: asyncio.Future[Any]) -> None:
+    """``target`` settles as ``source`` does."""
+
+    def settle(done: asyncio.Future[Any]) -> None:
+        if target.done():
+            return
+        if done.cancelled():
+            target.cancel()
+        elif (exc := done.exception()) is not None:
+            target.set_exception(exc)
+        else:
+            target.set_result(done.result())
+
+    source.add_done_callback(settle)
+
+
 def _error_of(future: asyncio.Future[Any]) -> BaseException | None:
     if future.cancelled():
         return asyncio.CancelledError()
@@ -921,6 +1093,8 @@ class SyncTrackingClient:
     def _wait_for_room(self, client: TrackingClient) -> None:
         """The documented policy when the buffer is full: wait up to
         ``buffer_timeout`` for room, then refuse with ``BufferFullError``."""
+        if client._producer is None:
+            return  # no broker yet: the client spools past its buffer, never blocks
         size = client._buffer_size
 
         def used() -> int:

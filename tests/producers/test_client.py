@@ -10,12 +10,13 @@ from pathlib import Path
 
 import pytest
 from usertrail.producers import SyncTrackingClient, TrackingClient, decode, encode
+from usertrail.producers import client as client_module
 from usertrail.producers.events import build
+from usertrail.producers.spool import Spool
 
 from tests.conftest import create_topics, read_all
-from usertrail.embedded import EmbeddedBroker
+from usertrail.embedded import EmbeddedBroker, free_port
 from usertrail.errors import (
-    BrokerUnavailableError,
     BufferFullError,
     ClientClosedError,
     EventValidationError,
@@ -136,14 +137,89 @@ async def test_sending_before_start_is_a_clear_error(settings: Settings) -> None
         await client.track_interaction(user_id="u", type="chat", service="saju")
 
 
-async def test_unreachable_broker_is_a_retriable_error(
-    settings_factory: Callable[..., Settings], broker: EmbeddedBroker
+async def test_a_client_started_before_its_broker_accepts_and_delivers_when_it_appears(
+    broker_factory: Callable[..., EmbeddedBroker],
+    settings_factory: Callable[..., Settings],
+    tmp_path: Path,
 ) -> None:
-    settings = settings_factory(broker, kafka_bootstrap_servers="127.0.0.1:1")
-    client = TrackingClient(source="web", settings=settings, delivery_timeout=2)
-    with pytest.raises(BrokerUnavailableError) as info:
-        await client.start()
-    assert info.value.retriable
+    """No broker at start: nothing raises, every event is accepted (past the
+    buffer they go to the spool, one write per spill), and once a broker
+    answers at that address everything is sent, spool first, without a
+    restart of the client."""
+    port = free_port()
+    nowhere = settings_factory(broker_factory(), kafka_bootstrap_servers=f"127.0.0.1:{port}")
+    settings = nowhere.model_copy(update={"broker": "tansu"})  # asked of nobody yet
+    spool = tmp_path / "s.jsonl"
+    client = TrackingClient(source="web", settings=settings, buffer_size=10, spool_path=spool)
+    await client.start()
+    ids = [
+        await client.track_interaction(user_id=f"u{i % 3}", type="chat", service="saju")
+        for i in range(25)
+    ]
+    assert client.spool.count() == 20  # two full buffers spilled; five held
+    broker_factory(port=port)
+    await create_topics(settings)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 30
+    while client._producer is None and loop.time() < deadline:  # it tries again by itself
+        await asyncio.sleep(0.1)
+    report = await client.close()
+    # the 20 spilled were spooled, then sent with the 5 held
+    assert (report.delivered, report.spooled) == (25, 20) and not spool.exists()
+    records = await read_all(settings, settings.events_topic, expected=25)
+    assert {decode(v or b"").event_id for _, _, v in records} == set(ids)
+
+
+async def test_a_broker_back_after_an_outage_gets_the_spool_without_a_restart(
+    broker_factory: Callable[..., EmbeddedBroker],
+    settings_factory: Callable[..., Settings],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(client_module, "RESEND_SECONDS", 0.3)
+    port = free_port()
+    first = broker_factory(port=port)
+    settings = settings_factory(first)
+    await create_topics(settings)
+    spool = tmp_path / "s.jsonl"
+    async with TrackingClient(
+        source="web", settings=settings, delivery_timeout=1.5, spool_path=spool
+    ) as client:
+        await client.track_interaction(user_id="u", type="chat", service="saju")
+        assert (await client.flush()).delivered == 1
+        first.stop()  # tansu keeps nothing: the next one at this address is empty
+        during = [
+            await client.track_interaction(user_id=f"u{i}", type="chat", service="saju")
+            for i in range(10)
+        ]
+        assert (await client.flush()).spooled == 10 and Spool(spool).count() == 10
+        broker_factory(port=port)
+        await create_topics(settings)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 60
+        while spool.exists() and loop.time() < deadline:  # sent again by itself
+            await asyncio.sleep(0.2)
+        assert not spool.exists()
+    records = await read_all(settings, settings.events_topic, expected=10)
+    assert {decode(v or b"").event_id for _, _, v in records} == set(during)
+
+
+async def test_a_client_closed_before_any_broker_answered_spools_everything(
+    settings_factory: Callable[..., Settings], broker: EmbeddedBroker, tmp_path: Path
+) -> None:
+    settings = settings_factory(broker, kafka_bootstrap_servers=f"127.0.0.1:{free_port()}")
+    settings = settings.model_copy(update={"broker": "tansu"})
+    spool = tmp_path / "s.jsonl"
+
+    def app() -> tuple[list[str], int]:
+        with SyncTrackingClient(source="flask", settings=settings, spool_path=spool) as client:
+            ids = [client.track_interaction(user_id="u", type="chat", service="saju")]
+            ids += [client.erase_user(user_id="v")]
+            return ids, client.flush().spooled
+
+    ids, spooled = await asyncio.to_thread(app)
+    assert spooled == 2 and Spool(spool).count() == 2
+    assert {decode(r.value).event_id for r in Spool(spool).take()} == set(ids)
 
 
 async def test_full_buffer_waits_then_raises(
