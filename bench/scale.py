@@ -214,6 +214,8 @@ async def workers(args: argparse.Namespace, tmp: Path) -> None:
         base = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap_servers}
         topic = "bench.group"
         settings = await brokers.events_and_profiles(broker, tmp, topic, PARTITIONS)
+        # the workers' own profiles topic (stream_env), with the events' partition count
+        await ensure_topics(settings, [TopicSpec(f"{topic}.profiles", PARTITIONS)])
         async with TrackingClient(source="demo", settings=settings) as client:
             sent = await demo.run(client, demo.plan(users=2000, events=args.events, seed=3))
         print(f"{topic}: {sent:,} demo events ({PARTITIONS} partitions)", flush=True)
@@ -227,9 +229,12 @@ async def workers(args: argparse.Namespace, tmp: Path) -> None:
                     rate = await stream_group(base, topic, n, sent, tmp, f"{r}-{n}")
                     rates.setdefault(("stream", n), []).append(rate)
                     url = brokers.migrated_database(pg, f"bench_{r}_{n}")
-                    sink_rate = await sink_group(
-                        {**base, "USERTRAIL_EVENTS_TOPIC": topic}, url, n, sent, tmp, f"{r}-{n}"
-                    )
+                    sink_env = {
+                        **base,
+                        "USERTRAIL_EVENTS_TOPIC": topic,
+                        "USERTRAIL_PROFILES_TOPIC": f"{topic}.profiles",
+                    }
+                    sink_rate = await sink_group(sink_env, url, n, sent, tmp, f"{r}-{n}")
                     rates.setdefault(("sink", n), []).append(sink_rate)
                     line.append(f"{n}: stream {rate:,.0f}/s sink {sink_rate:,.0f}/s")
                 print(f"round {r + 1}: " + "   ".join(line), flush=True)
@@ -259,7 +264,11 @@ async def stream_group(
     ]
     started = time.perf_counter()
     try:
-        await wait_until(lambda: sum(max(0, folded(p)) for p in ports) >= sent, 900, "group")
+        await wait_until(
+            lambda: _alive(procs, tmp / "w.log") and sum(max(0, folded(p)) for p in ports) >= sent,
+            900,
+            "group",
+        )
         return sent / (time.perf_counter() - started)
     finally:
         for proc in procs:
@@ -281,11 +290,23 @@ async def sink_group(
 
     try:
         # every interaction of the demo (its other kinds keep no row)
-        await wait_until(lambda: rows() >= sent * 0.9 and _settled(rows), 900, "sinks")
+        await wait_until(
+            lambda: _alive(procs, tmp / "s.log") and rows() >= sent * 0.9 and _settled(rows),
+            900,
+            "sinks",
+        )
         return rows() / (time.perf_counter() - started)
     finally:
         for proc in procs:
             stop(proc)
+
+
+def _alive(procs: list[subprocess.Popen[bytes]], log: Path) -> bool:
+    """True while every process runs; a process that exited ends the benchmark."""
+    for proc in procs:
+        if proc.poll() is not None:
+            raise SystemExit(f"a worker exited ({proc.returncode}):\n{log.read_text()[-2000:]}")
+    return True
 
 
 def _settled(rows: Any) -> bool:
