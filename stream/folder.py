@@ -110,17 +110,15 @@ class BatchFolder:
         # Measured: a profile cost about 100 us of the worker's time through
         # faust's producer.
         self._producer: AIOKafkaProducer | None = None
-        # The changelog too, rather than through faust's table: faust puts
-        # each write in a buffer that one task drains a record at a time
-        # (with faust's per-message work), and its conductor stops
-        # delivering events while that buffer holds more than 100 ("producer
-        # buffer full" in the log at 1,000 events/s of 500 users).
-        # `./dev bench stream_rate` (2 rounds each, one after the other):
-        # worker/ceiling 0.81-0.86 through faust's table, 1.05-1.31 through
-        # this producer. On the embedded broker the changelog needs one
-        # record per batch (docs/brokers.md (1)), so it has a producer of its
-        # own there; elsewhere it shares the profiles'.
-        self._changelog_producer: AIOKafkaProducer | None = None
+        # The changelog too, rather than through faust's table (on Apache
+        # Kafka: app.py keeps faust's on tansu, where the changelog must be
+        # one record per batch): faust puts each write in a buffer that one
+        # task drains a record at a time (with faust's per-message work),
+        # and its conductor stops delivering events while that buffer holds
+        # more than 100 ("producer buffer full" in the log at 1,000 events/s
+        # of 500 users). `./dev bench stream_rate` (2 rounds each, one after
+        # the other): worker/ceiling 0.81-0.86 through faust's table,
+        # 1.05-1.31 through this producer.
         self.send_changelog: Changelog = changelog or self._send_changelog
         self.closing = False
         # Written behind: a batch's states and applied offsets reach the
@@ -170,16 +168,7 @@ class BatchFolder:
     async def _send_changelog(
         self, partition: int, key: bytes, value: bytes
     ) -> asyncio.Future[Any]:
-        producer = self._changelog_producer
-        if producer is None:
-            if self.settings.is_tansu:  # one record per batch (docs/brokers.md (1))
-                producer = AIOKafkaProducer(
-                    acks="all", max_batch_size=1, linger_ms=0, **self.settings.kafka_options()
-                )
-                await producer.start()
-            else:
-                producer = await self.profiles_producer()
-            self._changelog_producer = producer
+        producer = await self.profiles_producer()
         future: asyncio.Future[Any] = await producer.send(
             self.settings.changelog_topic, value, key=key, partition=partition
         )
@@ -208,9 +197,6 @@ class BatchFolder:
         except KafkaError as exc:  # a restart re-reads from the applied offset
             log.error("writes of the last batch failed at shutdown: %r", exc)
         producer, self._producer = self._producer, None
-        changelog, self._changelog_producer = self._changelog_producer, None
-        if changelog is not None and changelog is not producer:
-            await stop_within(changelog, 10, "changelog producer")
         if producer is not None:
             await stop_within(producer, 10, "profiles producer")
 
