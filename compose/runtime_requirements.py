@@ -1,6 +1,7 @@
 """compose/requirements.txt: the exact versions of requirements.lock that the
 pipeline needs at run time (the dependency closure of pyproject.toml's
-``dependencies``), without the test and embedded-stack extras. The image
+``dependencies`` and its ``pipeline`` extra), without the test and
+embedded-stack extras. The image
 installs only these. Regenerate after changing the lock, with the project's
 venv:  .venv/bin/python compose/runtime_requirements.py > compose/requirements.txt
 (tests/test_compose.py fails when the file and the lock disagree)."""
@@ -45,7 +46,8 @@ def closure(roots: list[str]) -> set[str]:
 
 def runtime_lines() -> list[str]:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    needed = closure(list(project["dependencies"]))
+    # the SDK's dependencies and the pipeline's (the image runs the pipeline)
+    needed = closure(list(project["dependencies"]) + project["optional-dependencies"]["pipeline"])
     lines = []
     for line in (ROOT / "requirements.lock").read_text().splitlines():
         if "==" in line and not line.startswith("#") and _norm(line.split("==")[0]) in needed:
