@@ -117,6 +117,7 @@ class TrackingClient:
         spool_path: Path | str | None = None,
         on_delivery: DeliveryCallback | None = None,
         disabled: bool = False,
+        offline_start: bool = True,
     ) -> None:
         """
         :param source: the emitting app, stamped on every event.
@@ -137,6 +138,10 @@ class TrackingClient:
         :param disabled: validate every event and return its id, but connect
             to nothing and send nothing (tests, local development; to see
             what would have been sent, ``usertrail.producers.testing``).
+        :param offline_start: a broker that does not answer at ``start()`` is
+            no error: events are accepted and sent once it answers. False:
+            ``start()`` raises ``BrokerUnavailableError`` (a command line
+            tool that should fail at once).
         """
         self._settings = settings if settings is not None else Settings()
         if bootstrap_servers is not None:
@@ -188,6 +193,7 @@ class TrackingClient:
         self.idempotent = False
         self.resent_from_spool = 0
         self.disabled = disabled
+        self._offline_start = offline_start
         self._started_disabled = False
         self._healthy = True  # the last batch was acknowledged (_resend_spooled)
         self._resender: asyncio.Task[None] | None = None
@@ -211,6 +217,8 @@ class TrackingClient:
         try:
             self._producer = await self._start_producer()
         except _Unreachable as exc:
+            if not self._offline_start:
+                raise
             # Accepted all the same: held here (and spooled past the buffer)
             # until the broker answers, then sent (_connect_later).
             log.warning("%s; accepting events and connecting in the background", exc)

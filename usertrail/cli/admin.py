@@ -34,7 +34,8 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     from usertrail.producers.client import TrackingClient
 
     async def go() -> tuple[int, Any]:
-        async with TrackingClient(source="demo", settings=settings) as client:
+        # a tool run by hand: no broker is an error at once (exit code 4)
+        async with TrackingClient(source="demo", settings=settings, offline_start=False) as client:
             started = time.perf_counter()
             sent = await demo.run(
                 client, demo.plan(users=args.users, events=args.events, seed=args.seed)
