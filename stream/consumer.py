@@ -29,8 +29,3 @@ def set_fetch_wait(app: Any, wait_ms: int) -> None:
     if not isinstance(getattr(fetcher, "_fetch_max_wait_ms", None), int):
         raise RuntimeError("aiokafka's fetcher no longer keeps _fetch_max_wait_ms")
     fetcher._fetch_max_wait_ms = wait_ms
-
-
-def fetch_wait(app: Any) -> int:
-    """The fetch wait of ``app``'s running worker consumer."""
-    return int(_fetcher(app)._fetch_max_wait_ms)
