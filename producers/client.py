@@ -85,7 +85,8 @@ class _Batch:
     ids: list[str] = field(default_factory=list)
     timer: asyncio.TimerHandle | None = None
     future: asyncio.Future[Any] | None = None
-    shipped: bool = False  # set before the first await of _ship: one send only
+    shipped: bool = False  # closed and queued for sending: nothing more appended
+    due: bool = False  # its linger passed while the partition's shipper was busy
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,15 +178,13 @@ class TrackingClient:
         self._producer: AIOKafkaProducer | None = None
         self._open: dict[tuple[str, int], _Batch] = {}
         self._in_flight: set[_Batch] = set()
-        self._shipping: set[asyncio.Task[None]] = set()
+        # closed batches waiting for their partition's shipper (_ship)
+        self._ready: collections.defaultdict[tuple[str, int], collections.deque[_Batch]] = (
+            collections.defaultdict(collections.deque)
+        )
+        self._shippers: dict[tuple[str, int], asyncio.Task[None]] = {}
         self._buffered = 0
         self._room = asyncio.Event()
-        # one lock per partition (FIFO, as asyncio's are): a partition's
-        # batches leave in the order they were made; a partition whose leader
-        # does not answer holds back its own batches only
-        self._ship_locks: collections.defaultdict[tuple[str, int], asyncio.Lock] = (
-            collections.defaultdict(asyncio.Lock)
-        )
         self._partitions: dict[str, list[int]] = {}
         self._key_partitions: dict[tuple[str, bytes], int] = {}
         self._delivered = 0
@@ -397,10 +396,10 @@ class TrackingClient:
         producer = self._require_started()
         for batch in list(self._open.values()):
             self._ship_soon(batch)  # after the ships asked for before (their order)
-        if self._shipping:
+        while self._shippers:
             # asyncio.wait: a flush given up on (cancelled) leaves the ships
             # to go on; gather would cancel them with it
-            await asyncio.wait(list(self._shipping))
+            await asyncio.wait(list(self._shippers.values()))
         try:
             await asyncio.wait_for(producer.flush(), timeout=self._delivery_timeout + 5)
         except TimeoutError:
@@ -444,6 +443,7 @@ class TrackingClient:
         leftover = [r for b in (*self._open.values(), *self._in_flight) for r in b.records]
         self._open.clear()
         self._in_flight.clear()
+        self._ready.clear()
         self._buffered = 0
         if leftover:
             self.spool.append(leftover)
@@ -470,8 +470,9 @@ class TrackingClient:
     # placement of every Kafka client) and appended to one open batch per
     # partition, shipped with send_batch when full, when linger_ms passes or
     # on flush. One batch per partition is in flight at a time (aiokafka's
-    # own rule), and a partition's ships go out in the order they were made
-    # (a FIFO lock per partition), so one user's events keep their order,
+    # own rule), and a partition's batches go out in the order they were
+    # closed (one shipper task per partition), so one user's events keep
+    # their order,
     # while a partition whose leader is frozen holds back only its own. Per
     # event this costs a dict lookup and an append instead of a send() each.
     def _require_started(self) -> AIOKafkaProducer:
@@ -564,39 +565,65 @@ class TrackingClient:
         return batch
 
     def _linger_over(self, batch: _Batch) -> None:
-        if self._open.get((batch.topic, batch.partition)) is batch:
+        tp = (batch.topic, batch.partition)
+        if self._open.get(tp) is not batch:
+            return
+        if tp in self._shippers:
+            batch.due = True  # the partition's shipper takes it after its send
+        else:
             self._ship_soon(batch)
 
     def _ship_soon(self, batch: _Batch) -> None:
-        """Ship in a task of its own: tasks start in the order they were
-        made, so a partition's batches queue on its lock in that order."""
-        task = asyncio.get_running_loop().create_task(self._ship(batch))
-        self._shipping.add(task)
-        task.add_done_callback(self._shipping.discard)
-
-    async def _ship(self, batch: _Batch) -> None:
-        # A linger timer's task, flush() and a full batch can each ask to ship
-        # the same batch; only the first one sends it.
+        """Close a batch and queue it on its partition's shipper, one task
+        per partition that sends the partition's batches one after another,
+        in the order they were closed."""
         if batch.shipped:
-            return
+            return  # a linger timer, flush() and a full batch can each ask
         batch.shipped = True
-        if self._open.get((batch.topic, batch.partition)) is batch:
-            del self._open[(batch.topic, batch.partition)]
+        tp = (batch.topic, batch.partition)
+        if self._open.get(tp) is batch:
+            del self._open[tp]
         if batch.timer is not None:
             batch.timer.cancel()
         if not batch.records:
             return
-        producer = self._require_started()
         self._in_flight.add(batch)
-        async with self._ship_locks[(batch.topic, batch.partition)]:
-            try:
-                future = await producer.send_batch(
-                    batch.builder, batch.topic, partition=batch.partition
+        self._ready[tp].append(batch)
+        if tp not in self._shippers:
+            task = asyncio.get_running_loop().create_task(self._ship(tp))
+            self._shippers[tp] = task
+
+    async def _ship(self, tp: tuple[str, int]) -> None:
+        """Send a partition's batches while it has any. aiokafka takes one
+        batch per partition at a time (send_batch returns once the one
+        before is on the wire), so while a send waits, the partition's open
+        batch keeps growing: when the broker is slow, batches get bigger
+        rather than more numerous, and the rate the SDK can deliver keeps
+        up with the rate it accepts (natural batching, as Kafka's own
+        producer does). A partition whose leader is frozen holds back only
+        its own batches."""
+        ready = self._ready[tp]
+        try:
+            while True:
+                if not ready:
+                    batch = self._open.get(tp)
+                    if batch is None or not batch.due:
+                        return  # its linger timer ships it
+                    self._ship_soon(batch)  # queues it; this task sends it next
+                    if not ready:
+                        return
+                batch = ready.popleft()
+                producer = self._require_started()
+                try:
+                    future = await producer.send_batch(batch.builder, tp[0], partition=tp[1])
+                except KafkaError as exc:
+                    self._settle(batch, exc, None)
+                    continue
+                future.add_done_callback(
+                    lambda fut, batch=batch: self._settle(batch, _error_of(fut), fut)
                 )
-            except KafkaError as exc:
-                self._settle(batch, exc, None)
-                return
-        future.add_done_callback(lambda fut: self._settle(batch, _error_of(fut), fut))
+        finally:
+            del self._shippers[tp]
 
     async def _wait_for_room(self) -> None:
         loop = asyncio.get_running_loop()
