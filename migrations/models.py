@@ -218,6 +218,23 @@ class SeenEvent(Base):
     id: Mapped[str] = mapped_column(sa.Text)
 
 
+class ApiKey(Base):
+    """A key of the HTTP collector: the source its events get, the SHA-256 of
+    its secret part, and when it was revoked (collector/keys.py)."""
+
+    __tablename__ = "usertrail_api_keys"
+    __table_args__ = (sa.PrimaryKeyConstraint("id", name="usertrail_api_keys_pkey"),)
+
+    id: Mapped[str] = mapped_column(sa.Text)
+    source: Mapped[str] = mapped_column(sa.Text, nullable=False)
+    name: Mapped[str | None] = mapped_column(sa.Text)
+    secret_sha256: Mapped[str] = mapped_column(sa.Text, nullable=False)
+    created_at: Mapped[datetime] = mapped_column(
+        TIMESTAMP(timezone=True), nullable=False, server_default=sa.text("now()")
+    )
+    revoked_at: Mapped[datetime | None] = mapped_column(TIMESTAMP(timezone=True))
+
+
 PRODUCT_TABLES = ("User", "UserInteraction", "UserPreferences", "user_vectors")
 PIPELINE_TABLES = (
     "usertrail_positions",
@@ -225,4 +242,5 @@ PIPELINE_TABLES = (
     "usertrail_archive",
     "usertrail_in_flight",
     "usertrail_seen_events",
+    "usertrail_api_keys",
 )

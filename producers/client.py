@@ -778,6 +778,31 @@ class TrackingClient:
         await self._enqueue(record, new_id)  # full, unknown partition or not started
         return new_id
 
+    @property
+    def room(self) -> int:
+        """Events the buffer takes now without a wait (while no broker has
+        answered yet, what does not fit goes to the spool: no wait either)."""
+        if self._producer is None and self._connecting is not None:
+            return self._buffer_size
+        return max(0, self._buffer_size - self._buffered)
+
+    async def send_event(self, event: EventBase) -> str:
+        """Send an event validated elsewhere (the collector validates a
+        batch before it answers). It must carry this client's source; its
+        time is checked against now, as every ``track_*`` call's is."""
+        if event.source != self.source:
+            raise EventValidationError(
+                getattr(event, "kind", "any"),
+                [("source", f"is {event.source!r}; this client sends {self.source!r}")],
+            )
+        _within_bounds(event)
+        record = SpooledRecord(
+            self.topic, event.user_id.encode(), events.encode(event), headers.for_event()
+        )
+        if not self._append_now(record, event.event_id):
+            await self._enqueue(record, event.event_id)
+        return event.event_id
+
     async def track_preferences(
         self,
         *,

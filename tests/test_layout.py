@@ -21,6 +21,7 @@ MAY_IMPORT = {
     "sink": {"core", "producers", "sink"},
     "migrations": {"core", "migrations"},
     "replay": {"core", "producers", "stream", "sink", "migrations", "replay"},
+    "collector": {"core", "producers", "collector"},
 }
 FOLDERS = {
     "producers": "producers",
@@ -28,6 +29,7 @@ FOLDERS = {
     "sink": "sink",
     "migrations": "migrations",
     "replay": "replay",
+    "collector": "collector",
     "usertrail": "core",
 }
 PURE = [

@@ -81,6 +81,17 @@ class Settings(BaseSettings):
     # no port: not served
     sink_web_host: str = "127.0.0.1"
     sink_web_port: int | None = Field(default=None, ge=1, le=65535)
+    # the HTTP collector (`usertrail collector`, collector/app.py): where it
+    # listens, the browser origins it answers (comma-separated; "*" any), and
+    # its limits per request
+    collector_host: str = "127.0.0.1"
+    collector_port: int = Field(default=8787, ge=1, le=65535)
+    collector_cors_origins: str = ""
+    collector_max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
+    collector_max_events: int = Field(default=1000, ge=1)
+    # events each source's client holds unacknowledged; a request whose valid
+    # events do not fit is answered 429 (Retry-After)
+    collector_buffer_events: int = Field(default=20_000, ge=1)
     # where a stream worker keeps its table: "rocksdb" (on disk under the data
     # directory, recovered from there plus the changelog's tail: stream/store.py),
     # "memory" (re-read from the changelog at every start), or "auto": rocksdb on
