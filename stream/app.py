@@ -26,6 +26,7 @@ every worker recovers exactly its own users.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import signal
@@ -38,6 +39,7 @@ import faust
 from usertrail.stream import consumer, store
 from usertrail.stream.batch import FoldProcess, Result, UserBatch, fold_users
 from usertrail.stream.folder import BatchFolder
+from usertrail.stream.pipeline import BatchQueue
 from usertrail.stream.policy import RESEEK_SECONDS
 from usertrail.stream.segments import Rules
 from usertrail.stream.watchdog import Watchdog
@@ -50,6 +52,8 @@ from usertrail.settings import METADATA_MAX_AGE_MS, STREAM_TABLE, Settings
 log = logging.getLogger("usertrail.stream")
 
 TABLE = STREAM_TABLE
+DRAIN_SECONDS = 10
+"""How long a rebalance or a stop waits for the batches handed over to be folded."""
 
 
 class _DeliverEverything(dict[Any, Any]):
@@ -139,6 +143,11 @@ def create_app(
         # changelog holds one record per batch, which faust's producer writes
         # there (the folder's changelog, below). Not on a real cluster.
         producer_max_batch_size=1 if settings.is_tansu else 16384,
+        # at most this much of a partition per fetch: records of a fetch are
+        # delivered one by one, and a partition the folder re-reads from an
+        # earlier offset is not fetched again before they all are (a 1 MB
+        # fetch held a re-read partition for minutes on a loaded worker)
+        consumer_max_fetch_size=256 * 1024,
         # faust's own files (rocksdb tables, if chosen) under our data
         # directory, never in the working directory
         datadir=str(datadir),
@@ -202,13 +211,27 @@ def create_app(
     )
     watchdog = Watchdog(app, folder, settings, stop=_stop_worker)
 
+    # faust's take hands each batch over and goes on collecting; the folder
+    # takes everything waiting when it is free (stream/pipeline.py)
+    queue: BatchQueue[Any] = BatchQueue(folder.fold_batch, settings.stream_batch_max)
+
+    async def drain(why: str) -> None:
+        try:
+            await asyncio.wait_for(queue.drained(), DRAIN_SECONDS)
+        except TimeoutError:
+            # their next owner (or this worker's restart) re-reads them from
+            # the applied offsets
+            log.warning("%d events not folded within %d s %s", queue.discard(), DRAIN_SECONDS, why)
+
     @app.agent(events)
     async def fold_events(stream: faust.StreamT[bytes]) -> None:
         takes = stream.take_events  # type: ignore[attr-defined]  # faust's, untyped
         async for batch in takes(
             settings.stream_batch_max, within=settings.stream_batch_wait_ms / 1000
         ):
-            await folder.fold_batch([event.message for event in batch])
+            records = [event.message for event in batch]
+            folder.handed_over(records)
+            await queue.put(records)
 
     @app.timer(RESEEK_SECONDS / 2)  # type: ignore[untyped-decorator]
     async def reread_undelivered() -> None:
@@ -218,6 +241,7 @@ def create_app(
     @app.on_partitions_revoked.connect  # type: ignore[arg-type]
     async def before_giving_up_partitions(sender: Any, revoked: Any, **kwargs: Any) -> None:
         watchdog.revoked()
+        await drain("before the rebalance")
         await folder.before_revoke()
 
     @app.on_partitions_assigned.connect  # type: ignore[arg-type]
@@ -227,6 +251,7 @@ def create_app(
 
     @app.on_before_shutdown.connect  # type: ignore[arg-type]  # faust's signal types
     async def stop_folding(sender: Any, **kwargs: Any) -> None:
+        await drain("before the stop")
         await folder.close()
         if helper is not None:
             await helper.close()

@@ -283,6 +283,13 @@ class BatchFolder:
         return None if start is None else int(start) - 1
 
     # --- a batch --------------------------------------------------------------
+    def handed_over(self, batch: Sequence[Record]) -> None:
+        """faust delivered these (they wait for the fold, stream/pipeline.py):
+        their partitions are not the ones ``reread_undelivered`` looks for."""
+        now = time.monotonic()
+        for record in batch:
+            self.delivered_at[record.partition] = now
+
     async def fold_batch(self, batch: Sequence[Record]) -> None:
         """Fold one batch of the events topic's records (faust's messages)."""
         if self.stopped_for is not None or self.closing:
