@@ -21,7 +21,7 @@ from usertrail.settings import Settings
 
 ROOT = Path(__file__).parents[1]
 SOURCES = ["pyproject.toml", "README.md", "usertrail", "producers", "stream", "sink"]
-SOURCES += ["migrations", "replay"]
+SOURCES += ["migrations", "replay", "collector"]
 PIPELINE = {
     "faust-streaming",
     "mode-streaming",
@@ -80,7 +80,10 @@ async def test_the_wheel_without_extras_is_the_sdk_and_sends(
     with zipfile.ZipFile(wheel) as built_wheel:
         inside = set(built_wheel.namelist())
     where = {"usertrail": "usertrail", "producers": "usertrail/producers"}
-    where |= {name: f"usertrail/{name}" for name in ("stream", "sink", "migrations", "replay")}
+    where |= {
+        name: f"usertrail/{name}"
+        for name in ("stream", "sink", "migrations", "replay", "collector")
+    }
     for folder, package in where.items():
         for path in (ROOT / folder).rglob("*"):
             if path.is_file() and "__pycache__" not in path.parts:

@@ -142,11 +142,27 @@ def add(sub: Any, common: argparse.ArgumentParser) -> None:
         "working within 5 seconds on every running collector.",
     )
     keys_sub = keys_parser.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
-    create = keys_sub.add_parser("create", parents=[common], help="make a key for a source")
+    create = keys_sub.add_parser(
+        "create",
+        parents=[common],
+        help="make a key for a source",
+        description="Make an API key whose events get SOURCE; print it once (only its hash "
+        "is stored).",
+    )
     create.add_argument("--source", required=True, help="the app the key's events come from")
     create.add_argument("--name", help="a note for people (who holds it, where it is used)")
-    listing = keys_sub.add_parser("list", parents=[common], help="every key, revoked ones too")
-    revoke = keys_sub.add_parser("revoke", parents=[common], help="stop a key from working")
+    listing = keys_sub.add_parser(
+        "list",
+        parents=[common],
+        help="every key, revoked ones too",
+        description="Every key: id, source, when it was made and revoked, its note.",
+    )
+    revoke = keys_sub.add_parser(
+        "revoke",
+        parents=[common],
+        help="stop a key from working",
+        description="Revoke a key by its id; running collectors refuse it within 5 seconds.",
+    )
     revoke.add_argument("id", help="the key's id (usertrail keys list)")
     for parser in (create, listing, revoke):
         parser.add_argument("--json", action="store_true", help="JSON for machines")
