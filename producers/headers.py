@@ -24,20 +24,30 @@ STATIC: Headers = (
 )
 
 
-def _injector() -> Callable[[dict[str, Any]], None] | None:
+def _injector() -> tuple[Callable[[dict[str, Any]], None], Callable[[], bool]] | None:
     try:
-        from opentelemetry import propagate
+        from opentelemetry import propagate, trace
     except ImportError:
         return None
-    return propagate.inject
+
+    def in_span() -> bool:
+        # what the W3C propagator checks before it writes traceparent: no
+        # valid span, no trace headers, and the propagators are not asked
+        # (measured: they were a sixth of the SDK's time per event)
+        return bool(trace.get_current_span().get_span_context().is_valid)
+
+    return propagate.inject, in_span
 
 
-_inject = _injector()
+_tracing = _injector()
 
 
 def for_event() -> Headers:
     """The headers of an event sent now (in the current span, if any)."""
-    if _inject is None:
+    if _tracing is None:
+        return STATIC
+    _inject, in_span = _tracing
+    if not in_span():
         return STATIC
     carrier: dict[str, Any] = {}
     _inject(carrier)
