@@ -208,18 +208,14 @@ def build_app(collector: Collector) -> web.Application:
         key = _key_of(request)
         source = collector.keys.source_for(key) if key else None
         if source is None:
-            return web.json_response(
-                {
-                    "error": {
-                        "code": "unauthorized",
-                        "message": "an API key is needed (Authorization: Bearer <key>, "
-                        "X-Usertrail-Key, or ?key=)"
-                        if not key
-                        else "unknown or revoked API key",
-                    }
-                },
-                status=401,
-                headers={"WWW-Authenticate": 'Bearer realm="usertrail"'},
+            return _error(
+                401,
+                "unauthorized",
+                "unknown or revoked API key"
+                if key
+                else "an API key is needed (Authorization: Bearer <key>, X-Usertrail-Key, "
+                "or ?key=)",
+                **{"WWW-Authenticate": 'Bearer realm="usertrail"'},
             )
         if request.content_type not in ALLOWED_TYPES:
             return _error(

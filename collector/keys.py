@@ -11,12 +11,15 @@ within ``REFRESH_SECONDS``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import logging
 import secrets
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 import psycopg
 from usertrail.producers.events import check_source
@@ -56,54 +59,50 @@ def split(key: str) -> tuple[str, str] | None:
     return key_id, secret
 
 
-def _missing_table(exc: psycopg.Error) -> UsertrailError:
-    return ConfigurationError(
-        "the database has no API key table: run `usertrail db migrate` first"
-        if isinstance(exc, psycopg.errors.UndefinedTable)
-        else f"cannot read the API keys: {exc}"
-    )
+@contextlib.contextmanager
+def _keys_table(dsn: str, **options: Any) -> Iterator[psycopg.Connection[Any]]:
+    """A connection to the database holding the keys; a database that was
+    never migrated is said in one line (the command's exit code 2)."""
+    try:
+        with psycopg.connect(dsn, **options) as conn:
+            yield conn
+    except psycopg.errors.UndefinedTable:
+        raise ConfigurationError(
+            "the database has no API key table: run `usertrail db migrate` first"
+        ) from None
 
 
 def create(dsn: str, source: str, name: str | None = None) -> tuple[ApiKey, str]:
     """A new key for ``source``: its row and the key itself (shown once)."""
     check_source(source)
     key_id, secret = secrets.token_hex(6), secrets.token_urlsafe(24)
-    try:
-        with psycopg.connect(dsn) as conn:
-            row = conn.execute(
-                "INSERT INTO usertrail_api_keys (id, source, name, secret_sha256) "
-                "VALUES (%s, %s, %s, %s) RETURNING created_at",
-                (key_id, source, name, _digest(secret)),
-            ).fetchone()
-    except psycopg.errors.UndefinedTable as exc:
-        raise _missing_table(exc) from None
+    with _keys_table(dsn) as conn:
+        row = conn.execute(
+            "INSERT INTO usertrail_api_keys (id, source, name, secret_sha256) "
+            "VALUES (%s, %s, %s, %s) RETURNING created_at",
+            (key_id, source, name, _digest(secret)),
+        ).fetchone()
     assert row is not None
     return ApiKey(key_id, source, name, row[0], None), f"{PREFIX}{key_id}_{secret}"
 
 
 def list_keys(dsn: str) -> list[ApiKey]:
-    try:
-        with psycopg.connect(dsn) as conn:
-            rows = conn.execute(
-                "SELECT id, source, name, created_at, revoked_at FROM usertrail_api_keys "
-                "ORDER BY created_at, id"
-            ).fetchall()
-    except psycopg.errors.UndefinedTable as exc:
-        raise _missing_table(exc) from None
+    with _keys_table(dsn) as conn:
+        rows = conn.execute(
+            "SELECT id, source, name, created_at, revoked_at FROM usertrail_api_keys "
+            "ORDER BY created_at, id"
+        ).fetchall()
     return [ApiKey(*row) for row in rows]
 
 
 def revoke(dsn: str, key_id: str) -> ApiKey:
     """Revoke a key (again: no change); UnknownKeyError when there is none."""
-    try:
-        with psycopg.connect(dsn) as conn:
-            row = conn.execute(
-                "UPDATE usertrail_api_keys SET revoked_at = coalesce(revoked_at, now()) "
-                "WHERE id = %s RETURNING id, source, name, created_at, revoked_at",
-                (key_id,),
-            ).fetchone()
-    except psycopg.errors.UndefinedTable as exc:
-        raise _missing_table(exc) from None
+    with _keys_table(dsn) as conn:
+        row = conn.execute(
+            "UPDATE usertrail_api_keys SET revoked_at = coalesce(revoked_at, now()) "
+            "WHERE id = %s RETURNING id, source, name, created_at, revoked_at",
+            (key_id,),
+        ).fetchone()
     if row is None:
         raise UnknownKeyError(f"no API key {key_id!r} (usertrail keys list shows them)")
     return ApiKey(*row)
@@ -118,14 +117,10 @@ class KeyRing:
         self._refresher: asyncio.Task[None] | None = None
 
     def load(self) -> int:
-        try:
-            with psycopg.connect(self._dsn, connect_timeout=5) as conn:
-                rows = conn.execute(
-                    "SELECT id, secret_sha256, source FROM usertrail_api_keys "
-                    "WHERE revoked_at IS NULL"
-                ).fetchall()
-        except psycopg.errors.UndefinedTable as exc:
-            raise _missing_table(exc) from None
+        with _keys_table(self._dsn, connect_timeout=5) as conn:
+            rows = conn.execute(
+                "SELECT id, secret_sha256, source FROM usertrail_api_keys WHERE revoked_at IS NULL"
+            ).fetchall()
         self._keys = {key_id: (digest, source) for key_id, digest, source in rows}
         return len(self._keys)
 

@@ -41,7 +41,6 @@ class BatchQueue(Generic[T]):
         self._room.set()
         self._task: asyncio.Task[None] | None = None
         self._failed: BaseException | None = None
-        self.batches = 0
 
     @property
     def waiting(self) -> int:
@@ -83,7 +82,6 @@ class BatchQueue(Generic[T]):
                 batch = self._waiting[: self._batch_max]
                 del self._waiting[: self._batch_max]
                 self._room.set()
-                self.batches += 1
                 await self._fold(batch)
         except Exception as exc:  # noqa: BLE001  # the agent raises it at its next put
             self._failed = exc
