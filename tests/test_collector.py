@@ -26,7 +26,7 @@ from usertrail.collector.openapi import document
 from usertrail.producers import decode
 from usertrail.producers.ids import uuid7
 
-from tests.conftest import Broker, read_all, unique
+from tests.conftest import Broker, kafka_cluster, read_all, unique
 from tests.sink.conftest import query
 from tests.workers import count_rows, sink_process, wait_for
 from usertrail.embedded import EmbeddedBroker, free_port
@@ -240,12 +240,12 @@ async def test_every_accepted_event_becomes_a_row(
 
 @pytest.mark.xdist_group("heavy")
 async def test_every_refusal_is_json_with_its_status(
-    kafka1: Broker,
+    broker: Broker,
     settings_factory: Callable[..., Settings],
     database_url: str,
     collector_factory: Callable[..., CollectorProcess],
 ) -> None:
-    settings = settings_factory(kafka1)
+    settings = settings_factory(broker)
     await ensure_topics(settings)
     key = new_key(settings, database_url, "web-app")["key"]
     revoked = new_key(settings, database_url, "old-app")
@@ -323,9 +323,32 @@ async def test_every_refusal_is_json_with_its_status(
     assert collector.stop() == 0
 
 
+@pytest.fixture(params=["tansu", "kafka"])
+def freezable(
+    request: pytest.FixtureRequest,
+    broker_factory: Callable[..., EmbeddedBroker],
+    tmp_path: Path,
+) -> Iterator[tuple[Broker, Callable[[], None], Callable[[], None]]]:
+    """A broker of the test's own (frozen, it would stall every other test
+    on a shared one), with what freezes and thaws it (SIGSTOP, SIGCONT)."""
+    if request.param == "tansu":
+        tansu = broker_factory()
+        assert tansu.pid is not None
+        pid = tansu.pid
+        yield tansu, lambda: os.kill(pid, signal.SIGSTOP), lambda: os.kill(pid, signal.SIGCONT)
+        return
+    cluster = kafka_cluster(tmp_path / "kafka", brokers=1)
+    cluster.start()
+    try:
+        node = cluster.nodes[0]
+        yield cluster, node.pause, node.resume
+    finally:
+        cluster.kill()
+
+
 @pytest.mark.xdist_group("heavy")
 async def test_frozen_broker_means_429_then_a_stop_delivers_everything(
-    broker_factory: Callable[..., EmbeddedBroker],
+    freezable: tuple[Broker, Callable[[], None], Callable[[], None]],
     settings_factory: Callable[..., Settings],
     database_url: str,
     collector_factory: Callable[..., CollectorProcess],
@@ -333,8 +356,8 @@ async def test_frozen_broker_means_429_then_a_stop_delivers_everything(
     """A broker that stops answering fills the source's buffer: the next
     request is 429 with Retry-After, nothing waits. Once the broker is back,
     SIGTERM delivers everything the collector accepted."""
-    tansu = broker_factory()
-    settings = settings_factory(tansu)
+    broker, freeze, thaw = freezable
+    settings = settings_factory(broker)
     await ensure_topics(settings)
     key = new_key(settings, database_url, "web-app")["key"]
     collector = collector_factory(
@@ -350,8 +373,7 @@ async def test_frozen_broker_means_429_then_a_stop_delivers_everything(
         assert status == 202  # the source's client is up
         accepted += [r["eventId"] for r in body["results"]]
         await asyncio.sleep(1)
-        assert tansu.pid is not None
-        os.kill(tansu.pid, signal.SIGSTOP)
+        freeze()
         try:
             refused = None
             for b in range(10):
@@ -368,7 +390,7 @@ async def test_frozen_broker_means_429_then_a_stop_delivers_everything(
             assert int(refused["Retry-After"]) >= 1
             assert body["error"]["code"] == "buffer_full"
         finally:
-            os.kill(tansu.pid, signal.SIGCONT)
+            thaw()
     assert collector.stop() == 0
     records = await read_all(settings, settings.events_topic, expected=len(accepted))
     assert {decode(v or b"").event_id for _, _, v in records} == set(accepted)
@@ -376,14 +398,14 @@ async def test_frozen_broker_means_429_then_a_stop_delivers_everything(
 
 @pytest.mark.xdist_group("heavy")
 def test_generated_requests_never_get_a_server_error(
-    kafka1: Broker,
+    broker: Broker,
     settings_factory: Callable[..., Settings],
     database_url: str,
     collector_factory: Callable[..., CollectorProcess],
 ) -> None:
     """schemathesis sends what the OpenAPI description allows, and what it
     does not (its coverage phase), with a valid key: never a 5xx."""
-    settings = settings_factory(kafka1)
+    settings = settings_factory(broker)
     asyncio.run(ensure_topics(settings))
     key = new_key(settings, database_url, "fuzz")["key"]
     collector = collector_factory(settings, database_url, "--max-events", "20")

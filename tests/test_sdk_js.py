@@ -1,5 +1,5 @@
 """The TypeScript client (sdk-js/): built with npm and tested with Node's own
-test runner against a collector process on a real broker; every event the
+test runner against a collector process on each broker (tansu, Apache Kafka); every event the
 collector accepted from it is then read back from the events topic. The
 types it is built from are the contract's JSON Schemas, and those must be
 the ones the contract exports today."""
@@ -14,6 +14,7 @@ import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from usertrail.producers import decode
 from usertrail.producers.events import json_schemas
 
@@ -42,14 +43,15 @@ def _npm(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedP
     )
 
 
+@pytest.mark.xdist_group("sdk-js")  # one npm ci at a time in sdk-js/
 def test_typescript_client_against_a_running_collector(
-    kafka1: Broker,
+    broker: Broker,
     settings_factory: Callable[..., Settings],
     database_url: str,
     collector_factory: Callable[..., CollectorProcess],
     tmp_path: Path,
 ) -> None:
-    settings = settings_factory(kafka1)
+    settings = settings_factory(broker)
     asyncio.run(ensure_topics(settings))
     key = new_key(settings, database_url, "js-app")["key"]
     collector = collector_factory(settings, database_url)
