@@ -38,6 +38,7 @@ from tests.workers import (
     wait_for_profile,
     want,
     worker_view,
+    written_through,
 )
 from usertrail.apache_kafka import KafkaCluster, KafkaNode
 from usertrail.embedded import free_port
@@ -436,6 +437,7 @@ async def test_three_brokers_killed_restarted_and_frozen_lose_nothing(
                 f"after every row arrived (e.g. {behind[:5]})\n"
                 + _tails(tmp_path, "stream*.log", 60)
             )
+        await written_through(supervisor, settings, database_url, group)
     finally:  # also when a fault step itself fails: no worker outlives the test
         if watching is not None:
             watching.cancel()

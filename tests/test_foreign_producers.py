@@ -16,7 +16,6 @@ from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer
 from confluent_kafka import KafkaError, Message, Producer
 from usertrail.producers.client import TrackingClient
 from usertrail.producers.events import decode
@@ -29,12 +28,12 @@ from tests.workers import (
     changelog_states,
     cli,
     count_rows,
+    sink_at_the_end,
     sink_process,
     stream_process,
     wait_for_profile,
 )
 from usertrail.embedded import free_port
-from usertrail.kafka import high_waters, partitions_of
 from usertrail.settings import Settings
 from usertrail.topics import TopicSpec, ensure_topics
 
@@ -330,31 +329,6 @@ def stream_caught_up(web_port: int) -> bool:
         if attempt == 0:
             time.sleep(1)
     return True
-
-
-async def sink_at_the_end(settings: Settings, url: str, group: str) -> bool:
-    """Whether the sink's stored positions are at the high-water marks of the
-    events and profiles topics."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap_servers, group_id=None)
-    await consumer.start()
-    try:
-        ends = {}
-        for topic in (settings.events_topic, settings.profiles_topic):
-            tps = await partitions_of(consumer, topic)
-            consumer.assign(tps)
-            for p, end in (await high_waters(consumer, tps)).items():
-                ends[(topic, p)] = end
-    finally:
-        await consumer.stop()
-    stored = {
-        (t, p): o
-        for t, p, o in query(
-            url,
-            "SELECT topic, partition, next_offset FROM usertrail_positions WHERE consumer = %s",
-            (group,),
-        )
-    }
-    return all(stored.get(k, 0) >= end for k, end in ends.items())
 
 
 async def test_a_grown_events_topic_is_refused_by_every_part(

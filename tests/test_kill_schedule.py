@@ -33,6 +33,7 @@ from tests.workers import (
     sink_process,
     stream_process,
     want,
+    written_through,
 )
 from usertrail.apache_kafka import KafkaCluster
 from usertrail.embedded import EmbeddedBroker, free_port
@@ -134,6 +135,7 @@ async def test_a_kill_schedule_loses_nothing_and_counts_nothing_twice(
         expected = want(await events_by_user(settings, len(traffic.sent)))
         assert await caught_up(settings, expected) == expected
         profiles_at = time.monotonic() - last_fault
+        await written_through(supervisor, settings, database_url, group)
     finally:
         watching.cancel()
         supervisor.stop_all()

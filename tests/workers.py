@@ -28,7 +28,7 @@ from usertrail.stream.segments import load_rules, segment
 from usertrail.stream.state import is_user_key, load_state
 
 from tests.sink.conftest import query
-from usertrail.kafka import partitions_of, stop_within
+from usertrail.kafka import high_waters, partitions_of, stop_within
 from usertrail.settings import Settings
 
 RULES = load_rules()
@@ -545,3 +545,47 @@ class Supervisor:
                 proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 kill(proc)
+
+
+async def sink_at_the_end(settings: Settings, url: str, group: str) -> bool:
+    """Whether the sink's stored positions are at the high-water marks of the
+    events and profiles topics."""
+    consumer = AIOKafkaConsumer(**settings.kafka_options(), group_id=None)
+    await consumer.start()
+    try:
+        ends = {}
+        for topic in (settings.events_topic, settings.profiles_topic):
+            tps = await partitions_of(consumer, topic)
+            consumer.assign(tps)
+            for p, end in (await high_waters(consumer, tps)).items():
+                ends[(topic, p)] = end
+    finally:
+        await consumer.stop()
+    stored = {
+        (t, p): o
+        for t, p, o in query(
+            url,
+            "SELECT topic, partition, next_offset FROM usertrail_positions WHERE consumer = %s",
+            (group,),
+        )
+    }
+    return all(stored.get(k, 0) >= end for k, end in ends.items())
+
+
+async def written_through(
+    supervisor: Supervisor, settings: Settings, url: str, group: str, timeout: float = 60
+) -> None:
+    """Stops the stream workers (no profile is published after) and waits
+    until the sinks of ``group`` have written both topics to their ends:
+    ``verify`` compares ``user_vectors`` with every profile in the log, and a
+    stream's table can be up to date before the sink has its last profiles."""
+    streams = [name for name in supervisor.procs if name.startswith("stream")]
+    for name in streams:
+        supervisor.stop(name)
+    for name in streams:
+        await asyncio.to_thread(supervisor.procs[name][1].wait, 60)
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not await sink_at_the_end(settings, url, group):
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"the sinks were not at both topics' ends {timeout:.0f} s on")
+        await asyncio.sleep(0.2)
