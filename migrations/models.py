@@ -235,6 +235,59 @@ class ApiKey(Base):
     revoked_at: Mapped[datetime | None] = mapped_column(TIMESTAMP(timezone=True))
 
 
+# The analytics rollups (migration 0009, kept by triggers; docs/analytics.md)
+ROLLUPS = (
+    sa.Table(
+        "usertrail_rollup_services",
+        Base.metadata,
+        sa.Column("service", sa.Text, primary_key=True),
+        sa.Column("interactions", sa.BigInteger, nullable=False),
+        sa.Column("ratings", sa.BigInteger, nullable=False),
+        sa.Column("rating_sum", sa.BigInteger, nullable=False),
+        sa.Column("users", sa.BigInteger, nullable=False),
+        sa.PrimaryKeyConstraint("service", name="usertrail_rollup_services_pkey"),
+    ),
+    sa.Table(
+        "usertrail_rollup_service_users",
+        Base.metadata,
+        sa.Column("service", sa.Text, primary_key=True),
+        sa.Column("userId", sa.Text, primary_key=True),
+        sa.Column("interactions", sa.BigInteger, nullable=False),
+        sa.PrimaryKeyConstraint("service", "userId", name="usertrail_rollup_service_users_pkey"),
+    ),
+    sa.Table(
+        "usertrail_rollup_engagement",
+        Base.metadata,
+        sa.Column("bucket", TIMESTAMP(), primary_key=True),
+        sa.Column("type", sa.Text, primary_key=True),
+        sa.Column("interactions", sa.Integer, nullable=False),
+        sa.PrimaryKeyConstraint("bucket", "type", name="usertrail_rollup_engagement_pkey"),
+    ),
+    sa.Table(
+        "usertrail_rollup_themes",
+        Base.metadata,
+        sa.Column("theme", sa.Text, primary_key=True),
+        sa.Column("interactions", sa.BigInteger, nullable=False),
+        sa.Column("ratings", sa.BigInteger, nullable=False),
+        sa.Column("rating_sum", sa.BigInteger, nullable=False),
+        sa.PrimaryKeyConstraint("theme", name="usertrail_rollup_themes_pkey"),
+    ),
+    sa.Table(
+        "usertrail_rollup_segments",
+        Base.metadata,
+        sa.Column("segment", sa.Text),
+        sa.Column("users", sa.BigInteger, nullable=False),
+        sa.Column("confidences", sa.BigInteger, nullable=False),
+        sa.Column("confidence_sum", sa.Numeric, nullable=False),
+        sa.UniqueConstraint(
+            "segment",
+            name="usertrail_rollup_segments_segment_key",
+            postgresql_nulls_not_distinct=True,
+        ),
+    ),
+)
+
+
 PRODUCT_TABLES = ("User", "UserInteraction", "UserPreferences", "user_vectors")
 PIPELINE_TABLES = (
     "usertrail_positions",
@@ -243,4 +296,6 @@ PIPELINE_TABLES = (
     "usertrail_in_flight",
     "usertrail_seen_events",
     "usertrail_api_keys",
+    *(t.name for t in ROLLUPS),
 )
+ROLLUP_TABLES = tuple(t.name for t in ROLLUPS)

@@ -24,6 +24,7 @@ import psycopg
 from aiokafka import AIOKafkaConsumer
 from psycopg.conninfo import make_conninfo
 from usertrail.migrations import runner
+from usertrail.migrations.models import ROLLUP_TABLES
 from usertrail.sink.consumer import GROUP, Sink, SinkOptions
 
 from usertrail import deadletters, liveness
@@ -41,8 +42,10 @@ REBUILT = (
     "user_vectors",
     "usertrail_seen_events",
     "usertrail_positions",
+    *ROLLUP_TABLES,
 )
-"""Swapped in: the projections and the positions they were written up to."""
+"""Swapped in: the projections, their rollups (kept by triggers as the
+shadow tables were written) and the positions they were written up to."""
 
 # What identifies a row, and the columns compared (what the log decides:
 # ids and createdAt the database gives by default are left out)

@@ -38,6 +38,9 @@ DOWN = {"KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:1", "DATABASE_URL": "postgresql://
         ("db status", 5),
         ("db validate", 5),
         ("segments backfill", 5),
+        ("analytics services", 5),
+        ("analytics engagement --days 7", 5),
+        ("dashboard", 5),
     ],
 )
 def test_a_broker_or_database_that_is_down_is_one_line_and_an_exit_code(

@@ -22,6 +22,7 @@ MAY_IMPORT = {
     "migrations": {"core", "migrations"},
     "replay": {"core", "producers", "stream", "sink", "migrations", "replay"},
     "collector": {"core", "producers", "collector"},
+    "analytics": {"core", "analytics"},
 }
 FOLDERS = {
     "producers": "producers",
@@ -30,6 +31,7 @@ FOLDERS = {
     "migrations": "migrations",
     "replay": "replay",
     "collector": "collector",
+    "analytics": "analytics",
     "usertrail": "core",
 }
 PURE = [

@@ -34,7 +34,7 @@ def test_mypy_strict_passes(tmp_path: Path) -> None:
     tree.mkdir()
     for path in (ROOT / "usertrail").iterdir():
         (tree / path.name).symlink_to(path)
-    for part in ("producers", "stream", "sink", "migrations", "replay", "collector"):
+    for part in ("producers", "stream", "sink", "migrations", "replay", "collector", "analytics"):
         (tree / part).symlink_to(ROOT / part)
     result = subprocess.run(
         [

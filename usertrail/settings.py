@@ -92,6 +92,12 @@ class Settings(BaseSettings):
     # events each source's client holds unacknowledged; a request whose valid
     # events do not fit is answered 429 (Retry-After)
     collector_buffer_events: int = Field(default=20_000, ge=1)
+    # the analytics (`usertrail analytics`, `usertrail dashboard`; analytics/):
+    # the product's time zone, whose days the engagement report counts in (an
+    # IANA name), and where the dashboard listens
+    analytics_timezone: str = "UTC"
+    dashboard_host: str = "127.0.0.1"
+    dashboard_port: int = Field(default=8788, ge=1, le=65535)
     # where a stream worker keeps its table: "rocksdb" (on disk under the data
     # directory, recovered from there plus the changelog's tail: stream/store.py),
     # "memory" (re-read from the changelog at every start), or "auto": rocksdb on

@@ -103,6 +103,9 @@ async def test_replay_db_swaps_in_tables_equal_to_the_live_ones(
     out = capsys.readouterr().out
     assert f"{victim}: missing from the live table" in out
     assert "demo-00001: differs" in out
+    # the rollups followed the hand-made changes: they still equal the rows
+    assert await cli(settings, "verify", "--only", "analytics") == 0
+    assert "0 differ" in capsys.readouterr().out
 
     # a sink of the group is running: refused, nothing touched
     lock = liveness.hold_worker_lock(settings, GROUP)
@@ -120,6 +123,26 @@ async def test_replay_db_swaps_in_tables_equal_to_the_live_ones(
     assert await cli(settings, "verify", "--only", "database") == 0
     schemas = query(url, "SELECT nspname FROM pg_namespace WHERE nspname LIKE 'usertrail_%'")
     assert schemas == []
+    # the swapped-in tables came with their rollups, and their triggers keep them
+    assert await cli(settings, "verify", "--only", "analytics") == 0
+    service, n = query(url, "SELECT service, interactions FROM usertrail_rollup_services LIMIT 1")[
+        0
+    ]
+    query(
+        url,
+        'INSERT INTO "UserInteraction" (id, "userId", type, service) '
+        "VALUES ('extra', 'demo-00001', 'chat', %s) RETURNING id",
+        (service,),
+    )
+    assert query(
+        url, "SELECT interactions FROM usertrail_rollup_services WHERE service = %s", (service,)
+    ) == [(n + 1,)]
+    assert await cli(settings, "verify", "--only", "analytics") == 0
+    query(url, "DELETE FROM \"UserInteraction\" WHERE id = 'extra' RETURNING id")
+    assert query(
+        url, "SELECT interactions FROM usertrail_rollup_services WHERE service = %s", (service,)
+    ) == [(n,)]
+    capsys.readouterr()
 
     # rows the log does not hold (a reset log would lose them all): verify
     # counts them all, replay db refuses to drop them, --allow-shrink drops them

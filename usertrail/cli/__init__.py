@@ -19,7 +19,7 @@ from aiokafka.errors import KafkaError
 from pydantic import ValidationError
 
 from usertrail import __version__, logs
-from usertrail.cli import admin, collector, replay, up, workers
+from usertrail.cli import admin, analytics, collector, replay, up, workers
 from usertrail.cli.common import common_options, settings_from
 from usertrail.errors import BrokerUnavailableError, DatabaseUnavailableError, UsertrailError
 from usertrail.settings import Settings
@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"usertrail {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for group in (up, workers, collector, replay, admin):
+    for group in (up, workers, collector, analytics, replay, admin):
         group.add(sub, common)
     return parser
 
@@ -57,7 +57,7 @@ def _fail(exc: UsertrailError, log_format: str = "text") -> int:
     return exc.exit_code
 
 
-WORKER_COMMANDS = ("up", "sink", "stream", "collector")
+WORKER_COMMANDS = ("up", "sink", "stream", "collector", "dashboard")
 """The long-running commands: they log what the broker's outages do to them."""
 
 

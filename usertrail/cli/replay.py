@@ -8,6 +8,8 @@ import asyncio
 import time
 from typing import Any
 
+import psycopg
+
 from usertrail.cli.common import (
     Progress,
     add_rules_argument,
@@ -120,6 +122,23 @@ def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
         if len(disagree) > args.limit:
             print(f"  ... and {len(disagree) - args.limit:,} more")
         different |= bool(disagree)
+    if args.only in (None, "analytics"):
+        from usertrail.analytics.reports import EXACT, REPORTS, Window, compare
+
+        async def analytics() -> list[str]:
+            async with await psycopg.AsyncConnection.connect(
+                settings.database_dsn(), autocommit=True
+            ) as conn:
+                return await compare(conn, Window.of(settings.analytics_timezone))
+
+        wrong = asyncio.run(analytics())
+        print(
+            f"analytics: {len(REPORTS) + len(EXACT)} rollup checks against the seeds' SQL over "
+            f"the rows, {len(wrong)} differ"
+        )
+        for name in wrong:
+            print(f"  {name}: differs")
+        different |= bool(wrong)
     return 1 if different else 0
 
 
@@ -249,16 +268,18 @@ def add(sub: Any, common: argparse.ArgumentParser) -> None:
         "projections into scratch shadow tables and compare them with the live tables; "
         "compare every live profile with SQL over the rows (counts by type, service and "
         "theme, ratings, first and last activity, preferences, and favourite themes by the "
-        "seed's query), which shares nothing with the fold. "
+        "seed's query), which shares nothing with the fold; compare the analytics rollups "
+        "with the seeds' own SQL over the rows. "
         "Prints per table the counts and each differing key; exit code 1 on any difference. "
         "Nothing live is written.",
     )
     add_rules_argument(verify)
     verify.add_argument(
         "--only",
-        choices=["profiles", "database", "rows"],
+        choices=["profiles", "database", "rows", "analytics"],
         help="check only the stream's profiles against the log, only the database against "
-        "the log, or only the profiles against the rows (default: all three)",
+        "the log, only the profiles against the rows, or only the analytics rollups against "
+        "the seeds' SQL over the rows (default: all four)",
     )
     verify.add_argument(
         "--limit", type=int, default=50, metavar="N", help="differences listed (default 50)"
