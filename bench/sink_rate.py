@@ -33,7 +33,7 @@ from usertrail.sink.rows import interaction_copy_rows
 from usertrail.embedded import EmbeddedPostgres, free_port
 from usertrail.runtime import tune_gc
 from usertrail.settings import Settings
-from usertrail.topics import TopicSpec, ensure_topics
+from usertrail.topics import ensure_topics
 
 USERS = 5000
 
@@ -124,11 +124,12 @@ async def main() -> None:
             base = Settings(
                 kafka_bootstrap_servers=broker.bootstrap_servers,
                 events_topic="bench.events",
+                events_partitions=8,
                 data_dir=Path(tmp),
                 group_session_timeout_ms=2000,
                 group_heartbeat_interval_ms=200,
             )
-            await ensure_topics(base, [TopicSpec("bench.events", 8)])
+            await ensure_topics(base)  # the events topic, 8 partitions, and the profiles topic
             producer = AIOKafkaProducer(
                 bootstrap_servers=broker.bootstrap_servers, linger_ms=20, max_batch_size=512 * 1024
             )
