@@ -238,7 +238,6 @@ async def test_every_accepted_event_becomes_a_row(
     assert rows == set(accepted)
 
 
-@pytest.mark.xdist_group("heavy")
 async def test_every_refusal_is_json_with_its_status(
     broker: Broker,
     settings_factory: Callable[..., Settings],
@@ -396,7 +395,6 @@ async def test_frozen_broker_means_429_then_a_stop_delivers_everything(
     assert {decode(v or b"").event_id for _, _, v in records} == set(accepted)
 
 
-@pytest.mark.xdist_group("heavy")
 def test_generated_requests_never_get_a_server_error(
     broker: Broker,
     settings_factory: Callable[..., Settings],

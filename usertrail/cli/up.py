@@ -26,10 +26,11 @@ def _raise_stop(signum: int, frame: FrameType | None) -> None:
 
 def _worker_list(text: str) -> list[str]:
     names = [] if text.strip() == "none" else [n.strip() for n in text.split(",") if n.strip()]
-    unknown = sorted(set(names) - {"stream", "sink"})
+    unknown = sorted(set(names) - {"stream", "sink", "dashboard"})
     if unknown or not text.strip():
         raise argparse.ArgumentTypeError(
-            f"unknown worker(s) {unknown}: give stream, sink, stream,sink or none"
+            f"unknown worker(s) {unknown}: give some of stream, sink, dashboard "
+            "(comma-separated), or none"
         )
     return list(dict.fromkeys(names))
 
@@ -85,6 +86,8 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
             "stream": "stream (profiles and segments; GET "
             f"http://127.0.0.1:{settings.stream_web_port}/profiles/ID)",
             "sink": "sink (usertrail.events and usertrail.profiles -> PostgreSQL)",
+            "dashboard": "dashboard (analytics: "
+            f"http://{settings.dashboard_host}:{settings.dashboard_port}/)",
         }
         for i, name in enumerate(chosen):
             print(f"  {'workers:' if i == 0 else '':<12}{described[name]}")
@@ -166,9 +169,10 @@ def add(sub: Any, common: argparse.ArgumentParser) -> None:
         type=_worker_list,
         default=["stream", "sink"],
         metavar="LIST",
-        help="which workers to run: stream,sink (default), one of them, or none; for "
-        "example --workers sink while replaying the stream on the embedded broker, whose "
-        "topics live only as long as `up` runs",
+        help="which workers to run: stream,sink (default), one of them, or none, and "
+        "dashboard for the analytics page (stream,sink,dashboard); for example --workers "
+        "sink while replaying the stream on the embedded broker, whose topics live only as "
+        "long as `up` runs",
     )
     up.add_argument(
         "--broker",
