@@ -101,13 +101,15 @@ def _pct(part: int, whole: int) -> float | None:
 
 # --- from the rollups -------------------------------------------------------
 
+# the rollups hold rows to add up per key (one each after a compaction)
 SERVICES = (
-    "SELECT service, interactions, users, ratings, rating_sum FROM usertrail_rollup_services "
-    "WHERE interactions > 0 ORDER BY interactions DESC, service"
+    "SELECT service, sum(interactions), sum(users), sum(ratings), sum(rating_sum) "
+    "FROM usertrail_rollup_services GROUP BY service HAVING sum(interactions) > 0 "
+    "ORDER BY 2 DESC, 1"
 )
 THEMES = (
-    "SELECT theme, interactions, ratings, rating_sum FROM usertrail_rollup_themes "
-    "WHERE interactions > 0 ORDER BY interactions DESC, theme"
+    "SELECT theme, sum(interactions), sum(ratings), sum(rating_sum) FROM usertrail_rollup_themes "
+    "GROUP BY theme HAVING sum(interactions) > 0 ORDER BY 2 DESC, 1"
 )
 ENGAGEMENT = (
     # the day of a bucket by a binary search among the days' first instants
@@ -117,8 +119,8 @@ ENGAGEMENT = (
     "GROUP BY 1, 2 HAVING sum(interactions) > 0 ORDER BY 1, 2"
 )
 SEGMENTS = (
-    "SELECT segment, users, confidences, confidence_sum FROM usertrail_rollup_segments "
-    "WHERE users > 0"
+    "SELECT segment, sum(users), sum(confidences), sum(confidence_sum) "
+    "FROM usertrail_rollup_segments GROUP BY segment HAVING sum(users) > 0"
 )
 
 
@@ -286,13 +288,14 @@ async def from_rollups(conn: psycopg.AsyncConnection[Any], window: Window) -> di
 # every rollup row against the rows, beyond what one report's window shows
 EXACT = {
     "engagement buckets": (
-        "SELECT bucket, type, interactions FROM usertrail_rollup_engagement "
-        "WHERE interactions <> 0",
+        "SELECT bucket, type, sum(interactions) FROM usertrail_rollup_engagement "
+        "GROUP BY 1, 2 HAVING sum(interactions) <> 0",
         "SELECT date_bin('15 minutes', \"createdAt\", TIMESTAMP '2000-01-01'), type, count(*) "
         'FROM "UserInteraction" WHERE "createdAt" IS NOT NULL GROUP BY 1, 2',
     ),
     "users per service": (
-        'SELECT service, "userId", interactions FROM usertrail_rollup_service_users',
+        'SELECT service, "userId", interactions FROM usertrail_rollup_service_users '
+        "WHERE interactions <> 0",
         'SELECT service, "userId", count(*) FROM "UserInteraction" GROUP BY 1, 2',
     ),
 }

@@ -235,42 +235,41 @@ class ApiKey(Base):
     revoked_at: Mapped[datetime | None] = mapped_column(TIMESTAMP(timezone=True))
 
 
-# The analytics rollups (migration 0009, kept by triggers; docs/analytics.md)
+# The analytics rollups (migration 0009, appended to by triggers, a row per key
+# after a compaction; docs/analytics.md)
 ROLLUPS = (
     sa.Table(
         "usertrail_rollup_services",
         Base.metadata,
-        sa.Column("service", sa.Text, primary_key=True),
+        sa.Column("service", sa.Text, nullable=False),
         sa.Column("interactions", sa.BigInteger, nullable=False),
         sa.Column("ratings", sa.BigInteger, nullable=False),
         sa.Column("rating_sum", sa.BigInteger, nullable=False),
         sa.Column("users", sa.BigInteger, nullable=False),
-        sa.PrimaryKeyConstraint("service", name="usertrail_rollup_services_pkey"),
     ),
     sa.Table(
         "usertrail_rollup_service_users",
         Base.metadata,
-        sa.Column("service", sa.Text, primary_key=True),
-        sa.Column("userId", sa.Text, primary_key=True),
+        sa.Column("service", sa.Text),
+        sa.Column("userId", sa.Text),
         sa.Column("interactions", sa.BigInteger, nullable=False),
         sa.PrimaryKeyConstraint("service", "userId", name="usertrail_rollup_service_users_pkey"),
     ),
     sa.Table(
         "usertrail_rollup_engagement",
         Base.metadata,
-        sa.Column("bucket", TIMESTAMP(), primary_key=True),
-        sa.Column("type", sa.Text, primary_key=True),
+        sa.Column("bucket", TIMESTAMP(), nullable=False),
+        sa.Column("type", sa.Text, nullable=False),
         sa.Column("interactions", sa.Integer, nullable=False),
-        sa.PrimaryKeyConstraint("bucket", "type", name="usertrail_rollup_engagement_pkey"),
+        sa.Index("usertrail_rollup_engagement_bucket_idx", "bucket"),
     ),
     sa.Table(
         "usertrail_rollup_themes",
         Base.metadata,
-        sa.Column("theme", sa.Text, primary_key=True),
+        sa.Column("theme", sa.Text, nullable=False),
         sa.Column("interactions", sa.BigInteger, nullable=False),
         sa.Column("ratings", sa.BigInteger, nullable=False),
         sa.Column("rating_sum", sa.BigInteger, nullable=False),
-        sa.PrimaryKeyConstraint("theme", name="usertrail_rollup_themes_pkey"),
     ),
     sa.Table(
         "usertrail_rollup_segments",
@@ -279,11 +278,6 @@ ROLLUPS = (
         sa.Column("users", sa.BigInteger, nullable=False),
         sa.Column("confidences", sa.BigInteger, nullable=False),
         sa.Column("confidence_sum", sa.Numeric, nullable=False),
-        sa.UniqueConstraint(
-            "segment",
-            name="usertrail_rollup_segments_segment_key",
-            postgresql_nulls_not_distinct=True,
-        ),
     ),
 )
 

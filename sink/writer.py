@@ -116,6 +116,11 @@ def _merge_profile(
     # else: an older message than one already in the batch: the newer stands
 
 
+COMPACT_SECONDS = 5.0
+"""How often a writer folds the analytics rollups back to a row per key
+(migration 0009: triggers append a row per key and statement)."""
+DEADLOCK_RETRIES = 5
+
 _SLICE = 16
 """Records prepared between two yields to the event loop. Every round trip of
 the batch being written waits for the next yield (its COPY data, the
@@ -251,6 +256,7 @@ class Writer:
         self.group = group
         self.unknown_users = unknown_users
         self._conn: psycopg.AsyncConnection[Any] | None = None
+        self._compacted_at = 0.0
         # Users known to exist in "User" (created or seen by this writer): not
         # inserted again. If the product deletes one, the foreign key says so,
         # and the cache is dropped and the batch written again.
@@ -384,16 +390,42 @@ class Writer:
         ``prepared`` may be applied again after a connection error."""
         try:
             try:
-                return await self._apply(prepared, positions)
+                result = await self._apply_retrying(prepared, positions)
             except psycopg.errors.ForeignKeyViolation:
                 if not self._known_users:
                     raise
                 self._known_users.clear()  # a user was deleted meanwhile
-                return await self._apply(prepared, positions)
+                result = await self._apply_retrying(prepared, positions)
+            await self._compact()
+            return result
         except (psycopg.DataError, psycopg.IntegrityError) as exc:
             # Bad data, not a bad database: find the record and dead-letter it.
             # (A ProgrammingError is a missing schema or our bug: it stops us.)
             return await self._isolate(prepared.records, exc, positions, prepared.classified)
+
+    async def _apply_retrying(self, prepared: Prepared, positions: bool) -> WriteResult:
+        """A transaction PostgreSQL chose as a deadlock's victim is written
+        again (two writers' rows of one user, or one event id in two
+        partitions, met in opposite orders)."""
+        for attempt in range(DEADLOCK_RETRIES):
+            try:
+                return await self._apply(prepared, positions)
+            except psycopg.errors.DeadlockDetected:
+                if attempt == DEADLOCK_RETRIES - 1:
+                    raise
+                log.info("a deadlock with another writer; writing the batch again")
+                await asyncio.sleep(0.05 * (attempt + 1))
+        raise AssertionError("unreachable")
+
+    async def _compact(self) -> None:
+        """The rollups' rows back to one per key, every few seconds, in a
+        transaction of its own (it waits for nobody: triggers only append)."""
+        now = asyncio.get_running_loop().time()
+        if now - self._compacted_at < COMPACT_SECONDS:
+            return
+        self._compacted_at = now
+        async with self.conn.transaction():
+            await self.conn.execute("SELECT usertrail_rollups_compact()")
 
     async def prepare(
         self,

@@ -21,7 +21,7 @@ from usertrail.settings import Settings
 
 ROOT = Path(__file__).parents[1]
 SOURCES = ["pyproject.toml", "README.md", "usertrail", "producers", "stream", "sink"]
-SOURCES += ["migrations", "replay", "collector"]
+SOURCES += ["migrations", "replay", "collector", "analytics"]
 PIPELINE = {
     "faust-streaming",
     "mode-streaming",
@@ -82,7 +82,7 @@ async def test_the_wheel_without_extras_is_the_sdk_and_sends(
     where = {"usertrail": "usertrail", "producers": "usertrail/producers"}
     where |= {
         name: f"usertrail/{name}"
-        for name in ("stream", "sink", "migrations", "replay", "collector")
+        for name in ("stream", "sink", "migrations", "replay", "collector", "analytics")
     }
     for folder, package in where.items():
         for path in (ROOT / folder).rglob("*"):

@@ -18,10 +18,14 @@ docs/analytics.md has the reports and why triggers.
 
 A TRUNCATE of either table empties its rollups.
 
-Deltas are applied with keys in order, and a transaction-scoped advisory
-lock (per schema) is taken first: two sinks never wait on each other's
-rollup rows in opposite orders (no deadlock). The functions live in public
-and find the rollups in the schema of the table that fired them, so the
+The counters are appended to, never updated: a statement adds one row per
+key it changed, so no transaction waits for another's rollup rows (two
+sinks write side by side, and cannot deadlock on them), and the reports add
+the rows up. ``usertrail_rollups_compact()`` folds them back to one row per
+key (the sink calls it every few seconds). Distinct users per service are
+kept exact by a row per service and user, which only that user's events
+touch. The functions live in public and find the rollups in the schema of
+the table that fired them (the compaction: in the current schema), so the
 shadow tables of ``replay db`` keep their own.
 
 Revision ID: 0009_rollups
@@ -41,8 +45,7 @@ CREATE TABLE usertrail_rollup_services (
   interactions BIGINT NOT NULL,
   ratings BIGINT NOT NULL,
   rating_sum BIGINT NOT NULL,
-  users BIGINT NOT NULL,
-  CONSTRAINT usertrail_rollup_services_pkey PRIMARY KEY (service)
+  users BIGINT NOT NULL
 );
 CREATE TABLE usertrail_rollup_service_users (
   service TEXT NOT NULL,
@@ -53,35 +56,33 @@ CREATE TABLE usertrail_rollup_service_users (
 CREATE TABLE usertrail_rollup_engagement (
   bucket TIMESTAMP NOT NULL,
   type TEXT NOT NULL,
-  interactions INTEGER NOT NULL,
-  CONSTRAINT usertrail_rollup_engagement_pkey PRIMARY KEY (bucket, type)
+  interactions INTEGER NOT NULL
 );
+CREATE INDEX usertrail_rollup_engagement_bucket_idx ON usertrail_rollup_engagement (bucket);
 CREATE TABLE usertrail_rollup_themes (
   theme TEXT NOT NULL,
   interactions BIGINT NOT NULL,
   ratings BIGINT NOT NULL,
-  rating_sum BIGINT NOT NULL,
-  CONSTRAINT usertrail_rollup_themes_pkey PRIMARY KEY (theme)
+  rating_sum BIGINT NOT NULL
 );
 CREATE TABLE usertrail_rollup_segments (
   segment TEXT,
   users BIGINT NOT NULL,
   confidences BIGINT NOT NULL,
-  confidence_sum NUMERIC NOT NULL,
-  CONSTRAINT usertrail_rollup_segments_segment_key UNIQUE NULLS NOT DISTINCT (segment)
+  confidence_sum NUMERIC NOT NULL
 );
 """
 
-# %1$s: the schema (quoted), %2$s: the transition table, $1: +1 or -1
+# %1$s: the schema (quoted), %2$s: the transition table, $1: +1 or -1.
+# The counters are only ever appended to (one row per key and statement):
+# no statement waits for another's rows, whatever their order.
 INTERACTION_DELTAS = [
-    """INSERT INTO %1$s.usertrail_rollup_services AS r
+    """INSERT INTO %1$s.usertrail_rollup_services
          (service, interactions, ratings, rating_sum, users)
        SELECT service, $1 * count(*), $1 * count(rating), $1 * coalesce(sum(rating), 0), 0
-       FROM %2$s GROUP BY service ORDER BY service
-       ON CONFLICT (service) DO UPDATE SET
-         interactions = r.interactions + EXCLUDED.interactions,
-         ratings = r.ratings + EXCLUDED.ratings,
-         rating_sum = r.rating_sum + EXCLUDED.rating_sum""",
+       FROM %2$s GROUP BY service""",
+    # distinct users: a pair that appears adds one, a pair whose last
+    # interaction goes takes one away
     """WITH pairs AS (
          INSERT INTO %1$s.usertrail_rollup_service_users AS r (service, "userId", interactions)
          SELECT service, "userId", $1 * count(*) FROM %2$s
@@ -89,41 +90,56 @@ INTERACTION_DELTAS = [
          ON CONFLICT (service, "userId") DO UPDATE
            SET interactions = r.interactions + EXCLUDED.interactions
          RETURNING service, (xmax = 0) AS created, interactions
-       ), delta AS (
-         SELECT service,
-                sum(CASE WHEN created THEN 1 WHEN interactions = 0 THEN -1 ELSE 0 END) AS n
-         FROM pairs GROUP BY service
        )
-       UPDATE %1$s.usertrail_rollup_services r SET users = r.users + delta.n
-       FROM delta WHERE r.service = delta.service AND delta.n <> 0""",
+       INSERT INTO %1$s.usertrail_rollup_services
+         (service, interactions, ratings, rating_sum, users)
+       SELECT service, 0, 0, 0,
+              sum(CASE WHEN created THEN 1 WHEN interactions = 0 THEN -1 ELSE 0 END)
+       FROM pairs GROUP BY service
+       HAVING sum(CASE WHEN created THEN 1 WHEN interactions = 0 THEN -1 ELSE 0 END) <> 0""",
     """DELETE FROM %1$s.usertrail_rollup_service_users u
        USING (SELECT DISTINCT service, "userId" FROM %2$s) p
        WHERE $1 < 0 AND u.service = p.service AND u."userId" = p."userId"
          AND u.interactions = 0""",
-    """INSERT INTO %1$s.usertrail_rollup_engagement AS r (bucket, type, interactions)
+    """INSERT INTO %1$s.usertrail_rollup_engagement (bucket, type, interactions)
        SELECT date_bin('15 minutes', "createdAt", TIMESTAMP '2000-01-01'), type, $1 * count(*)
-       FROM %2$s WHERE "createdAt" IS NOT NULL GROUP BY 1, 2 ORDER BY 1, 2
-       ON CONFLICT (bucket, type) DO UPDATE
-         SET interactions = r.interactions + EXCLUDED.interactions""",
-    """INSERT INTO %1$s.usertrail_rollup_themes AS r (theme, interactions, ratings, rating_sum)
+       FROM %2$s WHERE "createdAt" IS NOT NULL GROUP BY 1, 2""",
+    """INSERT INTO %1$s.usertrail_rollup_themes (theme, interactions, ratings, rating_sum)
        SELECT theme, $1 * count(*), $1 * count(rating), $1 * coalesce(sum(rating), 0)
-       FROM %2$s WHERE theme IS NOT NULL GROUP BY theme ORDER BY theme
-       ON CONFLICT (theme) DO UPDATE SET
-         interactions = r.interactions + EXCLUDED.interactions,
-         ratings = r.ratings + EXCLUDED.ratings,
-         rating_sum = r.rating_sum + EXCLUDED.rating_sum""",
+       FROM %2$s WHERE theme IS NOT NULL GROUP BY theme""",
 ]
 VECTOR_DELTAS = [
-    """INSERT INTO %1$s.usertrail_rollup_segments AS r
-         (segment, users, confidences, confidence_sum)
+    """INSERT INTO %1$s.usertrail_rollup_segments (segment, users, confidences, confidence_sum)
        SELECT "primarySegment", $1 * count(*), $1 * count("segmentConfidence"),
               $1 * coalesce(sum("segmentConfidence"::numeric), 0)
-       FROM %2$s GROUP BY 1 ORDER BY 1 NULLS FIRST
-       ON CONFLICT (segment) DO UPDATE SET
-         users = r.users + EXCLUDED.users,
-         confidences = r.confidences + EXCLUDED.confidences,
-         confidence_sum = r.confidence_sum + EXCLUDED.confidence_sum""",
+       FROM %2$s GROUP BY 1""",
 ]
+
+# One row per key again, in one statement per table: what it deletes is what
+# it adds up; rows appended meanwhile stay for the next time. Two at once
+# never count a row twice (the second skips what the first deleted).
+COMPACT = """
+CREATE OR REPLACE FUNCTION public.usertrail_rollups_compact() RETURNS void
+LANGUAGE plpgsql AS $fn$
+BEGIN
+  WITH gone AS (DELETE FROM usertrail_rollup_services RETURNING *)
+  INSERT INTO usertrail_rollup_services
+  SELECT service, sum(interactions), sum(ratings), sum(rating_sum), sum(users)
+  FROM gone GROUP BY service HAVING sum(interactions) <> 0 OR sum(users) <> 0;
+  WITH gone AS (DELETE FROM usertrail_rollup_engagement RETURNING *)
+  INSERT INTO usertrail_rollup_engagement
+  SELECT bucket, type, sum(interactions) FROM gone GROUP BY 1, 2 HAVING sum(interactions) <> 0;
+  WITH gone AS (DELETE FROM usertrail_rollup_themes RETURNING *)
+  INSERT INTO usertrail_rollup_themes
+  SELECT theme, sum(interactions), sum(ratings), sum(rating_sum)
+  FROM gone GROUP BY theme HAVING sum(interactions) <> 0;
+  WITH gone AS (DELETE FROM usertrail_rollup_segments RETURNING *)
+  INSERT INTO usertrail_rollup_segments
+  SELECT segment, sum(users), sum(confidences), sum(confidence_sum)
+  FROM gone GROUP BY segment HAVING sum(users) <> 0 OR sum(confidences) <> 0;
+END
+$fn$;
+"""
 
 
 def _function(name: str, deltas: list[str]) -> str:
@@ -139,7 +155,6 @@ CREATE OR REPLACE FUNCTION public.{name}() RETURNS trigger LANGUAGE plpgsql AS $
 DECLARE
   s text := quote_ident(TG_TABLE_SCHEMA);
 BEGIN
-  PERFORM pg_advisory_xact_lock(hashtext(TG_TABLE_SCHEMA || '.usertrail_rollups'));
 {chr(10).join(steps)}
   RETURN NULL;
 END
@@ -189,7 +204,6 @@ DECLARE
   s text := quote_ident(TG_TABLE_SCHEMA);
   t text;
 BEGIN
-  PERFORM pg_advisory_xact_lock(hashtext(TG_TABLE_SCHEMA || '.usertrail_rollups'));
   FOREACH t IN ARRAY CASE WHEN TG_TABLE_NAME = 'user_vectors' THEN ARRAY['segments']
     ELSE ARRAY['services', 'service_users', 'engagement', 'themes'] END
   LOOP
@@ -212,6 +226,7 @@ def upgrade() -> None:
     op.execute(_triggers("UserInteraction", "usertrail_rollup_interactions"))
     op.execute(_triggers("user_vectors", "usertrail_rollup_vectors"))
     op.execute(TRUNCATED)
+    op.execute(COMPACT)
     op.execute(BACKFILL)
 
 
@@ -233,5 +248,6 @@ def downgrade() -> None:
         "DROP FUNCTION IF EXISTS public.usertrail_rollup_interactions(); "
         "DROP FUNCTION IF EXISTS public.usertrail_rollup_vectors(); "
         "DROP FUNCTION IF EXISTS public.usertrail_rollup_truncated(); "
+        "DROP FUNCTION IF EXISTS public.usertrail_rollups_compact(); "
         "EXCEPTION WHEN dependent_objects_still_exist THEN NULL; END $$"
     )
