@@ -160,18 +160,11 @@ class BatchFolder:
 
     async def profiles_producer(self) -> AIOKafkaProducer:
         if self._producer is None:  # started by the first batch
-            # aiokafka sends one batch per partition per request and one
-            # request per broker at a time: a batch of 16 KB (its default)
-            # holds about eight states, so a fold of a few hundred users
-            # took several round trips one after another before its last
-            # profile left. On Apache Kafka a batch may hold a whole fold's
-            # share of a partition (the topics take 1 MB messages). tansu
-            # keeps the default: its offsets for a batch of many records
-            # are off (docs/brokers.md).
-            batch = 16384 if self.settings.is_tansu else 1024 * 1024 - 4096
-            producer = AIOKafkaProducer(
-                acks="all", linger_ms=5, max_batch_size=batch, **self.settings.kafka_options()
-            )
+            # aiokafka's default batch (16 KB) on purpose: with batches of
+            # about 1 MB on Apache Kafka the folder's writes were never
+            # acknowledged under 1,000 events/s and the worker stopped
+            # folding (measured 2026-12-01 with `up --broker kafka`)
+            producer = AIOKafkaProducer(acks="all", linger_ms=5, **self.settings.kafka_options())
             await producer.start()
             self._producer = producer
         return self._producer
