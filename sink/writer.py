@@ -424,8 +424,17 @@ class Writer:
         if now - self._compacted_at < COMPACT_SECONDS:
             return
         self._compacted_at = now
-        async with self.conn.transaction():
-            await self.conn.execute("SELECT usertrail_rollups_compact()")
+        try:
+            async with self.conn.transaction():
+                await self.conn.execute("SELECT usertrail_rollups_compact()")
+        except psycopg.errors.UndefinedFunction:
+            # a database migrated before the rollups: the rows are written
+            # all the same; the analytics wait for `usertrail db migrate`
+            log.warning(
+                "the database has no analytics rollups (migration 0009_rollups): "
+                "run `usertrail db migrate`"
+            )
+            self._compacted_at = float("inf")
 
     async def prepare(
         self,

@@ -214,3 +214,23 @@ def test_rows_already_there_are_counted_by_the_migration(database_factory: Any) 
         assert query(url, SERVICES) == [("saju", 1, 1)]
     finally:
         engine.dispose()
+
+
+async def test_a_database_migrated_before_the_rollups_still_gets_its_rows(
+    database_factory: Any,
+) -> None:
+    """A sink newer than its database's schema (0008, no rollups) writes its
+    rows and says once what to run; it does not stop."""
+    url = database_factory()
+    engine = engine_for(url)
+    runner.upgrade(engine, "0008_api_keys")
+    engine.dispose()
+    reading = {"type": "reading", "service": "tarot"}
+    await write_all(
+        url,
+        [
+            [Record("events", 0, 0, b"a", event(1, "a", "interaction", T0, **reading))],
+            [Record("events", 0, 1, b"a", event(2, "a", "interaction", T0, **reading))],
+        ],
+    )
+    assert query(url, 'SELECT count(*) FROM "UserInteraction"') == [(2,)]
