@@ -33,15 +33,11 @@ from typing import Any
 import brokers
 import psycopg
 import sink_rate
-from aiokafka import AIOKafkaProducer
 from pydantic import SecretStr
 from usertrail.analytics import reports
-from usertrail.producers.events import encode
 
 from usertrail.embedded import EmbeddedPostgres, free_port
 from usertrail.runtime import tune_gc
-from usertrail.settings import Settings
-from usertrail.topics import ensure_topics
 
 USERS = 100_000
 # seed 000's queries as Prisma runs them (the reports add users and ratings
@@ -175,22 +171,7 @@ def without_rollups(url: str) -> None:
 
 async def sink_cost(pg: EmbeddedPostgres, broker: Any, tmp: Path, rows: int, rounds: int) -> float:
     events = sink_rate.make_events(rows)
-    base = Settings(
-        kafka_bootstrap_servers=broker.bootstrap_servers,
-        events_topic="bench.events",
-        events_partitions=8,
-        data_dir=tmp,
-        group_session_timeout_ms=2000,
-        group_heartbeat_interval_ms=200,
-    )
-    await ensure_topics(base)  # the events topic, 8 partitions, and the profiles topic
-    producer = AIOKafkaProducer(
-        bootstrap_servers=broker.bootstrap_servers, linger_ms=20, max_batch_size=512 * 1024
-    )
-    await producer.start()
-    for e in events:
-        await producer.send("bench.events", encode(e), key=e.user_id.encode())
-    await producer.stop()
+    base = await sink_rate.filled_topic(broker.bootstrap_servers, tmp, events)
     del events
     tune_gc()
     ratios = []

@@ -59,6 +59,28 @@ def make_events(n: int) -> list[Interaction]:
     return out
 
 
+async def filled_topic(bootstrap: str, tmp: Path, events: list[Interaction]) -> Settings:
+    """``bench.events`` (8 partitions, and the profiles topic made with it)
+    holding ``events``; the settings a sink reads it with."""
+    base = Settings(
+        kafka_bootstrap_servers=bootstrap,
+        events_topic="bench.events",
+        events_partitions=8,
+        data_dir=tmp,
+        group_session_timeout_ms=2000,
+        group_heartbeat_interval_ms=200,
+    )
+    await ensure_topics(base)
+    producer = AIOKafkaProducer(
+        bootstrap_servers=bootstrap, linger_ms=20, max_batch_size=512 * 1024
+    )
+    await producer.start()
+    for e in events:
+        await producer.send("bench.events", encode(e), key=e.user_id.encode())
+    await producer.stop()
+    return base
+
+
 def fresh_database(pg: EmbeddedPostgres, name: str) -> str:
     admin = f"postgresql://postgres@127.0.0.1:{pg.port}/postgres"
     url = brokers.migrated_database(pg, name)
@@ -121,22 +143,7 @@ async def main() -> None:
         try:
             events = make_events(args.rows)
             data = interaction_copy_rows(events)
-            base = Settings(
-                kafka_bootstrap_servers=broker.bootstrap_servers,
-                events_topic="bench.events",
-                events_partitions=8,
-                data_dir=Path(tmp),
-                group_session_timeout_ms=2000,
-                group_heartbeat_interval_ms=200,
-            )
-            await ensure_topics(base)  # the events topic, 8 partitions, and the profiles topic
-            producer = AIOKafkaProducer(
-                bootstrap_servers=broker.bootstrap_servers, linger_ms=20, max_batch_size=512 * 1024
-            )
-            await producer.start()
-            for e in events:
-                await producer.send("bench.events", encode(e), key=e.user_id.encode())
-            await producer.stop()
+            base = await filled_topic(broker.bootstrap_servers, Path(tmp), events)
             # The sink's process holds no producer's events: neither does
             # this one while it measures (a full garbage collection would
             # otherwise walk every event built above). Then the process is

@@ -5,29 +5,12 @@ from __future__ import annotations
 
 import json
 
-import psycopg
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from usertrail.analytics.api import Pool, build_app
 
+from tests.analytics.rows import fill
 from usertrail.cli import main
-
-
-def fill(url: str) -> None:
-    with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute("""INSERT INTO "User" (id) VALUES ('a'), ('b')""")
-        conn.execute(
-            'INSERT INTO "UserInteraction" (id, "userId", "createdAt", type, service, theme, '
-            "rating) VALUES ('1', 'a', '2026-04-30 23:50', 'reading', 'tarot', 'love', 5), "
-            "('2', 'a', '2026-05-01 00:10', 'chat', 'tarot', NULL, NULL), "
-            "('3', 'b', '2026-05-02 12:00', 'reading', 'saju', 'career', 2)"
-        )
-        conn.execute(
-            'INSERT INTO user_vectors (id, "userId", "updatedAt", segments, "primarySegment", '
-            "\"segmentConfidence\") VALUES ('a', 'a', now(), "
-            '\'[{"segment": "seeker", "score": 0.7, "reasons": ["2 of 2 were tarot"]}]\', '
-            "'seeker', 0.7), ('b', 'b', now(), '[]', NULL, NULL)"
-        )
 
 
 def test_reports_as_tables_and_json(database_url: str, capsys: pytest.CaptureFixture[str]) -> None:

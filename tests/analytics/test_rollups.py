@@ -18,6 +18,7 @@ from usertrail.migrations import runner
 from usertrail.sink.plan import Record
 from usertrail.sink.writer import Writer
 
+from tests.analytics.rows import fill
 from tests.seeds import engine_for
 from tests.sink.conftest import query
 from tests.workers import profile_message
@@ -192,19 +193,7 @@ def test_rows_already_there_are_counted_by_the_migration(database_factory: Any) 
     engine = engine_for(url)
     try:
         runner.upgrade(engine, "0008_api_keys")
-        with psycopg.connect(url, autocommit=True) as conn:
-            conn.execute("""INSERT INTO "User" (id) VALUES ('a'), ('b')""")
-            conn.execute(
-                'INSERT INTO "UserInteraction" (id, "userId", "createdAt", type, service, theme, '
-                "rating) VALUES ('1', 'a', '2026-04-30 23:50', 'reading', 'tarot', 'love', 5), "
-                "('2', 'a', '2026-05-01 00:10', 'chat', 'tarot', NULL, NULL), "
-                "('3', 'b', '2026-05-02 12:00', 'reading', 'saju', 'career', 2)"
-            )
-            conn.execute(
-                'INSERT INTO user_vectors (id, "userId", "updatedAt", "primarySegment", '
-                "\"segmentConfidence\") VALUES ('a', 'a', now(), 'seeker', 0.7), "
-                "('b', 'b', now(), NULL, NULL)"
-            )
+        fill(url)
         runner.upgrade(engine)
         assert asyncio.run(differences(url, "Asia/Seoul")) == []
         assert query(url, SERVICES) == [("saju", 1, 1), ("tarot", 2, 1)]
