@@ -407,15 +407,13 @@ class Writer:
         """A transaction PostgreSQL chose as a deadlock's victim is written
         again (two writers' rows of one user, or one event id in two
         partitions, met in opposite orders)."""
-        for attempt in range(DEADLOCK_RETRIES):
+        for attempt in range(1, DEADLOCK_RETRIES):
             try:
                 return await self._apply(prepared, positions)
             except psycopg.errors.DeadlockDetected:
-                if attempt == DEADLOCK_RETRIES - 1:
-                    raise
                 log.info("a deadlock with another writer; writing the batch again")
-                await asyncio.sleep(0.05 * (attempt + 1))
-        raise AssertionError("unreachable")
+                await asyncio.sleep(0.05 * attempt)
+        return await self._apply(prepared, positions)  # the last try raises what it meets
 
     async def _compact(self) -> None:
         """The rollups' rows back to one per key, every few seconds, in a
