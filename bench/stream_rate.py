@@ -108,7 +108,7 @@ def child(role: str, expected: int, result: Path) -> None:
         async def only_decode(stream: Any) -> None:
             # batched as the worker batches
             async for values in stream.take(
-                settings.stream_batch_max, within=settings.stream_batch_wait_ms / 1000
+                settings.stream_batch_max, within=0.05
             ):
                 for value in values:
                     decode(value)

@@ -1,14 +1,16 @@
 """The faust worker: folds ``usertrail.events`` into per-user profiles.
 
 ``create_app(settings, rules)`` builds the app and only wires faust; nothing
-here runs at import. The agent takes the events in batches and hands each
-to the batch folder (``folder.BatchFolder``): it folds each user's events of
+here runs at import. faust's consumer hands each fetch of events, in one
+call past faust's per-event path (``consumer.deliver_in_batches``), to the
+batch folder (``folder.BatchFolder``), which takes what waits as a batch
+(``pipeline.BatchQueue``): it folds each user's events of
 a batch into the user's state (a redelivered or resent event leaves it
 unchanged, docs/architecture.md, rule 2), writes each changed state once and
 publishes the user's profile as a ``ProfileMessage`` to
 ``usertrail.profiles``. Decoding and folding run in a helper process by
-default (``batch.FoldProcess``), on another core than faust's own per-event
-work. The web view (``web.py``) answers ``GET /profiles/{user_id}``.
+default (``batch.FoldProcess``), on another core than the worker's fetching
+and writes. The web view (``web.py``) answers ``GET /profiles/{user_id}``.
 
 Each partition's applied offset lives in the table next to the users, so a
 restarted worker knows exactly which records its state holds and refuses a
@@ -54,19 +56,6 @@ log = logging.getLogger("usertrail.stream")
 TABLE = STREAM_TABLE
 DRAIN_SECONDS = 10
 """How long a rebalance or a stop waits for the batches handed over to be folded."""
-
-
-class _DeliverEverything(dict[Any, Any]):
-    """faust's consumer remembers the last offset it delivered per partition
-    and drops fetched records below it, and counts a jump in offsets as a
-    gap it may commit over. After ``Positions`` seeks back, records still in
-    flight from before the seek raise that remembered offset again, so the
-    re-read would be dropped for good. With nothing remembered faust
-    delivers every fetched record and commits only acked offsets without
-    holes; records already applied are skipped by ``Positions``."""
-
-    def __getitem__(self, key: Any) -> None:
-        return None
 
 
 class UsertrailApp(faust.App):
@@ -174,8 +163,6 @@ def create_app(
         value_type=bytes,
         options=dict(store.OPTIONS) if kind == "rocksdb" else None,
     )
-    app.consumer._read_offset = _DeliverEverything()  # type: ignore[attr-defined]
-
     # Decoding and folding, most of a batch's CPU, run in a helper process on
     # another core while faust's consumer thread fetches the next batch. The
     # batch is awaited before its events are acknowledged, so a rebalance
@@ -211,7 +198,7 @@ def create_app(
     )
     watchdog = Watchdog(app, folder, settings, stop=_stop_worker)
 
-    # faust's take hands each batch over and goes on collecting; the folder
+    # each fetch is handed over and the consumer goes on fetching; the folder
     # takes everything waiting when it is free (stream/pipeline.py)
     queue: BatchQueue[Any] = BatchQueue(folder.fold_batch, settings.stream_batch_max)
 
@@ -223,15 +210,19 @@ def create_app(
             # the applied offsets
             log.warning("%d events not folded within %d s %s", queue.discard(), DRAIN_SECONDS, why)
 
+    async def hand_over(records: list[Any]) -> None:
+        folder.handed_over(records)
+        await queue.put(records)
+
+    # each fetch's events go to the folder in one call, past faust's
+    # per-record path (stream/consumer.py); the agent is what subscribes the
+    # worker to the topic, so faust's group assigns it the partitions
+    consumer.deliver_in_batches(app, settings.events_topic, hand_over)
+
     @app.agent(events)
     async def fold_events(stream: faust.StreamT[bytes]) -> None:
-        takes = stream.take_events  # type: ignore[attr-defined]  # faust's, untyped
-        async for batch in takes(
-            settings.stream_batch_max, within=settings.stream_batch_wait_ms / 1000
-        ):
-            records = [event.message for event in batch]
-            folder.handed_over(records)
-            await queue.put(records)
+        async for _event in stream:
+            raise RuntimeError("faust delivered an event past stream/consumer.py's batches")
 
     @app.timer(RESEEK_SECONDS / 2)  # type: ignore[untyped-decorator]
     async def reread_undelivered() -> None:

@@ -52,21 +52,15 @@ metadata: ``topic_partition.partition``, ``offset``)."""
 
 
 class Record(Protocol):
-    """What the folder reads of a faust event's message."""
+    """What the folder reads of a record of the events topic (aiokafka's
+    ``ConsumerRecord``, as stream/consumer.py delivers them)."""
 
     partition: int
     offset: int
     key: bytes | None
     value: bytes | None
-    timestamp: float | None  # seconds since the epoch (faust's), None: unknown
-
-
-def _headers(record: Record) -> list[tuple[str, bytes]]:
-    """A faust message's headers as aiokafka sends them (faust gives a list
-    of pairs or a mapping)."""
-    headers = getattr(record, "headers", None) or []
-    items = headers.items() if isinstance(headers, dict) else headers
-    return [(str(k), bytes(v)) for k, v in items]
+    timestamp: int | None  # ms since the epoch; None, or -1: unknown
+    headers: Sequence[tuple[str, bytes]]
 
 
 class BatchFolder:
@@ -288,14 +282,14 @@ class BatchFolder:
 
     # --- a batch --------------------------------------------------------------
     def handed_over(self, batch: Sequence[Record]) -> None:
-        """faust delivered these (they wait for the fold, stream/pipeline.py):
+        """Delivered (they wait for the fold, stream/pipeline.py):
         their partitions are not the ones ``reread_undelivered`` looks for."""
         now = time.monotonic()
         for record in batch:
             self.delivered_at[record.partition] = now
 
     async def fold_batch(self, batch: Sequence[Record]) -> None:
-        """Fold one batch of the events topic's records (faust's messages)."""
+        """Fold one batch of the events topic's records."""
         if self.stopped_for is not None or self.closing:
             return  # stopping (see _stop, close): nothing more is folded
         current = await self.events_log_id()
@@ -342,9 +336,8 @@ class BatchFolder:
             mine = per_user.get(key)  # a valid event's key is its user id
             if mine is None:
                 mine = per_user[key] = (partition, [])
-            # faust gives the record's timestamp in seconds (None: unknown)
             stamp = record.timestamp
-            mine[1].append((value, offset, -1 if stamp is None else round(stamp * 1000)))
+            mine[1].append((value, offset, -1 if stamp is None else stamp))
         await self._write(per_user, applied, recovered, current, len(batch), forward, homes)
         self.folded_at = time.monotonic()
         metrics = self.metrics
@@ -404,8 +397,8 @@ class BatchFolder:
                     record.value,
                     key=record.key,
                     partition=home_partition(record.key, homes),
-                    timestamp_ms=None if stamp is None else round(stamp * 1000),
-                    headers=copy_headers(_headers(record), record.partition, record.offset),
+                    timestamp_ms=None if stamp is None or stamp < 0 else stamp,
+                    headers=copy_headers(list(record.headers), record.partition, record.offset),
                 )
             )
         if forward:

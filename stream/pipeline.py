@@ -1,20 +1,20 @@
-"""Batches from faust wait here while the folder works on the one before.
+"""Fetched events wait here while the folder works on the batch before.
 
-faust's ``take_events`` collects no event while the agent's loop body runs,
-and then collects for ``stream_batch_wait_ms`` only: with the fold and its
-writes in the loop body, a loaded worker folded batches of about 30 events,
-each paying the same round trips (the log's identity, the writes'
-acknowledgements, the applied offsets), and fell behind the traffic for
-good. Here the agent only hands a batch over; the folder, when free, takes
-everything that waits (up to ``batch_max``) as its next batch. A busy CPU or
-a slow broker makes batches bigger, not the backlog longer (natural
-batching), and a batch at a trickle waits for nothing.
+Each fetch's records of the events topic are handed over in one call
+(stream/consumer.py). If the fold and its writes ran in that call, a loaded
+worker would fold batches of one fetch each, each paying the same round
+trips (the log's identity, the writes' acknowledgements, the applied
+offsets), and fall behind the traffic for good. Here the fetch loop only
+hands records over; the folder, when free, takes everything that waits (up
+to ``batch_max``) as its next batch. A busy CPU or a slow broker makes
+batches bigger, not the backlog longer (natural batching), and a batch at a
+trickle waits for nothing.
 
-faust acknowledges a batch's events once the agent has handed it over, so
-it may commit offsets ahead of what is folded; the applied offsets in the
+The handed-over records count as acknowledged for faust's commits, so
+faust may commit offsets ahead of what is folded; the applied offsets in the
 table decide what is folded, and a restarted worker re-reads from them
 (stream/app.py, module notes). ``waiting_limit`` events at most wait: past
-it, the agent waits for room, so faust's consumer is held back as before.
+it, the hand-over waits for room, so the consumer is held back.
 """
 
 from __future__ import annotations

@@ -105,15 +105,13 @@ class Settings(BaseSettings):
     # (a local store would hold another log's offsets) and whose changelog is
     # small and in memory anyway
     stream_store: Literal["auto", "memory", "rocksdb"] = "auto"
-    # decode and fold in a helper process, on another core than faust's own
-    # work; false: in the worker's process (one core, or to profile the fold)
+    # decode and fold in a helper process, on another core than the worker's
+    # fetching and writes; false: in the worker's process (one core, or to profile the fold)
     stream_fold_process: bool = True
     # events folded per batch at most (a changed user's state is written once
-    # per batch)
+    # per batch); a batch is what waits when the folder is free, nothing
+    # waits to fill one (stream/pipeline.py)
     stream_batch_max: int = Field(default=4000, ge=1)
-    # how long a batch waits to fill before it is folded anyway: an event's
-    # latency at a trickle, while under load batches fill before it passes
-    stream_batch_wait_ms: int = Field(default=50, ge=1)
     # replicas of every topic we create; unset: as many as the cluster has
     # brokers, at most 3
     replication_factor: int | None = Field(default=None, ge=1)

@@ -35,3 +35,59 @@ def test_what_the_fetch_wait_takes_from_faust_and_aiokafka_is_still_there() -> N
     assert "self._fetch_max_wait_ms = fetch_max_wait_ms" in inspect.getsource(Fetcher.__init__)
     built = inspect.getsource(Fetcher._get_actions_per_node)
     assert "FetchRequest(\n                self._fetch_max_wait_ms," in built
+
+
+def test_what_the_batched_delivery_takes_from_faust_is_still_there() -> None:
+    """stream/consumer.py replaces faust's fetch loop for the events topic
+    and acknowledges as ``Consumer.ack`` does: if faust changes either, the
+    worker would silently stop folding or committing."""
+    from faust.transport import consumer as faust_consumer
+    from usertrail.stream import consumer
+
+    Consumer = faust_consumer.Consumer
+    # the fetch loop faust's Fetcher runs, which the worker replaces
+    assert "await consumer._drain_messages(self)" in inspect.getsource(faust_consumer.Fetcher)
+    drain = inspect.getsource(Consumer._drain_messages)
+    for step in (  # what the replacement keeps doing as faust does
+        "getmany(timeout=1.0)",
+        "callback(message), self.suspend_flow.wait()",
+        "self._n_acked >= commit_every",
+        "await self.commit()",
+    ):
+        assert step in drain, step
+    getmany = inspect.getsource(Consumer.getmany)
+    for step in (
+        "records, active_partitions = await self._wait_next_records(timeout)",
+        "generation_id = self.app.consumer_generation_id",
+        "tp in active_partitions",
+        "or tp in self._buffered_partitions",
+        "yield tp, to_message(tp, record)",
+    ):
+        assert step in getmany, step
+    # acknowledging: the bookkeeping consumer.acknowledge repeats per batch
+    ack = inspect.getsource(Consumer.ack)
+    for step in (
+        "with ack_lock:",
+        "committed = self._committed_offset[tp]",
+        "if committed is None or offset >= committed:",
+        "acked_index.add(offset)",
+        "acked_for_tp.append(offset)",
+        "self._n_acked += 1",
+        "notify(self._waiting_for_ack)",
+    ):
+        assert step in ack, step
+    # every attribute it uses: the class's, or set in an __init__ of its own
+    # or of mode's Service
+    from faust.transport.drivers.aiokafka import Consumer as WorkerConsumer
+
+    inits = "".join(
+        inspect.getsource(cls.__init__)
+        for cls in WorkerConsumer.__mro__
+        if inspect.isfunction(vars(cls).get("__init__"))
+    )
+    missing = [
+        name
+        for name in consumer.RELIED_ON
+        if not hasattr(WorkerConsumer, name) and f"self.{name} =" not in inits
+    ]
+    assert not missing

@@ -32,7 +32,8 @@ class Message(NamedTuple):
     offset: int
     key: bytes | None
     value: bytes | None
-    timestamp: float | None = None  # seconds, as faust gives it; None: unknown
+    timestamp: int | None = None  # ms, as aiokafka gives it; None: unknown
+    headers: tuple[tuple[str, bytes], ...] = ()
 
 
 class Table:
@@ -167,8 +168,8 @@ async def test_records_that_are_not_events_are_passed_over(
             Message(0, 1, None, b"{}"),
             Message(0, 2, ANN.encode(), None),
             # its time is more than a day after its record's (2026-03-01 10:00)
-            event(ANN, 7, 0, 3)._replace(timestamp=1772272800.0 - 2 * 86400),
-            event(ANN, 3, 0, 4)._replace(timestamp=1772359200.0),
+            event(ANN, 7, 0, 3)._replace(timestamp=1772272800_000 - 2 * 86_400_000),
+            event(ANN, 3, 0, 4)._replace(timestamp=1772359200_000),
         ]
     )
     await folder.writes_acknowledged()
@@ -211,7 +212,7 @@ async def test_a_record_away_from_its_home_is_copied_there_not_folded(
     table, consumer = Table(), Consumer()
     folder = folder_for(table, consumer)
     settings = folder.settings
-    away = event(ANN, 1, 1, 0)._replace(timestamp=1772272800.0)  # ANN's home is 0
+    away = event(ANN, 1, 1, 0)._replace(timestamp=1772272800_000)  # ANN's home is 0
     await folder.fold_batch([away, event(BO, 2, 1, 1)])
     await folder.writes_acknowledged()
     assert ANN.encode() not in table.data  # folded as its copy, when that is read

@@ -38,7 +38,6 @@ def cmd_stream(args: argparse.Namespace, settings: Settings) -> int:
     flags = {
         "stream_fold_process": args.fold_process,
         "stream_batch_max": args.batch_max,
-        "stream_batch_wait_ms": args.batch_wait_ms,
         "stream_web_host": args.web_host,
         "stream_web_advertise": args.web_advertise,
         "stream_store": args.store,
@@ -172,14 +171,6 @@ def add(sub: Any, common: argparse.ArgumentParser) -> None:
         metavar="N",
         help="fold at most N events per batch; a changed user's state is written once "
         "per batch [env USERTRAIL_STREAM_BATCH_MAX; default 4000]",
-    )
-    stream.add_argument(
-        "--batch-wait-ms",
-        type=at_least_one,
-        metavar="MS",
-        help="fold a batch once it has waited MS milliseconds to fill, full or not: "
-        "the latency of an event when traffic is light "
-        "[env USERTRAIL_STREAM_BATCH_WAIT_MS; default 50]",
     )
     _add_instance_argument(stream)
     stream.set_defaults(func=cmd_stream)
