@@ -27,6 +27,7 @@ header nor another content type without a preflight).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import json
 import logging
@@ -51,6 +52,9 @@ from usertrail.settings import Settings
 log = logging.getLogger("usertrail.collector")
 
 RETRY_AFTER_SECONDS = 1
+# how long a stop waits for the requests in progress (their bodies may still
+# be arriving) before it cuts them off
+SHUTDOWN_SECONDS = 10.0
 ALLOWED_TYPES = ("application/json", "text/plain")
 ALLOWED_HEADERS = "authorization, content-type, x-usertrail-key"
 
@@ -73,7 +77,17 @@ class Collector:
     accepted: int = 0
     rejected: int = 0
     stopping: bool = False
+    in_progress: int = 0  # requests in their handler now
     _opening: dict[str, asyncio.Task[TrackingClient]] = field(default_factory=dict)
+    _idle: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def finished(self, seconds: float) -> bool:
+        """Wait (at most ``seconds``) until no request is in its handler;
+        False when some still are."""
+        if self.in_progress:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), seconds)
+        return self.in_progress == 0
 
     async def client(self, source: str) -> TrackingClient:
         """The source's client, started on its first event (offline start:
@@ -174,6 +188,20 @@ async def _body(request: web.Request, limit: int) -> bytes | web.Response:
 
 def build_app(collector: Collector) -> web.Application:
     limits = collector.limits
+
+    @web.middleware
+    async def counted(
+        request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        """The requests in progress, which a stop waits for (``serve``)."""
+        collector.in_progress += 1
+        collector._idle.clear()
+        try:
+            return await handler(request)
+        finally:
+            collector.in_progress -= 1
+            if not collector.in_progress:
+                collector._idle.set()
 
     @web.middleware
     async def cors(
@@ -293,7 +321,7 @@ def build_app(collector: Collector) -> web.Application:
         return web.json_response(spec)
 
     # our own body limit (a JSON 413); aiohttp's would answer in text
-    app = web.Application(middlewares=[cors], client_max_size=limits.max_body_bytes + 1024)
+    app = web.Application(middlewares=[counted, cors], client_max_size=limits.max_body_bytes + 1024)
     app.router.add_post("/v1/events", post_events)
     app.router.add_get("/health", health)
     app.router.add_get("/openapi.json", openapi)
@@ -302,7 +330,14 @@ def build_app(collector: Collector) -> web.Application:
 
 async def serve(collector: Collector, host: str, port: int) -> None:
     """Answer until SIGTERM or SIGINT; then finish the requests in progress,
-    deliver everything accepted (or spool it) and return."""
+    deliver everything accepted (or spool it) and return.
+
+    A stop closes the listening socket first and waits for the requests in
+    progress (up to ``SHUTDOWN_SECONDS``) with their connections open:
+    aiohttp's own shutdown stops reading every connection at once, so a
+    request whose body was still arriving would never be finished. Meanwhile
+    a new request on an open keep-alive connection is answered 503, and
+    ``/health`` too."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -310,18 +345,29 @@ async def serve(collector: Collector, host: str, port: int) -> None:
     logging.getLogger("aiohttp.server").addFilter(_ClientErrors())
     collector.keys.load()
     collector.keys.start()
-    runner = web.AppRunner(build_app(collector), access_log=None, shutdown_timeout=10)
+    runner = web.AppRunner(build_app(collector), access_log=None, shutdown_timeout=SHUTDOWN_SECONDS)
     await runner.setup()
     # what is loaded by now (modules, the app) stays: the garbage collector's
     # full passes, which stop every request, need not walk it again
     gc.collect()
     gc.freeze()
     try:
-        await web.TCPSite(runner, host, port).start()
+        site = web.TCPSite(runner, host, port)
+        await site.start()
         log.info("collector on http://%s:%d/v1/events (OpenAPI: /openapi.json)", host, port)
         await stop.wait()
         collector.stopping = True
-        log.info("stopping: finishing requests, delivering what was accepted")
+        await site.stop()  # no new connections
+        log.info(
+            "stopping: finishing the requests in progress (%d), delivering what was accepted",
+            collector.in_progress,
+        )
+        if not await collector.finished(SHUTDOWN_SECONDS):
+            log.warning(
+                "%d requests still in progress after %g s: cut off",
+                collector.in_progress,
+                SHUTDOWN_SECONDS,
+            )
     finally:
         await runner.cleanup()
         await collector.keys.stop()

@@ -21,7 +21,9 @@ from typing import Any
 
 import aiohttp
 import pytest
-from usertrail.collector.app import admit
+from aiohttp.test_utils import TestClient, TestServer
+from usertrail.collector.app import Collector, admit, build_app
+from usertrail.collector.keys import KeyRing, split
 from usertrail.collector.openapi import document
 from usertrail.producers import decode
 from usertrail.producers.ids import uuid7
@@ -395,6 +397,96 @@ async def test_frozen_broker_means_429_then_a_stop_delivers_everything(
     assert {decode(v or b"").event_id for _, _, v in records} == set(accepted)
 
 
+async def test_a_stop_finishes_the_request_in_flight_and_delivers_it(
+    broker: Broker,
+    settings_factory: Callable[..., Settings],
+    database_url: str,
+    collector_factory: Callable[..., CollectorProcess],
+) -> None:
+    """SIGTERM while a batch of the largest size is on its way: the collector
+    stops listening at once (a new connection is refused), answers 503 on
+    the keep-alive connections it has (``/health`` too), finishes the
+    request in flight (202, every event accepted) and delivers everything
+    it accepted before it exits. The request is known to be in its handler
+    when the signal goes: it asked for ``100 Continue``, which aiohttp sends
+    right before the handler runs (and the handler looks at ``stopping``
+    before it waits for the body), and its body is sent only once the
+    collector says it is stopping."""
+    settings = settings_factory(broker)
+    await ensure_topics(settings)
+    key = new_key(settings, database_url, "web-app")["key"]
+    collector = collector_factory(settings, database_url)
+    pad = "x" * 500
+    batch = json.dumps([interaction(i, metadata={"pad": pad}) for i in range(1000)]).encode()
+    assert 512 * 1024 < len(batch) < 1024 * 1024  # under --max-body-bytes' 1 MiB
+    # one connection, kept alive: the same one before and during the stop
+    kept = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1))
+    reader, writer = await asyncio.open_connection("127.0.0.1", collector.port)
+    try:
+        status, _, body = await post(kept, collector.url, [interaction(0)], key)
+        assert status == 202  # the source's client is up
+        accepted = [r["eventId"] for r in body["results"]]
+        writer.write(
+            f"POST /v1/events HTTP/1.1\r\nHost: 127.0.0.1:{collector.port}\r\n"
+            f"Authorization: Bearer {key}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(batch)}\r\nExpect: 100-continue\r\n\r\n".encode()
+        )
+        await writer.drain()
+        assert await reader.readuntil(b"\r\n\r\n") == b"HTTP/1.1 100 Continue\r\n\r\n"
+        collector.proc.send_signal(signal.SIGTERM)
+        await wait_for(lambda: "stopping:" in collector.log.read_text(), 30, "the stop to begin")
+        assert "finishing the requests in progress (1)" in collector.log.read_text()
+        # a new connection is refused; a kept-alive one gets 503 "stopping"
+        async with aiohttp.ClientSession() as fresh:
+            with pytest.raises(aiohttp.ClientConnectorError):
+                await post(fresh, collector.url, [interaction(1)], key)
+        status, headers, refused = await post(kept, collector.url, [interaction(1)], key)
+        assert (status, refused["error"]["code"]) == (503, "stopping"), refused
+        assert int(headers["Retry-After"]) >= 1
+        async with kept.get(f"{collector.url}/health") as r:
+            health = await r.json()
+            assert (r.status, health["status"]) == (503, "stopping"), health
+        assert collector.proc.poll() is None, "it exited with a request in flight"
+        for start in range(0, len(batch), 64 * 1024):  # the body, at last
+            writer.write(batch[start : start + 64 * 1024])
+            await writer.drain()
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 202 "), head
+        length = re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)
+        assert length is not None, head
+        answer = json.loads(await reader.readexactly(int(length.group(1))))
+    finally:
+        writer.close()
+        await kept.close()
+    assert answer["accepted"] == 1000 and answer["rejected"] == 0, answer
+    accepted += [r["eventId"] for r in answer["results"]]
+    assert collector.proc.wait(timeout=60) == 0, collector.log.read_text()
+    log = collector.log.read_text()
+    assert "Traceback" not in log and "cut off" not in log, log
+    assert "collector stopped: 1001 accepted, 0 rejected" in log, log
+    records = await read_all(settings, settings.events_topic, expected=len(accepted))
+    assert {decode(v or b"").event_id for _, _, v in records} == set(accepted)
+
+
+async def test_while_stopping_health_and_new_requests_are_503() -> None:
+    """What a request that reaches the collector once it is stopping gets
+    (between the signal and the listening socket's close, or on a connection
+    it already had): 503 with Retry-After, and /health 503 ``stopping`` for
+    a load balancer. In-process: nothing here reaches a key or a broker."""
+    collector = Collector(settings=Settings(), keys=KeyRing("postgresql://nowhere/unused"))
+    async with TestClient(TestServer(build_app(collector))) as client:
+        r = await client.get("/health")
+        assert r.status == 200 and (await r.json())["status"] == "serving"
+        collector.stopping = True
+        r = await client.get("/health")
+        assert r.status == 503
+        assert (await r.json())["status"] == "stopping"
+        r = await client.post("/v1/events", json=[interaction(1)])
+        assert r.status == 503 and int(r.headers["Retry-After"]) >= 1
+        assert (await r.json())["error"]["code"] == "stopping"
+    assert collector.clients == {} and collector.accepted == 0
+
+
 def test_generated_requests_never_get_a_server_error(
     broker: Broker,
     settings_factory: Callable[..., Settings],
@@ -450,7 +542,9 @@ def test_keys_command(
     listed = usertrail(settings, database_url, "keys", "list", "--json")
     assert [k["id"] for k in json.loads(listed.stdout)] == [made["id"]]
     stored = query(database_url, "SELECT secret_sha256 FROM usertrail_api_keys")[0][0]
-    assert made["key"] not in stored and made["key"].rsplit("_", 1)[-1] not in stored
+    parts = split(made["key"])  # the secret may hold "_" itself (token_urlsafe)
+    assert parts is not None and parts[0] == made["id"]
+    assert made["key"] not in stored and parts[1] not in stored
     done = usertrail(settings, database_url, "keys", "revoke", "nosuchkey")
     assert done.returncode == 2
     assert done.stderr.count("\n") == 1 and "no API key 'nosuchkey'" in done.stderr

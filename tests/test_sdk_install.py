@@ -14,8 +14,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 from usertrail.producers import decode
+from usertrail.producers.events import SCHEMA_VERSION
+from usertrail.producers.headers import CONTENT_TYPE, SCHEMA_VERSION_HEADER, TRACE_HEADERS
 
 from tests.conftest import create_topics, read_all
+from tests.producers.test_headers import _headers_by_event
 from usertrail.apache_kafka import KafkaCluster
 from usertrail.settings import Settings
 
@@ -32,6 +35,11 @@ PIPELINE = {
     "prometheus-client",
     "rocksdict",
     "opentelemetry-api",
+    # the collector's web server (collector/app.py, analytics/api.py)
+    "aiohttp",
+    "aiohttp-cors",  # faust-streaming's, with aiohttp
+    "yarl",
+    "multidict",
 }
 
 APP = """
@@ -113,6 +121,14 @@ async def test_the_wheel_without_extras_is_the_sdk_and_sends(
     assert result["delivered"] == 20
     records = await read_all(settings, settings.events_topic, 20)
     assert {decode(value or b"").event_id for _, _, value in records} == set(result["ids"])
+    # the app has no OpenTelemetry: its events say what they are, and carry
+    # no trace context
+    headers = await _headers_by_event(settings, 20)
+    assert set(headers) == set(result["ids"])
+    for got in headers.values():
+        assert got[CONTENT_TYPE] == b"application/json"
+        assert got[SCHEMA_VERSION_HEADER] == str(SCHEMA_VERSION).encode()
+        assert not set(TRACE_HEADERS) & set(got), got
 
     command = _run(venv / "bin" / "usertrail", "--help")
     assert command.returncode == 2

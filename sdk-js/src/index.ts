@@ -3,10 +3,12 @@
 // gets its eventId (a UUIDv7) and occurredAt when it is tracked, so a batch
 // sent twice (a retry after a lost answer) is counted once downstream.
 // Batches that meet a network error, 429, 503 or another 5xx are retried with
-// backoff (Retry-After when the collector gives one); an event the collector
+// backoff (Retry-After when the collector gives one), maxRetries times in a
+// row at most: then the batch is dropped and reported to onError, so flush()
+// and close() resolve while the collector is down. An event the collector
 // refuses is reported to onRejected with its field errors, never retried.
-// In a browser, what is still queued when the page is hidden goes out with
-// navigator.sendBeacon, which outlives the page.
+// In a browser, what is still queued when the page is hidden or left goes
+// out with navigator.sendBeacon, which outlives the page.
 
 import type { FieldsByKind, Kind } from "./events.js";
 
@@ -30,10 +32,23 @@ export interface ClientOptions {
   maxQueue?: number;
   /** first retry delay; doubles each time up to maxRetryDelayMs */
   retryDelayMs?: number;
+  /** the longest wait between two tries, Retry-After included (default 30 s) */
   maxRetryDelayMs?: number;
+  /**
+   * failed tries in a row (network error, 429, 5xx) the client retries; the
+   * next failure drops the batch and reports a DroppedBatchError to onError.
+   * Counted across batches until the collector takes one: while it stays
+   * down, the batches queued behind are tried once each. Default 10, about
+   * 2.5 minutes with the default delays; Infinity retries for ever (flush()
+   * and close() then wait for the collector).
+   */
+  maxRetries?: number;
   /** events the collector refused (invalid): what and why */
   onRejected?: (rejected: Rejection[]) => void;
-  /** a batch given up on (401, 413, ...) or events dropped from a full queue */
+  /**
+   * a batch given up on (401, 413, ..., or maxRetries failures in a row: a
+   * DroppedBatchError, with its events) or events dropped from a full queue
+   */
   onError?: (error: Error) => void;
   /** send what is queued with sendBeacon when the page is hidden (browsers) */
   beaconOnHide?: boolean;
@@ -48,7 +63,19 @@ export interface FlushReport {
   rejected: number;
 }
 
-class Permanent extends Error {}
+/** A batch the client gave up on (reported to onError): its events were not sent. */
+export class DroppedBatchError extends Error {
+  readonly events: Array<Record<string, unknown>>;
+
+  constructor(message: string, events: Array<Record<string, unknown>>) {
+    super(message);
+    this.name = "DroppedBatchError";
+    this.events = events;
+  }
+}
+
+/** The collector refused the batch as a whole (401, 413, ...): not retried. */
+class Permanent extends DroppedBatchError {}
 
 const BEACON_MAX_BYTES = 60_000; // browsers cap a beacon near 64 KiB
 
@@ -79,6 +106,7 @@ export class UsertrailClient {
   private readonly maxQueue: number;
   private readonly retryDelayMs: number;
   private readonly maxRetryDelayMs: number;
+  private readonly maxRetries: number;
   private readonly options: ClientOptions;
   private queue: Array<Record<string, unknown>> = [];
   private inFlight = 0;
@@ -87,8 +115,16 @@ export class UsertrailClient {
   private closed = false;
   private accepted = 0;
   private rejected = 0;
-  private readonly onHide = (): void => {
-    if (typeof document === "undefined" || document.visibilityState === "hidden") {
+  private failuresInARow = 0; // tries the collector did not answer, since it last did
+  // pagehide: the page is going away (it may still read visible, and older
+  // Safari fires no visibilitychange then);
+  // visibilitychange: only to hidden (a tab in the background may never return)
+  private readonly onHide = (event?: Event): void => {
+    if (
+      event?.type === "pagehide" ||
+      typeof document === "undefined" ||
+      document.visibilityState === "hidden"
+    ) {
       this.beacon();
     }
   };
@@ -104,6 +140,8 @@ export class UsertrailClient {
     this.maxQueue = options.maxQueue ?? 10_000;
     this.retryDelayMs = options.retryDelayMs ?? 500;
     this.maxRetryDelayMs = options.maxRetryDelayMs ?? 30_000;
+    this.maxRetries = options.maxRetries ?? 10;
+    if (!(this.maxRetries >= 0)) throw new Error("usertrail: maxRetries must be 0 or more");
     if ((options.beaconOnHide ?? true) && typeof addEventListener === "function" && typeof document !== "undefined") {
       addEventListener("visibilitychange", this.onHide);
       addEventListener("pagehide", this.onHide);
@@ -168,6 +206,10 @@ export class UsertrailClient {
   async close(): Promise<FlushReport> {
     const report = await this.flush();
     this.closed = true;
+    if (this.timer !== undefined) {
+      clearTimeout(this.timer); // nothing left to send: no timer keeps Node running
+      this.timer = undefined;
+    }
     if (typeof removeEventListener === "function") {
       removeEventListener("visibilitychange", this.onHide);
       removeEventListener("pagehide", this.onHide);
@@ -236,8 +278,9 @@ export class UsertrailClient {
     const doFetch = this.options.fetch ?? globalThis.fetch;
     let delay = this.retryDelayMs;
     const body = JSON.stringify(batch);
-    for (;;) {
+    for (let tries = 1; ; tries++) {
       let wait = delay;
+      let failure: string;
       try {
         const response = await doFetch(`${this.endpoint}/v1/events`, {
           method: "POST",
@@ -248,21 +291,37 @@ export class UsertrailClient {
         });
         const answer = (await response.json().catch(() => ({}))) as Record<string, any>;
         if (response.status === 202) {
+          this.failuresInARow = 0;
           this.settle(batch, answer);
           return;
         }
         const message = answer?.error?.message ?? response.statusText;
         if (response.status !== 429 && response.status < 500) {
-          throw new Permanent(`usertrail: the collector refused a batch of ${batch.length}: ${response.status} ${message}`);
+          this.failuresInARow = 0; // it answered: up, but this batch is refused
+          throw new Permanent(
+            `usertrail: the collector refused a batch of ${batch.length}: ${response.status} ${message}`,
+            batch,
+          );
         }
+        failure = `${response.status} ${message}`;
+        // at least what it asks for (Retry-After), up to maxRetryDelayMs
         const after = Number(response.headers.get("Retry-After"));
-        if (after > 0) wait = after * 1000;
+        if (after > 0) wait = Math.max(wait, after * 1000);
       } catch (error) {
         if (error instanceof Permanent) throw error;
         // a network error: the collector may have taken the batch; the
         // retry carries the same eventIds, counted once downstream
+        failure = `network error: ${(error as Error)?.message ?? String(error)}`;
       }
-      await sleep(wait);
+      this.failuresInARow += 1;
+      if (this.failuresInARow > this.maxRetries) {
+        throw new DroppedBatchError(
+          `usertrail: dropped a batch of ${batch.length} events after ${tries} tries ` +
+            `(${this.failuresInARow} failures in a row; the last: ${failure})`,
+          batch,
+        );
+      }
+      await sleep(Math.min(wait, this.maxRetryDelayMs));
       delay = Math.min(delay * 2, this.maxRetryDelayMs);
     }
   }

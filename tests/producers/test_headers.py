@@ -8,6 +8,7 @@ import asyncio
 
 from aiokafka import AIOKafkaConsumer
 from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.trace import Span
 from usertrail.producers import SyncTrackingClient, TrackingClient, decode
 from usertrail.producers.spool import Spool
 
@@ -60,6 +61,33 @@ async def test_every_event_says_what_it_is_and_the_span_it_was_sent_in(
     parent = f"00-{context.trace_id:032x}-{context.span_id:016x}-{context.trace_flags:02x}".encode()
     assert got[traced]["traceparent"] == got[erased]["traceparent"] == parent
     assert "traceparent" not in got[plain] and "traceparent" not in got[from_sync]
+
+
+def _traceparent(span: Span) -> bytes:
+    context = span.get_span_context()
+    return f"00-{context.trace_id:032x}-{context.span_id:016x}-{context.trace_flags:02x}".encode()
+
+
+async def test_a_sync_call_carries_the_span_of_its_caller(settings: Settings) -> None:
+    """SyncTrackingClient sends from a thread of its own, but the event is
+    built in the caller's thread: the span on it is the caller's."""
+    await create_topics(settings)
+
+    def app() -> tuple[str, str, str, bytes]:
+        with SyncTrackingClient(source="backend", settings=settings) as sync:
+            with TRACER.start_as_current_span("celery-task") as span:
+                traced = sync.track_interaction(user_id="u5", type="chat", service="saju")
+                erased = sync.erase_user(user_id="u6")
+            plain = sync.track_interaction(user_id="u7", type="chat", service="tarot")
+        return traced, erased, plain, _traceparent(span)
+
+    traced, erased, plain, parent = await asyncio.to_thread(app)
+    got = await _headers_by_event(settings, 3)
+    assert set(got) == {traced, erased, plain}
+    assert got[traced]["traceparent"] == got[erased]["traceparent"] == parent
+    assert "traceparent" not in got[plain]
+    for headers in got.values():
+        assert headers["content-type"] == b"application/json"
 
 
 def test_the_spool_keeps_the_headers(tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -13,13 +13,15 @@ import json
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from usertrail.producers import SyncTrackingClient, decode
 
 from tests.conftest import create_topics, read_all
-from usertrail.errors import BufferFullError
+from usertrail.embedded import EmbeddedBroker, free_port
+from usertrail.errors import BrokerUnavailableError, BufferFullError, ClientClosedError
 from usertrail.settings import Settings
 
 
@@ -79,6 +81,81 @@ async def test_a_full_buffer_waits_then_refuses_and_waits_are_bounded(
     await asyncio.to_thread(app)
     records = await read_all(settings, settings.events_topic, expected=5)
     assert len({decode(v or b"").event_id for _, _, v in records}) == 5
+
+
+def _nowhere(
+    broker_factory: Callable[..., EmbeddedBroker], settings_factory: Callable[..., Settings]
+) -> tuple[int, Settings]:
+    """A free port where no broker runs yet, and settings pointing there
+    (as tests/producers/test_client.py's offline start does)."""
+    port = free_port()
+    nowhere = settings_factory(broker_factory(), kafka_bootstrap_servers=f"127.0.0.1:{port}")
+    return port, nowhere.model_copy(update={"broker": "tansu"})  # asked of nobody yet
+
+
+async def test_a_sync_client_started_before_its_broker_delivers_when_it_appears(
+    broker_factory: Callable[..., EmbeddedBroker],
+    settings_factory: Callable[..., Settings],
+    tmp_path: Path,
+) -> None:
+    """Offline start from a thread without a loop: start() and every call
+    return although nothing answers (past the buffer the events go to the
+    spool), and once a broker answers at that address every event reaches
+    the topic, spooled ones too, with no restart and no flush of the client."""
+    port, settings = _nowhere(broker_factory, settings_factory)
+    spool = tmp_path / "s.jsonl"
+    client = SyncTrackingClient(source="flask", settings=settings, buffer_size=10, spool_path=spool)
+
+    def offline() -> list[str]:
+        client.start()  # no broker: no error
+        return [
+            client.track_interaction(user_id=f"u{i % 3}", type="chat", service="saju")
+            for i in range(25)
+        ]
+
+    ids = await asyncio.to_thread(offline)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 30
+    while client.spool.count() < 20:  # two full buffers spill on the client's thread
+        assert loop.time() < deadline, f"{client.spool.count()} events spooled, not 20"
+        await asyncio.sleep(0.05)
+    broker_factory(port=port)
+    await create_topics(settings)
+    # read back while the client still runs: it connected and sent by itself
+    records = await read_all(settings, settings.events_topic, expected=25, timeout=60)
+    assert {decode(v or b"").event_id for _, _, v in records} == set(ids)
+    report = await asyncio.to_thread(client.close)
+    # the 20 spilled were spooled, then sent with the 5 held
+    assert (report.delivered, report.spooled) == (25, 20) and not spool.exists()
+
+
+async def test_a_sync_client_that_must_not_start_offline_raises_at_start(
+    broker_factory: Callable[..., EmbeddedBroker],
+    settings_factory: Callable[..., Settings],
+    tmp_path: Path,
+) -> None:
+    """offline_start=False (a command line tool): start() raises
+    BrokerUnavailableError at once rather than accepting events, within its
+    call timeout (past it, TimeoutError), and nothing is accepted after."""
+    _, settings = _nowhere(broker_factory, settings_factory)
+    spool = tmp_path / "s.jsonl"
+
+    def tool() -> tuple[int, int]:
+        client = SyncTrackingClient(
+            source="cli", settings=settings, offline_start=False, spool_path=spool
+        )
+        try:
+            with pytest.raises(BrokerUnavailableError, match="cannot reach Kafka") as info:
+                client.start(timeout=20)
+            assert info.value.retriable and info.value.exit_code == 4
+            with pytest.raises(ClientClosedError):
+                client.track_interaction(user_id="u", type="chat", service="saju")
+        finally:
+            report = client.close()
+        return report.delivered, report.spooled
+
+    assert await asyncio.to_thread(tool) == (0, 0)
+    assert not spool.exists()
 
 
 _FORGOTTEN = """

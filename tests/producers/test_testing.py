@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import ast
 import os
+import sys
 from pathlib import Path
 
 import pytest
-from usertrail.producers import TrackingClient
+from usertrail.producers import SyncTrackingClient, TrackingClient, decode
 from usertrail.producers.spool import Spool, SpooledRecord, default_directory
 from usertrail.producers.testing import RecordingClient, SyncRecordingClient
 
@@ -72,6 +73,51 @@ def test_the_spool_is_absolute_and_made_only_when_something_is_spooled(
     assert spool.take() == [] and not (tmp_path / "rel").exists()  # no lock file either
     spool.append([SpooledRecord("t", b"k", b"{}")])
     assert spool.count() == 1
+
+
+def test_the_default_spool_directory_on_macos_and_windows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each platform's user data directory, absolute; Windows' without
+    LOCALAPPDATA falls back to the one under the home directory."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))  # not looked at on either
+    monkeypatch.setattr(sys, "platform", "darwin")
+    mac = tmp_path / "home" / "Library" / "Application Support" / "usertrail" / "spool"
+    assert default_directory() == mac
+    monkeypatch.setattr(sys, "platform", "win32")
+    monkeypatch.setenv("LOCALAPPDATA", str(tmp_path / "Local"))
+    assert default_directory() == tmp_path / "Local" / "usertrail" / "spool"
+    monkeypatch.delenv("LOCALAPPDATA")
+    windows = tmp_path / "home" / "AppData" / "Local" / "usertrail" / "spool"
+    assert default_directory() == windows
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("LOCALAPPDATA", "relative")
+    assert default_directory() == tmp_path / "relative" / "usertrail" / "spool"
+
+
+async def test_a_client_spools_under_usertrail_spool_dir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """USERTRAIL_SPOOL_DIR (Settings.spool_dir) is where a client spools,
+    one file per source, made when something is spooled, and nothing goes
+    to the user's data directory."""
+    monkeypatch.setenv("USERTRAIL_SPOOL_DIR", str(tmp_path / "spools"))
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
+    settings = Settings(kafka_bootstrap_servers="127.0.0.1:9", broker="kafka")  # nothing listens
+    assert settings.spool_dir == tmp_path / "spools"
+    client = TrackingClient(source="web", settings=settings)
+    assert client.spool.path == tmp_path / "spools" / "web.jsonl"
+    async with client:  # offline start: accepted, held, spooled at close
+        event_id = await client.track_interaction(user_id="u", type="chat", service="tarot")
+        assert not (tmp_path / "spools").exists()
+    assert [decode(r.value).event_id for r in Spool(client.spool.path).take()] == [event_id]
+    assert not (tmp_path / "xdg").exists()
+    sync = SyncTrackingClient(source="backend", settings=settings)
+    try:
+        assert sync.spool.path == tmp_path / "spools" / "backend.jsonl"
+    finally:
+        sync.close()
 
 
 POSIX_ONLY = {"fcntl", "termios", "pwd", "grp", "resource", "posix", "tty", "pty"}
