@@ -18,6 +18,7 @@ import asyncio
 import statistics
 import tempfile
 import time
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -59,10 +60,9 @@ def make_events(n: int) -> list[Interaction]:
     return out
 
 
-async def filled_topic(bootstrap: str, tmp: Path, events: list[Interaction]) -> Settings:
-    """``bench.events`` (8 partitions, and the profiles topic made with it)
-    holding ``events``; the settings a sink reads it with."""
-    base = Settings(
+def sink_settings(bootstrap: str, tmp: Path) -> Settings:
+    """The settings a sink reads ``bench.events`` (8 partitions) with."""
+    return Settings(
         kafka_bootstrap_servers=bootstrap,
         events_topic="bench.events",
         events_partitions=8,
@@ -70,6 +70,12 @@ async def filled_topic(bootstrap: str, tmp: Path, events: list[Interaction]) -> 
         group_session_timeout_ms=2000,
         group_heartbeat_interval_ms=200,
     )
+
+
+async def filled_topic(bootstrap: str, tmp: Path, events: list[Interaction]) -> Settings:
+    """``bench.events`` (8 partitions, and the profiles topic made with it)
+    holding ``events``; the settings a sink reads it with."""
+    base = sink_settings(bootstrap, tmp)
     await ensure_topics(base)
     producer = AIOKafkaProducer(
         bootstrap_servers=bootstrap, linger_ms=20, max_batch_size=512 * 1024
@@ -81,14 +87,19 @@ async def filled_topic(bootstrap: str, tmp: Path, events: list[Interaction]) -> 
     return base
 
 
-def fresh_database(pg: EmbeddedPostgres, name: str) -> str:
+def fresh_database(pg: EmbeddedPostgres, name: str, users: Sequence[str] | None = None) -> str:
+    """A freshly migrated database ``name`` with ``users`` in "User" (by
+    default make_events' users); its URL."""
     admin = f"postgresql://postgres@127.0.0.1:{pg.port}/postgres"
     url = brokers.migrated_database(pg, name)
     with psycopg.connect(url) as conn:
-        conn.execute(
-            "INSERT INTO \"User\" (id) SELECT 'user-' || g FROM generate_series(0, %s) g",
-            (USERS - 1,),
-        )
+        if users is None:
+            conn.execute(
+                "INSERT INTO \"User\" (id) SELECT 'user-' || g FROM generate_series(0, %s) g",
+                (USERS - 1,),
+            )
+        else:
+            conn.execute('INSERT INTO "User" (id) SELECT unnest(%s::text[])', (list(users),))
     # Each measured phase starts from a clean checkpoint: otherwise the one
     # after it pays for writing out the pages the one before it dirtied
     # (the sink always runs right after the raw COPY).
@@ -112,16 +123,21 @@ def raw_copy(url: str, data: bytes, rows: int) -> float:
         return rows / (time.perf_counter() - started)
 
 
-async def sink_round(settings: Settings, rows: int, batch: int, archive: bool) -> float:
+async def sink_round(
+    settings: Settings, rows: int, batch: int, archive: bool, count: str = "records"
+) -> float:
+    """The sink's ``count`` (a WriteResult field: records read, or
+    ``interactions`` written) per second, from its first written batch to
+    the one that brings it to ``rows``."""
     options = SinkOptions(group=f"bench-{uuid7()}", batch_max_records=batch, archive=archive)
     sink = Sink(settings, options)
     task = asyncio.create_task(sink.run())
     first_at = first_count = None
-    while sink.written.records < rows:
+    while (written := getattr(sink.written, count)) < rows:
         if task.done():
             task.result()
-        if first_at is None and sink.written.records:
-            first_at, first_count = time.perf_counter(), sink.written.records
+        if first_at is None and written:
+            first_at, first_count = time.perf_counter(), written
         await asyncio.sleep(0.002)
     ended = time.perf_counter()
     sink.stop()

@@ -107,9 +107,7 @@ def child(role: str, expected: int, result: Path) -> None:
         @app.agent(topic)
         async def only_decode(stream: Any) -> None:
             # batched as the worker batches
-            async for values in stream.take(
-                settings.stream_batch_max, within=0.05
-            ):
+            async for values in stream.take(settings.stream_batch_max, within=0.05):
                 for value in values:
                     decode(value)
                 clock.add(len(values))
@@ -120,10 +118,14 @@ def child(role: str, expected: int, result: Path) -> None:
     worker.execute_from_commandline()
 
 
-def spawn(role: str, env: dict[str, str], expected: int, log: Path, result: Path) -> Any:
+def spawn(
+    role: str, env: dict[str, str], expected: int, log: Path, result: Path, script: str = __file__
+) -> Any:
+    """``script --child role`` (this one's by default: bench/peers.py runs its
+    own children through here too)."""
     with open(log, "ab") as out:
         return subprocess.Popen(
-            [sys.executable, __file__, "--child", role, "--events", str(expected)]
+            [sys.executable, script, "--child", role, "--events", str(expected)]
             + ["--result", str(result)],
             env=env,
             stdout=out,
@@ -132,10 +134,13 @@ def spawn(role: str, env: dict[str, str], expected: int, log: Path, result: Path
         )
 
 
-async def run_child(role: str, env: dict[str, str], expected: int, tmp: Path) -> float:
+async def run_child(
+    role: str, env: dict[str, str], expected: int, tmp: Path, script: str = __file__
+) -> float:
+    """The rate a child reports in ``tmp/ROLE.json`` (left there)."""
     log, result = tmp / f"{role}.log", tmp / f"{role}.json"
     result.unlink(missing_ok=True)
-    proc = spawn(role, env, expected, log, result)
+    proc = spawn(role, env, expected, log, result, script)
     try:
         deadline = time.monotonic() + 600
         while not result.exists():
@@ -154,7 +159,11 @@ async def run_child(role: str, env: dict[str, str], expected: int, tmp: Path) ->
             proc.wait()
 
 
-async def raw_loop(bootstrap: str, expected: int) -> float:
+async def raw_loop(
+    bootstrap: str, expected: int, profiles: dict[str, Profile] | None = None
+) -> float:
+    """Events/s of a plain decode-and-fold loop; ``profiles`` (if given) gets
+    the profiles it folded."""
     config = load_rules().affinity_config()
     consumer = AIOKafkaConsumer(
         TOPIC,
@@ -165,7 +174,8 @@ async def raw_loop(bootstrap: str, expected: int) -> float:
         max_partition_fetch_bytes=4 * 1024 * 1024,
     )
     await consumer.start()
-    profiles: dict[str, Profile] = {}
+    if profiles is None:
+        profiles = {}
     count, first = 0, None
     try:
         while count < expected:
@@ -186,22 +196,36 @@ async def raw_loop(bootstrap: str, expected: int) -> float:
         await consumer.stop()
 
 
+async def demo_topic(
+    broker: brokers.Broker, folder: Path, users: int, events: int
+) -> tuple[Settings, int]:
+    """TOPIC (PARTITIONS partitions) holding the demo's traffic of ``users``
+    users (seed 3); its settings and the events sent."""
+    settings = await brokers.events_and_profiles(broker, folder, TOPIC, PARTITIONS)
+    async with TrackingClient(source="demo", settings=settings) as client:
+        sent = await demo.run(client, demo.plan(users=users, events=events, seed=3))
+    return settings, sent
+
+
+def child_env(broker: brokers.Broker, folder: Path) -> dict[str, str]:
+    """The environment of a child reading TOPIC (its app id to be added)."""
+    return {
+        **os.environ,
+        "KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap_servers,
+        "USERTRAIL_EVENTS_TOPIC": TOPIC,
+        "USERTRAIL_PROFILES_TOPIC": "bench.profiles",
+        "USERTRAIL_EVENTS_PARTITIONS": str(PARTITIONS),
+        "USERTRAIL_DATA_DIR": str(folder),
+    }
+
+
 async def main(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as tmp, brokers.started(args.broker, Path(tmp)) as broker:
-        settings = await brokers.events_and_profiles(broker, Path(tmp), TOPIC, PARTITIONS)
-        async with TrackingClient(source="demo", settings=settings) as client:
-            sent = await demo.run(client, demo.plan(users=500, events=args.events, seed=3))
+        settings, sent = await demo_topic(broker, Path(tmp), 500, args.events)
         print(f"{sent:,} demo events in {TOPIC} ({PARTITIONS} partitions)")
         where = "a helper process" if settings.stream_fold_process else "its own process"
         print(f"the worker decodes and folds in {where}")
-        env = {
-            **os.environ,
-            "KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap_servers,
-            "USERTRAIL_EVENTS_TOPIC": TOPIC,
-            "USERTRAIL_PROFILES_TOPIC": "bench.profiles",
-            "USERTRAIL_EVENTS_PARTITIONS": str(PARTITIONS),
-            "USERTRAIL_DATA_DIR": tmp,
-        }
+        env = child_env(broker, Path(tmp))
         ratios = []
         for r in range(args.rounds):
             rates = {}
