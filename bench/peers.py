@@ -190,14 +190,28 @@ def quix_child(role: str, expected: int, result: Path) -> None:
         sdf = sdf.update(decode)
     elif role == "quix-stateful":
         config = load_rules().affinity_config()
+        # the profile decoded from what the state holds, kept beside it (our
+        # worker keeps such a memo too, stream/batch.py): a user's next event
+        # need not parse the stored JSON again
+        decoded: dict[str, tuple[str, Profile]] = {}
 
         def fold_event(value: bytes, state: Any) -> bytes:
             event = decode(value)
             stored = state.get("profile")
-            profile = Profile(event.user_id) if stored is None else PROFILE.validate_json(stored)
+            hit = decoded.get(event.user_id)
+            if stored is None:
+                profile = Profile(event.user_id)
+            elif hit is not None and hit[0] == stored:
+                profile = hit[1]
+            else:
+                profile = PROFILE.validate_json(stored)
             profile = fold(profile, event, message_context().offset, config=config)
             data = PROFILE.dump_json(profile)
-            state.set("profile", data.decode())  # a str: quix's state is JSON
+            text = data.decode()
+            state.set("profile", text)  # a str: quix's state is JSON
+            if len(decoded) >= 20_000 and event.user_id not in decoded:
+                del decoded[next(iter(decoded))]
+            decoded[event.user_id] = (text, profile)
             return data  # the profile message: the profile as stored
 
         output = app.topic(
