@@ -163,16 +163,23 @@ async def test_a_killed_worker_restarts_from_its_local_state_and_the_changelog_t
         await _until_profiles(port, {u: expected_view(e) for u, e in by_user.items()}, log)
         assert await _recovered(port) == 0
         # the applied offsets came back too: the second half is folded on
-        # top, nothing of the first half twice; killed while folding it
+        # top, nothing of the first half twice; killed while folding it, at
+        # its first write (the worker folds the whole half within a second
+        # or so, before the test could count many writes)
         before = await changelog_written(settings)
-        async with TrackingClient(source="demo", settings=settings) as client:
-            sent += await demo.run(client, second)
+
+        async def send_second_half() -> int:
+            async with TrackingClient(source="demo", settings=settings) as client:
+                return await demo.run(client, second)
+
+        sending = asyncio.create_task(send_second_half())
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 60
-        while await changelog_written(settings) < before + 200 and loop.time() < deadline:
-            await asyncio.sleep(0.05)
+        while await changelog_written(settings) <= before and loop.time() < deadline:
+            await asyncio.sleep(0.02)
     finally:
         kill(proc)
+    sent += await sending
     killed_at = await changelog_written(settings)
     assert killed_at > before, "it was killed while folding the second half"
 
