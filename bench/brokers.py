@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
+from aiokafka import AIOKafkaConsumer
 from usertrail.migrations import runner
 
 from usertrail.apache_kafka import KafkaCluster, free_cluster_port
@@ -25,6 +26,19 @@ def add_argument(parser: argparse.ArgumentParser) -> None:
         choices=["tansu", "kafka"],
         default="tansu",
         help="tansu (embedded, memory only; default) or kafka (one Apache Kafka node)",
+    )
+
+
+def reader(bootstrap: str, topic: str, **options: int) -> AIOKafkaConsumer:
+    """A consumer of ``topic`` from its start, in no group, with 4 MiB
+    fetches per partition (``options`` override); not started yet."""
+    return AIOKafkaConsumer(
+        topic,
+        bootstrap_servers=bootstrap,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        group_id=None,
+        **{"max_partition_fetch_bytes": 4 * 1024 * 1024, **options},
     )
 
 

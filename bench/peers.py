@@ -88,7 +88,6 @@ import brokers
 import psycopg
 import sink_rate
 import stream_rate
-from aiokafka import AIOKafkaConsumer
 from pydantic import SecretStr, TypeAdapter
 from stream_rate import PARTITIONS, TOPIC, Clock
 from usertrail.producers.events import EventBase, Interaction, decode
@@ -305,14 +304,7 @@ async def last_values(bootstrap: str, topic: str, expected: int) -> dict[bytes, 
     ``expected`` records (counted, not asked for: tansu's end offsets fall
     short after a batch of several records), read to the first empty fetch
     past them."""
-    consumer = AIOKafkaConsumer(
-        topic,
-        bootstrap_servers=bootstrap,
-        auto_offset_reset="earliest",
-        enable_auto_commit=False,
-        group_id=None,
-        max_partition_fetch_bytes=4 * 1024 * 1024,
-    )
+    consumer = brokers.reader(bootstrap, topic)
     await consumer.start()
     last: dict[bytes, bytes] = {}
     count, deadline = 0, time.monotonic() + 300
@@ -404,14 +396,7 @@ async def stream_round(
 
 
 async def topic_events(bootstrap: str, expected: int) -> list[EventBase]:
-    consumer = AIOKafkaConsumer(
-        TOPIC,
-        bootstrap_servers=bootstrap,
-        auto_offset_reset="earliest",
-        enable_auto_commit=False,
-        group_id=None,
-        max_partition_fetch_bytes=4 * 1024 * 1024,
-    )
+    consumer = brokers.reader(bootstrap, TOPIC)
     await consumer.start()
     events: list[EventBase] = []
     try:

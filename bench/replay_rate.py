@@ -24,7 +24,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import brokers
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaProducer
 from usertrail.producers.events import Interaction, build, decode, encode
 from usertrail.producers.ids import uuid7
 from usertrail.replay import stream as replay
@@ -69,12 +69,9 @@ async def fill(bootstrap: str, events: int, users: int) -> None:
 
 async def plain_loop(bootstrap: str, expected: int) -> float:
     config = load_rules().affinity_config()
-    consumer = AIOKafkaConsumer(
+    consumer = brokers.reader(
+        bootstrap,
         TOPIC,
-        bootstrap_servers=bootstrap,
-        auto_offset_reset="earliest",
-        enable_auto_commit=False,
-        group_id=None,
         max_partition_fetch_bytes=8 * 1024 * 1024,
         fetch_max_bytes=64 * 1024 * 1024,
     )

@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import Any
 
 import brokers
-from aiokafka import AIOKafkaConsumer
 from usertrail.producers import TrackingClient, demo
 from usertrail.producers.events import decode
 from usertrail.producers.ids import uuid7
@@ -165,14 +164,7 @@ async def raw_loop(
     """Events/s of a plain decode-and-fold loop; ``profiles`` (if given) gets
     the profiles it folded."""
     config = load_rules().affinity_config()
-    consumer = AIOKafkaConsumer(
-        TOPIC,
-        bootstrap_servers=bootstrap,
-        auto_offset_reset="earliest",
-        enable_auto_commit=False,
-        group_id=None,
-        max_partition_fetch_bytes=4 * 1024 * 1024,
-    )
+    consumer = brokers.reader(bootstrap, TOPIC)
     await consumer.start()
     if profiles is None:
         profiles = {}
