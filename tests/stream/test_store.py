@@ -164,8 +164,9 @@ async def test_a_killed_worker_restarts_from_its_local_state_and_the_changelog_t
         assert await _recovered(port) == 0
         # the applied offsets came back too: the second half is folded on
         # top, nothing of the first half twice; killed while folding it, at
-        # its first write (the worker folds the whole half within a second
-        # or so, before the test could count many writes)
+        # its first write (the demo sends a user's events in runs, so a batch
+        # of 200 changes 1-5 users and the whole half writes about 100
+        # records, which the worker does within a second or so)
         before = await changelog_written(settings)
 
         async def send_second_half() -> int:
