@@ -383,7 +383,7 @@ async def test_three_brokers_killed_restarted_and_frozen_lose_nothing(
                 node.kill()
                 await asyncio.sleep(seconds)
                 node.start()
-                await asyncio.to_thread(node.wait_listening)
+                await asyncio.to_thread(node.wait_listening, 240)
                 await asyncio.to_thread(kafka3.wait_ready)
             outage[f"node {node.node_id} ({how})"] = time.monotonic() - t
 

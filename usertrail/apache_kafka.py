@@ -23,6 +23,7 @@ import logging
 import os
 import random
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -238,6 +239,8 @@ class KafkaNode(_Child):
         return [
             self.cluster.java,
             f"-Xmx{heap}",
+            # extra JVM options, as Kafka's own start scripts take them
+            *shlex.split(os.environ.get("KAFKA_OPTS", "")),
             "-Djava.awt.headless=true",
             f"-Dlog4j2.configurationFile={self.cluster.data_dir / 'log4j2.properties'}",
             "-cp",
@@ -290,9 +293,14 @@ class KafkaNode(_Child):
             )
         log.info("%s pid %d on 127.0.0.1:%d", self.name, self.proc.pid, self.port)
 
-    def wait_listening(self, timeout: float = 60) -> None:
+    def wait_listening(self, timeout: float = 120) -> None:
+        """Until the node accepts clients: after its metadata caught up, which
+        after a SIGKILL includes recovering every partition it holds."""
         assert self.proc is not None
-        _wait_for_port(self.port, self.proc, self.name, timeout=timeout)
+        try:
+            _wait_for_port(self.port, self.proc, self.name, timeout=timeout)
+        except EmbeddedStackError as e:
+            raise EmbeddedStackError(f"{e} (see {self.dir / 'kafka.log'})") from None
 
     def kill(self) -> None:
         """SIGKILL, as a crash would."""
