@@ -182,7 +182,7 @@ async def sink_cost(pg: EmbeddedPostgres, broker: Any, tmp: Path, rows: int, rou
             if not rollups:
                 without_rollups(url)
             settings = base.model_copy(update={"database_url": SecretStr(url)})
-            rates[rollups] = await sink_rate.sink_round(settings, rows, 5000, base.archiving)
+            rates[rollups], _ = await sink_rate.sink_round(settings, rows, 5000, base.archiving)
             with psycopg.connect(url) as conn:
                 got = conn.execute(
                     "SELECT coalesce(sum(interactions), 0) FROM usertrail_rollup_services"

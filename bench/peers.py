@@ -440,10 +440,10 @@ async def sink_round(
     for system in order:
         url = sink_rate.fresh_database(pg, f"bench_{system.replace('-', '_')}", users)
         if system == "raw-copy":
-            rates[system] = sink_rate.raw_copy(url, data, rows)
+            rates[system], _ = sink_rate.raw_copy(url, data, rows)
         elif system == "usertrail-sink":
             settings = base.model_copy(update={"database_url": SecretStr(url)})
-            rates[system] = await sink_rate.sink_round(
+            rates[system], _ = await sink_rate.sink_round(
                 settings, rows, args.batch, base.archiving, count="interactions"
             )
         else:

@@ -94,6 +94,12 @@ def classify_profile(record: Record) -> tuple[str, ProfileMessage | None] | Dead
     return user, message
 
 
+# Event ids (UUIDs, the contract's pattern: never a comma) as one parameter:
+# psycopg would turn a list of 5,000 into an array one element at a time, in
+# Python, a tenth of the sink's CPU per row.
+_IDS = "string_to_array(%s, ',')"
+
+
 @dataclass
 class _ProfileWrite:
     """What a batch does to one user's ``user_vectors`` row."""
@@ -615,16 +621,16 @@ class Writer:
         fresh: set[str] = set()
         if others:
             await cur.execute(
-                "INSERT INTO usertrail_seen_events (id) SELECT DISTINCT unnest(%s::text[]) "
-                "ON CONFLICT DO NOTHING RETURNING id",
-                (others,),
+                "INSERT INTO usertrail_seen_events (id) SELECT DISTINCT unnest("
+                f"{_IDS}) ON CONFLICT DO NOTHING RETURNING id",
+                (",".join(others),),
             )
             fresh = {row[0] for row in await cur.fetchall()}
         erased: set[str] = set()
         if interactions:
             await cur.execute(
-                "SELECT id FROM usertrail_seen_events WHERE id = ANY(%s::text[])",
-                (interactions,),
+                f"SELECT id FROM usertrail_seen_events WHERE id = ANY({_IDS})",
+                (",".join(interactions),),
             )
             erased = {row[0] for row in await cur.fetchall()}
             # a user erased in this batch: the erasure deletes their rows before
@@ -638,7 +644,7 @@ class Writer:
             ]
             if theirs:
                 await cur.execute(
-                    'SELECT id FROM "UserInteraction" WHERE id = ANY(%s::text[])', (theirs,)
+                    f'SELECT id FROM "UserInteraction" WHERE id = ANY({_IDS})', (",".join(theirs),)
                 )
                 erased |= {row[0] for row in await cur.fetchall()}
         if (

@@ -5,14 +5,23 @@ judges."""
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 
 import pytest
 from hypothesis import assume, example, given
 from hypothesis import strategies as st
+from pydantic_core import to_json
 from usertrail.producers.events import EventBase, Interaction, build, decode, encode
 from usertrail.sink.plan import Decoded, Record, classify
-from usertrail.sink.rows import FastRow, copy_line, fast_row
+from usertrail.sink.rows import (
+    _FLAT_METADATA,
+    _METADATA,
+    FastRow,
+    canonical_metadata,
+    copy_line,
+    fast_row,
+)
 
 from tests.contract import event_ids, interactions, metadata, slugs
 from usertrail.errors import EventValidationError
@@ -165,3 +174,44 @@ def test_classify_gives_the_fast_row_where_it_can() -> None:
     spaced = Record("usertrail.events", 0, 8, b"u1", _BASE.replace(b",", b", "))
     slow = classify(spaced)
     assert isinstance(slow, Decoded) and isinstance(slow.event, Interaction)
+
+
+_flat_values = st.one_of(
+    st.integers(-(10**15) + 1, 10**15 - 1),
+    st.text(st.characters(min_codepoint=32, max_codepoint=126), max_size=256),
+    st.booleans(),
+    st.none(),
+)
+_any_values = st.one_of(
+    _flat_values,
+    st.integers(),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=20),
+    st.lists(st.integers(), max_size=3),
+)
+
+
+@given(st.dictionaries(st.from_regex(r"\A[A-Za-z0-9_]{1,64}\Z"), _flat_values, max_size=8))
+def test_flat_metadata_is_taken_as_written(meta: dict[str, object]) -> None:
+    raw = json.dumps(meta, separators=(",", ":")).encode()
+    if b"\\" not in raw:  # no escapes: the fast way, as it came
+        assert _FLAT_METADATA.fullmatch(raw)
+    assert canonical_metadata(raw) == to_json(_METADATA.validate_json(raw))
+
+
+@given(
+    st.lists(st.tuples(st.text(max_size=3) | st.sampled_from(["a", "b"]), _any_values), max_size=5),
+    st.sampled_from([",", ", "]),
+)
+def test_any_metadata_is_judged_as_pydantic_judges_it(
+    items: list[tuple[str, object]], comma: str
+) -> None:
+    """Repeated keys, escapes, floats, spacing: the same bytes or the same refusal."""
+    raw = ("{" + comma.join(f"{json.dumps(k)}:{json.dumps(v)}" for k, v in items) + "}").encode()
+    try:
+        want = to_json(_METADATA.validate_json(raw))
+    except ValueError:
+        with pytest.raises(ValueError):
+            canonical_metadata(raw)
+        return
+    assert canonical_metadata(raw) == want
