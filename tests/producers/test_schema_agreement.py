@@ -177,7 +177,7 @@ def decoder_accepts(doc: Any) -> bool:
 @pytest.mark.parametrize("kind", sorted(SCHEMAS))
 def test_events_generated_from_the_schema_are_accepted(kind: str) -> None:
     @hsettings(
-        max_examples=150,
+        max_examples=80,
         deadline=None,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
     )
@@ -229,7 +229,7 @@ def test_mutated_events_get_the_same_verdict_from_schema_and_validator(kind: str
     fields = [name for name in MUTATIONS if name in SCHEMAS[kind]["properties"]]
 
     @hsettings(
-        max_examples=500,
+        max_examples=200,
         deadline=None,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
     )
