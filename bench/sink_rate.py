@@ -41,7 +41,7 @@ from usertrail.sink.consumer import Sink, SinkOptions
 from usertrail.sink.rows import interaction_copy_rows
 
 from usertrail.apache_kafka import KafkaCluster
-from usertrail.embedded import EmbeddedBroker, EmbeddedPostgres, free_port
+from usertrail.embedded import EmbeddedPostgres, free_port
 from usertrail.runtime import tune_gc
 from usertrail.settings import Settings
 from usertrail.topics import ensure_topics
@@ -165,11 +165,6 @@ class Cpu:
         )
 
 
-def postmaster(pg: EmbeddedPostgres) -> int:
-    found = next(pg.data_dir.rglob("postmaster.pid"))
-    return int(found.read_text().split()[0])
-
-
 def raw_copy(
     url: str, data: bytes, rows: int, pids: tuple[int | None, int | None] = (None, None)
 ) -> tuple[float, Cpu]:
@@ -261,9 +256,7 @@ async def measure(args: argparse.Namespace) -> None:
             del events
             tune_gc()
 
-            pids = (postmaster(pg), broker.pid if isinstance(broker, EmbeddedBroker) else None)
-            if isinstance(broker, KafkaCluster):
-                pids = (pids[0], broker.pids[0])
+            pids = (pg.pid, broker.pids[0] if isinstance(broker, KafkaCluster) else broker.pid)
             ratios, costs = [], []
             # the sink as `up` runs it on the broker asked for (the log
             # archived on tansu, docs/log.md), and the cost of the archive:
