@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import pickle
 import signal
 import struct
@@ -139,8 +140,11 @@ def serve() -> None:
     rules = Rules.model_validate(read())
     while (users := read()) is not None:
         answer = pickle.dumps(fold_users(users, rules), protocol=pickle.HIGHEST_PROTOCOL)
-        sink.write(_HEADER.pack(len(answer)) + answer)
-        sink.flush()
+        try:
+            sink.write(_HEADER.pack(len(answer)) + answer)
+            sink.flush()
+        except BrokenPipeError:  # the worker died while this batch was folded
+            os._exit(0)  # nobody to answer, nor to read a traceback
 
 
 class FoldProcess:
