@@ -51,6 +51,7 @@ from usertrail.errors import ConfigurationError, LogResetError, StalledError, Us
 from usertrail.kafka import (
     adopt_stale_group_leaders,
     log_identity,
+    never_create_topics,
     partitions_of,
     stop_within,
 )
@@ -359,6 +360,16 @@ class Sink:
         finally:
             watchdog.cancel()
 
+    def _missing_topics(self) -> list[str]:
+        """The sink's topics the broker's last metadata did not list (none
+        if it never answered)."""
+        cluster = self.consumer._client.cluster
+        known = cluster.topics()
+        if not known and not cluster.brokers():
+            return []
+        wanted = [self.settings.events_topic, self.settings.profiles_topic]
+        return [t for t in wanted if t not in known]
+
     async def _watch(self, main: asyncio.Task[Any]) -> None:
         """Stop the sink (StalledError, exit code 6) when it makes no progress
         for ``stall_seconds``: no partitions assigned, or partitions behind
@@ -375,10 +386,13 @@ class Sink:
             why = ""
             if self._unassigned_since is not None and not self.options.assign_all:
                 if now - self._unassigned_since > bound:
-                    why = (
-                        f"no partitions assigned for {now - self._unassigned_since:.0f} s: "
-                        f"the group '{self.options.group}' did not form, or the broker did "
-                        "not answer"
+                    missing = self._missing_topics()
+                    why = f"no partitions assigned for {now - self._unassigned_since:.0f} s: " + (
+                        f"topics {', '.join(missing)} do not exist on the broker (they are "
+                        "made by `usertrail up --only-setup` or compose's init)"
+                        if missing
+                        else f"the group '{self.options.group}' did not form, or the broker "
+                        "did not answer"
                     )
             elif self.written.records != written or not (behind := await self._behind()):
                 written, since = self.written.records, now
@@ -392,6 +406,7 @@ class Sink:
 
     async def _run(self) -> None:
         await self._retry_db(lambda: self._noop(), "connect")
+        never_create_topics()  # usertrail/kafka.py: topics are made by ensure_topics alone
         # first: its connections ask the broker for topic ids (below), which
         # must not queue behind the consumer's long-polling fetches
         await self._start_client(self.producer)

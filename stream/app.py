@@ -48,7 +48,7 @@ from usertrail.stream.watchdog import Watchdog
 from usertrail.stream.web import add_metrics_view, add_profile_view
 
 from usertrail.errors import UsertrailError
-from usertrail.kafka import adopt_stale_group_leaders
+from usertrail.kafka import adopt_stale_group_leaders, never_create_topics
 from usertrail.settings import METADATA_MAX_AGE_MS, STREAM_TABLE, Settings
 
 log = logging.getLogger("usertrail.stream")
@@ -110,6 +110,7 @@ def create_app(
     datadir = worker_dir(settings, web_port)
     datadir.mkdir(parents=True, exist_ok=True)
     kind = settings.stream_store_kind()
+    never_create_topics()  # usertrail/kafka.py: topics are made by ensure_topics alone
     if settings.is_tansu:
         adopt_stale_group_leaders()  # docs/brokers.md, "Stale group leader"
     app = UsertrailApp(

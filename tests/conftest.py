@@ -19,11 +19,16 @@ from aiokafka import AIOKafkaConsumer
 
 from usertrail.apache_kafka import KafkaCluster, free_cluster_port
 from usertrail.embedded import EmbeddedBroker, EmbeddedPostgres, free_port
-from usertrail.kafka import stop_within
+from usertrail.kafka import never_create_topics, stop_within
 from usertrail.settings import Settings
 from usertrail.topics import ensure_topics
 
 _counter = itertools.count()
+
+# As in every pipeline process (usertrail/kafka.py): no topic is made by
+# asking for it, so a test that needs a topic makes it, whatever order the
+# tests of its process run in.
+never_create_topics()
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -13,6 +13,7 @@ import psutil
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
+from tests.conftest import Broker
 from usertrail.embedded import EmbeddedBroker, free_port
 from usertrail.kafka import stop_within
 
@@ -28,6 +29,19 @@ def frozen_later(tmp_path: Path) -> Iterator[EmbeddedBroker]:
         assert broker.proc is not None
         os.kill(broker.proc.pid, signal.SIGCONT)
         broker.stop()
+
+
+async def _topic_t(broker: EmbeddedBroker) -> None:
+    """Topic "t", made as the pipeline makes topics (a process that ran a
+    sink or a stream in-process never has a topic made by asking for it)."""
+    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=broker.bootstrap_servers)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic("t", num_partitions=1, replication_factor=1)])
+    finally:
+        await admin.close()
 
 
 def _freeze(broker: EmbeddedBroker) -> None:
@@ -46,6 +60,7 @@ def _open_to(broker: EmbeddedBroker) -> list[str]:
 
 
 async def test_a_producer_that_cannot_stop_is_closed_anyway(frozen_later: EmbeddedBroker) -> None:
+    await _topic_t(frozen_later)
     producer = AIOKafkaProducer(bootstrap_servers=frozen_later.bootstrap_servers, acks="all")
     await producer.start()
     await producer.send_and_wait("t", b"delivered")
@@ -59,6 +74,7 @@ async def test_a_producer_that_cannot_stop_is_closed_anyway(frozen_later: Embedd
 
 
 async def test_a_consumer_that_cannot_stop_is_closed_anyway(frozen_later: EmbeddedBroker) -> None:
+    await _topic_t(frozen_later)
     consumer = AIOKafkaConsumer(
         "t",
         bootstrap_servers=frozen_later.bootstrap_servers,
@@ -74,3 +90,51 @@ async def test_a_consumer_that_cannot_stop_is_closed_anyway(frozen_later: Embedd
     await stop_within(consumer, 1, "consumer")
     assert time.monotonic() - started < 8
     assert _open_to(frozen_later) == []
+
+
+_ASK_FOR_TOPIC = """
+import asyncio, sys
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaTimeoutError, UnknownTopicOrPartitionError
+from usertrail.kafka import never_create_topics
+
+async def main(bootstrap: str, topic: str, guard: bool) -> None:
+    if guard:
+        never_create_topics()
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, request_timeout_ms=3000)
+    await producer.start()
+    try:
+        print(sorted(await producer.partitions_for(topic)))
+    except (KafkaTimeoutError, UnknownTopicOrPartitionError):
+        print("missing")
+    finally:
+        await producer.stop()
+
+asyncio.run(main(sys.argv[1], sys.argv[2], sys.argv[3] == "guard"))
+"""
+
+
+def test_the_pipeline_never_creates_a_topic_by_asking_for_it(broker: Broker) -> None:
+    """aiokafka asks brokers to create every topic it names in a metadata
+    request, and both brokers do (tansu always, Apache Kafka with its
+    default ``auto.create.topics.enable``): asked for by a process that
+    installed ``never_create_topics`` (every pipeline command and worker
+    does), a missing topic stays missing; asked for without it, it is made."""
+    import subprocess
+    import sys
+
+    def ask(topic: str, guard: str) -> str:
+        out = subprocess.run(
+            [sys.executable, "-c", _ASK_FOR_TOPIC, broker.bootstrap_servers, topic, guard],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert out.returncode == 0, out.stderr
+        return out.stdout.strip()
+
+    topic = f"never-made-{os.getpid()}-{time.monotonic_ns()}"
+    assert ask(topic, "guard") == "missing"
+    assert ask(topic, "guard") == "missing", "the first ask made nothing"
+    assert ask(topic, "plain") != "missing", "without it, asking makes the topic"
+    assert ask(topic, "guard") != "missing", "an existing topic is found as before"

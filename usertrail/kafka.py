@@ -371,6 +371,75 @@ async def high_waters(consumer: AIOKafkaConsumer, tps: list[TopicPartition]) -> 
     return ends
 
 
+_NEVER_CREATING = False
+
+
+def never_create_topics() -> None:
+    """Every metadata request of this process's aiokafka clients (faust's
+    too) asks the broker not to create the topics it names. aiokafka asks
+    for creation on every request (``allow_auto_topic_creation`` defaults to
+    True), so on a broker that allows it (tansu always; Apache Kafka with
+    ``auto.create.topics.enable``) a worker asking for a topic that is
+    missing made it, with the broker's default partition count. That
+    happened under running workers whose broker came back empty: their next
+    request made ``usertrail.profiles`` with 8 partitions before `up
+    --only-setup` made the events with 4, and the pipeline's partitioning
+    was broken for good. Topics are made only by ``ensure_topics`` (and
+    faust's CreateTopics for what it declares); a topic that is missing
+    stays missing, which the workers report. Installed once per process by
+    the pipeline's commands and workers; the SDK leaves the app's aiokafka
+    as it is."""
+    global _NEVER_CREATING
+    if _NEVER_CREATING:
+        return
+    _NEVER_CREATING = True
+    import aiokafka.admin.client
+    import aiokafka.client
+    from aiokafka.protocol import metadata
+
+    class _MetadataRequest(metadata.MetadataRequest):  # type: ignore[misc]
+        def __init__(
+            self, topics: list[str] | None = None, allow_auto_topic_creation: bool | None = None
+        ) -> None:
+            super().__init__(topics, bool(allow_auto_topic_creation))
+
+    for module in (aiokafka.client, aiokafka.admin.client):
+        if getattr(module, "MetadataRequest", None) is not metadata.MetadataRequest:
+            raise RuntimeError(
+                f"{module.__name__} no longer sends aiokafka.protocol.metadata.MetadataRequest: "
+                "usertrail.kafka.never_create_topics needs a look at this aiokafka version"
+            )
+        module.MetadataRequest = _MetadataRequest
+    # aiokafka says a subscribed topic is missing at every metadata retry
+    # (10 a second): once a minute a topic is enough
+    logging.getLogger("aiokafka.cluster").addFilter(_MissingTopicSaidOnce(60.0))
+
+
+class _MissingTopicSaidOnce(logging.Filter):
+    """aiokafka.cluster's "Topic %s not found in cluster metadata", as a
+    warning once per topic and ``every`` seconds, naming what makes it."""
+
+    def __init__(self, every: float) -> None:
+        super().__init__()
+        self.every = every
+        self.said: dict[str, float] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg != "Topic %s not found in cluster metadata" or not record.args:
+            return True
+        topic = str(record.args[0] if isinstance(record.args, tuple) else record.args)
+        now = time.monotonic()
+        if now - self.said.get(topic, -self.every) < self.every:
+            return False
+        self.said[topic] = now
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+        record.msg = (
+            "topic %s does not exist on the broker; waiting for it (topics are made by "
+            "`usertrail up --only-setup` or compose's init, never by asking for them)"
+        )
+        return True
+
+
 _ADOPTING = False
 
 

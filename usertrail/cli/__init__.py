@@ -22,6 +22,7 @@ from usertrail import __version__, logs
 from usertrail.cli import admin, analytics, collector, replay, up, workers
 from usertrail.cli.common import common_options, settings_from
 from usertrail.errors import BrokerUnavailableError, DatabaseUnavailableError, UsertrailError
+from usertrail.kafka import never_create_topics
 from usertrail.settings import Settings
 
 
@@ -60,6 +61,9 @@ def _fail(exc: UsertrailError, log_format: str = "text") -> int:
 WORKER_COMMANDS = ("up", "sink", "stream", "collector", "dashboard")
 """The long-running commands: they log what the broker's outages do to them."""
 
+SDK_COMMANDS = ("demo", "collector")
+"""Apps of the SDK: they leave aiokafka as an app's is (``never_create_topics``)."""
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
@@ -81,6 +85,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         # own reports of a broker that is down would repeat it (workers keep
         # them: they retry and log each outage)
         logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
+    if args.command not in SDK_COMMANDS:
+        never_create_topics()  # topics are made by ensure_topics alone (usertrail/kafka.py)
     func: Callable[[argparse.Namespace, Settings], int] = args.func
     try:
         return func(args, settings)
