@@ -23,6 +23,7 @@ import asyncio
 import atexit
 import collections
 import concurrent.futures
+import concurrent.futures.thread  # its exit hook registered before ours (below)
 import contextlib
 import logging
 import os
@@ -229,8 +230,15 @@ class TrackingClient:
         records = self.spool.take()
         if records:
             log.info("re-sending %d spooled events from %s", len(records), self.spool.path)
-            for record in records:
-                await self._enqueue(record)
+            for i, record in enumerate(records):
+                try:
+                    await self._enqueue(record)
+                except (BufferFullError, ClientClosedError):  # sent by a re-send later
+                    self.spool.append(records[i:])
+                    break
+                except BaseException:  # cancelled: the rest stays spooled
+                    self.spool.append(records[i:])
+                    raise
             report = await self.flush()
             self.resent_from_spool = report.delivered
             if report.spooled:
@@ -449,6 +457,36 @@ class TrackingClient:
             self.spool.append(leftover)
             log.warning("%d undelivered events spooled to %s", len(leftover), self.spool.path)
         return DeliveryReport(report.delivered, report.spooled + len(leftover))
+
+    def spool_unsent(self, error: BaseException) -> int:
+        """Everything accepted and not yet acknowledged (handed over, held,
+        buffered, in flight), written to the spool at once, without a wait:
+        what a close that cannot finish in time leaves behind, so that the
+        next start sends it. An in-flight batch the broker did take is then
+        sent twice; the pipeline drops the second copy by its event id
+        (docs/architecture.md, rule 2). Returns the number spooled."""
+        records = [record for record, _ in self._inbox]
+        ids = [event_id for _, event_id in self._inbox]
+        self._inbox.clear()
+        for record, event_id, placeholder in self._held:
+            records.append(record)
+            if event_id is not None:
+                ids.append(event_id)
+            if placeholder.future is not None and not placeholder.future.done():
+                placeholder.future.set_exception(DeliveryError(f"spooled: {error}"))
+        self._held = []
+        for batch in (*self._open.values(), *self._in_flight):
+            records.extend(batch.records)
+            ids.extend(batch.ids)
+            if batch.future is not None and not batch.future.done():
+                batch.future.set_exception(DeliveryError(f"spooled: {error}"))
+        self._open.clear()
+        self._in_flight.clear()  # a late acknowledgement settles nothing now
+        self._ready.clear()
+        self._buffered = 0
+        if records:
+            self._spool_now(records, ids, error)
+        return len(records)
 
     async def __aenter__(self) -> TrackingClient:
         await self.start()
@@ -803,6 +841,18 @@ class TrackingClient:
             await self._enqueue(record, event.event_id)
         return event.event_id
 
+    def spool_events(self, batch: list[EventBase], error: BaseException) -> None:
+        """Events validated elsewhere that cannot be buffered now (the
+        collector's, after a refusal mid-batch): to the spool, sent by the
+        next re-send, never dropped."""
+        records = [
+            SpooledRecord(
+                self.topic, event.user_id.encode(), events.encode(event), headers.for_event()
+            )
+            for event in batch
+        ]
+        self._spool_now(records, [event.event_id for event in batch], error)
+
     async def track_preferences(
         self,
         *,
@@ -1105,8 +1155,16 @@ class SyncTrackingClient:
             return DeliveryReport(0, 0)
         client = self._client
         self._closed = True
+        timeout = self._call_timeout if timeout is None else timeout
         try:
-            return self._call(client.close(), self._call_timeout if timeout is None else timeout)
+            return self._call(client.close(), timeout)
+        except TimeoutError:
+            spooled = self._give_up(client, TimeoutError(f"close() took over {timeout:g} s"))
+            raise TimeoutError(
+                f"the usertrail client did not close within {timeout:g} s; "
+                f"{spooled} undelivered events were spooled to {client.spool.path} "
+                "(the next start sends them)"
+            ) from None
         finally:
             if self._loop.is_running():
                 self._loop.call_soon_threadsafe(self._loop.stop)
@@ -1114,6 +1172,26 @@ class SyncTrackingClient:
             if not self._loop.is_running():
                 self._loop.close()
             _LIVE.discard(self)
+
+    def _give_up(self, client: TrackingClient, error: BaseException) -> int:
+        """A close that did not finish in time: spool what is unsent, and
+        cancel the client's tasks (the close among them), so that the loop
+        can stop with nothing pending. Returns the number spooled."""
+
+        async def abandon() -> int:
+            spooled = client.spool_unsent(error)
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            if tasks:
+                await asyncio.wait(tasks, timeout=5)
+            producer, client._producer = client._producer, None
+            if producer is not None:  # its connections closed, whatever the broker does
+                await stop_within(producer, 2, "producer")
+            return spooled
+
+        future = asyncio.run_coroutine_threadsafe(abandon(), self._loop)
+        return future.result(15)
 
     def _close_at_exit(self) -> None:
         if self._started and not self._closed and self._pid == os.getpid():
@@ -1201,7 +1279,18 @@ def _after_fork_in_child() -> None:
         client._after_fork()
 
 
-atexit.register(_close_all_at_exit)
+# At exit, before concurrent.futures shuts its executors down: asyncio
+# resolves host names in the default executor, so a close run by atexit
+# (after that) could not connect to a broker named by host name.
+# threading._register_atexit (Python 3.9+) runs its calls in reverse order of
+# registration, so this one, registered after concurrent.futures.thread is
+# imported (below: asyncio imports it only when it first needs a thread),
+# runs first; atexit is the fallback elsewhere.
+_register_atexit = getattr(threading, "_register_atexit", None)
+if _register_atexit is not None:
+    _register_atexit(_close_all_at_exit)
+else:  # pragma: no cover - CPython has it
+    atexit.register(_close_all_at_exit)
 if hasattr(os, "register_at_fork"):  # not on Windows, which has no fork
     os.register_at_fork(after_in_child=_after_fork_in_child)
 

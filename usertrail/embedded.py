@@ -144,9 +144,10 @@ class EmbeddedBroker(_Child):
     name = "tansu broker"
     kind = "tansu"
 
-    def __init__(self, *, port: int, log_path: Path) -> None:
+    def __init__(self, *, port: int, log_path: Path, host: str = "127.0.0.1") -> None:
         self.port = port
         self.log_path = log_path
+        self.host = host  # the name it is advertised by (it listens on 127.0.0.1)
 
     @staticmethod
     def binary() -> Path:
@@ -163,7 +164,7 @@ class EmbeddedBroker(_Child):
 
     @property
     def bootstrap_servers(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.host}:{self.port}"
 
     def start(self) -> None:
         if not _port_free(self.port):
@@ -181,7 +182,7 @@ class EmbeddedBroker(_Child):
                     "--listener-url",
                     url,
                     "--advertised-listener-url",
-                    url,
+                    f"tcp://{self.bootstrap_servers}",
                     "--storage-engine",
                     "memory://tansu/",
                 ],

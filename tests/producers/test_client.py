@@ -7,6 +7,7 @@ import json
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 from usertrail.producers import SyncTrackingClient, TrackingClient, decode, encode
@@ -311,3 +312,38 @@ async def test_send_returns_a_delivery_future(settings: Settings) -> None:
         future = await client.send(event)
         metadata = await future
         assert metadata.topic == settings.events_topic and metadata.offset >= 0
+
+
+async def test_a_start_cut_short_while_resending_keeps_the_rest_spooled(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """start() takes the spool off disk to send it again; cancelled there
+    (an app's ``wait_for`` around it), what it had not buffered yet goes
+    back to the spool, and the next start sends it: nothing is lost."""
+    await create_topics(settings)
+    spool = tmp_path / "s.jsonl"
+    maker = TrackingClient(source="app", settings=settings, spool_path=spool)
+    made = [
+        maker._record("interaction", {"user_id": f"u{i}", "type": "chat", "service": "saju"})
+        for i in range(30)
+    ]
+    Spool(spool).append([record for record, _ in made])
+
+    class CutShort(TrackingClient):
+        enqueued = 0
+
+        async def _enqueue(self, record: Any, event_id: str | None = None) -> Any:
+            CutShort.enqueued += 1
+            if CutShort.enqueued == 11:
+                raise asyncio.CancelledError  # as a cancelled start() meets it
+            return await super()._enqueue(record, event_id)
+
+    client = CutShort(source="app", settings=settings, spool_path=spool)
+    with pytest.raises(asyncio.CancelledError):
+        await client.start()
+    assert Spool(spool).count() == 20
+    assert (await client.close()).delivered == 10
+    async with TrackingClient(source="app", settings=settings, spool_path=spool) as again:
+        assert again.resent_from_spool == 20
+    records = await read_all(settings, settings.events_topic, expected=30)
+    assert {decode(v or b"").event_id for _, _, v in records} == {i for _, i in made}

@@ -10,14 +10,18 @@ from __future__ import annotations
 import asyncio
 import collections
 import json
+import os
+import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from usertrail.producers import SyncTrackingClient, decode
+from usertrail.producers.spool import Spool
 
 from tests.conftest import create_topics, read_all
 from usertrail.embedded import EmbeddedBroker, free_port
@@ -220,6 +224,25 @@ async def test_a_forgotten_close_still_delivers_at_exit(settings: Settings, tmp_
     assert {decode(v or b"").event_id for _, _, v in records} == set(ids)  # type: ignore[arg-type]
 
 
+async def test_the_exit_close_reaches_a_broker_named_by_host_name(
+    settings_factory: Callable[..., Settings], tmp_path: Path
+) -> None:
+    """A broker advertised as ``localhost``: the exit close opens its first
+    connection to the partition's leader then, and asyncio resolves host
+    names in an executor that an atexit hook finds shut down already; the
+    client's exit close runs before that, so the events arrive."""
+    broker = EmbeddedBroker(port=free_port(), log_path=tmp_path / "tansu.log", host="localhost")
+    broker.start()
+    try:
+        settings = settings_factory(broker)
+        await create_topics(settings)
+        ids = await asyncio.to_thread(_script, _FORGOTTEN, settings, tmp_path)
+        records = await read_all(settings, settings.events_topic, expected=40)
+        assert {decode(v or b"").event_id for _, _, v in records} == set(ids)  # type: ignore[arg-type]
+    finally:
+        broker.stop()
+
+
 async def test_a_forked_child_has_a_client_of_its_own(settings: Settings, tmp_path: Path) -> None:
     await create_topics(settings)
     got = await asyncio.to_thread(_script, _FORKED, settings, tmp_path)
@@ -228,3 +251,49 @@ async def test_a_forked_child_has_a_client_of_its_own(settings: Settings, tmp_pa
     counts = collections.Counter(decode(v or b"").event_id for _, _, v in records)
     assert set(counts) == set(got["parent"]) | set(got["child"])
     assert all(n == 1 for n in counts.values()), "the parent's buffer was sent twice"
+
+
+async def test_a_close_that_times_out_spools_what_it_held(
+    broker_factory: Callable[..., EmbeddedBroker],
+    settings_factory: Callable[..., Settings],
+    tmp_path: Path,
+) -> None:
+    """The broker freezes (SIGSTOP) under a client holding events: close()
+    with a timeout gives up in time, says how many it spooled, and leaves
+    nothing pending; the next client of the same spool sends every one."""
+    broker = broker_factory()
+    settings = settings_factory(broker)
+    await create_topics(settings)
+    spool = tmp_path / "s.jsonl"
+
+    def app() -> tuple[list[str], float, str]:
+        client = SyncTrackingClient(
+            source="flask", settings=settings, linger_ms=60_000, spool_path=spool
+        )
+        client.start()
+        ids = [
+            client.track_interaction(user_id=f"u{i % 5}", type="chat", service="saju")
+            for i in range(30)
+        ]
+        assert broker.proc is not None
+        os.kill(broker.proc.pid, signal.SIGSTOP)
+        began = time.monotonic()
+        try:
+            with pytest.raises(TimeoutError, match="30 undelivered events were spooled") as info:
+                client.close(timeout=1.0)
+        finally:
+            os.kill(broker.proc.pid, signal.SIGCONT)
+        assert not client._thread.is_alive() and client._loop.is_closed()
+        return ids, time.monotonic() - began, str(info.value)
+
+    ids, took, _ = await asyncio.to_thread(app)
+    assert took < 15, f"close(timeout=1) took {took:.1f} s"
+    assert Spool(spool).count() == 30
+
+    def next_run() -> int:
+        with SyncTrackingClient(source="flask", settings=settings, spool_path=spool) as again:
+            return again.resent_from_spool
+
+    assert await asyncio.to_thread(next_run) == 30
+    records = await read_all(settings, settings.events_topic, expected=30, timeout=60)
+    assert {decode(v or b"").event_id for _, _, v in records} == set(ids)
