@@ -39,6 +39,7 @@ from typing import Any
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
+from aiokafka.errors import KafkaError
 from pydantic_core import PydanticSerializationError, to_json
 from usertrail.collector.keys import KeyRing
 from usertrail.collector.openapi import document
@@ -46,7 +47,12 @@ from usertrail.producers import events
 from usertrail.producers.client import TrackingClient
 from usertrail.producers.ids import uuid7
 
-from usertrail.errors import EventValidationError
+from usertrail.errors import (
+    BufferFullError,
+    ClientClosedError,
+    EventValidationError,
+    UsertrailError,
+)
 from usertrail.settings import Settings
 
 log = logging.getLogger("usertrail.collector")
@@ -99,7 +105,12 @@ class Collector:
         if opening is None:
             opening = asyncio.get_running_loop().create_task(self._open(source))
             self._opening[source] = opening
-        return await asyncio.shield(opening)
+        try:
+            return await asyncio.shield(opening)
+        except Exception:
+            if self._opening.get(source) is opening:
+                del self._opening[source]  # the next request tries again
+            raise
 
     async def _open(self, source: str) -> TrackingClient:
         spool_dir = self.settings.spool_dir or self.settings.data_dir / "collector-spool"
@@ -109,7 +120,12 @@ class Collector:
             spool_path=spool_dir / f"{source}.jsonl",
             buffer_size=self.settings.collector_buffer_events,
         )
-        await client.start()
+        try:
+            await client.start()
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await client.close()
+            raise
         self.clients[source] = client
         return client
 
@@ -285,7 +301,16 @@ def build_app(collector: Collector) -> web.Application:
                 continue
             valid.append(event)
             results.append({"status": "accepted", "eventId": event.event_id})
-        client = await collector.client(source)
+        try:
+            client = await collector.client(source)
+        except (UsertrailError, KafkaError, OSError) as exc:
+            log.error("the client of source %s did not start: %r", source, exc)
+            return _error(
+                503,
+                "unavailable",
+                f"the collector cannot send for source {source!r} now: retry later",
+                **{"Retry-After": str(RETRY_AFTER_SECONDS)},
+            )
         if valid and client.room < len(valid):
             return _error(
                 429,
@@ -293,8 +318,13 @@ def build_app(collector: Collector) -> web.Application:
                 f"{len(valid)} events do not fit in the buffer now: retry later",
                 **{"Retry-After": str(RETRY_AFTER_SECONDS)},
             )
-        for event in valid:
-            await client.send_event(event)  # room checked: no wait
+        for i, event in enumerate(valid):
+            try:
+                await client.send_event(event)  # room checked: no wait, as a rule
+            except (BufferFullError, ClientClosedError) as exc:
+                # accepted all the same: the rest goes to the source's spool
+                client.spool_events(valid[i:], exc)
+                break
         collector.accepted += len(valid)
         collector.rejected += len(batch) - len(valid)
         return web.json_response(

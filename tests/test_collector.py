@@ -397,6 +397,39 @@ async def test_frozen_broker_means_429_then_a_stop_delivers_everything(
     assert {decode(v or b"").event_id for _, _, v in records} == set(accepted)
 
 
+async def test_a_source_whose_client_cannot_start_is_503_until_it_can(
+    broker_factory: Callable[..., EmbeddedBroker],
+    settings_factory: Callable[..., Settings],
+    database_url: str,
+    collector_factory: Callable[..., CollectorProcess],
+) -> None:
+    """A source's client that fails to start (its spool cannot be read: a
+    directory where the file should be) is a JSON 503 with Retry-After, not
+    a 500, and not for ever: once the spool is readable the next request
+    starts the client and is accepted, and its events reach the topic."""
+    settings = settings_factory(broker_factory())
+    await ensure_topics(settings)
+    key = new_key(settings, database_url, "web-app")["key"]
+    spool = settings.data_dir / "spool" / "web-app.jsonl"
+    spool.mkdir(parents=True)
+    collector = collector_factory(settings, database_url, USERTRAIL_SPOOL_DIR=str(spool.parent))
+    async with aiohttp.ClientSession() as session:
+        for _ in range(2):  # not cached: each request tries again
+            status, headers, body = await post(session, collector.url, [interaction(0)], key)
+            assert status == 503, body
+            assert body["error"]["code"] == "unavailable" and int(headers["Retry-After"]) >= 1
+        spool.rmdir()
+        status, _, body = await post(
+            session, collector.url, [interaction(i) for i in range(5)], key
+        )
+        assert status == 202, body
+    accepted = [r["eventId"] for r in body["results"]]
+    assert collector.stop() == 0
+    assert "did not start" in collector.log.read_text()
+    records = await read_all(settings, settings.events_topic, expected=5)
+    assert {decode(v or b"").event_id for _, _, v in records} == set(accepted)
+
+
 async def test_a_stop_finishes_the_request_in_flight_and_delivers_it(
     broker: Broker,
     settings_factory: Callable[..., Settings],
