@@ -120,6 +120,7 @@ class TrackingClient:
         on_delivery: DeliveryCallback | None = None,
         disabled: bool = False,
         offline_start: bool = True,
+        connect_timeout: float = 10.0,
     ) -> None:
         """
         :param source: the emitting app, stamped on every event.
@@ -144,6 +145,10 @@ class TrackingClient:
             no error: events are accepted and sent once it answers. False:
             ``start()`` raises ``BrokerUnavailableError`` (a command line
             tool that should fail at once).
+        :param connect_timeout: how long a connection attempt waits for the
+            broker's first answer; a broker that accepts connections but
+            does not answer (frozen, overloaded) then counts as unreachable,
+            as one that refuses them does.
         """
         self._settings = settings if settings is not None else Settings()
         if bootstrap_servers is not None:
@@ -194,6 +199,7 @@ class TrackingClient:
         self.resent_from_spool = 0
         self.disabled = disabled
         self._offline_start = offline_start
+        self._connect_timeout = connect_timeout
         self._started_disabled = False
         self._healthy = True  # the last batch was acknowledged (_resend_spooled)
         self._resender: asyncio.Task[None] | None = None
@@ -362,9 +368,9 @@ class TrackingClient:
             try:
                 if idempotent and self._idempotence is None:
                     with _quiet_probe():
-                        await producer.start()
+                        await asyncio.wait_for(producer.start(), self._connect_timeout)
                 else:
-                    await producer.start()
+                    await asyncio.wait_for(producer.start(), self._connect_timeout)
             except UnknownError:
                 # The embedded broker (tansu 0.6) answers InitProducerId with
                 # UnknownError: no idempotent producer there. Dedup by event id
@@ -381,6 +387,12 @@ class TrackingClient:
                 raise _Unreachable(
                     f"cannot reach Kafka at {self._settings.bootstrap_servers}: {exc}"
                 ) from exc
+            except TimeoutError:
+                await stop_within(producer, 2, "producer")
+                raise _Unreachable(
+                    f"cannot reach Kafka at {self._settings.bootstrap_servers}: no answer "
+                    f"within {self._connect_timeout:g} s"
+                ) from None
             self.idempotent = idempotent
             return producer
         raise AssertionError("unreachable")
@@ -1178,16 +1190,20 @@ class SyncTrackingClient:
         cancel the client's tasks (the close among them), so that the loop
         can stop with nothing pending. Returns the number spooled."""
 
-        async def abandon() -> int:
-            spooled = client.spool_unsent(error)
+        async def cancel_the_rest() -> None:
             tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
             for task in tasks:
                 task.cancel()
             if tasks:
                 await asyncio.wait(tasks, timeout=5)
+
+        async def abandon() -> int:
+            spooled = client.spool_unsent(error)
+            await cancel_the_rest()
             producer, client._producer = client._producer, None
             if producer is not None:  # its connections closed, whatever the broker does
                 await stop_within(producer, 2, "producer")
+                await cancel_the_rest()  # what a stop given up on left running
             return spooled
 
         future = asyncio.run_coroutine_threadsafe(abandon(), self._loop)

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -347,3 +350,37 @@ async def test_a_start_cut_short_while_resending_keeps_the_rest_spooled(
         assert again.resent_from_spool == 20
     records = await read_all(settings, settings.events_topic, expected=30)
     assert {decode(v or b"").event_id for _, _, v in records} == {i for _, i in made}
+
+
+async def test_a_broker_that_does_not_answer_is_no_wait_at_start(
+    broker_factory: Callable[..., EmbeddedBroker],
+    settings_factory: Callable[..., Settings],
+    tmp_path: Path,
+) -> None:
+    """A broker that takes connections and answers nothing (frozen with
+    SIGSTOP) at start: start() returns after ``connect_timeout`` as if it
+    were unreachable, events are accepted, and once it answers they arrive."""
+    broker = broker_factory()
+    settings = settings_factory(broker)
+    await create_topics(settings)
+    assert broker.proc is not None
+    os.kill(broker.proc.pid, signal.SIGSTOP)
+    client = TrackingClient(
+        source="app", settings=settings, connect_timeout=2, spool_path=tmp_path / "s.jsonl"
+    )
+    try:
+        began = time.monotonic()
+        await client.start()
+        took = time.monotonic() - began
+        ids = [
+            await client.track_interaction(user_id=f"u{i}", type="chat", service="saju")
+            for i in range(10)
+        ]
+    finally:
+        os.kill(broker.proc.pid, signal.SIGCONT)
+    assert took < 8, f"start() took {took:.1f} s"
+    try:
+        records = await read_all(settings, settings.events_topic, expected=10, timeout=60)
+    finally:
+        await client.close()
+    assert {decode(v or b"").event_id for _, _, v in records} == set(ids)

@@ -297,3 +297,41 @@ async def test_a_close_that_times_out_spools_what_it_held(
     assert await asyncio.to_thread(next_run) == 30
     records = await read_all(settings, settings.events_topic, expected=30, timeout=60)
     assert {decode(v or b"").event_id for _, _, v in records} == set(ids)
+
+
+_POOL_CHILD = """
+import json, multiprocessing, sys
+from usertrail.producers import SyncTrackingClient
+from usertrail.settings import Settings
+
+settings = Settings(kafka_bootstrap_servers=sys.argv[1], events_topic=sys.argv[2])
+client = SyncTrackingClient(source="worker", settings=settings, linger_ms=60_000)
+client.start()
+
+def task(queue):
+    # a multiprocessing child ends with os._exit: no atexit hook runs there
+    queue.put([client.track_interaction(user_id="child", type="chat", service="saju")
+               for _ in range(15)])
+
+if __name__ == "__main__":
+    queue = multiprocessing.get_context("fork").Queue()
+    child = multiprocessing.get_context("fork").Process(target=task, args=(queue,))
+    child.start()
+    ids = queue.get(timeout=60)
+    child.join(timeout=60)
+    client.close()
+    print(json.dumps({"child": ids, "exitcode": child.exitcode}))
+"""
+
+
+async def test_a_multiprocessing_child_delivers_at_its_exit(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """A child of multiprocessing (fork) tracks and never closes: it ends with
+    os._exit, which runs no atexit hook, but its client is closed by the
+    thread shutdown multiprocessing runs first, so its events arrive."""
+    await create_topics(settings)
+    got = await asyncio.to_thread(_script, _POOL_CHILD, settings, tmp_path)
+    assert isinstance(got, dict) and got["exitcode"] == 0
+    records = await read_all(settings, settings.events_topic, expected=15)
+    assert {decode(v or b"").event_id for _, _, v in records} == set(got["child"])
