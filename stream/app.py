@@ -195,6 +195,14 @@ def create_app(
         app.consumer,
         fold,
         on_batch=on_batch,
+        # faust commits what is acknowledged: only what is folded and
+        # durable, so a restarted worker starts at most at its applied
+        # offsets (acknowledged when handed over, a SIGKILL left the group's
+        # offsets past them: the records between waited for the re-read
+        # timer, up to 15 s a partition)
+        on_applied=lambda records: consumer.acknowledge(
+            app.consumer, settings.events_topic, records
+        ),
         changelog=through_faust if settings.is_tansu else None,
     )
     watchdog = Watchdog(app, folder, settings, stop=_stop_worker)

@@ -13,7 +13,8 @@ again, its acknowledgement: about 130 us a record here, where decoding and
 folding it cost about 15. The worker's fold takes whole batches, so the
 events topic bypasses that path: each fetch's records of the events topic
 go to the folder as aiokafka gave them, in one call, and are acknowledged
-for faust's commits in one step. Every other topic (the table's changelog,
+for faust's commits in one step once the folder has folded them and their
+writes are acknowledged. Every other topic (the table's changelog,
 read during recovery) goes through faust's path as before. What stays
 faust's: group membership and assignment, pausing partitions during
 recovery (only active partitions are delivered), flow control on a
@@ -93,9 +94,7 @@ RELIED_ON = (
     "_acked_index",
     "_acked",
     "_n_acked",
-    "_commit_every",
     "_waiting_for_ack",
-    "commit",
 )
 """faust consumer attributes the batched delivery uses."""
 
@@ -141,14 +140,10 @@ def deliver_in_batches(app: Any, topic: str, deliver: Deliver) -> None:
                 if app.consumer_generation_id != generation:
                     continue  # a rebalance began: read again from the applied offsets
                 handing = deliver(batch)
-                handed = await consumer.wait_first(handing, consumer.suspend_flow.wait())
-                if handing not in handed.done:
-                    continue  # the flow stopped first (a rebalance): not handed over
-                acknowledge(consumer, topic, batch)
-                commit_every = consumer._commit_every
-                if commit_every is not None and consumer._n_acked >= commit_every:
-                    consumer._n_acked = 0
-                    await consumer.commit()
+                await consumer.wait_first(handing, consumer.suspend_flow.wait())
+                # not acknowledged here: the folder does, once the batch is
+                # folded and its writes are acknowledged (stream/app.py), and
+                # faust's commit timer commits what is acknowledged
                 consumer.diag.unset_flag(CONSUMER_FETCHING)
         except consumer.consumer_stopped_errors:
             if consumer.transport.app.should_stop:

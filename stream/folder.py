@@ -72,18 +72,21 @@ class BatchFolder:
         fold: Fold,
         *,
         on_batch: Callable[[int], None] | None = None,
+        on_applied: Callable[[Sequence[Record]], None] | None = None,
         changelog: Changelog | None = None,
     ) -> None:
         """``table``: faust's table (its ``data``); ``consumer``: faust's
         consumer; ``on_batch(n)``: called once a batch of ``n`` records is
         folded and its writes (and every earlier batch's) are acknowledged;
-        ``changelog``: how a write reaches the table's changelog (default:
-        this folder's own producer, ``send_changelog``)."""
+        ``on_applied(records)``: then, with the batch's records (what the
+        group may commit); ``changelog``: how a write reaches the table's
+        changelog (default: this folder's own producer, ``send_changelog``)."""
         self.settings = settings
         self.table = table
         self.consumer = consumer
         self.fold = fold
         self.on_batch = on_batch
+        self.on_applied = on_applied
         self.positions = Positions()
         self.metrics = StreamMetrics()  # served on /metrics (stream/web.py)
         # what the worker stopped itself for, if anything: a log that is not
@@ -339,6 +342,8 @@ class BatchFolder:
             stamp = record.timestamp
             mine[1].append((value, offset, -1 if stamp is None else stamp))
         await self._write(per_user, applied, recovered, current, len(batch), forward, homes)
+        if self.on_applied is not None:
+            self._when_applied(self.in_flight[0], list(batch), self.on_applied)
         self.folded_at = time.monotonic()
         metrics = self.metrics
         metrics.batch_seconds.observe(time.perf_counter() - started)
@@ -512,6 +517,18 @@ class BatchFolder:
             self._store(batch, sent)  # before anything awaiting the batch resumes
             if self.on_batch is not None:
                 self.on_batch(n)
+
+        writes.add_done_callback(done)
+
+    @staticmethod
+    def _when_applied(
+        writes: asyncio.Future[Any],
+        records: list[Record],
+        on_applied: Callable[[Sequence[Record]], None],
+    ) -> None:
+        def done(f: asyncio.Future[Any]) -> None:
+            if not f.cancelled() and f.exception() is None:
+                on_applied(records)
 
         writes.add_done_callback(done)
 
