@@ -43,22 +43,49 @@ PIPELINE = {
 }
 
 APP = """
-import asyncio, json, sys
-from usertrail.producers import TrackingClient
+import asyncio, importlib.metadata, json, sys
+import usertrail
+from usertrail.producers import SyncTrackingClient, TrackingClient
 from usertrail.settings import Settings
 
-async def main() -> None:
-    settings = Settings(kafka_bootstrap_servers=sys.argv[1], events_topic=sys.argv[2])
+settings = Settings(kafka_bootstrap_servers=sys.argv[1], events_topic=sys.argv[2])
+
+async def main() -> tuple[list[str], int]:
     ids = []
     async with TrackingClient(source="lean-app", settings=settings) as client:
         for i in range(20):
             ids.append(await client.track_interaction(
                 user_id=f"user-{i % 3}", type="reading", service="saju", rating=4))
         report = await client.close()
-    print(json.dumps({"ids": ids, "delivered": report.delivered}))
+    return ids, report.delivered
 
-asyncio.run(main())
+ids, delivered = asyncio.run(main())
+with SyncTrackingClient(source="lean-app", settings=settings) as sync:
+    ids += [sync.track_interaction(user_id="user-9", type="chat", service="tarot")
+            for _ in range(10)]
+delivered += 10 if not sync.spool.path.exists() else 0
+print(json.dumps({"ids": ids, "delivered": delivered, "version": usertrail.__version__,
+                  "metadata": importlib.metadata.version("usertrail")}))
 """
+
+SDK_ONLY = {
+    "usertrail",
+    "aiokafka",
+    "async-timeout",
+    "packaging",
+    "typing-extensions",
+    "cramjam",
+    "pydantic",
+    "pydantic-core",
+    "annotated-types",
+    "typing-inspection",
+    "pydantic-settings",
+    "python-dotenv",
+    "pip",
+    "setuptools",
+}
+"""Everything a bare install may hold (the venv's own pip and setuptools
+included): anything else that came with the SDK is a dependency to explain."""
 
 
 def _run(*args: str | Path, **kwargs: object) -> subprocess.CompletedProcess[str]:
@@ -112,18 +139,20 @@ async def test_the_wheel_without_extras_is_the_sdk_and_sends(
     names = {n.lower().replace("_", "-") for n in json.loads(listed.stdout)}
     assert {"usertrail", "aiokafka", "pydantic", "cramjam"} <= names
     assert names & PIPELINE == set(), "a pipeline dependency came with the SDK"
+    assert names <= SDK_ONLY, f"more than the SDK's dependencies: {sorted(names - SDK_ONLY)}"
 
     app = tmp_path / "app.py"
     app.write_text(APP)
     sent = _run(python, app, settings.bootstrap_servers, settings.events_topic, cwd=tmp_path)
     assert sent.returncode == 0, sent.stderr
     result = json.loads(sent.stdout)
-    assert result["delivered"] == 20
-    records = await read_all(settings, settings.events_topic, 20)
+    assert result["delivered"] == 30
+    assert result["version"] == result["metadata"] != "0.0.0+unknown"
+    records = await read_all(settings, settings.events_topic, 30)
     assert {decode(value or b"").event_id for _, _, value in records} == set(result["ids"])
     # the app has no OpenTelemetry: its events say what they are, and carry
     # no trace context
-    headers = await _headers_by_event(settings, 20)
+    headers = await _headers_by_event(settings, 30)
     assert set(headers) == set(result["ids"])
     for got in headers.values():
         assert got[CONTENT_TYPE] == b"application/json"

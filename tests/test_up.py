@@ -244,7 +244,11 @@ def test_a_second_up_on_the_same_data_directory_says_one_runs(tmp_path: Path) ->
 
 
 def test_version() -> None:
+    import importlib.metadata
+
     from usertrail import __version__
+
+    assert __version__ == importlib.metadata.version("usertrail") != "0.0.0+unknown"
 
     shown = subprocess.run(
         [sys.executable, "-m", "usertrail.cli", "--version"], capture_output=True, text=True

@@ -78,6 +78,12 @@ export class DroppedBatchError extends Error {
 class Permanent extends DroppedBatchError {}
 
 const BEACON_MAX_BYTES = 60_000; // browsers cap a beacon near 64 KiB
+const UTF8 = new TextEncoder();
+
+/** A body's size as sent (UTF-8 bytes, not UTF-16 code units). */
+function byteLength(body: string): number {
+  return UTF8.encode(body).length;
+}
 
 /** A UUIDv7: 48 bits of Unix milliseconds, then random bits (RFC 9562). */
 export function uuid7(now: number = Date.now()): string {
@@ -230,7 +236,7 @@ export class UsertrailClient {
     while (this.queue.length > 0) {
       let n = Math.min(this.queue.length, this.batchSize);
       let body = JSON.stringify(this.queue.slice(0, n));
-      while (body.length > BEACON_MAX_BYTES && n > 1) {
+      while (byteLength(body) > BEACON_MAX_BYTES && n > 1) {
         n = Math.ceil(n / 2);
         body = JSON.stringify(this.queue.slice(0, n));
       }
@@ -287,7 +293,7 @@ export class UsertrailClient {
           headers: { "Content-Type": "application/json", Authorization: `Bearer ${this.key}` },
           body,
           // a request small enough outlives the page, as a beacon does
-          keepalive: body.length <= BEACON_MAX_BYTES,
+          keepalive: byteLength(body) <= BEACON_MAX_BYTES,
         });
         const answer = (await response.json().catch(() => ({}))) as Record<string, any>;
         if (response.status === 202) {

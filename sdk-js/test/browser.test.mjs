@@ -22,7 +22,7 @@ Object.defineProperty(globalThis, "navigator", {
   writable: true,
   value: {
     sendBeacon(url, body) {
-      beacons.push({ url, events: JSON.parse(body) });
+      beacons.push({ url, events: JSON.parse(body), bytes: Buffer.byteLength(body, "utf8") });
       return true;
     },
   },
@@ -97,6 +97,35 @@ test("pagehide sends the queue even while the page still reads visible", async (
   assert.equal(beacons.length, 1);
   assert.deepEqual(beacons[0].events.map((e) => e.eventId), ids);
   assert.equal(client.pending, 0);
+  await client.close();
+  assert.equal(fetched.length, 0);
+});
+
+test("a beacon stays under the browsers' cap in bytes, whatever the script", async () => {
+  beacons.length = 0;
+  const fetched = [];
+  const client = browserClient(fetched);
+  // Korean text: three UTF-8 bytes a character, so 40 events of 600
+  // characters (fewer than a batch) are about 30,000 characters but over
+  // 72,000 bytes
+  const ids = [];
+  for (let i = 0; i < 40; i++) {
+    ids.push(
+      client.trackInteraction({
+        userId: `reader-${i}`,
+        type: "reading",
+        service: "saju",
+        metadata: { note: "사주팔자".repeat(150) },
+      }),
+    );
+  }
+  document.visibilityState = "hidden";
+  dispatch("visibilitychange");
+  assert.ok(beacons.length >= 2, `${beacons.length} beacon(s)`);
+  assert.ok(beacons.every((b) => b.bytes <= 60_000), beacons.map((b) => b.bytes).join(", "));
+  assert.deepEqual(beacons.flatMap((b) => b.events.map((e) => e.eventId)), ids);
+  assert.equal(client.pending, 0);
+  document.visibilityState = "visible";
   await client.close();
   assert.equal(fetched.length, 0);
 });
