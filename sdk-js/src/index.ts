@@ -122,6 +122,8 @@ export class UsertrailClient {
   private accepted = 0;
   private rejected = 0;
   private failuresInARow = 0; // tries the collector did not answer, since it last did
+  // a batch waiting to be tried again, which a beacon may take over
+  private retrying: Array<Record<string, unknown>> | undefined;
   // pagehide: the page is going away (it may still read visible, and older
   // Safari fires no visibilitychange then);
   // visibilitychange: only to hidden (a tab in the background may never return)
@@ -230,6 +232,13 @@ export class UsertrailClient {
       (typeof navigator !== "undefined" && typeof navigator.sendBeacon === "function"
         ? (url: string, body: string) => navigator.sendBeacon(url, body)
         : undefined);
+    if (this.retrying !== undefined) {
+      // a batch between two tries would die with the page: it leaves now,
+      // first, and its retry stands down (deliver)
+      this.queue.unshift(...this.retrying);
+      this.inFlight = 0;
+      this.retrying = undefined;
+    }
     if (send === undefined || this.queue.length === 0) return false;
     const url = `${this.endpoint}/v1/events?key=${encodeURIComponent(this.key)}`;
     let all = true;
@@ -327,7 +336,10 @@ export class UsertrailClient {
           batch,
         );
       }
+      this.retrying = batch;
       await sleep(Math.min(wait, this.maxRetryDelayMs));
+      if (this.retrying !== batch) return; // taken over by a beacon (or queued again)
+      this.retrying = undefined;
       delay = Math.min(delay * 2, this.maxRetryDelayMs);
     }
   }

@@ -129,3 +129,33 @@ test("a beacon stays under the browsers' cap in bytes, whatever the script", asy
   await client.close();
   assert.equal(fetched.length, 0);
 });
+
+test("a batch waiting between two tries leaves with the beacon, first", async () => {
+  beacons.length = 0;
+  const fetched = [];
+  const client = new UsertrailClient({
+    endpoint: "https://collect.example.com",
+    key: "ut_web_secret",
+    batchSize: 20,
+    flushIntervalMs: 60_000,
+    retryDelayMs: 1000,
+    maxRetryDelayMs: 1000,
+    fetch: async (...args) => {
+      fetched.push(args);
+      throw new Error("offline");
+    },
+  });
+  const first = track(client, 20, "retried"); // a whole batch: fetched at once, and fails
+  while (fetched.length === 0) await new Promise((r) => setTimeout(r, 5));
+  await new Promise((r) => setTimeout(r, 20)); // it now waits for its next try
+  const later = track(client, 5, "queued");
+  document.visibilityState = "hidden";
+  dispatch("visibilitychange");
+  // in beacons of a batch each, the waiting batch first
+  assert.deepEqual(beacons.map((b) => b.events.length), [20, 5]);
+  assert.deepEqual(beacons.flatMap((b) => b.events.map((e) => e.eventId)), [...first, ...later]);
+  assert.equal(client.pending, 0);
+  document.visibilityState = "visible";
+  await client.close(); // the retry stood down: nothing is fetched again
+  assert.equal(fetched.length, 1);
+});
