@@ -210,6 +210,12 @@ async def test_every_accepted_event_becomes_a_row(
     batches[1][0] = {"kind": "nope"}
     batches[2][5] = "not an object"
     batches[3][1] = interaction(999, source="spoofed")  # accepted: the key decides
+    batches[4][7] = {  # a kind of its own table: "UserPreferences"
+        "kind": "preferences.updated",
+        "userId": "web-prefs",
+        "preferredLanguage": "ko",
+        "preferredThemes": ["love", "career"],
+    }
     accepted: list[str] = []
     async with aiohttp.ClientSession() as session:
         for batch in batches:
@@ -219,6 +225,7 @@ async def test_every_accepted_event_becomes_a_row(
             assert len(body["results"]) == len(batch)
             accepted += [r["eventId"] for r in body["results"] if r["status"] == "accepted"]
         assert body["results"][1]["status"] == "accepted"
+        prefs_id = body["results"][7]["eventId"]  # the last batch's preferences event
         status, _, body = await post(session, collector.url, batches[0][:5], key["key"])
         verdict = body["results"][3]
         assert verdict["status"] == "rejected" and verdict["errors"][0]["field"] == "type"
@@ -232,12 +239,20 @@ async def test_every_accepted_event_becomes_a_row(
 
     sink = sink_process(settings, database_url, tmp_path / "sink.log", unique("sink"))
     try:
-        await wait_for(lambda: count_rows(database_url) >= len(accepted), 60, "the rows")
+        await wait_for(lambda: count_rows(database_url) >= len(accepted) - 1, 60, "the rows")
+        await wait_for(
+            lambda: bool(query(database_url, 'SELECT 1 FROM "UserPreferences"')), 60, "prefs"
+        )
     finally:
         sink.send_signal(signal.SIGTERM)
         sink.wait(timeout=30)
     rows = {r[0] for r in query(database_url, 'SELECT id FROM "UserInteraction"')}
-    assert rows == set(accepted)
+    prefs = query(
+        database_url,
+        'SELECT "userId", "preferredLanguage", "preferredThemes" FROM "UserPreferences"',
+    )
+    assert prefs == [("web-prefs", "ko", ["love", "career"])]
+    assert rows == set(accepted) - {prefs_id}
 
 
 async def test_every_refusal_is_json_with_its_status(
