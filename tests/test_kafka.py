@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psutil
@@ -16,6 +16,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from tests.conftest import Broker
 from usertrail.embedded import EmbeddedBroker, free_port
 from usertrail.kafka import stop_within
+from usertrail.settings import Settings
 
 
 @pytest.fixture
@@ -138,3 +139,39 @@ def test_the_pipeline_never_creates_a_topic_by_asking_for_it(broker: Broker) -> 
     assert ask(topic, "guard") == "missing", "the first ask made nothing"
     assert ask(topic, "plain") != "missing", "without it, asking makes the topic"
     assert ask(topic, "guard") != "missing", "an existing topic is found as before"
+
+
+async def test_a_sink_without_its_topics_waits_then_names_them(
+    broker: Broker,
+    settings_factory: Callable[..., Settings],
+    database_url: str,
+    tmp_path: Path,
+) -> None:
+    """A sink started before its topics exist (setup not run, or a broker
+    that came back empty) makes none of them: it says once which topics are
+    missing and who makes them, and after USERTRAIL_STALL_SECONDS exits 6
+    naming them."""
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    from tests.conftest import unique
+    from tests.workers import sink_process
+
+    settings = settings_factory(broker)
+    log = tmp_path / "sink.log"
+    sink = sink_process(settings, database_url, log, unique("sink"), USERTRAIL_STALL_SECONDS="4")
+    assert sink.wait(timeout=60) == 6, log.read_text()[-3000:]
+    text = log.read_text()
+    for topic in (settings.events_topic, settings.profiles_topic):
+        assert f"topic {topic} does not exist on the broker; waiting" in text, text[-3000:]
+        assert text.count(f"topic {topic} does not exist") == 1, "said once, not per retry"
+    assert (
+        f"topics {settings.events_topic}, {settings.profiles_topic} do not exist on the broker"
+        in text
+    )
+    admin = AIOKafkaAdminClient(bootstrap_servers=broker.bootstrap_servers)
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+    finally:
+        await admin.close()
+    assert not {settings.events_topic, settings.profiles_topic} & existing
