@@ -96,7 +96,14 @@ class Restored:
 
 
 async def restore(settings: Settings) -> Restored:
-    """Put the archived log back into the broker (see the module's doc)."""
+    """Put the archived log back into the broker (see the module's doc).
+    Topics it lacks are made first, as setup makes them (their partition
+    counts are what the archive's partitions need): a broker that lost its
+    log lost its topics too, and the pipeline never makes a topic by asking
+    for it (usertrail/kafka.py)."""
+    from usertrail.topics import ensure_topics
+
+    await ensure_topics(settings)
     result = Restored()
     topics = [settings.events_topic, settings.profiles_topic]
     consumer = AIOKafkaConsumer(enable_auto_commit=False, **settings.kafka_options())

@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from pathlib import Path
 
 import psycopg
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 from usertrail.sink.consumer import Sink, SinkOptions
 
-from tests.conftest import Broker, create_topics, unique
-from tests.workers import count_rows, make_events, produce, resolve_resends
+from tests.conftest import Broker, create_topics, read_all, unique
+from tests.workers import cli, count_rows, make_events, produce, resolve_resends
 from usertrail.apache_kafka import KafkaCluster
 from usertrail.embedded import EmbeddedBroker
 from usertrail.errors import LogResetError
@@ -131,3 +132,38 @@ async def test_a_position_beyond_the_end_is_asked_again_before_it_stops_the_sink
             sink.stop()
             await asyncio.wait_for(task, 60)
     assert count_rows(database_url) == len(sent)
+
+
+async def test_log_restore_makes_the_topics_a_broker_lost_and_puts_the_log_back(
+    broker_factory: Callable[..., EmbeddedBroker],
+    settings_factory: Callable[..., Settings],
+    database_url: str,
+    tmp_path: Path,
+) -> None:
+    """tansu restarted empty (no topics at all) under an archive the sink
+    wrote: `usertrail log restore` makes the topics with the configured
+    partitions, as setup would, and every archived event is back at its
+    offset."""
+    own = broker_factory()
+    settings = settings_factory(own, database_url=database_url)
+    assert settings.archiving
+    await create_topics(settings)
+    calls = resolve_resends(make_events(300, resend_every=10**9, seed=7))
+    sent = await produce(settings, calls, rate=1e9)
+    await _sink_until(settings, database_url, len(sent), group=unique("sink"))
+    before = await read_all(settings, settings.events_topic, expected=len(sent))
+    own.stop()
+    own.start()  # memory only: no topics
+    done = cli(settings, tmp_path, "log", "restore", "--database-url", database_url)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "restored" in done.stdout
+    after = await read_all(settings, settings.events_topic, expected=len(sent))
+    assert sorted(after) == sorted(before)
+    assert {p for p, _, _ in after} <= set(range(settings.events_partitions))
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap_servers)
+    await admin.start()
+    try:
+        described = await admin.describe_topics([settings.events_topic])
+    finally:
+        await admin.close()
+    assert len(described[0]["partitions"]) == settings.events_partitions
