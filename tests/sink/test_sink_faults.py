@@ -66,13 +66,18 @@ async def test_sigkill_at_random_moments_leaves_exactly_one_row_per_event(
     sent = await producing
     # thousands of calls, every 25th a resend of an earlier event (same id)
     assert len(sent) >= 5000, "the kills fell while events flowed"
-    proc = sink_process(settings, database_url, tmp_path / "sink.log", group)
+    log = tmp_path / "sink.log"
+    start = log.stat().st_size
+    proc = sink_process(settings, database_url, log, group)
     try:
         await wait_for(lambda: count_rows(database_url) >= len(sent), 120, "all rows")
+        # the earlier lives may have written every row: SIGTERM only once this
+        # one runs (during its imports, SIGTERM's default action ends it, -15)
+        await wait_for(lambda: "assigned {" in log.read_text()[start:], 60, "assignment")
         await asyncio.sleep(1)  # anything more would be a duplicate
     finally:
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) == 0, (tmp_path / "sink.log").read_text()[-3000:]
+        assert proc.wait(timeout=30) == 0, log.read_text()[-3000:]
     assert kills >= 10
     assert_rows_equal_events(database_url, sent)
     # what the crashes left is what a rebuild from the log gives
