@@ -846,9 +846,7 @@ class TrackingClient:
                 [("source", f"is {event.source!r}; this client sends {self.source!r}")],
             )
         _within_bounds(event)
-        record = SpooledRecord(
-            self.topic, event.user_id.encode(), events.encode(event), headers.for_event()
-        )
+        record = self._record_of(event)
         if not self._append_now(record, event.event_id):
             await self._enqueue(record, event.event_id)
         return event.event_id
@@ -857,13 +855,14 @@ class TrackingClient:
         """Events validated elsewhere that cannot be buffered now (the
         collector's, after a refusal mid-batch): to the spool, sent by the
         next re-send, never dropped."""
-        records = [
-            SpooledRecord(
-                self.topic, event.user_id.encode(), events.encode(event), headers.for_event()
-            )
-            for event in batch
-        ]
+        records = [self._record_of(event) for event in batch]
         self._spool_now(records, [event.event_id for event in batch], error)
+
+    def _record_of(self, event: EventBase) -> SpooledRecord:
+        """A built event as this client sends it."""
+        return SpooledRecord(
+            self.topic, event.user_id.encode(), events.encode(event), headers.for_event()
+        )
 
     async def track_preferences(
         self,
