@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import signal
 import statistics
@@ -53,6 +52,11 @@ from usertrail.settings import Settings
 from usertrail.topics import TopicSpec, ensure_topics
 
 PARTITIONS = 8
+TICK = 5
+"""freshness: events sent together, every TICK ms."""
+ROW_POLL = 0.025
+"""freshness: seconds between two looks for the rows (an event's row is
+seen up to this late)."""
 
 
 def rss_mib(pid: int) -> float:
@@ -81,6 +85,53 @@ def stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+def _role(pid: int) -> str:
+    try:
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return "gone"
+    line = b" ".join(args)
+    for needle, role in (
+        (b"kafka.Kafka", "broker"),
+        (b"tansu", "broker"),
+        (b"postgres", "postgres"),
+        (b"batch import serve", "fold helper"),
+        (b"cli stream", "stream"),
+        (b"cli sink", "sink"),
+        (b"cli up", "up"),
+    ):
+        if needle in line:
+            return role
+    return "other"
+
+
+def cpu_seconds(root: int) -> dict[str, float]:
+    """CPU seconds (user + system) so far of ``root``, its descendants (by
+    role) and this process ("bench": the sender and the readers)."""
+    parents: dict[int, int] = {}
+    ticks: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        pid = int(stat.parent.name)
+        parents[pid] = int(fields[1])
+        ticks[pid] = int(fields[11]) + int(fields[12])
+    mine = {root}
+    grew = True
+    while grew:
+        more = {pid for pid, parent in parents.items() if parent in mine} - mine
+        grew = bool(more)
+        mine |= more
+    hz = os.sysconf("SC_CLK_TCK")
+    out: dict[str, float] = {"bench": ticks.get(os.getpid(), 0) / hz}
+    for pid in mine:
+        role = _role(pid)
+        out[role] = out.get(role, 0.0) + ticks.get(pid, 0) / hz
+    return out
 
 
 def get(url: str) -> tuple[int, bytes]:
@@ -346,7 +397,19 @@ async def freshness_on(broker: str, args: argparse.Namespace, tmp: Path) -> None
         )
         figures: dict[str, list[tuple[float, float]]] = {}
         for r in range(args.rounds):
+            cpu_before, t0 = cpu_seconds(up.pid), time.monotonic()
             lags = await one_round(settings, args.seconds, r)
+            cpu_after, took = cpu_seconds(up.pid), time.monotonic() - t0
+            shares = {
+                role: (cpu_after[role] - cpu_before.get(role, 0.0)) / took * 100
+                for role in cpu_after
+            }
+            ranked = sorted(shares.items(), key=lambda kv: -kv[1])
+            print(
+                "  CPU in the round (% of one core): "
+                + ", ".join(f"{role} {share:.0f}" for role, share in ranked),
+                flush=True,
+            )
             line = []
             for what, values in lags.items():
                 values.sort()
@@ -433,7 +496,9 @@ async def one_round(settings: Settings, seconds: float, r: int) -> dict[str, lis
                         lags["row visible"].append((now - sent[event_id]) * 1000)
                 if stop_reading.is_set() and pending:
                     break  # one last look after the end
-                await asyncio.sleep(0.01)
+                # a look every ROW_POLL: every look is a query of all the ids
+                # not yet seen, and PostgreSQL shares the cores with the sink
+                await asyncio.sleep(ROW_POLL)
 
     seen_rows: set[str] = set()
     tasks = [asyncio.create_task(f()) for f in (read_events, read_profiles, read_rows)]
@@ -441,10 +506,13 @@ async def one_round(settings: Settings, seconds: float, r: int) -> dict[str, lis
     async with TrackingClient(source="bench", settings=settings) as client:
         started = time.perf_counter()
         for i in range(int(seconds * 1000)):
-            due = started + i / 1000
-            wait = due - time.perf_counter()
-            if wait > 0:
-                await asyncio.sleep(wait)
+            # 1,000 a second, in ticks of TICK events: an app's events come
+            # in bursts too, and a timer a millisecond costs the sender's
+            # process (which shares the two cores) more than the events do
+            if i % TICK == 0:
+                wait = started + i / 1000 - time.perf_counter()
+                if wait > 0:
+                    await asyncio.sleep(wait)
             event_id = uuid7()
             sent[event_id] = time.time()
             await client.track_interaction(
@@ -469,12 +537,15 @@ async def one_round(settings: Settings, seconds: float, r: int) -> dict[str, lis
 
 
 def _event_id(value: bytes | None) -> str:
+    """The eventId of an event this process sent (the SDK writes it
+    ``"eventId":"..."``), without decoding the whole record."""
     if not value:
         return ""
-    try:
-        return str(json.loads(value).get("eventId", ""))
-    except ValueError:
+    at = value.find(b'"eventId":"')
+    if at < 0:
         return ""
+    at += 11
+    return value[at : value.find(b'"', at)].decode(errors="replace")
 
 
 async def main(args: argparse.Namespace) -> None:
