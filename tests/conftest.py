@@ -48,6 +48,35 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ["USERTRAIL_SPOOL_DIR"] = tempfile.mkdtemp(prefix="usertrail-spool-")
 
 
+_UNGROUPED = pytest.StashKey[bool]()
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The suite relies on ``xdist_group`` (``./dev test`` runs ``--dist
+    loadgroup``): the heavy fault tests one at a time, one ``npm ci`` in
+    sdk-js/ at a time. pytest-xdist tells a worker's groups by a suffix it
+    adds to each test's id, which pytest 9.2 ignores (pytest-xdist issue
+    1386: every group is then spread over the workers, silently). On a
+    worker of a ``--dist loadgroup`` run, a marked test whose id lost its
+    suffix fails, saying why (pytest_runtest_setup)."""
+    if not config.getoption("loadgroup", default=False):
+        return  # not an xdist worker of a --dist loadgroup run
+    for item in items:
+        if item.get_closest_marker("xdist_group") and "@" not in item.nodeid:
+            item.stash[_UNGROUPED] = True
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if item.stash.get(_UNGROUPED, False):
+        pytest.fail(
+            "pytest-xdist ignored this test's xdist_group, so it may run beside the tests "
+            "it must not run with: this pytest and pytest-xdist do not work together "
+            "(pytest-xdist issue 1386); install requirements.lock's versions",
+            pytrace=False,
+        )
+
+
 Broker = EmbeddedBroker | KafkaCluster
 
 # Test clusters answer faster than Kafka's defaults: a consumer group may use
@@ -91,9 +120,12 @@ def broker(
     b.stop()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def kafka3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaCluster]:
-    """Three KRaft nodes: replication factor 3, min.insync.replicas 2."""
+    """Three KRaft nodes: replication factor 3, min.insync.replicas 2. Its
+    tests are one module's, run one after the other (xdist_group "heavy"):
+    the cluster goes with the module, not idling (a fifth of a core) until
+    the session ends."""
     cluster = kafka_cluster(tmp_path_factory.mktemp("kafka3"), brokers=3)
     cluster.start()
     yield cluster
