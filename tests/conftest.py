@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 from aiokafka import AIOKafkaConsumer
+from hypothesis import HealthCheck
+from hypothesis import settings as hypothesis_settings
 
 from usertrail.apache_kafka import KafkaCluster, free_cluster_port
 from usertrail.embedded import EmbeddedBroker, EmbeddedPostgres, free_port
@@ -29,6 +31,15 @@ _counter = itertools.count()
 # asking for it, so a test that needs a topic makes it, whatever order the
 # tests of its process run in.
 never_create_topics()
+
+# Hypothesis's wall-clock checks (200 ms an example, inputs generated fast
+# enough) measure how busy the machine is: the suite runs its property tests
+# on two cores beside brokers and fault tests, where a draw can take 0.4 s.
+# Speed is shown by the benchmarks (bench/), never by a timed test.
+hypothesis_settings.register_profile(
+    "suite", deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+hypothesis_settings.load_profile("suite")
 
 
 def pytest_configure(config: pytest.Config) -> None:
