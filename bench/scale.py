@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import brokers
+import psutil
 import psycopg
 from aiokafka import AIOKafkaConsumer
 from usertrail.producers import TrackingClient, demo
@@ -87,20 +88,16 @@ def stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
         proc.wait()
 
 
-def _role(pid: int) -> str:
-    try:
-        args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return "gone"
-    line = b" ".join(args)
+def _role(process: psutil.Process) -> str:
+    line = " ".join(process.cmdline())
     for needle, role in (
-        (b"kafka.Kafka", "broker"),
-        (b"tansu", "broker"),
-        (b"postgres", "postgres"),
-        (b"batch import serve", "fold helper"),
-        (b"cli stream", "stream"),
-        (b"cli sink", "sink"),
-        (b"cli up", "up"),
+        ("kafka.Kafka", "broker"),
+        ("tansu", "broker"),
+        ("postgres", "postgres"),
+        ("batch import serve", "fold helper"),
+        ("cli stream", "stream"),
+        ("cli sink", "sink"),
+        ("cli up", "up"),
     ):
         if needle in line:
             return role
@@ -110,27 +107,15 @@ def _role(pid: int) -> str:
 def cpu_seconds(root: int) -> dict[str, float]:
     """CPU seconds (user + system) so far of ``root``, its descendants (by
     role) and this process ("bench": the sender and the readers)."""
-    parents: dict[int, int] = {}
-    ticks: dict[int, int] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
+    me = psutil.Process().cpu_times()
+    out: dict[str, float] = {"bench": me.user + me.system}
+    top = psutil.Process(root)
+    for process in [top, *top.children(recursive=True)]:
         try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        pid = int(stat.parent.name)
-        parents[pid] = int(fields[1])
-        ticks[pid] = int(fields[11]) + int(fields[12])
-    mine = {root}
-    grew = True
-    while grew:
-        more = {pid for pid, parent in parents.items() if parent in mine} - mine
-        grew = bool(more)
-        mine |= more
-    hz = os.sysconf("SC_CLK_TCK")
-    out: dict[str, float] = {"bench": ticks.get(os.getpid(), 0) / hz}
-    for pid in mine:
-        role = _role(pid)
-        out[role] = out.get(role, 0.0) + ticks.get(pid, 0) / hz
+            role, times = _role(process), process.cpu_times()
+        except psutil.NoSuchProcess:
+            continue  # ended since it was listed
+        out[role] = out.get(role, 0.0) + times.user + times.system
     return out
 
 

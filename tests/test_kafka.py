@@ -12,8 +12,10 @@ from pathlib import Path
 import psutil
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient
 
-from tests.conftest import Broker
+from tests.conftest import Broker, unique
+from tests.workers import sink_process
 from usertrail.embedded import EmbeddedBroker, free_port
 from usertrail.kafka import stop_within
 from usertrail.settings import Settings
@@ -151,11 +153,6 @@ async def test_a_sink_without_its_topics_waits_then_names_them(
     that came back empty) makes none of them: it says once which topics are
     missing and who makes them, and after USERTRAIL_STALL_SECONDS exits 6
     naming them."""
-    from aiokafka.admin import AIOKafkaAdminClient
-
-    from tests.conftest import unique
-    from tests.workers import sink_process
-
     settings = settings_factory(broker)
     log = tmp_path / "sink.log"
     sink = sink_process(settings, database_url, log, unique("sink"), USERTRAIL_STALL_SECONDS="4")

@@ -36,6 +36,7 @@ from usertrail.kafka import (
     stop_within,
 )
 from usertrail.settings import Settings
+from usertrail.topics import ensure_topics
 
 log = logging.getLogger("usertrail.archive")
 
@@ -101,8 +102,6 @@ async def restore(settings: Settings) -> Restored:
     counts are what the archive's partitions need): a broker that lost its
     log lost its topics too, and the pipeline never makes a topic by asking
     for it (usertrail/kafka.py)."""
-    from usertrail.topics import ensure_topics
-
     await ensure_topics(settings)
     result = Restored()
     topics = [settings.events_topic, settings.profiles_topic]
