@@ -49,10 +49,6 @@ def pytest_configure(config: pytest.Config) -> None:
     # 1 s, see TEST_KAFKA_CONFIG); tansu needs them anyway (docs/brokers.md).
     os.environ.setdefault("USERTRAIL_GROUP_SESSION_TIMEOUT_MS", "2000")
     os.environ.setdefault("USERTRAIL_GROUP_HEARTBEAT_INTERVAL_MS", "200")
-    # Kafka nodes compile with C1 only: a node then takes half the CPU to
-    # start and to recover after a SIGKILL, which is most of what a test
-    # asks of it (the suite shares two cores).
-    os.environ.setdefault("KAFKA_OPTS", "-XX:TieredStopAtLevel=1")
     # The SDK spools under the user's data directory by default; each test
     # process (and what it starts) gets a spool of its own, so no test ever
     # re-sends what another one spooled.
