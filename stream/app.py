@@ -129,9 +129,10 @@ def create_app(
         consumer_metadata_max_age_ms=METADATA_MAX_AGE_MS,
         producer_metadata_max_age_ms=METADATA_MAX_AGE_MS,
         # tansu answers ListOffsets(latest) with the first offset of the last
-        # batch + 1 (docs/brokers.md): table recovery is only exact when the
-        # changelog holds one record per batch, which faust's producer writes
-        # there (the folder's changelog, below). Not on a real cluster.
+        # batch + 1 (docs/brokers.md), where faust's table recovery stops:
+        # the folder's applied offsets go through faust's producer there, one
+        # record per batch (stream/folder.py, ``send_mark``). Not on a real
+        # cluster.
         producer_max_batch_size=1 if settings.is_tansu else 16384,
         # at most this much of a partition per fetch: records of a fetch are
         # delivered one by one, and a partition the folder re-reads from an
@@ -183,12 +184,15 @@ def create_app(
     async def through_faust(partition: int, key: bytes, value: bytes) -> Any:
         return table.send_changelog(partition, key, value)
 
-    # On tansu the changelog goes through faust's table: one record per batch
-    # makes every write a round trip of its own, which faust's buffer takes
-    # behind the fold, where the folder's producer would wait for each in
-    # turn (measured with `./dev bench scale --part freshness`: the profile's
-    # p50 went from about 1 s to 4-6 s). On Apache Kafka the folder writes
-    # it in batches with its own producer (stream/folder.py).
+    # The folder writes the changelog in batches with its own producer; on
+    # tansu the applied offsets alone go through faust's table, one record
+    # per batch, so that recovery reads past the newest of them
+    # (stream/folder.py). Every state through faust's table, a round trip
+    # each, put the profile's p99 at 1.1 s on tansu, rising to 4 s as
+    # rounds went on (`./dev bench scale --part freshness`). A RocksDB store
+    # on tansu keeps that: faust compares the offset a store holds data up
+    # to with the partition's end offset, which must then be exact.
+    exact_ends = settings.is_tansu and kind == "rocksdb"
     folder = BatchFolder(
         settings,
         table,
@@ -203,7 +207,8 @@ def create_app(
         on_applied=lambda records: consumer.acknowledge(
             app.consumer, settings.events_topic, records
         ),
-        changelog=through_faust if settings.is_tansu else None,
+        changelog=through_faust if exact_ends else None,
+        marks=through_faust if settings.is_tansu else None,
     )
     watchdog = Watchdog(app, folder, settings, stop=_stop_worker)
 

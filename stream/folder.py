@@ -74,13 +74,16 @@ class BatchFolder:
         on_batch: Callable[[int], None] | None = None,
         on_applied: Callable[[Sequence[Record]], None] | None = None,
         changelog: Changelog | None = None,
+        marks: Changelog | None = None,
     ) -> None:
         """``table``: faust's table (its ``data``); ``consumer``: faust's
         consumer; ``on_batch(n)``: called once a batch of ``n`` records is
         folded and its writes (and every earlier batch's) are acknowledged;
         ``on_applied(records)``: then, with the batch's records (what the
         group may commit); ``changelog``: how a write reaches the table's
-        changelog (default: this folder's own producer, ``send_changelog``)."""
+        changelog (default: this folder's own producer, ``send_changelog``);
+        ``marks``: how a partition's applied offset (and its log's id) does
+        (default: as every other write)."""
         self.settings = settings
         self.table = table
         self.consumer = consumer
@@ -94,9 +97,7 @@ class BatchFolder:
         self.stopped_for: UsertrailError | None = None
         # The writes of the last batch folded (with every earlier batch's):
         # the broker acknowledges them while the next batch is delivered and
-        # folded. On the embedded broker, where the changelog is sent one
-        # record per request, waiting for them took about a sixth of a
-        # batch's time.
+        # folded.
         self.in_flight: list[asyncio.Future[Any]] = []
         # when each partition last delivered a record (reread_undelivered)
         self.delivered_at: dict[int, float] = {}
@@ -107,9 +108,8 @@ class BatchFolder:
         # Measured: a profile cost about 100 us of the worker's time through
         # faust's producer.
         self._producer: AIOKafkaProducer | None = None
-        # The changelog too, rather than through faust's table (on Apache
-        # Kafka: app.py keeps faust's on tansu, where the changelog must be
-        # one record per batch): faust puts each write in a buffer that one
+        # The changelog too, rather than through faust's table: faust puts
+        # each write in a buffer that one
         # task drains a record at a time (with faust's per-message work),
         # and its conductor stops delivering events while that buffer holds
         # more than 100 ("producer buffer full" in the log at 1,000 events/s
@@ -117,6 +117,16 @@ class BatchFolder:
         # the other): worker/ceiling 0.81-0.86 through faust's table,
         # 1.05-1.31 through this producer.
         self.send_changelog: Changelog = changelog or self._send_changelog
+        # On tansu app.py sends the applied offsets through faust's table,
+        # one record per batch: tansu's end offset of a partition is the
+        # first offset of its last batch + 1 (docs/brokers.md), and faust's
+        # recovery reads up to that end. A mark is sent only once every
+        # earlier write is acknowledged, so whatever batches follow it, the
+        # end lies past the newest mark, and with it past every state the
+        # mark vouches for; states past it, of a batch not yet marked, are
+        # folded again from the applied offset, so recovering them or not
+        # comes to the same. Everything else goes in batches on both brokers.
+        self.send_mark: Changelog = marks or self.send_changelog
         self.closing = False
         # Written behind: a batch's states and applied offsets reach the
         # store (and its persisted changelog offsets) only once the broker
@@ -448,7 +458,7 @@ class BatchFolder:
         async def send_marks(
             marks: list[tuple[int, bytes, bytes]] = marks,
         ) -> Sequence[Awaitable[Any]]:
-            futures = [await self.send_changelog(*m) for m in marks]
+            futures = [await self.send_mark(*m) for m in marks]
             sent.extend(futures)
             return futures
 

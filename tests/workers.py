@@ -184,8 +184,9 @@ def worker_view(body: dict[str, Any]) -> dict[str, Any]:
 
 
 async def changelog_ends(settings: Settings) -> dict[TopicPartition, int]:
-    """Each partition's end offset in the table's changelog (the worker
-    writes it one record per batch on tansu, so they are exact)."""
+    """Each partition's end offset in the table's changelog (on tansu, the
+    first offset of its last batch + 1: it grows with every write all the
+    same)."""
     consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap_servers, group_id=None)
     await consumer.start()
     try:
@@ -196,7 +197,8 @@ async def changelog_ends(settings: Settings) -> dict[TopicPartition, int]:
 
 
 async def changelog_written(settings: Settings) -> int:
-    """Records in the table's changelog so far."""
+    """Records in the table's changelog so far (on tansu, fewer: see
+    ``changelog_ends``), which grows with every write."""
     return sum((await changelog_ends(settings)).values())
 
 

@@ -93,8 +93,15 @@ async def folder_for(settings_factory: Callable[..., Settings], broker: Broker) 
     async def fold(users: list[UserBatch]) -> list[Folded | None]:
         return fold_users(users, RULES)
 
-    def make(table: Table, consumer: Consumer) -> BatchFolder:
-        folder = BatchFolder(settings, table, consumer, fold, changelog=table.send_changelog)
+    def make(table: Table, consumer: Consumer, marks: Table | None = None) -> BatchFolder:
+        folder = BatchFolder(
+            settings,
+            table,
+            consumer,
+            fold,
+            changelog=table.send_changelog,
+            marks=None if marks is None else marks.send_changelog,
+        )
         made.append(folder)
         return folder
 
@@ -125,6 +132,52 @@ async def test_a_batch_writes_each_user_once_and_the_applied_offsets_last(
     assert all(keys.index(k) > last_state for k in marks), "applied offsets after the states"
     assert folder.applied_offset(0) == 4
     assert consumer.seeks == []
+
+
+class HeldTable(Table):
+    """A changelog whose writes the test acknowledges when it chooses."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held: list[asyncio.Future[None]] = []
+
+    async def send_changelog(
+        self, partition: int, key: bytes, value: bytes
+    ) -> asyncio.Future[None]:
+        self.sent.append((partition, key, value))
+        self.held.append(asyncio.get_running_loop().create_future())
+        return self.held[-1]
+
+
+async def test_applied_offsets_sent_apart_go_only_after_every_write_is_acknowledged(
+    folder_for: Callable[..., BatchFolder],
+) -> None:
+    """As on tansu (stream/app.py): the states in batches, the applied
+    offsets through another producer. The end offset tansu reports lies past
+    the newest mark only if each mark is sent after every write before it
+    is acknowledged, so that no write the mark vouches for comes after it."""
+    table, marks, consumer = HeldTable(), Table(), Consumer()
+    folder = folder_for(table, consumer, marks)
+    await folder.fold_batch([event(ANN, i, 0, i) for i in range(3)] + [event(BO, 9, 1, 0)])
+    assert {k for _, k, _ in table.sent} == {ANN.encode(), BO.encode()}
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert marks.sent == [], "a mark went out before the writes it vouches for"
+    table.held[0].set_result(None)
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert marks.sent == [], "a mark went out with a write still unacknowledged"
+    for held in table.held[1:]:
+        held.set_result(None)
+    # (a mark sent the states' way would be held forever)
+    await asyncio.wait_for(folder.writes_acknowledged(), 10)
+    assert {k: v for _, k, v in marks.sent if k.startswith(b"\x00usertrail/applied/")} == {
+        applied_key(0): b"2",
+        applied_key(1): b"0",
+    }
+    assert not any(k.startswith(b"\x00") for _, k, _ in table.sent)
+    assert folder.applied_offset(0) == 2
+    assert _user_state(table, ANN).profile.counts_by_type == {"chat": 3}
 
 
 async def test_redelivered_records_change_nothing_and_a_hole_is_re_read(
