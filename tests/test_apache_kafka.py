@@ -63,7 +63,7 @@ async def test_what_the_tansu_workarounds_are_for(
     """The two gaps behind the workarounds, asked of each broker: end offsets
     after a batch of several records (faust's table recovery reads them;
     tansu answers the first offset of the last batch + 1, so the worker
-    writes its changelog one record per batch there), and the idempotent
+    writes its applied offsets one record per batch there), and the idempotent
     producer (tansu has none, so the SDK goes without it there)."""
     settings = settings_factory(broker, events_partitions=1)
     await ensure_topics(settings)
