@@ -40,7 +40,7 @@ from tests.workers import (
     worker_view,
     written_through,
 )
-from usertrail.apache_kafka import KafkaCluster, KafkaNode
+from usertrail.apache_kafka import KafkaCluster, KafkaNode, java_binary, jvm_options
 from usertrail.embedded import free_port
 from usertrail.kafka import probe, stop_within
 from usertrail.settings import Settings
@@ -534,3 +534,19 @@ def test_up_runs_one_kafka_node_or_three(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setenv("USERTRAIL_EMBEDDED_KAFKA_BROKERS", "2")
     with pytest.raises(ValueError, match="1 node or 3"):
         Settings()
+
+
+@pytest.mark.parametrize("extra", ["", "-XX:TieredStopAtLevel=4 -XX:+UseG1GC", "-Xss1m"])
+def test_the_jvm_starts_with_our_options_and_any_kafka_opts(extra: str) -> None:
+    """``KAFKA_OPTS`` goes after our options: a flag of its own wins, and a
+    collector of its own replaces ours (the JVM refuses two collectors)."""
+    done = subprocess.run(
+        [java_binary(), *jvm_options(extra), "-XX:+PrintFlagsFinal", "-version"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    flags = {f[1]: f[3] for f in (line.split() for line in done.stdout.splitlines()) if len(f) > 3}
+    assert flags["TieredStopAtLevel"] == ("4" if "Tiered" in extra else "1")
+    assert flags["UseG1GC" if "G1" in extra else "UseSerialGC"] == "true"

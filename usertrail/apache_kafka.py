@@ -189,8 +189,23 @@ against 7.0) and its CPU under that load settled at once where C2's reaches
 only after minutes (25-35% of a core against 65 falling to 28). The serial
 collector: a heap of at most 1 GB, no concurrent collector threads (3.3
 CPU-s to start, 2.5 against 3.0 for 10,000 sends). ``KAFKA_OPTS`` overrides
-either: a long-running node may want ``-XX:TieredStopAtLevel=4
--XX:+UseG1GC``."""
+either (``jvm_options``): a long-running node may want
+``-XX:TieredStopAtLevel=4 -XX:+UseG1GC``."""
+
+
+def _selects_collector(option: str) -> bool:
+    return option.startswith("-XX:+Use") and option.endswith("GC")
+
+
+def jvm_options(extra: str) -> list[str]:
+    """``JVM_OPTIONS``, then ``extra`` (``KAFKA_OPTS``, as Kafka's own start
+    scripts take it). The JVM takes the last of a repeated flag, but refuses
+    to start with two collectors: a collector in ``extra`` replaces ours."""
+    options = shlex.split(extra)
+    ours = list(JVM_OPTIONS)
+    if any(_selects_collector(o) for o in options):
+        ours = [o for o in ours if not _selects_collector(o)]
+    return ours + options
 
 
 class KafkaNode(_Child):
@@ -253,10 +268,7 @@ class KafkaNode(_Child):
         return [
             self.cluster.java,
             f"-Xmx{heap}",
-            *JVM_OPTIONS,
-            # extra JVM options, as Kafka's own start scripts take them (the
-            # JVM takes the last of a repeated flag: these override the above)
-            *shlex.split(os.environ.get("KAFKA_OPTS", "")),
+            *jvm_options(os.environ.get("KAFKA_OPTS", "")),
             "-Djava.awt.headless=true",
             f"-Dlog4j2.configurationFile={self.cluster.data_dir / 'log4j2.properties'}",
             "-cp",
