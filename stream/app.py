@@ -187,9 +187,10 @@ def create_app(
     # The folder writes the changelog in batches with its own producer; on
     # tansu the applied offsets alone go through faust's table, one record
     # per batch, so that recovery reads past the newest of them
-    # (stream/folder.py). Every state through faust's table, a round trip
-    # each, put the profile's p99 at 1.1 s on tansu, rising to 4 s as
-    # rounds went on (`./dev bench scale --part freshness`). A RocksDB store
+    # (stream/folder.py), not a round trip through faust's buffer for every
+    # state (`./dev bench scale --part freshness`, rounds 4-5 on tansu: the
+    # profile's p99 1.5-1.7 s against 3.6-4.1; the medians of five rounds,
+    # dominated by tansu's own slowing, showed no gain). A RocksDB store
     # on tansu keeps that: faust compares the offset a store holds data up
     # to with the partition's end offset, which must then be exact.
     exact_ends = settings.is_tansu and kind == "rocksdb"
