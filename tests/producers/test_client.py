@@ -205,9 +205,8 @@ async def test_a_broker_back_after_an_outage_gets_the_spool_without_a_restart(
             # the spool is taken when its re-send starts; a re-send that
             # fails (a broker still without its topic) spools it again once
             # the delivery timeout passes: done when a flush leaves no spool
-            if not spool.exists() and (await client.flush()).spooled == 0:
-                if not spool.exists():
-                    break
+            if not spool.exists() and (await client.flush()).spooled == 0 and not spool.exists():
+                break
             await asyncio.sleep(0.2)
         assert not spool.exists()
     records = await read_all(settings, settings.events_topic, expected=10)

@@ -15,7 +15,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from usertrail.stream.batch import Folded, UserBatch, fold_users
 from usertrail.stream.folder import BatchFolder
 from usertrail.stream.segments import load_rules
-from usertrail.stream.state import applied_key, load_state
+from usertrail.stream.state import APPLIED, applied_key, load_state
 
 from tests.conftest import Broker, create_topics, unique
 from usertrail.settings import Settings
@@ -171,7 +171,7 @@ async def test_applied_offsets_sent_apart_go_only_after_every_write_is_acknowled
         held.set_result(None)
     # (a mark sent the states' way would be held forever)
     await asyncio.wait_for(folder.writes_acknowledged(), 10)
-    assert {k: v for _, k, v in marks.sent if k.startswith(b"\x00usertrail/applied/")} == {
+    assert {k: v for _, k, v in marks.sent if k.startswith(APPLIED)} == {
         applied_key(0): b"2",
         applied_key(1): b"0",
     }
