@@ -8,7 +8,9 @@ Central). ``kafka3`` is a three-node cluster for the fault tests."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import itertools
+import logging
 import os
 import tempfile
 from collections.abc import Callable, Iterator
@@ -82,6 +84,28 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
             "(pytest-xdist issue 1386); install requirements.lock's versions",
             pytrace=False,
         )
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_teardown(item: pytest.Item) -> None:
+    """A client a test left unclosed (an aiokafka connection, a socket) is
+    reported by the garbage collector when it comes by, which was during
+    some later test of the process, failing that one (pyproject.toml makes
+    every warning an error). Collected here, after the test's fixtures are
+    torn down and before pytest gathers what was reported, so the warning
+    fails the test that leaked it."""
+    gc.collect()
+
+
+@pytest.fixture(autouse=True)
+def _root_logging_restored() -> Iterator[None]:
+    """Commands run in-process (``usertrail.cli.main``) point the root
+    logger at the sys.stderr of their test, which pytest closes after it:
+    later tests' log lines then failed with "I/O operation on closed file"."""
+    handlers, level = logging.root.handlers[:], logging.root.level
+    yield
+    logging.root.handlers[:] = handlers
+    logging.root.setLevel(level)
 
 
 Broker = EmbeddedBroker | KafkaCluster
