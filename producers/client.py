@@ -38,7 +38,13 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaConnectionError, KafkaError, UnknownError
+from aiokafka.errors import (
+    KafkaConnectionError,
+    KafkaError,
+    KafkaTimeoutError,
+    UnknownError,
+    UnknownTopicOrPartitionError,
+)
 from aiokafka.partitioner import DefaultPartitioner
 from usertrail.producers import events, headers
 from usertrail.producers.events import EventBase
@@ -52,7 +58,7 @@ from usertrail.errors import (
     DeliveryError,
     EventValidationError,
 )
-from usertrail.kafka import stop_within
+from usertrail.kafka import confirm_topics_before_producing, no_topic_creation, stop_within
 from usertrail.settings import Settings
 
 log = logging.getLogger("usertrail.producers")
@@ -193,6 +199,9 @@ class TrackingClient:
         self._room = asyncio.Event()
         self._partitions: dict[str, list[int]] = {}
         self._key_partitions: dict[tuple[str, bytes], int] = {}
+        # topics the broker said it lacks: until when not to ask again, when last said
+        self._topicless: dict[str, float] = {}
+        self._topicless_said: dict[str, float] = {}
         self._delivered = 0
         self._spooled = 0
         self.idempotent = False
@@ -236,15 +245,7 @@ class TrackingClient:
         records = self.spool.take()
         if records:
             log.info("re-sending %d spooled events from %s", len(records), self.spool.path)
-            for i, record in enumerate(records):
-                try:
-                    await self._enqueue(record)
-                except (BufferFullError, ClientClosedError):  # sent by a re-send later
-                    self.spool.append(records[i:])
-                    break
-                except BaseException:  # cancelled: the rest stays spooled
-                    self.spool.append(records[i:])
-                    raise
+            await self._resend(records)
             report = await self.flush()
             self.resent_from_spool = report.delivered
             if report.spooled:
@@ -271,6 +272,10 @@ class TrackingClient:
                 topics = {self.topic} | {r.topic for r, _, _ in self._held}
                 for topic in topics:
                     self._partitions[topic] = sorted(await producer.partitions_for(topic))
+            except (UnknownTopicOrPartitionError, KafkaTimeoutError) as exc:
+                await self._stop_producer(producer)
+                log.warning("the broker answers but has not got its topics (%r); waiting", exc)
+                continue
             except BaseException:
                 await self._stop_producer(producer)
                 raise
@@ -316,15 +321,24 @@ class TrackingClient:
             records = self.spool.take()
             if records:
                 log.info("re-sending %d spooled events from %s", len(records), self.spool.path)
-            for i, record in enumerate(records):
-                try:
-                    await self._enqueue(record)
-                except asyncio.CancelledError:
-                    self.spool.append(records[i:])  # closing: left for the next start
-                    raise
-                except (ClientClosedError, BufferFullError):
-                    self.spool.append(records[i:])
-                    break
+                await self._resend(records)
+
+    async def _resend(self, records: list[SpooledRecord]) -> None:
+        """Spooled events buffered again, in order. What cannot be (the
+        buffer full, the client closing, the broker without their topic)
+        goes back to the spool, for a later re-send or the next start."""
+        for i, record in enumerate(records):
+            try:
+                batch = await self._enqueue(record)
+            except (BufferFullError, ClientClosedError):
+                self.spool.append(records[i:])
+                return
+            except BaseException:  # cancelled: the rest stays spooled
+                self.spool.append(records[i:])
+                raise
+            if batch.partition < 0 and record.topic in self._topicless:
+                self.spool.append(records[i + 1 :])  # spooled again: no topic yet
+                return
 
     def _append_known(self, record: SpooledRecord, event_id: str | None) -> _Batch:
         """``_enqueue`` without an await, for a topic whose partitions are
@@ -365,12 +379,17 @@ class TrackingClient:
         attempts = [True, False] if self._idempotence is None else [self._idempotence]
         for idempotent in attempts:
             producer = AIOKafkaProducer(enable_idempotence=idempotent, **self._producer_options)
+            confirm_topics_before_producing(producer.client)
             try:
-                if idempotent and self._idempotence is None:
-                    with _quiet_probe():
+                # Never a topic made by asking for it (usertrail/kafka.py): a
+                # broker back empty would get the events topic with its own
+                # partition count. A missing topic holds and spools events.
+                with no_topic_creation():
+                    if idempotent and self._idempotence is None:
+                        with _quiet_probe():
+                            await asyncio.wait_for(producer.start(), self._connect_timeout)
+                    else:
                         await asyncio.wait_for(producer.start(), self._connect_timeout)
-                else:
-                    await asyncio.wait_for(producer.start(), self._connect_timeout)
             except UnknownError:
                 # The embedded broker (tansu 0.6) answers InitProducerId with
                 # UnknownError: no idempotent producer there. Dedup by event id
@@ -562,7 +581,15 @@ class TrackingClient:
         partitions = self._partitions.get(topic)
         if partitions is None:
             producer = self._require_started()
-            partitions = sorted(await producer.partitions_for(topic))
+            loop = asyncio.get_running_loop()
+            if loop.time() < self._topicless.get(topic, -1.0):
+                raise UnknownTopicOrPartitionError(f"the broker has no topic {topic}")
+            try:
+                partitions = sorted(await producer.partitions_for(topic))
+            except (UnknownTopicOrPartitionError, KafkaTimeoutError):
+                # asked again in a second, not for each event meanwhile
+                self._topicless[topic] = loop.time() + 1.0
+                raise
             self._partitions[topic] = partitions
         if len(self._key_partitions) > 100_000:
             self._key_partitions.clear()
@@ -580,7 +607,10 @@ class TrackingClient:
             await self._wait_for_room()
         partition = self._key_partitions.get((record.topic, record.key))
         if partition is None:
-            partition = await self._partition(record.topic, record.key)
+            try:
+                partition = await self._partition(record.topic, record.key)
+            except (UnknownTopicOrPartitionError, KafkaTimeoutError) as exc:
+                return self._spool_topicless(record, event_id, exc)
         tp = (record.topic, partition)
         if event_id is None and self._on_delivery is not None:
             event_id = _event_id_of(record.value)
@@ -761,6 +791,33 @@ class TrackingClient:
     async def _drained(self) -> None:
         while self._drainer is not None:
             await asyncio.shield(self._drainer)
+
+    def _spool_topicless(
+        self, record: SpooledRecord, event_id: str | None, error: KafkaError
+    ) -> _Batch:
+        """An event for a topic the broker does not have (yet): the SDK never
+        makes it by asking for it (usertrail/kafka.py), so the event is
+        spooled, and sent by the next re-send once the topic is made. Said
+        once a minute per topic, not per event."""
+        self.spool.append([record])
+        self._spooled += 1
+        now = time.monotonic()
+        if now - self._topicless_said.get(record.topic, -60.0) >= 60.0:
+            self._topicless_said[record.topic] = now
+            log.warning(
+                "the broker has no topic %s (%r): events for it are spooled to %s and sent "
+                "once it exists (made by `usertrail up --only-setup` or compose's init)",
+                record.topic,
+                error,
+                self.spool.path,
+            )
+        if self._on_delivery is not None and event_id is not None:
+            self._on_delivery(event_id, error)
+        placeholder = _Batch(record.topic, -1, None)
+        placeholder.future = asyncio.get_running_loop().create_future()
+        placeholder.future.set_exception(DeliveryError(f"spooled: {error!r}"))
+        placeholder.future.exception()  # retrieved: a caller that ignores it is not warned
+        return placeholder
 
     def _spool_now(
         self, records: list[SpooledRecord], ids: list[str], error: BaseException

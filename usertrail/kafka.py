@@ -5,16 +5,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import socket
 import struct
 import time
-from collections.abc import Sequence
+import weakref
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.errors import KafkaConnectionError, KafkaError
+from aiokafka.client import ConnectionGroup
+from aiokafka.errors import KafkaConnectionError, KafkaError, UnknownTopicOrPartitionError
 
 from usertrail.errors import BrokerUnavailableError, UsertrailError
 
@@ -372,6 +375,13 @@ async def high_waters(consumer: AIOKafkaConsumer, tps: list[TopicPartition]) -> 
 
 
 _NEVER_CREATING = False
+# Set by ``no_topic_creation`` for the clients started inside it: the tasks
+# an aiokafka client starts (its metadata refresh among them) inherit the
+# context they were made in.
+_NO_CREATION: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "usertrail_no_topic_creation", default=False
+)
+_INSTALLED = False
 
 
 def never_create_topics() -> None:
@@ -387,12 +397,34 @@ def never_create_topics() -> None:
     was broken for good. Topics are made only by ``ensure_topics`` (and
     faust's CreateTopics for what it declares); a topic that is missing
     stays missing, which the workers report. Installed once per process by
-    the pipeline's commands and workers; the SDK leaves the app's aiokafka
-    as it is."""
+    the pipeline's commands and workers; the SDK, in an app's process, uses
+    ``no_topic_creation`` for its own clients alone."""
     global _NEVER_CREATING
-    if _NEVER_CREATING:
-        return
     _NEVER_CREATING = True
+    _install_metadata_request()
+
+
+@contextlib.contextmanager
+def no_topic_creation() -> Iterator[None]:
+    """``never_create_topics`` for the aiokafka clients started inside this
+    block only (``await producer.start()``): an app's own clients keep
+    asking for creation as aiokafka does."""
+    _install_metadata_request()
+    token = _NO_CREATION.set(True)
+    try:
+        yield
+    finally:
+        _NO_CREATION.reset(token)
+
+
+def _install_metadata_request() -> None:
+    """aiokafka's MetadataRequest, asking not to create the topics it names
+    in a process that said so (``never_create_topics``) or a context that
+    did (``no_topic_creation``), and as aiokafka's everywhere else."""
+    global _INSTALLED
+    if _INSTALLED:
+        return
+    _INSTALLED = True
     import aiokafka.admin.client
     import aiokafka.client
     from aiokafka.protocol import metadata
@@ -401,7 +433,9 @@ def never_create_topics() -> None:
         def __init__(
             self, topics: list[str] | None = None, allow_auto_topic_creation: bool | None = None
         ) -> None:
-            super().__init__(topics, bool(allow_auto_topic_creation))
+            if _NEVER_CREATING or _NO_CREATION.get():
+                allow_auto_topic_creation = bool(allow_auto_topic_creation)
+            super().__init__(topics, allow_auto_topic_creation)
 
     for module in (aiokafka.client, aiokafka.admin.client):
         if getattr(module, "MetadataRequest", None) is not metadata.MetadataRequest:
@@ -413,6 +447,53 @@ def never_create_topics() -> None:
     # aiokafka says a subscribed topic is missing at every metadata retry
     # (10 a second): once a minute a topic is enough
     logging.getLogger("aiokafka.cluster").addFilter(_MissingTopicSaidOnce(60.0))
+
+
+_PRODUCE = 0
+
+
+def confirm_topics_before_producing(client: Any) -> None:
+    """A produce request goes over a connection only once the broker at its
+    other end said, on that connection, that it has the request's topics.
+
+    The embedded broker (tansu) acknowledges a produce to a topic it does
+    not have and keeps nothing of it (docs/brokers.md 13). Restarted empty
+    at the same address, it took everything a running producer sent before
+    `up` made its topics: acknowledged, and lost. aiokafka sends over a new
+    connection by itself (again after a broken one, within a retry), so the
+    question is asked where it connects: once per connection and topic,
+    nothing in between. A topic the broker lacks fails the request as
+    UnknownTopicOrPartition, which aiokafka retries after refreshing its
+    metadata, until the batch's delivery timeout. Wraps the client's
+    ``send`` (aiokafka internals: its ``_get_conn`` and the produce
+    request's ``_topics``; tests/producers/test_client.py fails without them)."""
+    send = client.send
+    confirmed: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary()
+
+    async def confirming_send(node_id: int, request: Any, **kwargs: Any) -> Any:
+        group = kwargs.get("group", ConnectionGroup.DEFAULT)
+        if getattr(request, "API_KEY", None) != _PRODUCE:
+            return await send(node_id, request, **kwargs)
+        conn = await client._get_conn(node_id, group=group)
+        if conn is not None:
+            topics = {topic for topic, _ in request._topics}
+            seen = confirmed.setdefault(conn, set())
+            if not topics <= seen:
+                from aiokafka.protocol.metadata import MetadataRequest
+
+                asked = sorted(topics - seen)
+                answer = await conn.send(MetadataRequest(asked, False))
+                present = {name for error, name, *_ in answer.topics if error == 0}
+                missing = sorted(set(asked) - present)
+                if missing:
+                    raise UnknownTopicOrPartitionError(
+                        f"the broker has no topic {', '.join(missing)} (back empty after a "
+                        "restart?); nothing is sent to it until the topic is made"
+                    )
+                seen.update(asked)
+        return await send(node_id, request, **kwargs)
+
+    client.send = confirming_send
 
 
 class _MissingTopicSaidOnce(logging.Filter):

@@ -213,6 +213,116 @@ async def test_a_broker_back_after_an_outage_gets_the_spool_without_a_restart(
     assert {decode(v or b"").event_id for _, _, v in records} == set(during)
 
 
+async def test_a_broker_back_empty_is_sent_nothing_before_its_topics_exist(
+    broker_factory: Callable[..., EmbeddedBroker],
+    settings_factory: Callable[..., Settings],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """tansu acknowledges batches for a topic it does not have and keeps
+    nothing (docs/brokers.md 13). Restarted empty at the same address under
+    an idle client (no send failed: it still knows the old partitions),
+    it must not be sent the next events before it has the topic: they are
+    spooled, and delivered once the topic is made."""
+    monkeypatch.setattr(client_module, "RESEND_SECONDS", 0.3)
+    port = free_port()
+    first = broker_factory(port=port)
+    settings = settings_factory(first)
+    await create_topics(settings)
+    spool = tmp_path / "s.jsonl"
+    async with TrackingClient(
+        source="web", settings=settings, delivery_timeout=1.5, spool_path=spool
+    ) as client:
+        for i in range(16):  # a connection to every partition's leader, confirmed
+            await client.track_interaction(user_id=f"w{i}", type="chat", service="saju")
+        assert (await client.flush()).delivered == 16
+        first.stop()
+        broker_factory(port=port)  # empty, as a restarted tansu is
+        during = [
+            await client.track_interaction(user_id=f"u{i}", type="chat", service="saju")
+            for i in range(10)
+        ]
+        report = await client.flush()
+        assert (report.delivered, report.spooled) == (0, 10), (
+            "acknowledged by a broker without the topic"
+        )
+        await create_topics(settings)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 60
+        while loop.time() < deadline:
+            if not spool.exists() and (await client.flush()).spooled == 0 and not spool.exists():
+                break
+            await asyncio.sleep(0.2)
+        assert not spool.exists()
+    records = await read_all(settings, settings.events_topic, expected=10)
+    assert {decode(v or b"").event_id for _, _, v in records} == set(during)
+
+
+_SDK_BESIDE_AN_APPS_PRODUCER = """
+import asyncio, sys
+from aiokafka import AIOKafkaProducer
+from usertrail.producers import TrackingClient
+from usertrail.settings import Settings
+
+async def main(bootstrap, events, own, spool):
+    settings = Settings(kafka_bootstrap_servers=bootstrap, events_topic=events)
+    async with TrackingClient(
+        source="app", settings=settings, delivery_timeout=2, spool_path=spool
+    ) as client:
+        await client.track_interaction(user_id="u", type="chat", service="saju")
+        print("spooled", (await client.flush()).spooled)
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
+    await producer.start()
+    try:
+        await producer.send_and_wait(own, b"the app's own")
+    finally:
+        await producer.stop()
+
+asyncio.run(main(*sys.argv[1:]))
+"""
+
+
+async def test_the_sdk_never_makes_its_topic_and_leaves_the_apps_clients_alone(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """In an app's process (no ``never_create_topics``), the SDK's producer
+    does not make a missing events topic by asking for it, as aiokafka
+    would (with the broker's partition count, on tansu after every
+    restart): the event is spooled. The app's own aiokafka producer in the
+    same process still makes its topic, as the broker allows."""
+    import subprocess
+    import sys
+
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    own = f"{settings.events_topic}.own"
+    done = await asyncio.to_thread(
+        subprocess.run,
+        [
+            sys.executable,
+            "-c",
+            _SDK_BESIDE_AN_APPS_PRODUCER,
+            settings.bootstrap_servers,
+            settings.events_topic,
+            own,
+            str(tmp_path / "s.jsonl"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "spooled 1" in done.stdout, done.stdout + done.stderr[-3000:]
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap_servers)
+    await admin.start()
+    try:
+        topics = set(await admin.list_topics())
+    finally:
+        await admin.close()
+    assert own in topics, "the app's own producer made its topic"
+    assert settings.events_topic not in topics, "the SDK made the events topic"
+
+
 async def test_a_client_closed_before_any_broker_answered_spools_everything(
     settings_factory: Callable[..., Settings], broker: EmbeddedBroker, tmp_path: Path
 ) -> None:
