@@ -343,7 +343,7 @@ class Sink:
                     what,
                     delay,
                 )
-                await self.writer.close()
+                await self.writer.close_broken()
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.options.max_backoff)
 

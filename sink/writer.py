@@ -268,24 +268,43 @@ class Writer:
         # and the cache is dropped and the batch written again.
         self._known_users: set[str] = set()
         self._marks: psycopg.AsyncConnection[Any] | None = None  # mark_in_flight's
+        self._connecting = asyncio.Lock()  # the fetch and write loops both connect
 
     async def connect(self) -> None:
-        if self._conn is not None and not self._conn.closed:
-            return
-        self._conn = await psycopg.AsyncConnection.connect(self._conninfo, autocommit=False)
-        await self._conn.execute(
-            'CREATE TEMP TABLE usertrail_staging (LIKE "UserInteraction" INCLUDING DEFAULTS) '
-            "ON COMMIT DELETE ROWS"
-        )
-        if self.archive:  # where the archive ends (`replay db` reads from the start)
-            rows = await (
-                await self._conn.execute(
-                    "SELECT topic, partition, max(last_offset) + 1 FROM usertrail_archive "
-                    "GROUP BY topic, partition"
+        """The writer's connection, opened (again) if it is not open: one at
+        a time, and in use only once its staging table is made."""
+        async with self._connecting:
+            if self._conn is not None and not self._conn.closed:
+                return
+            conn = await psycopg.AsyncConnection.connect(self._conninfo, autocommit=False)
+            try:
+                await conn.execute(
+                    'CREATE TEMP TABLE usertrail_staging (LIKE "UserInteraction" '
+                    "INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
                 )
-            ).fetchall()
-            self._archived_to = {(t, p): int(end) for t, p, end in rows}
-        await self._conn.commit()
+                if self.archive:  # where the archive ends (`replay db` reads from the start)
+                    rows = await (
+                        await conn.execute(
+                            "SELECT topic, partition, max(last_offset) + 1 FROM usertrail_archive "
+                            "GROUP BY topic, partition"
+                        )
+                    ).fetchall()
+                    self._archived_to = {(t, p): int(end) for t, p, end in rows}
+                await conn.commit()
+            except BaseException:
+                await conn.close()
+                raise
+            self._conn = conn
+
+    async def close_broken(self) -> None:
+        """After a database error: close the connections it broke (the next
+        ``connect`` or mark opens new ones). A connection is never taken
+        away from under the other loop: the fetch loop's failed mark once
+        closed the writer's connection mid-batch, and the write loop failed
+        on ``connect() first`` instead of retrying."""
+        for conn in (self._conn, self._marks):
+            if conn is not None and conn.broken:
+                await conn.close()
 
     async def close(self) -> None:
         if self._conn is not None:

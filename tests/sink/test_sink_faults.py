@@ -146,6 +146,9 @@ async def test_database_restart_and_broker_outage_need_no_manual_step(
             await wait_for(lambda: count_rows(url) >= len(sent), 120, "all rows")
             await asyncio.sleep(1)
             assert proc.poll() is None, "the sink kept running through both outages"
+        except AssertionError as exc:  # with what the sink said
+            sink_log = (tmp_path / "sink.log").read_text()
+            raise AssertionError(f"{exc}\n--- sink.log ---\n{sink_log[-6000:]}") from None
         finally:
             proc.send_signal(signal.SIGTERM)
             if proc.wait(timeout=30) is None:

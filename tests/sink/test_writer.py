@@ -41,6 +41,34 @@ async def test_an_older_profile_in_a_later_batch_does_not_overwrite(database_url
         await writer.close()
 
 
+async def test_a_failed_mark_leaves_the_write_loop_its_connection(database_url: str) -> None:
+    """The sink's fetch loop marks batches in flight on a connection of its
+    own while its write loop writes on the writer's. A database error in a
+    mark once closed both, and the write loop, mid-batch, stopped the sink
+    with ``connect() first``: only the broken connection is closed now."""
+    writer = Writer(database_url, group="c", profiles_topic=P)
+    await writer.connect()
+    try:
+        await writer.mark_in_flight({(P, 0): (0, 0)})
+        marks, conn = writer._marks, writer.conn
+        assert marks is not None
+        with psycopg.connect(database_url, autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(%s)", (marks.info.backend_pid,))
+        try:
+            await writer.mark_in_flight({(P, 0): (1, 1)})
+        except psycopg.OperationalError:
+            pass
+        else:
+            raise AssertionError("a mark on a terminated connection succeeded")
+        await writer.close_broken()
+        assert marks.closed and writer.conn is conn and not conn.closed
+        await writer.write([rec(0, "a", profile_message("a", T0, "kept", 1))])
+        await writer.mark_in_flight({(P, 0): (1, 1)})  # on a new connection
+        assert query(database_url, 'SELECT "primarySegment" FROM user_vectors') == [("kept",)]
+    finally:
+        await writer.close()
+
+
 async def test_tombstone_then_a_newer_profile_in_one_batch(database_url: str) -> None:
     writer = Writer(database_url, group="c", profiles_topic=P)
     await writer.connect()
