@@ -41,7 +41,6 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import (
     KafkaConnectionError,
     KafkaError,
-    KafkaTimeoutError,
     UnknownError,
     UnknownTopicOrPartitionError,
 )
@@ -70,6 +69,9 @@ T = TypeVar("T")
 _PARTITIONER = DefaultPartitioner()
 
 RESEND_SECONDS = 15.0
+# How long the first event for a topic waits for the broker to know it; past
+# that its events are spooled until the re-send finds the topic.
+TOPIC_WAIT = 5.0
 """How often a running client sends its spool again, if the broker answers."""
 
 
@@ -199,8 +201,8 @@ class TrackingClient:
         self._room = asyncio.Event()
         self._partitions: dict[str, list[int]] = {}
         self._key_partitions: dict[tuple[str, bytes], int] = {}
-        # topics the broker said it lacks: until when not to ask again, when last said
-        self._topicless: dict[str, float] = {}
+        # topics the broker lacks (their events are spooled), and when that was last said
+        self._topicless: set[str] = set()
         self._topicless_said: dict[str, float] = {}
         self._delivered = 0
         self._spooled = 0
@@ -271,8 +273,8 @@ class TrackingClient:
             try:
                 topics = {self.topic} | {r.topic for r, _, _ in self._held}
                 for topic in topics:
-                    self._partitions[topic] = sorted(await producer.partitions_for(topic))
-            except (UnknownTopicOrPartitionError, KafkaTimeoutError) as exc:
+                    self._partitions[topic] = sorted(await self._partitions_of(producer, topic))
+            except (KafkaError, TimeoutError) as exc:
                 await self._stop_producer(producer)
                 log.warning("the broker answers but has not got its topics (%r); waiting", exc)
                 continue
@@ -318,6 +320,8 @@ class TrackingClient:
                 except (KafkaError, TimeoutError):
                     continue
                 self._healthy = True
+            if self._topicless:
+                await self._look_for_topics(producer)
             records = self.spool.take()
             if records:
                 log.info("re-sending %d spooled events from %s", len(records), self.spool.path)
@@ -581,21 +585,38 @@ class TrackingClient:
         partitions = self._partitions.get(topic)
         if partitions is None:
             producer = self._require_started()
-            loop = asyncio.get_running_loop()
-            if loop.time() < self._topicless.get(topic, -1.0):
+            if topic in self._topicless:  # looked for in the background (_resend_spooled)
                 raise UnknownTopicOrPartitionError(f"the broker has no topic {topic}")
             try:
-                partitions = sorted(await producer.partitions_for(topic))
-            except (UnknownTopicOrPartitionError, KafkaTimeoutError):
-                # asked again in a second, not for each event meanwhile
-                self._topicless[topic] = loop.time() + 1.0
-                raise
+                partitions = sorted(await self._partitions_of(producer, topic))
+            except (KafkaError, TimeoutError) as exc:
+                self._topicless.add(topic)
+                raise UnknownTopicOrPartitionError(f"the broker has no topic {topic}") from exc
             self._partitions[topic] = partitions
         if len(self._key_partitions) > 100_000:
             self._key_partitions.clear()
         partition: int = _PARTITIONER(key, partitions, partitions)
         self._key_partitions[(topic, key)] = partition
         return partition
+
+    async def _partitions_of(self, producer: AIOKafkaProducer, topic: str) -> set[int]:
+        """A topic's partitions, waiting at most TOPIC_WAIT for the broker
+        to know it (aiokafka waits the whole delivery timeout, and would
+        hold a ``track_*`` call that long)."""
+        wait = min(TOPIC_WAIT, self._delivery_timeout)
+        partitions: set[int] = await asyncio.wait_for(producer.partitions_for(topic), wait)
+        return partitions
+
+    async def _look_for_topics(self, producer: AIOKafkaProducer) -> None:
+        """The topics the broker lacked: made since? (Events for them are
+        spooled meanwhile, without a wait.)"""
+        for topic in sorted(self._topicless):
+            try:
+                self._partitions[topic] = sorted(await self._partitions_of(producer, topic))
+            except (KafkaError, TimeoutError):
+                continue
+            self._topicless.discard(topic)
+            log.info("the broker has topic %s now", topic)
 
     async def _enqueue(self, record: SpooledRecord, event_id: str | None = None) -> _Batch:
         if self.disabled:
@@ -609,7 +630,7 @@ class TrackingClient:
         if partition is None:
             try:
                 partition = await self._partition(record.topic, record.key)
-            except (UnknownTopicOrPartitionError, KafkaTimeoutError) as exc:
+            except UnknownTopicOrPartitionError as exc:
                 return self._spool_topicless(record, event_id, exc)
         tp = (record.topic, partition)
         if event_id is None and self._on_delivery is not None:

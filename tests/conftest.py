@@ -24,6 +24,7 @@ from hypothesis import settings as hypothesis_settings
 from usertrail.apache_kafka import KafkaCluster, free_cluster_port
 from usertrail.embedded import EmbeddedBroker, EmbeddedPostgres, free_port
 from usertrail.kafka import never_create_topics, stop_within
+from usertrail.logs import COMMAND_HANDLER
 from usertrail.settings import Settings
 from usertrail.topics import ensure_topics
 
@@ -98,14 +99,18 @@ def pytest_runtest_teardown(item: pytest.Item) -> None:
 
 
 @pytest.fixture(autouse=True)
-def _root_logging_restored() -> Iterator[None]:
+def _no_command_logging_left() -> Iterator[None]:
     """Commands run in-process (``usertrail.cli.main``) point the root
     logger at the sys.stderr of their test, which pytest closes after it:
-    later tests' log lines then failed with "I/O operation on closed file"."""
-    handlers, level = logging.root.handlers[:], logging.root.level
+    later tests' log lines then failed with "I/O operation on closed file".
+    That handler (named by usertrail/logs.py) goes with its test; pytest's
+    own capture handlers are left to pytest."""
+    level = logging.root.level
     yield
-    logging.root.handlers[:] = handlers
-    logging.root.setLevel(level)
+    for handler in logging.root.handlers[:]:
+        if handler.get_name() == COMMAND_HANDLER:
+            logging.root.removeHandler(handler)
+            logging.root.setLevel(level)
 
 
 Broker = EmbeddedBroker | KafkaCluster

@@ -55,9 +55,14 @@ def error_line(message: str, exit_code: int) -> str:
     )
 
 
+COMMAND_HANDLER = "usertrail"
+"""The name of the handler ``configure`` puts on the root logger."""
+
+
 def configure(level: str, fmt: str) -> None:
     """The root logger: ``level``, in ``fmt`` ("text" or "json"), to stderr."""
     handler = logging.StreamHandler(sys.stderr)
+    handler.set_name(COMMAND_HANDLER)
     formatter = JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT)
     handler.setFormatter(formatter)
     logging.root.handlers[:] = [handler]

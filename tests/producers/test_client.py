@@ -258,6 +258,35 @@ async def test_a_broker_back_empty_is_sent_nothing_before_its_topics_exist(
     assert {decode(v or b"").event_id for _, _, v in records} == set(during)
 
 
+async def test_events_for_a_topic_not_made_yet_are_spooled_then_sent(
+    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No topic yet: the first event waits a moment for it (TOPIC_WAIT),
+    the rest are spooled without waiting and without an error, and the
+    re-send delivers them all once the topic is made."""
+    monkeypatch.setattr(client_module, "RESEND_SECONDS", 0.3)
+    monkeypatch.setattr(client_module, "TOPIC_WAIT", 1.0)
+    spool = tmp_path / "s.jsonl"
+    async with TrackingClient(source="web", settings=settings, spool_path=spool) as client:
+        started = time.monotonic()
+        sent = [
+            await client.track_interaction(user_id=f"u{i}", type="chat", service="saju")
+            for i in range(50)
+        ]
+        assert time.monotonic() - started < 20, "one wait for the topic, not one per event"
+        assert (await client.flush()).spooled == 50 and Spool(spool).count() == 50
+        await create_topics(settings)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 60
+        while loop.time() < deadline:
+            if not spool.exists() and (await client.flush()).spooled == 0 and not spool.exists():
+                break
+            await asyncio.sleep(0.2)
+        assert not spool.exists()
+    records = distinct(await read_all(settings, settings.events_topic, expected=50))
+    assert sorted(decode(v or b"").event_id for _, _, v in records) == sorted(sent)
+
+
 _SDK_BESIDE_AN_APPS_PRODUCER = """
 import asyncio, sys
 from aiokafka import AIOKafkaProducer
