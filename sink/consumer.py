@@ -20,6 +20,7 @@ positions and reads the new log from its start instead (idempotent writes).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Sequence
@@ -437,8 +438,12 @@ class Sink:
         finally:
             if not writer.done():
                 writer.cancel()
-            if self._committing is not None:  # the last commit for lag tools, briefly
+            if self._committing is not None:  # the last commits for lag tools, briefly
                 await asyncio.wait({self._committing}, timeout=ASK_TIMEOUT)
+            if self._to_commit and (self._committing is None or self._committing.done()):
+                offsets, self._to_commit = self._to_commit, {}
+                with contextlib.suppress(KafkaError, TimeoutError):
+                    await asyncio.wait_for(self.consumer.commit(offsets), ASK_TIMEOUT)
             await stop_within(self.consumer, 10, "consumer")
             await stop_within(self.producer, 10, "dead-letter producer")
             await self.writer.close()

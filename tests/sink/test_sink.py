@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaProducer, TopicPartition
 from usertrail.producers import TrackingClient, encode
 from usertrail.producers.events import build
 from usertrail.producers.ids import uuid7
@@ -266,6 +266,42 @@ async def test_a_restarted_sink_resumes_at_its_stored_positions(
     second = await run_sink_until(settings, rows_done(database_url, count, 400))
     assert query(database_url, count) == [(400,)]
     assert second.written.records == 100, "resumed at the stored positions, nothing re-read"
+
+
+async def test_a_stopped_sink_leaves_its_positions_committed_for_lag_tools(
+    settings: Settings,
+    database_url: str,
+) -> None:
+    """The positions that count are in the database; the group's committed
+    offsets are for lag tools, one commit at a time, and those written while
+    one was on its way went with the next. The last ones had no next: a
+    stopped sink left its group's offsets behind what it wrote."""
+    from aiokafka import AIOKafkaConsumer
+
+    async with TrackingClient(source="web", settings=settings) as client:
+        for i in range(300):
+            await client.track_interaction(user_id=f"r{i % 17}", type="chat", service="saju")
+    count = 'SELECT count(*) FROM "UserInteraction"'
+    group = f"sink-{uuid7()}"
+    options = SinkOptions(group=group, batch_max_records=20)  # many commits
+    await run_sink_until(settings, rows_done(database_url, count, 300), options)
+    stored = dict(
+        query(
+            database_url,
+            "SELECT partition, next_offset FROM usertrail_positions "
+            "WHERE consumer = %s AND topic = %s",
+            (group, settings.events_topic),
+        )
+    )
+    reader = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap_servers, group_id=group)
+    await reader.start()
+    try:
+        committed = {
+            p: await reader.committed(TopicPartition(settings.events_topic, p)) for p in stored
+        }
+    finally:
+        await reader.stop()
+    assert committed == stored
 
 
 async def test_a_user_deleted_by_the_product_is_created_again_not_dead_lettered(
