@@ -380,6 +380,8 @@ class Sink:
         written, since = self.written.records, time.monotonic()
         while True:
             await asyncio.sleep(min(5.0, bound / 4))
+            if not self._stopping.is_set() and self._refusal is None:
+                await self._check_unread_logs()
             now = time.monotonic()
             if self._waiting_for_db or self._stopping.is_set():
                 written, since = self.written.records, now
@@ -404,6 +406,22 @@ class Sink:
                 log.error("%s", self._stalled)
                 main.cancel()
                 return
+
+    async def _check_unread_logs(self) -> None:
+        """Is each topic this sink read from, but has no partition of now,
+        still the same log? ``_same_log`` asks after every fetch, and a topic
+        none of whose partitions is assigned is never fetched: a sink that
+        rejoined its group on a broker restarted empty was assigned nothing
+        (seen on tansu) and waited there, its log gone, instead of stopping."""
+        assigned = {tp.topic for tp in self.consumer.assignment()}
+        topics = sorted(t for t in self.writer.topic_ids if t not in assigned)
+        if not topics:
+            return
+        current = await self._topic_ids(topics)
+        for topic in topics:
+            known, now = self.writer.topic_ids.get(topic), current.get(topic)
+            if known is not None and now is not None and known != now:
+                self._refusal = self._refusal or self._log_reset(topic, _other_id(known, now))
 
     async def _run(self) -> None:
         await self._retry_db(lambda: self._noop(), "connect")
