@@ -202,7 +202,10 @@ async def test_a_dead_letter_too_big_for_its_topic_lands_truncated(
         sink.stop()
         await asyncio.wait_for(sinking, 60)
     assert query(database_url, "SELECT length(value) FROM usertrail_dead_letters") == [(len(big),)]
-    assert [len(value or b"") for _, _, value in dead] == [512 * 1024]
+    # at least once on the topic: a produce retried after a timeout (no
+    # idempotent producer on tansu) can land twice, as the same bytes
+    assert dead and len({value for _, _, value in dead}) == 1, [len(v or b"") for *_, v in dead]
+    assert len(dead[0][2] or b"") == 512 * 1024
 
 
 # The real sink, in a process that exits at once (as a crash in a parser or
