@@ -322,6 +322,8 @@ class TrackingClient:
                 self._healthy = True
             if self._topicless:
                 await self._look_for_topics(producer)
+                if self._topicless:
+                    continue  # the spool stays as it is until its topic exists
             records = self.spool.take()
             if records:
                 log.info("re-sending %d spooled events from %s", len(records), self.spool.path)
@@ -826,8 +828,9 @@ class TrackingClient:
         if now - self._topicless_said.get(record.topic, -60.0) >= 60.0:
             self._topicless_said[record.topic] = now
             log.warning(
-                "the broker has no topic %s (%r): events for it are spooled to %s and sent "
-                "once it exists (made by `usertrail up --only-setup` or compose's init)",
+                "the broker did not give the partitions of topic %s (%r): no such topic yet, "
+                "or no answer; events for it are spooled to %s and sent once it has it (topics "
+                "are made by `usertrail up --only-setup` or compose's init)",
                 record.topic,
                 error,
                 self.spool.path,

@@ -458,10 +458,13 @@ class Sink:
                 writer.cancel()
             if self._committing is not None:  # the last commits for lag tools, briefly
                 await asyncio.wait({self._committing}, timeout=ASK_TIMEOUT)
-            if self._to_commit and (self._committing is None or self._committing.done()):
-                offsets, self._to_commit = self._to_commit, {}
-                with contextlib.suppress(KafkaError, TimeoutError):
-                    await asyncio.wait_for(self.consumer.commit(offsets), ASK_TIMEOUT)
+            if self._refusal is None and (self._committing is None or self._committing.done()):
+                held = self.consumer.assignment()
+                offsets = {tp: o for tp, o in self._to_commit.items() if tp in held}
+                self._to_commit = {}
+                if offsets:
+                    with contextlib.suppress(KafkaError, TimeoutError):
+                        await asyncio.wait_for(self.consumer.commit(offsets), ASK_TIMEOUT)
             await stop_within(self.consumer, 10, "consumer")
             await stop_within(self.producer, 10, "dead-letter producer")
             await self.writer.close()

@@ -13,11 +13,15 @@ import itertools
 import logging
 import os
 import tempfile
+import traceback
+import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiokafka import AIOKafkaConsumer
+from aiokafka.conn import AIOKafkaConnection
 from hypothesis import HealthCheck
 from hypothesis import settings as hypothesis_settings
 
@@ -77,7 +81,25 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.stash[_UNGROUPED] = True
 
 
+# Every aiokafka connection opened in this process: by which test, from where.
+_CONNECTIONS: weakref.WeakKeyDictionary[AIOKafkaConnection, tuple[str, str]] = (
+    weakref.WeakKeyDictionary()
+)
+_running_test = ""
+_opened = AIOKafkaConnection.__init__
+
+
+def _tracked(self: AIOKafkaConnection, *args: Any, **kwargs: Any) -> None:
+    _opened(self, *args, **kwargs)
+    _CONNECTIONS[self] = (_running_test, "".join(traceback.format_stack(limit=14)[:-1]))
+
+
+AIOKafkaConnection.__init__ = _tracked  # type: ignore[method-assign]
+
+
 def pytest_runtest_setup(item: pytest.Item) -> None:
+    global _running_test
+    _running_test = item.nodeid
     if item.stash.get(_UNGROUPED, False):
         pytest.fail(
             "pytest-xdist ignored this test's xdist_group, so it may run beside the tests "
@@ -89,13 +111,27 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 
 @pytest.hookimpl(trylast=True)
 def pytest_runtest_teardown(item: pytest.Item) -> None:
-    """A client a test left unclosed (an aiokafka connection, a socket) is
-    reported by the garbage collector when it comes by, which was during
-    some later test of the process, failing that one (pyproject.toml makes
-    every warning an error). Collected here, after the test's fixtures are
-    torn down and before pytest gathers what was reported, so the warning
-    fails the test that leaked it."""
+    """An aiokafka client a test left open was found by the garbage
+    collector during some later test of the process (once its broker's
+    close was read, whenever the event loop ran again), failing that one
+    with an unraisable ResourceWarning (pyproject.toml makes every warning
+    an error). After the test's fixtures are torn down, a connection it
+    opened that is still open fails the test that leaked it, saying where
+    it was opened; then whatever else it left is collected here."""
+    global _running_test
+    left = [
+        where
+        for conn, (test, where) in list(_CONNECTIONS.items())
+        if test == item.nodeid and conn.connected()
+    ]
+    _running_test = ""
     gc.collect()
+    if left:
+        pytest.fail(
+            f"{len(left)} aiokafka connection(s) this test opened are still open "
+            f"(stop every client it starts); the first was opened at:\n{left[0]}",
+            pytrace=False,
+        )
 
 
 @pytest.fixture(autouse=True)

@@ -8,6 +8,7 @@ import signal
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -172,3 +173,55 @@ async def test_a_sink_without_its_topics_waits_then_names_them(
     finally:
         await admin.close()
     assert not {settings.events_topic, settings.profiles_topic} & existing
+
+
+class _Conn:
+    """A connection as ``_confirm`` uses one: ``send`` gives what it is told."""
+
+    def __init__(self, answer: object) -> None:
+        self.answer, self.closed_with = answer, None
+
+    def send(self, request: object) -> Any:
+        async def reply() -> object:
+            if isinstance(self.answer, BaseException):
+                raise self.answer
+            return self.answer
+
+        return reply()
+
+    def close(self, reason: object = None) -> None:
+        self.closed_with = reason
+
+
+async def test_a_topic_check_that_fails_is_an_error_the_producer_retries() -> None:
+    """aiokafka's sender takes only KafkaErrors from a produce: anything else
+    from the check of the topics (a timeout is asyncio's) ended its routine
+    for good, and every later event was spooled."""
+    from aiokafka.conn import CloseReason
+    from aiokafka.errors import KafkaConnectionError, RequestTimedOutError
+
+    from usertrail.kafka import _confirm
+
+    silent = _Conn(TimeoutError())
+    with pytest.raises(RequestTimedOutError):
+        await _confirm(silent, {("t", 0)})
+    assert silent.closed_with == CloseReason.CONNECTION_TIMEOUT
+    with pytest.raises(KafkaConnectionError):
+        await _confirm(_Conn(OSError("reset")), {("t", 0)})
+    assert RequestTimedOutError.retriable and KafkaConnectionError.retriable
+
+
+async def test_a_topic_check_wants_every_partition_of_the_request() -> None:
+    from types import SimpleNamespace
+
+    from aiokafka.errors import UnknownTopicOrPartitionError
+
+    from usertrail.kafka import _confirm
+
+    one = SimpleNamespace(topics=[(0, "t", False, [(0, 0, 111, [111], [111], [])])])
+    await _confirm(_Conn(one), {("t", 0)})
+    with pytest.raises(UnknownTopicOrPartitionError, match=r"t\[1\]"):
+        await _confirm(_Conn(one), {("t", 0), ("t", 1)})
+    missing = SimpleNamespace(topics=[(3, "t", False, [])])
+    with pytest.raises(UnknownTopicOrPartitionError, match=r"t\[0\]"):
+        await _confirm(_Conn(missing), {("t", 0)})

@@ -17,7 +17,12 @@ from typing import Any, Literal
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.client import ConnectionGroup
-from aiokafka.errors import KafkaConnectionError, KafkaError, UnknownTopicOrPartitionError
+from aiokafka.errors import (
+    KafkaConnectionError,
+    KafkaError,
+    RequestTimedOutError,
+    UnknownTopicOrPartitionError,
+)
 
 from usertrail.errors import BrokerUnavailableError, UsertrailError
 
@@ -409,7 +414,10 @@ def no_topic_creation() -> Iterator[None]:
     """``never_create_topics`` for the aiokafka clients started inside this
     block only (``await producer.start()``): an app's own clients keep
     asking for creation as aiokafka does."""
-    _install_metadata_request()
+    try:
+        _install_metadata_request()
+    except RuntimeError as exc:  # an aiokafka we do not know: in an app, say it and go on
+        log.warning("%s; the SDK's producer may ask the broker to create its topic", exc)
     token = _NO_CREATION.set(True)
     try:
         yield
@@ -452,9 +460,43 @@ def _install_metadata_request() -> None:
 _PRODUCE = 0
 
 
+async def _confirm(conn: Any, wanted: set[tuple[str, int]]) -> None:
+    """Ask the broker at the other end of ``conn`` for the topics of
+    ``wanted`` (topic, partition) pairs; raise what aiokafka's producer
+    retries (a KafkaError) unless it has every one of them. Asked on the
+    connection itself, so aiokafka's own handling of a request that times
+    out is done here: the connection is closed."""
+    from aiokafka.conn import CloseReason
+    from aiokafka.protocol.metadata import MetadataRequest
+
+    topics = sorted({topic for topic, _ in wanted})
+    try:
+        answer = await conn.send(MetadataRequest(topics, False))
+    except KafkaError:
+        raise
+    except TimeoutError:
+        conn.close(reason=CloseReason.CONNECTION_TIMEOUT)
+        raise RequestTimedOutError("no answer to the check of the topics") from None
+    except Exception as exc:  # noqa: BLE001  # the sender only takes KafkaErrors
+        raise KafkaConnectionError(f"checking the topics failed: {exc!r}") from exc
+    present: set[tuple[str, int]] = set()
+    for error, name, *rest in answer.topics:
+        if error == 0:
+            parts = next((x for x in rest if isinstance(x, list)), [])
+            present.update((name, int(part[1])) for part in parts)
+    missing = sorted(wanted - present)
+    if missing:
+        raise UnknownTopicOrPartitionError(
+            "the broker has no "
+            + ", ".join(f"{topic}[{partition}]" for topic, partition in missing)
+            + " (back empty after a restart?); nothing is sent there until it is made"
+        )
+
+
 def confirm_topics_before_producing(client: Any) -> None:
     """A produce request goes over a connection only once the broker at its
-    other end said, on that connection, that it has the request's topics.
+    other end said, on that connection, that it has the request's topics
+    and partitions.
 
     The embedded broker (tansu) acknowledges a produce to a topic it does
     not have and keeps nothing of it (docs/brokers.md 13). Restarted empty
@@ -462,13 +504,13 @@ def confirm_topics_before_producing(client: Any) -> None:
     `up` made its topics: acknowledged, and lost. aiokafka sends over a new
     connection by itself (again after a broken one, within a retry), so the
     question is asked where it connects: once per connection and topic,
-    nothing in between. A topic the broker lacks fails the request as
+    nothing in between. A partition the broker lacks fails the request as
     UnknownTopicOrPartition, which aiokafka retries after refreshing its
     metadata, until the batch's delivery timeout. Wraps the client's
     ``send`` (aiokafka internals: its ``_get_conn`` and the produce
     request's ``_topics``; tests/producers/test_client.py fails without them)."""
     send = client.send
-    confirmed: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary()
+    confirmed: weakref.WeakKeyDictionary[Any, set[tuple[str, int]]] = weakref.WeakKeyDictionary()
 
     async def confirming_send(node_id: int, request: Any, **kwargs: Any) -> Any:
         group = kwargs.get("group", ConnectionGroup.DEFAULT)
@@ -476,21 +518,14 @@ def confirm_topics_before_producing(client: Any) -> None:
             return await send(node_id, request, **kwargs)
         conn = await client._get_conn(node_id, group=group)
         if conn is not None:
-            topics = {topic for topic, _ in request._topics}
+            wanted = {(topic, p) for topic, parts in request._topics for p, _ in parts}
             seen = confirmed.setdefault(conn, set())
-            if not topics <= seen:
-                from aiokafka.protocol.metadata import MetadataRequest
-
-                asked = sorted(topics - seen)
-                answer = await conn.send(MetadataRequest(asked, False))
-                present = {name for error, name, *_ in answer.topics if error == 0}
-                missing = sorted(set(asked) - present)
-                if missing:
-                    raise UnknownTopicOrPartitionError(
-                        f"the broker has no topic {', '.join(missing)} (back empty after a "
-                        "restart?); nothing is sent to it until the topic is made"
-                    )
-                seen.update(asked)
+            if not wanted <= seen:
+                await _confirm(conn, wanted - seen)
+                seen.update(wanted)
+            if client._conns.get((node_id, group)) is not conn or not conn.connected():
+                # closed while asked: the produce would go over a new one, unasked
+                raise KafkaConnectionError(f"the connection to node {node_id} closed")
         return await send(node_id, request, **kwargs)
 
     client.send = confirming_send
