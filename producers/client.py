@@ -69,10 +69,10 @@ T = TypeVar("T")
 _PARTITIONER = DefaultPartitioner()
 
 RESEND_SECONDS = 15.0
-# How long the first event for a topic waits for the broker to know it; past
-# that its events are spooled until the re-send finds the topic.
-TOPIC_WAIT = 5.0
 """How often a running client sends its spool again, if the broker answers."""
+TOPIC_WAIT = 5.0
+"""How long the first event for a topic waits for the broker to know it; past
+that, its events are spooled until the re-send finds the topic."""
 
 
 def _within_bounds(event: events.EventBase) -> None:
