@@ -204,6 +204,9 @@ class TrackingClient:
         # topics the broker lacks (their events are spooled), and when that was last said
         self._topicless: set[str] = set()
         self._topicless_said: dict[str, float] = {}
+        # their events, written to the spool together a moment later (one write, not one each)
+        self._topicless_held: list[SpooledRecord] = []
+        self._topicless_timer: asyncio.TimerHandle | None = None
         self._delivered = 0
         self._spooled = 0
         self.idempotent = False
@@ -343,7 +346,8 @@ class TrackingClient:
                 self.spool.append(records[i:])
                 raise
             if batch.partition < 0 and record.topic in self._topicless:
-                self.spool.append(records[i + 1 :])  # spooled again: no topic yet
+                self._write_topicless()  # spooled again (no topic yet), the rest after it
+                self.spool.append(records[i + 1 :])
                 return
 
     def _append_known(self, record: SpooledRecord, event_id: str | None) -> _Batch:
@@ -432,6 +436,7 @@ class TrackingClient:
                 raise ClientClosedError("call start() (or use `async with`) before sending")
             return DeliveryReport(0, 0)
         await self._drained()
+        self._write_topicless()
         if self._producer is None and self._connecting is not None:
             # no broker yet: what is held goes to the spool, delivered later
             self._spool_held(BrokerUnavailableError("the broker did not answer yet"))
@@ -502,6 +507,7 @@ class TrackingClient:
         next start sends it. An in-flight batch the broker did take is then
         sent twice; the pipeline drops the second copy by its event id
         (docs/architecture.md, rule 2). Returns the number spooled."""
+        self._write_topicless()
         records = [record for record, _ in self._inbox]
         ids = [event_id for _, event_id in self._inbox]
         self._inbox.clear()
@@ -821,8 +827,13 @@ class TrackingClient:
         """An event for a topic the broker does not have (yet): the SDK never
         makes it by asking for it (usertrail/kafka.py), so the event is
         spooled, and sent by the next re-send once the topic is made. Said
-        once a minute per topic, not per event."""
-        self.spool.append([record])
+        once a minute per topic, not per event. Written to the spool with
+        the others of the next moment, in one write: one fsync per event held
+        a fast app to the disk's pace while its topic was missing."""
+        self._topicless_held.append(record)
+        if self._topicless_timer is None:
+            loop = asyncio.get_running_loop()
+            self._topicless_timer = loop.call_later(0.05, self._write_topicless)
         self._spooled += 1
         now = time.monotonic()
         if now - self._topicless_said.get(record.topic, -60.0) >= 60.0:
@@ -842,6 +853,14 @@ class TrackingClient:
         placeholder.future.set_exception(DeliveryError(f"spooled: {error!r}"))
         placeholder.future.exception()  # retrieved: a caller that ignores it is not warned
         return placeholder
+
+    def _write_topicless(self) -> None:
+        """The events held for a missing topic, into the spool (in order)."""
+        if self._topicless_timer is not None:
+            self._topicless_timer.cancel()
+            self._topicless_timer = None
+        held, self._topicless_held = self._topicless_held, []
+        self.spool.append(held)
 
     def _spool_now(
         self, records: list[SpooledRecord], ids: list[str], error: BaseException

@@ -266,6 +266,9 @@ async def test_events_for_a_topic_not_made_yet_are_spooled_then_sent(
     re-send delivers them all once the topic is made."""
     monkeypatch.setattr(client_module, "RESEND_SECONDS", 0.3)
     monkeypatch.setattr(client_module, "TOPIC_WAIT", 1.0)
+    writes = []
+    append = Spool.append
+    monkeypatch.setattr(Spool, "append", lambda self, r: (writes.append(len(r)), append(self, r)))
     spool = tmp_path / "s.jsonl"
     async with TrackingClient(source="web", settings=settings, spool_path=spool) as client:
         started = time.monotonic()
@@ -275,6 +278,7 @@ async def test_events_for_a_topic_not_made_yet_are_spooled_then_sent(
         ]
         assert time.monotonic() - started < 20, "one wait for the topic, not one per event"
         assert (await client.flush()).spooled == 50 and Spool(spool).count() == 50
+        assert len([n for n in writes if n]) < 25, f"a spool write per event: {writes}"
         await create_topics(settings)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 60
