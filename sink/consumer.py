@@ -417,11 +417,7 @@ class Sink:
         topics = sorted(t for t in self.writer.topic_ids if t not in assigned)
         if not topics:
             return
-        current = await self._topic_ids(topics)
-        for topic in topics:
-            known, now = self.writer.topic_ids.get(topic), current.get(topic)
-            if known is not None and now is not None and known != now:
-                self._refusal = self._refusal or self._log_reset(topic, _other_id(known, now))
+        self._compare_ids(await self._topic_ids(topics))
 
     async def _run(self) -> None:
         await self._retry_db(lambda: self._noop(), "connect")
@@ -568,8 +564,14 @@ class Sink:
             current = await self._topic_ids(sorted(topics))
         else:
             raise KafkaConnectionError("the broker did not say which log it holds")
-        for topic in sorted(topics):
-            known, now = self.writer.topic_ids.get(topic), current.get(topic)
+        self._compare_ids(current)
+
+    def _compare_ids(self, current: dict[str, UUID | None]) -> None:
+        """The broker's topic ids against those the positions were read
+        from: a topic seen for the first time is noted, another id is a
+        log reset."""
+        for topic, now in sorted(current.items()):
+            known = self.writer.topic_ids.get(topic)
             if now is None:
                 continue
             if known is None:

@@ -44,6 +44,20 @@ def distinct(
     return list(first.values())
 
 
+async def _spool_sent_again(client: TrackingClient, spool: Any) -> None:
+    """Wait (up to 60 s) for a running client to send its spool again. The
+    spool is taken when its re-send starts; a re-send that fails (a broker
+    still without its topic) spools it again once the delivery timeout
+    passes: done when a flush leaves no spool."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 60
+    while loop.time() < deadline:
+        if not spool.exists() and (await client.flush()).spooled == 0 and not spool.exists():
+            break
+        await asyncio.sleep(0.2)
+    assert not spool.exists()
+
+
 async def test_async_client_events_read_back_byte_for_byte(settings: Settings) -> None:
     await create_topics(settings)
     sent = {}
@@ -199,16 +213,7 @@ async def test_a_broker_back_after_an_outage_gets_the_spool_without_a_restart(
         assert (await client.flush()).spooled == 10 and Spool(spool).count() == 10
         broker_factory(port=port)
         await create_topics(settings)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + 60
-        while loop.time() < deadline:  # sent again by itself
-            # the spool is taken when its re-send starts; a re-send that
-            # fails (a broker still without its topic) spools it again once
-            # the delivery timeout passes: done when a flush leaves no spool
-            if not spool.exists() and (await client.flush()).spooled == 0 and not spool.exists():
-                break
-            await asyncio.sleep(0.2)
-        assert not spool.exists()
+        await _spool_sent_again(client, spool)  # by itself
     records = await read_all(settings, settings.events_topic, expected=10)
     assert {decode(v or b"").event_id for _, _, v in records} == set(during)
 
@@ -247,13 +252,7 @@ async def test_a_broker_back_empty_is_sent_nothing_before_its_topics_exist(
             "acknowledged by a broker without the topic"
         )
         await create_topics(settings)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + 60
-        while loop.time() < deadline:
-            if not spool.exists() and (await client.flush()).spooled == 0 and not spool.exists():
-                break
-            await asyncio.sleep(0.2)
-        assert not spool.exists()
+        await _spool_sent_again(client, spool)
     records = await read_all(settings, settings.events_topic, expected=10)
     assert {decode(v or b"").event_id for _, _, v in records} == set(during)
 
@@ -280,13 +279,7 @@ async def test_events_for_a_topic_not_made_yet_are_spooled_then_sent(
         assert (await client.flush()).spooled == 50 and Spool(spool).count() == 50
         assert len([n for n in writes if n]) < 25, f"a spool write per event: {writes}"
         await create_topics(settings)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + 60
-        while loop.time() < deadline:
-            if not spool.exists() and (await client.flush()).spooled == 0 and not spool.exists():
-                break
-            await asyncio.sleep(0.2)
-        assert not spool.exists()
+        await _spool_sent_again(client, spool)
     records = distinct(await read_all(settings, settings.events_topic, expected=50))
     assert sorted(decode(v or b"").event_id for _, _, v in records) == sorted(sent)
 
