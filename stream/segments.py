@@ -21,7 +21,7 @@ from typing import Annotated, Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from usertrail.producers.events import SLUG_PATTERN
-from usertrail.stream.fold import AffinityConfig
+from usertrail.stream.fold import AffinityConfig, micros
 
 from usertrail.errors import ConfigurationError
 
@@ -231,7 +231,7 @@ class Facts(Protocol):
     @property
     def now(self) -> datetime | None: ...
     @property
-    def recent_activity(self) -> Sequence[datetime]: ...
+    def recent_activity(self) -> Sequence[int]: ...  # microseconds (fold.micros)
 
 
 # The sums every rule reads, as ``Facts.totals()`` gives them (taken once per
@@ -308,7 +308,7 @@ def _recent(p: Facts, window: timedelta) -> int:
     """Interactions after ``now - window`` (``recent_activity`` is sorted)."""
     assert p.now is not None
     activity = p.recent_activity
-    return len(activity) - bisect.bisect_right(activity, p.now - window)
+    return len(activity) - bisect.bisect_right(activity, micros(p.now - window))
 
 
 def _reasons(rule: Rule, p: Facts) -> list[str]:
