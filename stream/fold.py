@@ -59,22 +59,35 @@ _MICROSECOND = timedelta(microseconds=1)
 
 def micros(at: datetime) -> int:
     """``at`` (aware) as whole microseconds since the epoch: how a profile
-    keeps its interaction times. The same order and the same instants as
-    the datetimes, exactly (a datetime's resolution is the microsecond), at
-    a sixth of the cost to store and load: 200 datetimes were two thirds of
-    a full state's serializing and four fifths of its loading."""
+    keeps the times it holds many of (interactions, top readings). The same
+    order and the same instants as the datetimes, exactly (a datetime's
+    resolution is the microsecond), at a fraction of the cost to store and
+    load: as datetimes, the 200 interaction times were two thirds of a full
+    state's serializing and four fifths of its loading."""
     return (in_utc(at) - _EPOCH) // _MICROSECOND
 
 
+# States written before 2026-12-02 hold these times as RFC 3339 text: read
+# as the same instants.
 def _stored_times(value: Any) -> Any:
-    """Interaction times as states store them: microseconds, or (states
-    written before 2026-12-02) RFC 3339 strings, read as the same instants."""
-    if isinstance(value, list | tuple) and any(isinstance(x, str) for x in value):
-        return tuple(micros(datetime.fromisoformat(x)) for x in value)
+    if isinstance(value, list | tuple):
+        return tuple(micros(datetime.fromisoformat(x)) if isinstance(x, str) else x for x in value)
+    return value
+
+
+def _stored_readings(value: Any) -> Any:
+    if isinstance(value, list | tuple):
+        return tuple(
+            (micros(datetime.fromisoformat(r[0])), *r[1:])
+            if isinstance(r, list | tuple) and r and isinstance(r[0], str)
+            else r
+            for r in value
+        )
     return value
 
 
 Micros = Annotated[tuple[int, ...], BeforeValidator(_stored_times)]
+Readings = Annotated[tuple[tuple[int, str, str | None], ...], BeforeValidator(_stored_readings)]
 
 RECENT_IDS = 256
 """Event ids held in the profile itself; past that, the SEEN_CHUNK lowest
@@ -149,8 +162,9 @@ class Profile:
     rating_count_by_service: dict[str, int] = field(default_factory=dict)
     first_activity: UtcDatetime | None = None
     last_activity: UtcDatetime | None = None
-    # (occurredAt, eventId, theme) of the latest readings rated >= 4, oldest first
-    top_readings: tuple[tuple[UtcDatetime, str, str | None], ...] = ()
+    # (occurredAt in ``micros``, eventId, theme) of the latest readings
+    # rated >= 4, oldest first
+    top_readings: Readings = ()
     recent_activity: Micros = ()  # interaction times (``micros``), oldest first
     affinity: dict[str, float] = field(default_factory=dict)  # decayed to `now`
     preferences: dict[str, Any] = field(default_factory=dict)
@@ -428,7 +442,7 @@ class Folding:
             counts[service] = counts.get(service, 0) + 1
             if e.type == "reading" and rating >= 4:
                 readings = self.top_readings
-                bisect.insort(readings, (at, e.event_id, theme), key=_reading_order)
+                bisect.insort(readings, (micros(at), e.event_id, theme), key=_reading_order)
                 if len(readings) > FAVOURITE_WINDOW:
                     del readings[0]
         activity = self.recent_activity
@@ -453,7 +467,7 @@ class Folding:
                 vector[dim] = vector.get(dim, 0.0) + weight
 
 
-def _reading_order(r: tuple[datetime, str, str | None]) -> tuple[datetime, str]:
+def _reading_order(r: tuple[int, str, str | None]) -> tuple[int, str]:
     return r[0], r[1]
 
 

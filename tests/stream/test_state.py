@@ -4,6 +4,7 @@ rules, as the worker and ``replay stream`` run it. Pure, property-tested."""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -19,6 +20,13 @@ from tests.folding import RULES, USER, cut, event_lists, fold_seq
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _AS_TEXT = TypeAdapter(list[datetime])
+
+
+def _as_text(times: Iterable[int]) -> list[str]:
+    """Microseconds as states from before 2026-12-02 wrote the times."""
+    text = _AS_TEXT.dump_python([_EPOCH + timedelta(microseconds=t) for t in times], mode="json")
+    assert all(isinstance(t, str) for t in text)
+    return text
 
 
 def run(batches: list[list[tuple[EventBase, int | None]]]) -> tuple[UserState | None, list[Any]]:
@@ -90,24 +98,31 @@ def test_a_user_erased_at_the_end_publishes_a_tombstone(events: list[EventBase])
 def test_a_state_stored_with_times_as_text_loads_as_the_same_instants(
     events: list[EventBase],
 ) -> None:
-    """States written before interaction times were kept as microseconds
-    held them as RFC 3339 text (in UTC, as pydantic writes a datetime): such
-    a state, in a changelog or a store from before, loads as the same profile."""
+    """States written before interaction and reading times were kept as
+    microseconds held them as RFC 3339 text (in UTC, as pydantic writes a
+    datetime): such a state, in a changelog or a store from before, loads as
+    the same profile."""
     items: list[tuple[EventBase, int | None]] = [(e, i) for i, e in enumerate(events)]
     state, _ = run([items])
     if state is None:
         return
     stored = json.loads(dump_state(state))
-    times = [_EPOCH + timedelta(microseconds=t) for t in state.profile.recent_activity]
-    stored["profile"]["recent_activity"] = _AS_TEXT.dump_python(times, mode="json")
-    assert all(isinstance(t, str) for t in stored["profile"]["recent_activity"])
+    p = stored["profile"]
+    p["recent_activity"] = _as_text(state.profile.recent_activity)
+    readings = state.profile.top_readings
+    p["top_readings"] = [
+        [at, *rest]
+        for at, (_, *rest) in zip(_as_text(r[0] for r in readings), readings, strict=True)
+    ]
     assert load_state(json.dumps(stored).encode()) == state
 
 
 def test_interaction_times_are_exact_microseconds_in_any_offset() -> None:
     text = ["2026-01-01T00:00:00Z", "2026-01-01T09:00:00.000001+09:00"]
-    stored = {"profile": {"user_id": USER, "recent_activity": text}}
+    readings = [[text[1], "id", "love"]]
+    stored = {"profile": {"user_id": USER, "recent_activity": text, "top_readings": readings}}
     loaded = load_state(json.dumps(stored).encode())
     assert loaded is not None
     start = micros(datetime(2026, 1, 1, tzinfo=UTC))
     assert loaded.profile.recent_activity == (start, start + 1)
+    assert loaded.profile.top_readings == ((start + 1, "id", "love"),)
