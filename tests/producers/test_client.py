@@ -525,3 +525,20 @@ async def test_a_broker_that_does_not_answer_is_no_wait_at_start(
     finally:
         await client.close()
     assert {decode(v or b"").event_id for _, _, v in records} == set(ids)
+
+
+async def test_events_wait_longer_for_company_only_on_the_embedded_broker(
+    broker: Any, settings: Settings
+) -> None:
+    """tansu pays on every fetch for every batch a partition holds
+    (docs/brokers.md, 12): there the SDK's default linger is longer, so a
+    busy app sends fewer, fuller batches. An app's own choice stands on
+    either broker."""
+    embedded = isinstance(broker, EmbeddedBroker)
+    await create_topics(settings)
+    async with TrackingClient(source="web", settings=settings) as client:
+        assert client.linger_ms == (client_module.TANSU_LINGER_MS if embedded else 5)
+        await client.track_interaction(user_id="u", type="chat", service="saju")
+        assert (await client.flush()).delivered == 1
+    async with TrackingClient(source="web", settings=settings, linger_ms=20) as client:
+        assert client.linger_ms == 20
