@@ -86,9 +86,9 @@ TANSU_LINGER_MS = 50
 pays on every fetch for every batch a partition holds (docs/brokers.md, 12),
 so its cost grows with the number of batches sent, not of events. In five
 8 s rounds of `./dev bench scale --part freshness` (1,000 events/s) the
-broker's share rose from 23 to 39% of a core instead of 30 to 53%, and the
-p99 of rows and profiles was 414 and 405 ms instead of 542 and 700
-(2026-12-02, one run each)."""
+broker's share rose from 23 to 41% of a core instead of 30 to 53%, and the
+p99 of rows and profiles was 457 and 383 ms instead of 542 and 700
+(2026-12-02, one run each, one commit apart)."""
 
 
 def _within_bounds(event: events.EventBase) -> None:
@@ -445,7 +445,11 @@ class TrackingClient:
                 ) from None
             self.idempotent = idempotent
             if not self._linger_chosen:
-                await self._linger_for(producer)
+                try:
+                    await self._linger_for(producer)
+                except BaseException:  # cancelled (a close, a start's timeout)
+                    await self._stop_producer(producer)
+                    raise
             return producer
         raise AssertionError("unreachable")
 
@@ -456,8 +460,8 @@ class TrackingClient:
             identity = await asyncio.wait_for(
                 log_identity(producer.client, [self.topic]), self._connect_timeout
             )
-        except (KafkaError, TimeoutError) as exc:
-            log.debug("could not ask the broker what it is (%r): lingering %d ms", exc, LINGER_MS)
+        except Exception as exc:  # noqa: BLE001  # a question only: the client works without it
+            log.debug("could not ask what the broker is (%r): lingering %d ms", exc, self.linger_ms)
             return
         tansu = identity.cluster_id == TANSU_CLUSTER_ID
         self._linger = (TANSU_LINGER_MS if tansu else LINGER_MS) / 1000

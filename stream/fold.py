@@ -69,16 +69,23 @@ def micros(at: datetime) -> int:
 
 # States written before 2026-12-02 hold these times as RFC 3339 text: read
 # as the same instants.
+def _from_text(text: str) -> int:
+    at = datetime.fromisoformat(text)
+    if at.tzinfo is None:  # never written so: event times carry their offset
+        raise ValueError(f"a stored time without its offset: {text!r}")
+    return micros(at)
+
+
 def _stored_times(value: Any) -> Any:
     if isinstance(value, list | tuple):
-        return tuple(micros(datetime.fromisoformat(x)) if isinstance(x, str) else x for x in value)
+        return tuple(_from_text(x) if isinstance(x, str) else x for x in value)
     return value
 
 
 def _stored_readings(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return tuple(
-            (micros(datetime.fromisoformat(r[0])), *r[1:])
+            (_from_text(r[0]), *r[1:])
             if isinstance(r, list | tuple) and r and isinstance(r[0], str)
             else r
             for r in value
