@@ -84,11 +84,10 @@ LINGER_MS = 5
 TANSU_LINGER_MS = 50
 """The same on the embedded broker (tansu), when the app did not choose: it
 pays on every fetch for every batch a partition holds (docs/brokers.md, 12),
-so its cost grows with the number of batches sent, not of events. In five
-8 s rounds of `./dev bench scale --part freshness` (1,000 events/s) the
-broker's share rose from 23 to 41% of a core instead of 30 to 53%, and the
-p99 of rows and profiles was 457 and 383 ms instead of 542 and 700
-(2026-12-02, one run each, one commit apart)."""
+so its cost grows with the number of batches sent, not of events (the
+README's freshness figures show what it changed). Known by the cluster
+id alone, the first of ``BrokerInfo.is_tansu``'s tests: its other, the APIs
+offered, is in aiokafka's connections only."""
 
 
 def _within_bounds(event: events.EventBase) -> None:

@@ -426,6 +426,7 @@ class Folding:
 
     def _interaction(self, before: datetime | None, e: Interaction, at: datetime) -> None:
         service, theme, rating = e.service, e.theme, e.rating
+        at_us = micros(at)
         totals = self._totals
         totals[0] += 1
         counts = self.counts_by_type
@@ -449,11 +450,11 @@ class Folding:
             counts[service] = counts.get(service, 0) + 1
             if e.type == "reading" and rating >= 4:
                 readings = self.top_readings
-                bisect.insort(readings, (micros(at), e.event_id, theme), key=_reading_order)
+                bisect.insort(readings, (at_us, e.event_id, theme), key=_reading_order)
                 if len(readings) > FAVOURITE_WINDOW:
                     del readings[0]
         activity = self.recent_activity
-        bisect.insort(activity, micros(at))
+        bisect.insort(activity, at_us)
         if len(activity) > RECENT_ACTIVITY:
             del activity[0]
         # the vector stays decayed to `now` (the newest event time)
