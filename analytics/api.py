@@ -112,8 +112,8 @@ USER = {
         '"tonePreference", "updatedAt" FROM "UserPreferences" WHERE "userId" = %s'
     ),
     "services": (
-        "SELECT service, interactions FROM usertrail_rollup_service_users "
-        'WHERE "userId" = %s AND interactions > 0 ORDER BY interactions DESC, service'
+        'SELECT service, count(*) FROM "UserInteraction" WHERE "userId" = %s '
+        "GROUP BY service ORDER BY count(*) DESC, service"
     ),
     "latest": (
         'SELECT id, "createdAt", type, service, theme, rating FROM "UserInteraction" '

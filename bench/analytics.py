@@ -52,12 +52,23 @@ VERSIONS = Path(reports.__file__).resolve().parent.parent / "migrations" / "vers
 SEGMENTS = ["career-focused", "tarot-devotee", "saju-regular", "romance-focused", "advocate"]
 
 
-def migration() -> Any:
-    spec = importlib.util.spec_from_file_location("rollups", VERSIONS / "0009_rollups.py")
+def migration(name: str) -> Any:
+    spec = importlib.util.spec_from_file_location(name, VERSIONS / f"{name}.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def backfill() -> list[str]:
+    """What the migrations add up for rows already there: 0009's sums, and
+    the (service, user) pairs as 0010 keeps them."""
+    sums = [
+        statement
+        for statement in migration("0009_rollups").BACKFILL.split(";")
+        if statement.strip() and "usertrail_rollup_service_users" not in statement
+    ]
+    return [*sums, migration("0010_service_user_pairs").PAIRS_BACKFILL]
 
 
 def fill(url: str, rows: int) -> float:
@@ -107,7 +118,8 @@ def fill(url: str, rows: int) -> float:
         conn.execute("SET session_replication_role = DEFAULT")
         for _, definition in indexes:
             conn.execute(definition)
-        conn.execute(migration().BACKFILL)
+        for statement in backfill():
+            conn.execute(statement)
         conn.execute("VACUUM ANALYZE")
         conn.execute("CHECKPOINT")
     return time.perf_counter() - started

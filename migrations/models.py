@@ -235,7 +235,7 @@ class ApiKey(Base):
     revoked_at: Mapped[datetime | None] = mapped_column(TIMESTAMP(timezone=True))
 
 
-# The analytics rollups (migration 0009, appended to by triggers, a row per key
+# The analytics rollups (migrations 0009 and 0010, appended to by triggers, a row per key
 # after a compaction; docs/analytics.md)
 ROLLUPS = (
     sa.Table(
@@ -252,7 +252,6 @@ ROLLUPS = (
         Base.metadata,
         sa.Column("service", sa.Text),
         sa.Column("userId", sa.Text),
-        sa.Column("interactions", sa.BigInteger, nullable=False),
         sa.PrimaryKeyConstraint("service", "userId", name="usertrail_rollup_service_users_pkey"),
     ),
     sa.Table(

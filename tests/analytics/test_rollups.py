@@ -223,3 +223,44 @@ async def test_a_database_migrated_before_the_rollups_still_gets_its_rows(
         ],
     )
     assert query(url, 'SELECT count(*) FROM "UserInteraction"') == [(2,)]
+
+
+async def test_a_delete_and_a_writer_adding_rows_of_the_same_user_meet(
+    database_factory: Any,
+) -> None:
+    """The last rows of a (service, user) pair deleted while another
+    transaction adds one of that pair: whichever commits first, the other
+    waits for it, and distinct users per service follow the rows."""
+    url = database_factory()
+    engine = engine_for(url)
+    runner.upgrade(engine)
+    engine.dispose()
+    fill(url)  # a: two tarot rows, b: one saju row
+    add = (
+        'INSERT INTO "UserInteraction" (id, "userId", "createdAt", type, service) '
+        "VALUES (%s, 'a', now(), 'chat', 'tarot')"
+    )
+    drop = """DELETE FROM "UserInteraction" WHERE "userId" = 'a' AND service = 'tarot'"""
+    connect = psycopg.AsyncConnection.connect
+
+    # the writer's row first: the delete waits for it, then sees it
+    async with await connect(url) as writer, await connect(url, autocommit=True) as deleter:
+        await writer.execute(add, ("4",))
+        delete = asyncio.create_task(deleter.execute(drop + " AND id IN ('1', '2')"))
+        await asyncio.sleep(0.5)
+        assert not delete.done()
+        await writer.commit()
+        await asyncio.wait_for(delete, 10)
+    assert await differences(url, "UTC") == []
+    assert query(url, SERVICES) == [("saju", 1, 1), ("tarot", 1, 1)]
+
+    # the delete first: the writer waits for it, then adds the pair again
+    async with await connect(url) as deleter, await connect(url, autocommit=True) as writer:
+        await deleter.execute(drop)
+        insert = asyncio.create_task(writer.execute(add, ("5",)))
+        await asyncio.sleep(0.5)
+        assert not insert.done()
+        await deleter.commit()
+        await asyncio.wait_for(insert, 10)
+    assert await differences(url, "UTC") == []
+    assert query(url, SERVICES) == [("saju", 1, 1), ("tarot", 1, 1)]
