@@ -264,3 +264,48 @@ async def test_a_delete_and_a_writer_adding_rows_of_the_same_user_meet(
         await asyncio.wait_for(insert, 10)
     assert await differences(url, "UTC") == []
     assert query(url, SERVICES) == [("saju", 1, 1), ("tarot", 1, 1)]
+
+
+def test_rows_written_into_another_schema_fold_into_its_own_rollups(
+    database_factory: Any,
+) -> None:
+    """Shadow tables (replay db's) written from a session whose search path
+    names another schema first: their rollups move (interactions and
+    segments), the live ones do not."""
+    url = database_factory()
+    engine = engine_for(url)
+    try:
+        runner.upgrade(engine)
+        with engine.connect() as conn, conn.begin():
+            conn.exec_driver_sql('CREATE SCHEMA "elsewhere"')
+            runner.upgrade_into(conn, "elsewhere")
+    finally:
+        engine.dispose()
+    fill(url)  # the live tables: a (two tarot rows) and b (one saju row)
+    live = query(url, SERVICES)
+    with psycopg.connect(url, autocommit=True) as conn:  # search path: public first
+        conn.execute(
+            'INSERT INTO elsewhere."UserInteraction" (id, "userId", "createdAt", type, service) '
+            "VALUES ('9', 'a', now(), 'chat', 'astrology'), ('10', 'b', now(), 'chat', 'saju'), "
+            "('11', 'b', now(), 'chat', 'saju')"
+        )
+        conn.execute("""DELETE FROM elsewhere."UserInteraction" WHERE id = '10'""")
+        conn.execute(
+            'INSERT INTO elsewhere.user_vectors (id, "userId", "updatedAt", segments, '
+            "\"primarySegment\", \"segmentConfidence\") VALUES ('b', 'b', now(), '[]', 'seeker', 0.5)"
+        )
+        conn.execute("SET search_path TO elsewhere, public")
+        assert asyncio.run(differences_in(conn)) == []
+        assert conn.execute(SERVICES).fetchall() == [("astrology", 1, 1), ("saju", 1, 1)]
+    assert query(url, SERVICES) == live
+    assert asyncio.run(differences(url, "UTC")) == []
+
+
+async def differences_in(sync: psycopg.Connection[Any]) -> list[str]:
+    """``differences`` over the tables ``sync``'s search path finds first."""
+    path = sync.execute("SHOW search_path").fetchone()
+    assert path is not None
+    async with await psycopg.AsyncConnection.connect(
+        sync.info.dsn, autocommit=True, options=f"-c search_path={path[0].replace(' ', '')}"
+    ) as conn:
+        return await reports.compare(conn, reports.Window.of("UTC", days=6, since=WINDOW_START))
