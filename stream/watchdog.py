@@ -106,12 +106,17 @@ class Watchdog:
         )
 
     async def run(self) -> None:
-        """Check every ``CHECK_SECONDS`` until the worker stops (or stalls)."""
+        """Check every ``CHECK_SECONDS`` until the worker stalls, or begins
+        to stop (its folder closes)."""
         while self.stalled is None:
             await asyncio.sleep(CHECK_SECONDS)
+            if self.folder.closing:
+                return  # the worker is stopping: what a check reads is going away
             try:
                 await self.check()
             except Exception as exc:  # noqa: BLE001  # a watchdog that dies watches nothing: say it, go on
+                if self.folder.closing:
+                    return  # it began stopping meanwhile (faust's consumer loop closed)
                 log.warning("the watchdog's check failed: %r", exc)
 
     async def check(self) -> None:

@@ -4,10 +4,12 @@ recovery and consumer here are the few attributes of faust's it reads."""
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import pytest
+from usertrail.stream import watchdog as watchdog_module
 from usertrail.stream.watchdog import RECOVERY_STALL_SECONDS, Watchdog
 
 from usertrail.errors import StalledError
@@ -57,6 +59,7 @@ class Folder:
     def __init__(self) -> None:
         self.applied: dict[int, int] = {}
         self.folded_at = 0.0
+        self.closing = False
 
     async def applied_or_before_start(self, partition: int) -> int:
         return self.applied.get(partition, -1)
@@ -160,3 +163,28 @@ async def test_behind_and_folding_nothing_stops_the_worker_idle_does_not(world: 
     await run(dog, clock, 10)
     assert len(stops) == 1
     assert "nothing folded" in str(stops[0]) and "events[1] applied 6 of 20" in str(stops[0])
+
+
+async def test_a_worker_that_is_stopping_is_watched_no_more(
+    world: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A check that fails while the worker runs is said (and the watchdog
+    goes on); once the worker begins to stop (its folder closes) the
+    watchdog ends without a word: `up`'s Ctrl-C said "the watchdog's check
+    failed: RuntimeError('Event loop is closed')" as faust's consumer
+    thread's loop closed under a check."""
+    app, folder, _, _, dog = world
+    monkeypatch.setattr(watchdog_module, "CHECK_SECONDS", 0.01)
+
+    def closed() -> set[TP]:
+        raise RuntimeError("Event loop is closed")
+
+    dog.assigned()
+    app.consumer.assignment = closed
+    watching = asyncio.create_task(dog.run())
+    await asyncio.sleep(0.1)
+    assert "the watchdog's check failed" in caplog.text and not watching.done()
+    caplog.clear()
+    folder.closing = True
+    await asyncio.wait_for(watching, 1)
+    assert "watchdog" not in caplog.text
