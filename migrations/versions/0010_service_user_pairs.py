@@ -107,67 +107,53 @@ def _static(query: str, rel: str, sign: int | None = None) -> str:
     return f"      {query};"
 
 
-def _steps(statement: Callable[..., str], lock: str) -> str:
+def _steps(statement: Callable[..., str], counts: list[str], lock: str | None) -> str:
+    """The trigger's statements, each made by ``statement``: ``counts`` for
+    the rows a statement took away and added, and for "UserInteraction"
+    (``lock`` given) the pairs that went and came."""
+    gone = [f"      {lock};", statement(_GONE_PAIRS, "old_rows")] if lock else []
+    new = [statement(_NEW_PAIRS, "new_rows")] if lock else []
+    old_steps = [statement(q, "old_rows", -1) for q in counts] + gone
+    new_steps = [statement(q, "new_rows", 1) for q in counts] + new
     return f"""    IF TG_OP IN ('DELETE', 'UPDATE') THEN
-{chr(10).join(statement(q, "old_rows", -1) for q in _COUNTS)}
-      {lock};
-{statement(_GONE_PAIRS, "old_rows")}
+{chr(10).join(old_steps)}
     END IF;
     IF TG_OP IN ('INSERT', 'UPDATE') THEN
-{chr(10).join(statement(q, "new_rows", 1) for q in _COUNTS)}
-{statement(_NEW_PAIRS, "new_rows")}
+{chr(10).join(new_steps)}
     END IF;"""
 
 
-# static where the table that fired is in its session's first schema (see
-# above), else found by that table's schema
-FUNCTION = f"""
-CREATE OR REPLACE FUNCTION public.usertrail_rollup_interactions_pairs() RETURNS trigger
+def _function(name: str, counts: list[str], pairs: bool) -> str:
+    """A trigger function whose statements are static where the table that
+    fired is in its session's first schema (see above), else found by that
+    table's schema."""
+    static_lock = "PERFORM 1" + _LOCK_USERS.removeprefix("SELECT") if pairs else None
+    dynamic_lock = f"EXECUTE $q${_LOCK_USERS}$q$" if pairs else None
+    return f"""
+CREATE OR REPLACE FUNCTION public.{name}() RETURNS trigger
 LANGUAGE plpgsql AS $fn$
 DECLARE
   s text := quote_ident(TG_TABLE_SCHEMA);
 BEGIN
   IF TG_TABLE_SCHEMA = current_schema() THEN
-{_steps(_static, "PERFORM 1" + _LOCK_USERS.removeprefix("SELECT"))}
+{_steps(_static, counts, static_lock)}
   ELSE
-{_steps(_execute, f"EXECUTE $q${_LOCK_USERS}$q$")}
+{_steps(_execute, counts, dynamic_lock)}
   END IF;
   RETURN NULL;
 END
 $fn$;
 """
+
 
 _SEGMENTS = """INSERT INTO %1$s.usertrail_rollup_segments
          (segment, users, confidences, confidence_sum)
        SELECT "primarySegment", $1 * count(*), $1 * count("segmentConfidence"),
               $1 * coalesce(sum("segmentConfidence"::numeric), 0)
        FROM %2$s GROUP BY 1"""
-# 0009's function for user_vectors, with the same static statements
-VECTORS_FUNCTION = f"""
-CREATE OR REPLACE FUNCTION public.usertrail_rollup_vectors_static() RETURNS trigger
-LANGUAGE plpgsql AS $fn$
-DECLARE
-  s text := quote_ident(TG_TABLE_SCHEMA);
-BEGIN
-  IF TG_TABLE_SCHEMA = current_schema() THEN
-    IF TG_OP IN ('DELETE', 'UPDATE') THEN
-{_static(_SEGMENTS, "old_rows", -1)}
-    END IF;
-    IF TG_OP IN ('INSERT', 'UPDATE') THEN
-{_static(_SEGMENTS, "new_rows", 1)}
-    END IF;
-  ELSE
-    IF TG_OP IN ('DELETE', 'UPDATE') THEN
-{_execute(_SEGMENTS, "old_rows", -1)}
-    END IF;
-    IF TG_OP IN ('INSERT', 'UPDATE') THEN
-{_execute(_SEGMENTS, "new_rows", 1)}
-    END IF;
-  END IF;
-  RETURN NULL;
-END
-$fn$;
-"""
+FUNCTION = _function("usertrail_rollup_interactions_pairs", _COUNTS, pairs=True)
+VECTORS_FUNCTION = _function("usertrail_rollup_vectors_static", [_SEGMENTS], pairs=False)
+"""0009's function for user_vectors, with the same static statements."""
 FUNCTIONS = {
     "UserInteraction": ("usertrail_rollup_interactions", "usertrail_rollup_interactions_pairs"),
     "user_vectors": ("usertrail_rollup_vectors", "usertrail_rollup_vectors_static"),

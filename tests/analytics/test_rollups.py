@@ -93,9 +93,14 @@ def reset(database_url: str) -> None:
         )
 
 
-async def differences(database_url: str, tz: str) -> list[str]:
+async def differences(database_url: str, tz: str, search_path: str | None = None) -> list[str]:
+    """What ``reports.compare`` finds, over the tables ``search_path`` (by
+    default the server's) finds first."""
     window = reports.Window.of(tz, days=6, since=WINDOW_START)
-    async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
+    options = "" if search_path is None else f"-c search_path={search_path}"
+    async with await psycopg.AsyncConnection.connect(
+        database_url, autocommit=True, options=options
+    ) as conn:
         return await reports.compare(conn, window)
 
 
@@ -295,17 +300,7 @@ def test_rows_written_into_another_schema_fold_into_its_own_rollups(
             "\"primarySegment\", \"segmentConfidence\") VALUES ('b', 'b', now(), '[]', 'seeker', 0.5)"
         )
         conn.execute("SET search_path TO elsewhere, public")
-        assert asyncio.run(differences_in(conn)) == []
         assert conn.execute(SERVICES).fetchall() == [("astrology", 1, 1), ("saju", 1, 1)]
+    assert asyncio.run(differences(url, "UTC", search_path="elsewhere,public")) == []
     assert query(url, SERVICES) == live
     assert asyncio.run(differences(url, "UTC")) == []
-
-
-async def differences_in(sync: psycopg.Connection[Any]) -> list[str]:
-    """``differences`` over the tables ``sync``'s search path finds first."""
-    path = sync.execute("SHOW search_path").fetchone()
-    assert path is not None
-    async with await psycopg.AsyncConnection.connect(
-        sync.info.dsn, autocommit=True, options=f"-c search_path={path[0].replace(' ', '')}"
-    ) as conn:
-        return await reports.compare(conn, reports.Window.of("UTC", days=6, since=WINDOW_START))
