@@ -32,6 +32,7 @@ from usertrail.producers.events import (
     JsonObject,
     out_of_bounds,
 )
+from usertrail.producers.profiles import ProfileMessage
 
 NULL = "\\N"  # COPY text format's NULL
 
@@ -65,6 +66,43 @@ def copy_line(e: Interaction) -> str:
         f"\t{NULL if rating is None else rating}"
         f"\t{copy_text(to_json(e.metadata).decode())}\n"
     )
+
+
+_COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+
+
+def copy_field(value: str | None) -> str:
+    """Any text as a COPY text field (NULL for None)."""
+    return NULL if value is None else value.translate(_COPY_ESCAPES)
+
+
+def _json_field(value: Any) -> str:
+    # JSON escapes every control character; COPY then needs its backslashes doubled
+    return copy_text(to_json(value, by_alias=True).decode())
+
+
+def profile_copy_line(user: str, m: ProfileMessage) -> bytes:
+    """The ``user_vectors`` row of a profile, as ``vectors_upsert`` takes it
+    (sink/writer.py's VECTOR_COLUMNS), in COPY text format."""
+    at = utc_wall_time(m.updated_at)
+    last = m.last_segment_update
+    confidence = m.segment_confidence
+    return (
+        "\t".join(
+            (
+                copy_field(user),
+                copy_field(user),
+                _json_field(m.vector),
+                at,
+                at,
+                _json_field(m.segments),
+                copy_field(m.primary_segment),
+                NULL if confidence is None else repr(confidence),
+                NULL if last is None else utc_wall_time(last),
+            )
+        )
+        + "\n"
+    ).encode()
 
 
 def interaction_copy_rows(interactions: Iterable[Interaction]) -> bytes:

@@ -52,7 +52,7 @@ from usertrail.sink.plan import (
     classify,
     plan,
 )
-from usertrail.sink.rows import FastRow, copy_line
+from usertrail.sink.rows import FastRow, copy_line, profile_copy_line
 
 from usertrail import deadletters
 from usertrail.archive import encode
@@ -212,6 +212,27 @@ VECTOR_COLUMNS = (
 _SEGMENT_COLUMNS = VECTOR_COLUMNS[5:]
 
 
+def _vectors_upsert_tail(*, segments_only: bool) -> str:
+    updated = _SEGMENT_COLUMNS if segments_only else ("vector", "updatedAt", *_SEGMENT_COLUMNS)
+    sql = 'ON CONFLICT ("userId") DO UPDATE SET ' + ", ".join(
+        f'"{c}" = EXCLUDED."{c}"' for c in updated
+    )
+    if not segments_only:
+        sql += ' WHERE user_vectors."updatedAt" <= EXCLUDED."updatedAt"'
+    return sql
+
+
+_VECTOR_COPY = "(" + ", ".join(f'"{c}"' for c in VECTOR_COLUMNS) + ")"
+_VECTORS_FROM_STAGING = (
+    f"INSERT INTO user_vectors {_VECTOR_COPY} SELECT {_VECTOR_COPY[1:-1]} "
+    # one order for every writer: two sinks meeting on the same users lock
+    # them in the same order
+    f'FROM usertrail_vector_staging ORDER BY "userId" ' + _vectors_upsert_tail(segments_only=False)
+)
+"""The batch's profiles, copied into the staging table, upserted as
+``vectors_upsert`` does one row."""
+
+
 def vectors_upsert(*, segments_only: bool = False) -> str:
     """The one upsert of ``user_vectors``, a row of ``VECTOR_COLUMNS`` per
     user. The sink's (default): the profile's whole row, a newer profile
@@ -219,16 +240,10 @@ def vectors_upsert(*, segments_only: bool = False) -> str:
     seed 002's data migration ("update UserVector with segment data",
     ``segments backfill``): a row that exists keeps its vector and times,
     whatever they are, and gets the segment columns."""
-    columns = ", ".join(f'"{c}"' for c in VECTOR_COLUMNS)
-    updated = _SEGMENT_COLUMNS if segments_only else ("vector", "updatedAt", *_SEGMENT_COLUMNS)
-    sql = (
-        f"INSERT INTO user_vectors ({columns}) VALUES ({', '.join(['%s'] * len(VECTOR_COLUMNS))}) "
-        'ON CONFLICT ("userId") DO UPDATE SET '
-        + ", ".join(f'"{c}" = EXCLUDED."{c}"' for c in updated)
+    values = ", ".join(["%s"] * len(VECTOR_COLUMNS))
+    return f"INSERT INTO user_vectors {_VECTOR_COPY} VALUES ({values}) " + _vectors_upsert_tail(
+        segments_only=segments_only
     )
-    if not segments_only:
-        sql += ' WHERE user_vectors."updatedAt" <= EXCLUDED."updatedAt"'
-    return sql
 
 
 class Writer:
@@ -281,6 +296,10 @@ class Writer:
                 await conn.execute(
                     'CREATE TEMP TABLE usertrail_staging (LIKE "UserInteraction" '
                     "INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
+                )
+                await conn.execute(
+                    "CREATE TEMP TABLE usertrail_vector_staging (LIKE user_vectors) "
+                    "ON COMMIT DELETE ROWS"
                 )
                 if self.archive:  # where the archive ends (`replay db` reads from the start)
                     rows = await (
@@ -797,31 +816,20 @@ class Writer:
         gone = [u for u, w in profiles.items() if w.erased]
         if gone:
             await cur.execute('DELETE FROM user_vectors WHERE "userId" = ANY(%s)', (gone,))
-        rows = []
-        for user, w in profiles.items():
-            m = w.message
-            if m is None:
-                continue
-            at = m.updated_at.astimezone(UTC).replace(tzinfo=None)
-            rows.append(
-                (
-                    user,
-                    user,
-                    Jsonb(m.vector),
-                    at,
-                    at,
-                    Jsonb([a.model_dump(by_alias=True) for a in m.segments]),
-                    m.primary_segment,
-                    m.segment_confidence,
-                    None
-                    if m.last_segment_update is None
-                    else m.last_segment_update.astimezone(UTC).replace(tzinfo=None),
-                )
-            )
-        if not rows:
+        lines = [
+            profile_copy_line(user, w.message)
+            for user, w in sorted(profiles.items())
+            if w.message is not None
+        ]
+        if not lines:
             return
-        await cur.executemany(vectors_upsert(), rows)
-        result.vectors += len(rows)
+        # One COPY and one upsert for the batch's profiles: an upsert per row
+        # (executemany) was a quarter of the sink's CPU at 1,000 events/s,
+        # where nearly every event brings a profile.
+        async with cur.copy(f"COPY usertrail_vector_staging {_VECTOR_COPY} FROM STDIN") as copy:
+            await copy.write(b"".join(lines))
+        await cur.execute(_VECTORS_FROM_STAGING)
+        result.vectors += len(lines)
 
     async def _dead_letters(self, cur: psycopg.AsyncCursor[Any], dead: list[DeadLetter]) -> None:
         if not dead:

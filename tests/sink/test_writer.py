@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import json
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 
 import psycopg
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from psycopg.types.json import Jsonb
 from usertrail.producers.events import EventBase, decode
+from usertrail.producers.profiles import ProfileMessage, SegmentAssignment, encode_profile
 from usertrail.replay.crosscheck import cross_check
 from usertrail.sink.plan import Record
-from usertrail.sink.writer import Writer
+from usertrail.sink.writer import Writer, vectors_upsert
 from usertrail.stream.fold import fold_all
 
 from tests.folding import CONFIG
@@ -256,3 +258,91 @@ def test_rows_equal_the_fold_however_the_batches_fall(
         by_user.setdefault(event.user_id, []).append((event, i))
     profiles = {u: fold_all(u, ev, config=CONFIG) for u, ev in by_user.items()}
     assert cross_check(Settings(database_url=database_url), profiles) == []
+
+
+_TEXT = st.text(st.characters(codec="utf-8", exclude_characters="\x00"), max_size=12)
+_UNIT = st.floats(0, 1)
+
+
+@st.composite
+def profiles(draw: st.DrawFn) -> ProfileMessage:
+    """Any profile the contract takes: any text where it allows text (tabs,
+    newlines, backslashes, quotes), any finite number, any offset."""
+    zone = timezone(timedelta(minutes=draw(st.integers(-14 * 60, 14 * 60))))
+    naive = (datetime(1990, 1, 1), datetime(2090, 1, 1))  # noqa: DTZ001  # hypothesis's bounds
+    at = st.datetimes(*naive, timezones=st.just(zone))
+    return ProfileMessage(
+        user_id="u",
+        updated_at=draw(at),
+        vector=draw(st.dictionaries(_TEXT, st.floats(allow_nan=False, allow_infinity=False))),
+        segments=[
+            SegmentAssignment(segment=s, score=score, reasons=reasons)
+            for s, score, reasons in draw(
+                st.lists(st.tuples(_TEXT, _UNIT, st.lists(_TEXT, min_size=1, max_size=3)))
+            )
+        ],
+        primary_segment=draw(st.none() | _TEXT),
+        segment_confidence=draw(st.none() | _UNIT),
+        last_segment_update=draw(st.none() | at),
+    )
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(st.lists(profiles(), min_size=1, max_size=4))
+def test_profiles_copied_in_a_batch_equal_the_upsert_of_one_row(
+    database_url: str, messages: list[ProfileMessage]
+) -> None:
+    """The sink copies a batch's profiles through a staging table: each row
+    comes out as ``vectors_upsert`` (the upsert of one row, with its values
+    as parameters) writes it, whatever the text and numbers in it."""
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute('TRUNCATE user_vectors, "User" CASCADE')
+        conn.execute("""INSERT INTO "User" (id) VALUES ('by-hand')""")
+    users = [f'u{i}\\"é' for i in range(len(messages))]  # a backslash, a quote, non-ASCII
+
+    async def write() -> None:
+        writer = Writer(database_url, group="c", profiles_topic=P)
+        await writer.connect()
+        try:
+            await writer.write(
+                [
+                    rec(i, user, encode_profile(m.model_copy(update={"user_id": user})))
+                    for i, (user, m) in enumerate(zip(users, messages, strict=True))
+                ]
+            )
+        finally:
+            await writer.close()
+
+    asyncio.run(write())
+    columns = '"userId", vector, "createdAt", "updatedAt", segments, "primarySegment", '
+    columns += '"segmentConfidence", "lastSegmentUpdate"'
+    with psycopg.connect(database_url) as conn:
+        copied = conn.execute(f'SELECT {columns} FROM user_vectors ORDER BY "userId"').fetchall()
+        for m in messages:
+            conn.execute("DELETE FROM user_vectors")
+
+            def utc(at: datetime) -> datetime:
+                return at.astimezone(UTC).replace(tzinfo=None)
+
+            last = None if m.last_segment_update is None else utc(m.last_segment_update)
+            segments = [a.model_dump(by_alias=True) for a in m.segments]
+            conn.execute(
+                vectors_upsert(),
+                (
+                    "by-hand",
+                    "by-hand",
+                    Jsonb(m.vector),
+                    utc(m.updated_at),
+                    utc(m.updated_at),
+                    Jsonb(segments),
+                    m.primary_segment,
+                    m.segment_confidence,
+                    last,
+                ),
+            )
+            (one,) = conn.execute(f"SELECT {columns} FROM user_vectors").fetchall()
+            assert copied.pop(0)[1:] == one[1:]
+        conn.rollback()
+    assert copied == []
