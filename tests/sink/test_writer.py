@@ -318,14 +318,14 @@ def test_profiles_copied_in_a_batch_equal_the_upsert_of_one_row(
     asyncio.run(write())
     columns = '"userId", vector, "createdAt", "updatedAt", segments, "primarySegment", '
     columns += '"segmentConfidence", "lastSegmentUpdate"'
+
+    def utc(at: datetime) -> datetime:
+        return at.astimezone(UTC).replace(tzinfo=None)
+
     with psycopg.connect(database_url) as conn:
         copied = conn.execute(f'SELECT {columns} FROM user_vectors ORDER BY "userId"').fetchall()
         for m in messages:
             conn.execute("DELETE FROM user_vectors")
-
-            def utc(at: datetime) -> datetime:
-                return at.astimezone(UTC).replace(tzinfo=None)
-
             last = None if m.last_segment_update is None else utc(m.last_segment_update)
             segments = [a.model_dump(by_alias=True) for a in m.segments]
             conn.execute(
