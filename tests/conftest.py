@@ -68,7 +68,7 @@ _UNGROUPED = pytest.StashKey[bool]()
 @pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """The suite relies on ``xdist_group`` (``./dev test`` runs ``--dist
-    loadgroup``): the heavy fault tests one at a time, one ``npm ci`` in
+    loadgroup``): the heavy fault tests one at a time in each of two lanes, one ``npm ci`` in
     sdk-js/ at a time. pytest-xdist tells a worker's groups by a suffix it
     adds to each test's id, which pytest 9.2 ignores (pytest-xdist issue
     1386: every group is then spread over the workers, silently). On a
@@ -197,7 +197,7 @@ def broker(
 @pytest.fixture(scope="module")
 def kafka3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaCluster]:
     """Three KRaft nodes: replication factor 3, min.insync.replicas 2. Its
-    tests are one module's, run one after the other (xdist_group "heavy"):
+    tests are one module's, run one after the other (xdist_group "heavy-a"):
     the cluster goes with the module, not idling (a fifth of a core) until
     the session ends."""
     cluster = kafka_cluster(tmp_path_factory.mktemp("kafka3"), brokers=3)

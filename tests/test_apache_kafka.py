@@ -270,7 +270,7 @@ async def _compacted(settings: Settings, topic: str, timeout: float = 60) -> tup
 #   5 min by default) does. Every client now refreshes every 5 s
 #   (usertrail/settings.py, METADATA_MAX_AGE_MS; docs/brokers.md, "Stale
 #   leader").
-@pytest.mark.xdist_group("heavy")
+@pytest.mark.xdist_group("heavy-a")
 async def test_a_frozen_leader_holds_back_the_sdk_on_its_own_partitions_only(
     kafka3: KafkaCluster, settings_factory: Callable[..., Settings]
 ) -> None:
@@ -341,7 +341,7 @@ async def test_a_frozen_leader_holds_back_the_sdk_on_its_own_partitions_only(
     assert set(ids) == set(acked) | spooled  # afterwards every event is settled
 
 
-@pytest.mark.xdist_group("heavy")
+@pytest.mark.xdist_group("heavy-a")
 async def test_three_brokers_killed_restarted_and_frozen_lose_nothing(
     kafka3: KafkaCluster,
     settings_factory: Callable[..., Settings],

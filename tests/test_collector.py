@@ -362,7 +362,7 @@ def freezable(
         cluster.kill()
 
 
-@pytest.mark.xdist_group("heavy")
+@pytest.mark.xdist_group("heavy-b")
 async def test_frozen_broker_means_429_then_a_stop_delivers_everything(
     freezable: tuple[Broker, Callable[[], None], Callable[[], None]],
     settings_factory: Callable[..., Settings],

@@ -54,7 +54,7 @@ def _freeze(broker: Broker) -> Callable[[], None]:
     return lambda: proc.send_signal(signal.SIGCONT)
 
 
-@pytest.mark.xdist_group("heavy")
+@pytest.mark.xdist_group("heavy-b")
 async def test_a_kill_schedule_loses_nothing_and_counts_nothing_twice(
     settings_factory: Callable[..., Settings],
     broker: Broker,

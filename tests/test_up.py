@@ -144,7 +144,7 @@ def test_up_runs_the_pipeline_events_become_rows(tmp_path: Path) -> None:
         _stop(proc, signal.SIGINT)
 
 
-@pytest.mark.xdist_group("heavy")
+@pytest.mark.xdist_group("heavy-b")
 def test_up_runs_apache_kafka_whose_log_outlives_it(tmp_path: Path) -> None:
     """`up --broker kafka --brokers 3`: three KRaft nodes from Maven Central's
     jars, the pipeline on them, nothing left after Ctrl-C, and the log (a

@@ -29,7 +29,7 @@ from usertrail.embedded import EmbeddedBroker, EmbeddedPostgres, free_port
 from usertrail.settings import Settings
 
 
-@pytest.mark.xdist_group("heavy")
+@pytest.mark.xdist_group("heavy-b")
 async def test_sigkill_at_random_moments_leaves_exactly_one_row_per_event(
     settings_factory: Callable[..., Settings],
     broker: EmbeddedBroker,

@@ -51,7 +51,7 @@ the kill falls, comes early (on Apache Kafka, whose worker writes in larger
 batches, lives of 1000 folded every event before the tenth kill)."""
 
 
-@pytest.mark.xdist_group("heavy")
+@pytest.mark.xdist_group("heavy-a")
 async def test_sigkill_ten_times_loses_and_doubles_nothing(
     settings_factory: Callable[..., Settings], broker: EmbeddedBroker, tmp_path: Path
 ) -> None:

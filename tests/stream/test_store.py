@@ -135,7 +135,7 @@ async def _recovered(port: int) -> int:
     return int(body["changelogRecordsRecovered"])
 
 
-@pytest.mark.xdist_group("heavy")
+@pytest.mark.xdist_group("heavy-a")
 async def test_a_killed_worker_restarts_from_its_local_state_and_the_changelog_tail(
     kafka1: KafkaCluster, settings_factory: Callable[..., Settings], tmp_path: Path
 ) -> None:
