@@ -68,12 +68,12 @@ _UNGROUPED = pytest.StashKey[bool]()
 @pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """The suite relies on ``xdist_group`` (``./dev test`` runs ``--dist
-    loadgroup``): the heavy fault tests one at a time in each of two lanes, one ``npm ci`` in
-    sdk-js/ at a time. pytest-xdist tells a worker's groups by a suffix it
-    adds to each test's id, which pytest 9.2 ignores (pytest-xdist issue
-    1386: every group is then spread over the workers, silently). On a
-    worker of a ``--dist loadgroup`` run, a marked test whose id lost its
-    suffix fails, saying why (pytest_runtest_setup)."""
+    loadgroup``): the heavy fault tests one at a time in each of two lanes,
+    one ``npm ci`` in sdk-js/ at a time. pytest-xdist tells a worker's
+    groups by a suffix it adds to each test's id, which pytest 9.2 ignores
+    (pytest-xdist issue 1386: every group is then spread over the workers,
+    silently). On a worker of a ``--dist loadgroup`` run, a marked test
+    whose id lost its suffix fails, saying why (pytest_runtest_setup)."""
     if not config.getoption("loadgroup", default=False):
         return  # not an xdist worker of a --dist loadgroup run
     for item in items:
