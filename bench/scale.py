@@ -17,7 +17,10 @@ freshness  ``usertrail up`` on the embedded default; an app sends 1,000
            events/s for --seconds (occurredAt: the moment it sends); a
            reader of the profiles topic takes, for every profile, the time
            from its newest event's occurredAt to its arrival: p50 and p99
-           per round (target p99 < 500 ms).
+           per round (target p99 < 500 ms). With each round, every part's
+           CPU while the events were sent, and the host's busy and stolen
+           shares: on a host that is full, or whose hypervisor takes a
+           share, the figures measure the host.
 
     ./dev bench scale [--part restart|workers|freshness|all] [--rounds 5]
         [--small-users 10000] [--big-users 200000] [--big-events 1000000]
@@ -46,7 +49,6 @@ import psycopg
 from aiokafka import AIOKafkaConsumer
 from usertrail.producers import TrackingClient, demo
 from usertrail.producers.ids import uuid7
-from usertrail.producers.profiles import decode_profile
 
 from usertrail.embedded import EmbeddedPostgres, _die_with_parent, free_port
 from usertrail.settings import Settings
@@ -60,6 +62,9 @@ USERS = 500
 ROW_POLL = 0.025
 """freshness: seconds between two looks for the rows (an event's row is
 seen up to this late)."""
+ROW_SLACK = 0.1
+"""freshness: seconds before the oldest unseen event's send a look begins
+(its row's createdAt is later, by the SDK's own clock reading)."""
 
 
 def rss_mib(pid: int) -> float:
@@ -119,6 +124,15 @@ def cpu_seconds(root: int) -> dict[str, float]:
             continue  # ended since it was listed
         out[role] = out.get(role, 0.0) + times.user + times.system
     return out
+
+
+def host_jiffies() -> tuple[int, int, int]:
+    """The host's CPU time so far, all cores: (total, busy, stolen), where
+    busy is everything but idle and I/O wait, stolen included (/proc/stat)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    user, nice, system, idle, iowait, irq, softirq, steal = fields[:8]
+    total = user + nice + system + idle + iowait + irq + softirq + steal
+    return total, total - idle - iowait, steal
 
 
 def get(url: str) -> tuple[int, bytes]:
@@ -384,17 +398,12 @@ async def freshness_on(broker: str, args: argparse.Namespace, tmp: Path) -> None
         )
         figures: dict[str, list[tuple[float, float]]] = {}
         for r in range(args.rounds):
-            cpu_before, t0 = cpu_seconds(up.pid), time.monotonic()
-            lags = await one_round(settings, args.seconds, r)
-            cpu_after, took = cpu_seconds(up.pid), time.monotonic() - t0
-            shares = {
-                role: (cpu_after[role] - cpu_before.get(role, 0.0)) / took * 100
-                for role in cpu_after
-            }
+            lags, shares, host = await one_round(settings, args.seconds, r, up.pid)
             ranked = sorted(shares.items(), key=lambda kv: -kv[1])
             print(
-                "  CPU in the round (% of one core): "
-                + ", ".join(f"{role} {share:.0f}" for role, share in ranked),
+                "  CPU while sending (% of one core): "
+                + ", ".join(f"{role} {share:.0f}" for role, share in ranked)
+                + f"; the host {host[0]:.0f}% busy, {host[1]:.0f}% stolen",
                 flush=True,
             )
             line = []
@@ -415,10 +424,14 @@ async def freshness_on(broker: str, args: argparse.Namespace, tmp: Path) -> None
         stop(up, signal.SIGINT)
 
 
-async def one_round(settings: Settings, seconds: float, r: int) -> dict[str, list[float]]:
+async def one_round(
+    settings: Settings, seconds: float, r: int, up: int
+) -> tuple[dict[str, list[float]], dict[str, float], tuple[float, float]]:
     """Per event sent: when it is in the events topic (a plain consumer: the
     floor any part can reach), when its row is visible and when a profile
-    that folded it arrives, in ms from ``track_interaction``."""
+    that folded it arrives, in ms from ``track_interaction``. With them,
+    while the events were sent: each part's CPU (% of one core) and the
+    host's (% of all its cores busy, and stolen by its hypervisor)."""
 
     def reader(topic: str) -> AIOKafkaConsumer:
         return AIOKafkaConsumer(
@@ -454,38 +467,41 @@ async def one_round(settings: Settings, seconds: float, r: int) -> dict[str, lis
                         lags["in the topic"].append((now - sent[event_id]) * 1000)
 
     async def read_profiles() -> None:
+        marker = f'"userId":"{prefix}'.encode()
         while not stop_reading.is_set():
             batch = await readers[1].getmany(timeout_ms=50)
-            now = datetime.now(UTC)
+            now = time.time() * 1000
             for records in batch.values():
                 for record in records:
-                    if record.value is None:
+                    # the round's users only, without decoding the whole
+                    # profile: the reader shares the two cores it measures
+                    if record.value is None or marker not in record.value:
                         continue
-                    message = decode_profile(record.value)
-                    if message.user_id.startswith(prefix):
-                        at = message.updated_at.timestamp() * 1000
-                        lags["profile sent"].append(record.timestamp - at)
-                        lags["profile"].append((now - message.updated_at).total_seconds() * 1000)
+                    at = _updated_at(record.value)
+                    lags["profile sent"].append(record.timestamp - at)
+                    lags["profile"].append(now - at)
 
     async def read_rows() -> None:
         # A look every ROW_POLL at the round's users' rows since the oldest
-        # event not yet seen (1 s earlier: its occurredAt is taken after
-        # its entry in `sent`, to the microsecond): the index on ("userId",
-        # "createdAt") makes a look cost what the sink is behind, not what
-        # the round has sent. A query of every id not yet seen grew with
-        # them: in 60 s rounds it put the rows' p50 at 13 s while the sink
-        # had written every row by the end of sending.
-        users = [f"{prefix}{u}" for u in range(USERS)]
+        # event not yet seen (its createdAt, the event's occurredAt, is
+        # taken after its entry in `sent`; ROW_SLACK earlier for rounding):
+        # the index on ("userId", "createdAt") makes a look cost what the
+        # sink is behind, not what the round has sent. A query of every id
+        # not yet seen grew with them: in 60 s rounds it put the rows' p50
+        # at 13 s while the sink had written every row by the end of
+        # sending. The users go as one array literal, built once: dumped
+        # as a list at every look, they were a fifth of the reader's CPU.
+        users = "{" + ",".join(f"{prefix}{u}" for u in range(USERS)) + "}"
         async with await psycopg.AsyncConnection.connect(
             settings.embedded_database_url, autocommit=True
         ) as conn:
             while not stop_reading.is_set() or unseen:
                 if unseen:
                     oldest = next(iter(unseen.values()))
-                    since = datetime.fromtimestamp(oldest - 1, UTC).replace(tzinfo=None)
+                    since = datetime.fromtimestamp(oldest - ROW_SLACK, UTC).replace(tzinfo=None)
                     cursor = await conn.execute(
                         'SELECT id FROM "UserInteraction" '
-                        'WHERE "userId" = ANY(%s) AND "createdAt" >= %s',
+                        'WHERE "userId" = ANY(%s::text[]) AND "createdAt" >= %s',
                         (users, since),
                     )
                     now = time.time()
@@ -501,6 +517,7 @@ async def one_round(settings: Settings, seconds: float, r: int) -> dict[str, lis
     tasks = [asyncio.create_task(f()) for f in (read_events, read_profiles, read_rows)]
     await asyncio.sleep(2)  # the readers are at the end before anything is sent
     async with TrackingClient(source="bench", settings=settings) as client:
+        cpu_before, host_before = cpu_seconds(up), host_jiffies()
         started = time.perf_counter()
         for i in range(int(seconds * 1000)):
             # 1,000 a second, in ticks of TICK events: an app's events come
@@ -519,6 +536,13 @@ async def one_round(settings: Settings, seconds: float, r: int) -> dict[str, lis
                 rating=5,
                 event_id=event_id,
             )
+        took = time.perf_counter() - started
+        cpu_after, host_after = cpu_seconds(up), host_jiffies()
+    shares = {
+        role: (cpu_after[role] - cpu_before.get(role, 0.0)) / took * 100 for role in cpu_after
+    }
+    total, busy, stolen = (a - b for a, b in zip(host_after, host_before, strict=True))
+    host = (100 * busy / max(total, 1), 100 * stolen / max(total, 1))
     await asyncio.sleep(3)
     stop_reading.set()
     await asyncio.gather(*tasks)
@@ -530,7 +554,13 @@ async def one_round(settings: Settings, seconds: float, r: int) -> dict[str, lis
     missing = len(sent) - len(lags["row visible"])
     if missing:
         print(f"  ({missing:,} rows not visible 3 s after the last send)", flush=True)
-    return lags
+    return lags, shares, host
+
+
+def _updated_at(value: bytes) -> float:
+    """A profile's updatedAt in ms since the epoch, read off its JSON."""
+    at = value.index(b'"updatedAt":"') + 13
+    return datetime.fromisoformat(value[at : value.index(b'"', at)].decode()).timestamp() * 1000
 
 
 def _event_id(value: bytes | None) -> str:
