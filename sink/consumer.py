@@ -162,6 +162,7 @@ class Sink:
             max_partition_fetch_bytes=8 * 1024 * 1024,
             fetch_max_bytes=64 * 1024 * 1024,
             fetch_max_wait_ms=settings.fetch_wait_ms,
+            fetch_min_bytes=settings.fetch_min_bytes,
             **settings.group_options(),
             **settings.kafka_options(),
         )

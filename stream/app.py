@@ -252,7 +252,7 @@ def create_app(
 
     @app.on_partitions_assigned.connect  # type: ignore[arg-type]
     async def on_assignment(sender: Any, assigned: Any, **kwargs: Any) -> None:
-        consumer.set_fetch_wait(app, settings.fetch_wait_ms)
+        consumer.set_fetch_wait(app, settings.fetch_wait_ms, settings.fetch_min_bytes)
         watchdog.assigned()
 
     @app.on_before_shutdown.connect  # type: ignore[arg-type]  # faust's signal types

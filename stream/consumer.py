@@ -22,12 +22,14 @@ rebalance (a fetch from an older generation is dropped; its records are
 read again from the applied offsets), commits and the worker's lifecycle.
 
 The fetch wait: faust creates its worker's aiokafka consumer with a fixed
-``fetch_max_wait_ms=1500``. On Apache Kafka that costs nothing (a waiting
-fetch is answered as records arrive); on tansu a fetch is answered only when
-its wait is over, so an event would wait up to 1.5 s before the worker saw
-it (docs/brokers.md, "Fetches wait their whole wait"). aiokafka's fetcher
-reads the wait for every request it builds, so setting it once the consumer
-runs applies from the next fetch on."""
+``fetch_max_wait_ms=1500`` and ``fetch_min_bytes=1``. On tansu a fetch is
+answered only when its wait is over, so an event would wait up to 1.5 s
+before the worker saw it (docs/brokers.md, "Fetches wait their whole
+wait"); on Apache Kafka a fetch was answered at its first record, so at a
+steady trickle every few records cost a fetch and a hand-over
+(``Settings.fetch_min_bytes``). aiokafka's fetcher reads both for every
+request it builds, so setting them once the consumer runs applies from the
+next fetch on."""
 
 from __future__ import annotations
 
@@ -52,13 +54,15 @@ def _fetcher(app: Any) -> Any:
     return app.consumer._thread._ensure_consumer()._fetcher
 
 
-def set_fetch_wait(app: Any, wait_ms: int) -> None:
-    """Make ``app``'s running worker consumer wait at most ``wait_ms`` per
-    fetch (from its next fetch on)."""
+def set_fetch_wait(app: Any, wait_ms: int, min_bytes: int) -> None:
+    """Make ``app``'s running worker consumer's fetches wait at most
+    ``wait_ms`` for ``min_bytes`` (from its next fetch on)."""
     fetcher = _fetcher(app)
-    if not isinstance(getattr(fetcher, "_fetch_max_wait_ms", None), int):
-        raise RuntimeError("aiokafka's fetcher no longer keeps _fetch_max_wait_ms")
+    for name in ("_fetch_max_wait_ms", "_fetch_min_bytes"):
+        if not isinstance(getattr(fetcher, name, None), int):
+            raise RuntimeError(f"aiokafka's fetcher no longer keeps {name}")
     fetcher._fetch_max_wait_ms = wait_ms
+    fetcher._fetch_min_bytes = min_bytes
 
 
 def acknowledge(consumer: Any, topic: str, records: Sequence[ConsumerRecord[Any, Any]]) -> None:

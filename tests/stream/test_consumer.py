@@ -33,8 +33,12 @@ def test_what_the_fetch_wait_takes_from_faust_and_aiokafka_is_still_there() -> N
     # ... ._fetcher, whose wait is read for every fetch request it builds
     assert "self._fetcher = Fetcher(" in inspect.getsource(AIOKafkaConsumer.start)
     assert "self._fetch_max_wait_ms = fetch_max_wait_ms" in inspect.getsource(Fetcher.__init__)
+    assert "self._fetch_min_bytes = fetch_min_bytes" in inspect.getsource(Fetcher.__init__)
     built = inspect.getsource(Fetcher._get_actions_per_node)
-    assert "FetchRequest(\n                self._fetch_max_wait_ms," in built
+    assert (
+        "FetchRequest(\n                self._fetch_max_wait_ms,\n                self._fetch_min_bytes,"
+        in built
+    )
 
 
 def test_what_the_batched_delivery_takes_from_faust_is_still_there() -> None:
