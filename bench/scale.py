@@ -557,22 +557,27 @@ async def one_round(
     return lags, shares, host
 
 
+def _text(value: bytes | None, name: str) -> str:
+    """The text of the field ``name`` of a record this pipeline wrote (the
+    SDK and pydantic write ``"name":"..."``, without spaces), read without
+    decoding the whole record; "" if it has none."""
+    key = f'"{name}":"'.encode()
+    at = -1 if not value else value.find(key)
+    if at < 0:
+        return ""
+    at += len(key)
+    assert value is not None
+    return value[at : value.find(b'"', at)].decode(errors="replace")
+
+
 def _updated_at(value: bytes) -> float:
-    """A profile's updatedAt in ms since the epoch, read off its JSON."""
-    at = value.index(b'"updatedAt":"') + 13
-    return datetime.fromisoformat(value[at : value.index(b'"', at)].decode()).timestamp() * 1000
+    """A profile's updatedAt in ms since the epoch."""
+    return datetime.fromisoformat(_text(value, "updatedAt")).timestamp() * 1000
 
 
 def _event_id(value: bytes | None) -> str:
-    """The eventId of an event this process sent (the SDK writes it
-    ``"eventId":"..."``), without decoding the whole record."""
-    if not value:
-        return ""
-    at = value.find(b'"eventId":"')
-    if at < 0:
-        return ""
-    at += 11
-    return value[at : value.find(b'"', at)].decode(errors="replace")
+    """The eventId of an event this process sent."""
+    return _text(value, "eventId")
 
 
 async def main(args: argparse.Namespace) -> None:
