@@ -56,10 +56,19 @@ def pytest_configure(config: pytest.Config) -> None:
     # 1 s, see TEST_KAFKA_CONFIG); tansu needs them anyway (docs/brokers.md).
     os.environ.setdefault("USERTRAIL_GROUP_SESSION_TIMEOUT_MS", "2000")
     os.environ.setdefault("USERTRAIL_GROUP_HEARTBEAT_INTERVAL_MS", "200")
-    # The SDK spools under the user's data directory by default; each test
-    # process (and what it starts) gets a spool of its own, so no test ever
-    # re-sends what another one spooled.
+    # The SDK spools under the user's data directory by default; outside a
+    # test (collection, session fixtures) a spool of the process's own.
     os.environ["USERTRAIL_SPOOL_DIR"] = tempfile.mkdtemp(prefix="usertrail-spool-")
+
+
+@pytest.fixture(autouse=True)
+def _spool_of_its_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test (and what it starts) spools into a directory of its own, so
+    no test re-sends what another one spooled. Per process was not enough: a
+    test that SIGKILLs a broker under an SDK left 186 events spooled, and
+    the next test of that process re-sent them to its own broker (one more
+    row per event than it sent)."""
+    monkeypatch.setenv("USERTRAIL_SPOOL_DIR", tempfile.mkdtemp(prefix="usertrail-spool-"))
 
 
 _UNGROUPED = pytest.StashKey[bool]()
