@@ -34,7 +34,7 @@ from usertrail.stream.batch import Folded, Result, UserBatch, Wanted
 from usertrail.stream.metrics import StreamMetrics
 from usertrail.stream.policy import RESEEK_SECONDS, Positions, Verdict, then_send
 from usertrail.stream.state import applied_key, log_key, seen_key
-from usertrail.stream.store import on_partition
+from usertrail.stream.store import acknowledged, on_partition, persistable
 
 from usertrail.errors import ConfigurationError, LogResetError, UsertrailError
 from usertrail.kafka import log_identity, stop_within
@@ -135,6 +135,13 @@ class BatchFolder:
         # local state plus the changelog's tail (stream/store.py). Until
         # then they are read from here: (partition, key) -> value.
         self.unwritten: dict[tuple[int, bytes], bytes] = {}
+        # each batch's changelog sends, oldest first, until its writes are
+        # in the store: a later batch's states can reach a changelog
+        # partition before an earlier batch's applied offsets (which wait
+        # for that batch's acknowledgements), and the store's persisted
+        # offset must not pass them (stream/store.py, ``persistable``)
+        self.unstored: list[list[Any]] = []
+        self.stored_up_to: dict[int, int] = {}  # changelog partition -> newest offset stored
 
     # --- the table, partition by partition (stream/store.py) -------------------
     def _get(self, partition: int, key: bytes) -> bytes | None:
@@ -155,14 +162,13 @@ class BatchFolder:
                 data[key] = value
             if self.unwritten.get((partition, key)) is value:
                 del self.unwritten[(partition, key)]  # no later batch changed it
+        self.unstored = [b for b in self.unstored if b is not sent]
         persist = getattr(data, "usertrail_persist", None)
         if persist is not None:
-            newest: dict[int, int] = {}
-            for future in sent:
-                meta = future.result()
-                p = meta.topic_partition.partition
-                newest[p] = max(newest.get(p, -1), meta.offset)
-            for p, offset in newest.items():
+            for p, offset in acknowledged(sent):
+                self.stored_up_to[p] = max(self.stored_up_to.get(p, -1), offset)
+            later = (w for batch in self.unstored for w in acknowledged(batch))
+            for p, offset in persistable(self.stored_up_to, later).items():
                 persist(p, offset)
 
     async def profiles_producer(self) -> AIOKafkaProducer:
@@ -208,6 +214,8 @@ class BatchFolder:
         # what was acknowledged is in the store; anything left failed, and the
         # partitions' next owner (this worker again, maybe) recovers them
         self.unwritten.clear()
+        self.unstored.clear()
+        self.stored_up_to.clear()  # recovery sets the persisted offsets of what comes next
 
     async def close(self) -> None:
         self.closing = True  # no batch is folded from here on
@@ -401,6 +409,7 @@ class BatchFolder:
         pending: list[Awaitable[Any]] = []
         to_store: list[tuple[int, bytes, bytes]] = []  # into the store once acknowledged
         sent: list[Any] = []  # the changelog sends, for their offsets
+        self.unstored.append(sent)
 
         def write(partition: int, key: bytes, value: bytes) -> None:
             self.unwritten[(partition, key)] = value

@@ -16,8 +16,9 @@ the changelog on from there. faust sets it as each changelog write is
 acknowledged; the folder writes a batch to the store only once all of the
 batch is acknowledged (stream/folder.py, ``unwritten``), so here the
 persisted offset moves only with what the folder wrote
-(``usertrail_persist``) or what recovery read. A worker killed at any
-moment then restarts from its local state plus the changelog's tail.
+(``usertrail_persist``, never past a write not in the store yet:
+``persistable``) or what recovery read. A worker killed at any moment
+then restarts from its local state plus the changelog's tail.
 
 faust internals used here and nowhere else: the store's
 ``_db_for_partition``, ``_key_index``, ``set_persisted_offset`` and
@@ -28,7 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from faust.stores import STORES
@@ -118,6 +119,33 @@ class PartitionedRocksDB(RocksDBStore):
             super()._del(key)
             return
         self._db_for_partition(partition).delete(key)
+
+
+def acknowledged(sent: Iterable[Any]) -> Iterator[tuple[int, int]]:
+    """(changelog partition, offset) of each send the broker acknowledged."""
+    for future in sent:
+        if future.done() and not future.cancelled() and future.exception() is None:
+            meta = future.result()
+            yield meta.topic_partition.partition, meta.offset
+
+
+def persistable(newest: Mapping[int, int], unstored: Iterable[tuple[int, int]]) -> dict[int, int]:
+    """Per changelog partition, the offset the store now holds data up to:
+    the newest write in the store (``newest``), but below the oldest write
+    of a later batch acknowledged and not in the store yet (``unstored``,
+    (partition, offset) pairs). A later batch's states can lie before an
+    earlier batch's applied offsets (sent only once that batch's states
+    were acknowledged); recovery, reading on from the persisted offset,
+    must not skip them while it reads the applied offsets that follow
+    them, or a restarted worker holds a later batch's applied offsets over
+    the earlier batch's states. (States it reads again without their
+    applied offset are folded once more from the older one, and come out
+    the same.)"""
+    out = dict(newest)
+    for partition, offset in unstored:
+        if partition in out and offset <= out[partition]:
+            out[partition] = offset - 1
+    return {p: offset for p, offset in out.items() if offset >= 0}
 
 
 STORES.aliases[SCHEME] = f"{__name__}:PartitionedRocksDB"

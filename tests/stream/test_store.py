@@ -18,6 +18,9 @@ from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from faust.stores import by_url
 from faust.stores.rocksdb import Store as RocksDBStore
 from faust.tables.base import Collection as Table
+from hypothesis import given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 from usertrail.producers import TrackingClient, demo
 from usertrail.stream import store
 
@@ -57,6 +60,58 @@ def test_what_the_store_takes_from_faust_is_still_there() -> None:
     assert "self.set_persisted_offset(" in inspect.getsource(RocksDBStore.apply_changelog_batch)
     # ... and the table, as each changelog write is acknowledged (ignored)
     assert "self.data.set_persisted_offset(" in inspect.getsource(Table._on_changelog_sent)
+
+
+@hypothesis_settings(max_examples=400, deadline=None)
+@given(st.data())
+def test_the_persisted_offset_never_passes_a_write_not_in_the_store(data: st.DataObject) -> None:
+    """The folder's sends as they happen: batch k's states after batch
+    k-1's, each batch's applied offsets (marks) only after its own states
+    and the batch before's marks, so a later batch's states can come
+    between a batch's states and its marks. Batches go into the store in
+    order, each once its marks are acknowledged (acknowledgements come in
+    the order of the log); a worker killed then recovers from the persisted
+    offset on, so nothing at or below it may be missing from the store."""
+    batches = data.draw(st.lists(st.integers(0, 4), min_size=1, max_size=6), label="states")
+    partition_of = st.integers(0, 2)
+    states_left = list(batches)
+    marked = [False] * len(batches)
+    log: list[tuple[int, int]] = []  # (batch, partition), in the order sent
+    while not all(marked):
+        options = []
+        k = next((i for i, n in enumerate(states_left) if n), None)
+        if k is not None:
+            options.append(("state", k))
+        m = marked.index(False)
+        if m != k and (k is None or m < k):  # its states are all sent
+            options.append(("mark", m))
+        kind, batch = data.draw(st.sampled_from(options))
+        if kind == "state":
+            states_left[batch] -= 1
+        else:
+            marked[batch] = True
+        log.append((batch, data.draw(partition_of)))
+    # offsets: the order of the sends within each partition
+    offsets, written = [], {0: 0, 1: 0, 2: 0}
+    for _, partition in log:
+        offsets.append(written[partition])
+        written[partition] += 1
+
+    persisted: dict[int, int] = {}
+    stored_up_to: dict[int, int] = {}
+    for k in range(len(batches)):
+        last = max(i for i, (b, _) in enumerate(log) if b == k)  # its newest mark
+        acked = data.draw(st.integers(last, len(log) - 1), label="acknowledged up to")
+        for i, (b, p) in enumerate(log):
+            if b == k:
+                stored_up_to[p] = max(stored_up_to.get(p, -1), offsets[i])
+        later = [(p, offsets[i]) for i, (b, p) in enumerate(log[: acked + 1]) if b > k]
+        persisted.update(store.persistable(stored_up_to, later))
+        for i, (b, p) in enumerate(log):
+            if p in persisted and offsets[i] <= persisted[p]:
+                assert b <= k, (log, k, persisted)
+    # everything stored: recovery reads nothing again
+    assert persisted == {p: n - 1 for p, n in written.items() if n}
 
 
 def test_auto_is_rocksdb_on_apache_kafka_and_memory_on_tansu(
