@@ -13,7 +13,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 from usertrail.producers import TrackingClient
@@ -297,6 +297,8 @@ async def test_a_record_that_kills_every_sink_becomes_a_dead_letter(
     st.integers(-1, 4_102_444_800_000),  # no timestamp, or up to 2100
     st.booleans(),
 )
+# half a millisecond past a day after the timestamp: the fraction counts
+@example(datetime(2026, 1, 2, 0, 0, 0, 500, tzinfo=UTC), 1_767_225_600_000, True)
 def test_an_event_time_out_of_bounds_is_a_dead_letter_on_every_path(
     at: datetime, timestamp: int, canonical: bool
 ) -> None:
