@@ -20,9 +20,14 @@ persisted offset moves only with what the folder wrote
 ``persistable``) or what recovery read. A worker killed at any moment
 then restarts from its local state plus the changelog's tail.
 
+Both stores, the memory one too (``FolderMemory``), take from the
+changelog only what recovery reads for the partitions this worker folds
+(``recovered_only``): from then on the folder alone writes them.
+
 faust internals used here and nowhere else: the store's
 ``_db_for_partition``, ``_key_index``, ``set_persisted_offset`` and
-``apply_changelog_batch``; a faust upgrade that changes them fails
+``apply_changelog_batch``, and its recovery's ``active_tps`` and
+``active_highwaters``; a faust upgrade that changes them fails
 ``tests/stream/test_store.py``."""
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from faust.stores import STORES
+from faust.stores.memory import Store as MemoryStore
 from faust.stores.rocksdb import Store as RocksDBStore
 from faust.types import TP
 
@@ -67,6 +73,45 @@ def on_partition(partition: int) -> Iterator[None]:
         _partition.reset(token)
 
 
+def recovered_only(store: Any, events: Iterable[Any]) -> list[Any]:
+    """The changelog events faust may still apply to ``store``: all of a
+    standby partition's, and of a partition this worker folds (active)
+    only those up to the end its recovery read to. faust keeps applying
+    what its changelog consumer delivers after that end (the rest of the
+    last fetch, kept in a buffer until a later flush, such as the one at
+    the next rebalance): on tansu, whose end offset stops at the first
+    record of a partition's last batch (docs/brokers.md), the states after
+    it in that batch; on any broker, what a worker that just lost the
+    partition wrote after the end was read. Applied late, such a state
+    would overwrite the newer one the folder stored meanwhile, and the
+    user's next batch would be folded onto it, losing what the folder had
+    added. Left out, it is what recovery did not read: a state past the
+    newest applied offset, folded again from that offset (stream/folder.py)."""
+    recovery = store.app.tables.recovery
+    active, ends = recovery.active_tps, recovery.active_highwaters
+    kept = []
+    for event in events:
+        tp = event.message.tp
+        if tp in active:
+            end = ends.get(tp)  # the last offset recovery reads
+            if end is not None and event.message.offset > end:
+                store.usertrail_left_out += 1
+                continue
+        kept.append(event)
+    return kept
+
+
+class FolderMemory(MemoryStore[bytes, bytes]):
+    """faust's memory store, taking from the changelog only what recovery
+    reads for the partitions this worker folds (``recovered_only``)."""
+
+    usertrail_left_out = 0
+    """Changelog records past recovery's end not applied (``recovered_only``)."""
+
+    def apply_changelog_batch(self, batch: Any, to_key: Any, to_value: Any) -> None:
+        super().apply_changelog_batch(recovered_only(self, batch), to_key, to_value)
+
+
 class PartitionedRocksDB(RocksDBStore):
     """faust's RocksDB store, routed by ``on_partition`` where it is given."""
 
@@ -92,8 +137,11 @@ class PartitionedRocksDB(RocksDBStore):
     usertrail_recovered = 0
     """Changelog records read into the store since the worker started."""
 
+    usertrail_left_out = 0
+    """Changelog records past recovery's end not applied (``recovered_only``)."""
+
     def apply_changelog_batch(self, batch: Any, to_key: Any, to_value: Any) -> None:
-        events = list(batch)
+        events = recovered_only(self, batch)
         self._recovering = True
         try:
             super().apply_changelog_batch(events, to_key, to_value)
@@ -148,8 +196,11 @@ def persistable(newest: Mapping[int, int], unstored: Iterable[tuple[int, int]]) 
     return {p: offset for p, offset in out.items() if offset >= 0}
 
 
+MEMORY = "usertrail-memory"
+"""The memory store's URL scheme: ``usertrail-memory://``."""
 STORES.aliases[SCHEME] = f"{__name__}:PartitionedRocksDB"
+STORES.aliases[MEMORY] = f"{__name__}:FolderMemory"
 
 
 def store_url(kind: str) -> str:
-    return f"{SCHEME}://" if kind == "rocksdb" else "memory://"
+    return f"{SCHEME}://" if kind == "rocksdb" else f"{MEMORY}://"

@@ -11,13 +11,19 @@ import signal
 import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import faust
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient, RecordsToDelete
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+from faust.events import Event
 from faust.stores import by_url
+from faust.stores.memory import Store as MemoryStore
 from faust.stores.rocksdb import Store as RocksDBStore
 from faust.tables.base import Collection as Table
+from faust.tables.recovery import Recovery
+from faust.types import TP, Message
 from hypothesis import given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
@@ -60,6 +66,74 @@ def test_what_the_store_takes_from_faust_is_still_there() -> None:
     assert "self.set_persisted_offset(" in inspect.getsource(RocksDBStore.apply_changelog_batch)
     # ... and the table, as each changelog write is acknowledged (ignored)
     assert "self.data.set_persisted_offset(" in inspect.getsource(Table._on_changelog_sent)
+
+
+def test_what_recovered_only_takes_from_faust_is_still_there() -> None:
+    """faust's recovery keeps the active partitions and the last offset it
+    reads of each (its highwater - 1), and the memory store applies the
+    batches it is given: ``recovered_only`` filters those batches by both."""
+    source = inspect.getsource(Recovery)
+    assert "self.active_tps" in source and "self.active_highwaters" in source
+    assert "value - 1 if value is not None else -1" in inspect.getsource(Recovery._build_highwaters)
+    # ... and it applies past the end what a fetch delivered after recovery
+    # ended, from a buffer flushed later (what recovered_only leaves out)
+    assert "buf.append(event)" in source
+    assert "self.flush_buffers" in inspect.getsource(Recovery.on_partitions_revoked)
+    assert by_url(f"{store.MEMORY}://") is store.FolderMemory
+    assert list(inspect.signature(MemoryStore.apply_changelog_batch).parameters) == [
+        "self",
+        "batch",
+        "to_key",
+        "to_value",
+    ]
+
+
+@pytest.mark.parametrize("kind", ["memory", "rocksdb"])
+def test_past_the_end_recovery_read_the_changelog_no_longer_writes_a_folded_partition(
+    kind: str, tmp_path: Path
+) -> None:
+    """Of an active partition, a changelog record past the end recovery
+    read to (tansu's short end, or a write of the worker that just lost it)
+    is not applied when faust's buffer is flushed later: it would overwrite
+    what the folder stored since. A standby partition's records all are."""
+    app = faust.App(
+        unique("recovered-only"), store=store.store_url(kind), datadir=tmp_path, autodiscover=False
+    )
+    table = app.Table("t", partitions=4, key_type=bytes, value_type=bytes)
+    changelog = table.changelog_topic.get_topic_name()
+    active, standby = TP(changelog, 0), TP(changelog, 1)
+    recovery = app.tables.recovery
+    recovery.active_tps.add(active)
+    recovery.active_highwaters[active] = 5  # recovery reads offsets up to 5
+    recovery.standby_tps.add(standby)
+
+    def event(tp: TP, offset: int, key: bytes, value: bytes) -> Any:
+        message = Message(tp.topic, tp.partition, offset, 0.0, 0, {}, key, value, None, tp=tp)
+        return Event(app, key, value, {}, message)
+
+    with store.on_partition(0):
+        table.data[b"folded"] = b"by the folder"
+    table.data.apply_changelog_batch(
+        [
+            event(active, 4, b"read", b"in recovery"),
+            event(active, 5, b"end", b"the last record read"),
+            event(active, 6, b"folded", b"a state past the end"),
+            event(standby, 40, b"standby", b"followed"),
+        ],
+        to_key=lambda k: k,
+        to_value=lambda v: v,
+    )
+    with store.on_partition(0):
+        got = {k: table.data.get(k) for k in (b"read", b"end", b"folded")}
+    with store.on_partition(1):
+        got[b"standby"] = table.data.get(b"standby")
+    assert got == {
+        b"read": b"in recovery",
+        b"end": b"the last record read",
+        b"folded": b"by the folder",
+        b"standby": b"followed",
+    }
+    assert table.data.usertrail_left_out == 1
 
 
 @hypothesis_settings(max_examples=400, deadline=None)
