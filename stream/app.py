@@ -248,7 +248,7 @@ def create_app(
     async def before_giving_up_partitions(sender: Any, revoked: Any, **kwargs: Any) -> None:
         watchdog.revoked()
         await drain("before the rebalance")
-        await folder.before_revoke()
+        await folder.before_revoke(queue.drained)  # a batch the drain gave up on stops
 
     @app.on_partitions_assigned.connect  # type: ignore[arg-type]
     async def on_assignment(sender: Any, assigned: Any, **kwargs: Any) -> None:

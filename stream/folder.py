@@ -43,6 +43,10 @@ from usertrail.topics import copy_headers, home_partition, homes_count, is_home
 
 log = logging.getLogger("usertrail.stream")
 
+REVOKE_WAIT_SECONDS = 30
+"""How long giving up partitions waits for a stopped batch's writes (each
+send is answered or fails within the producer's request timeout)."""
+
 Fold = Callable[[list[UserBatch]], Awaitable[list[Result]]]
 
 Changelog = Callable[[int, bytes, bytes], Awaitable["asyncio.Future[Any]"]]
@@ -61,6 +65,13 @@ class Record(Protocol):
     value: bytes | None
     timestamp: int | None  # ms since the epoch; None, or -1: unknown
     headers: Sequence[tuple[str, bytes]]
+
+
+class Revoked(Exception):
+    """Partitions are being given up while a batch is folded (the drain
+    before the rebalance stopped waiting for it): the batch writes nothing
+    more, and the partitions' next owner folds it again from the applied
+    offsets."""
 
 
 class BatchFolder:
@@ -128,6 +139,12 @@ class BatchFolder:
         # comes to the same. Everything else goes in batches on both brokers.
         self.send_mark: Changelog = marks or self.send_changelog
         self.closing = False
+        # Bumped as partitions are about to be given up: a batch begun before
+        # sends nothing more (``Revoked``), and what it sent is waited for
+        # (``abandoned``) before the partitions go, so that no write of this
+        # worker lands in the changelog after their next owner's.
+        self.generation = 0
+        self.abandoned: list[Awaitable[Any]] = []
         # Written behind: a batch's states and applied offsets reach the
         # store (and its persisted changelog offsets) only once the broker
         # acknowledged them in the changelog, so the store is never ahead of
@@ -203,10 +220,28 @@ class BatchFolder:
         while self.in_flight:
             await self.in_flight.pop(0)  # a failed write raises here: the agent stops
 
-    async def before_revoke(self) -> None:
+    async def before_revoke(self, folding: Callable[[], Awaitable[None]] | None = None) -> None:
         """Before the partitions change hands: every write of ours
-        acknowledged, so their next owner recovers all of them."""
+        acknowledged (or failed), so their next owner recovers all of them
+        and none lands after theirs. ``folding()``: until the batch being
+        folded (if any) ends; it stops at its next write."""
+        self.generation += 1
         self.delivered_at.clear()  # the next assignment's partitions get their grace again
+        try:
+            if folding is not None:
+                await asyncio.wait_for(folding(), REVOKE_WAIT_SECONDS)
+            await asyncio.wait_for(
+                asyncio.gather(*self.abandoned, return_exceptions=True), REVOKE_WAIT_SECONDS
+            )
+        except TimeoutError:
+            # a broker that answers nothing for that long: what this worker
+            # sent may still land after the next owner's writes (no fencing
+            # without transactions, docs/architecture.md)
+            log.error(
+                "writes of a stopped batch still unanswered %d s into a rebalance",
+                REVOKE_WAIT_SECONDS,
+            )
+        self.abandoned.clear()
         try:
             await self.writes_acknowledged()
         except KafkaError as exc:  # the next owner re-reads from the applied offset
@@ -321,6 +356,7 @@ class BatchFolder:
         """Fold one batch of the events topic's records."""
         if self.stopped_for is not None or self.closing:
             return  # stopping (see _stop, close): nothing more is folded
+        generation = self.generation
         current = await self.events_log_id()
         if not all(self.same_log(p, current) for p in {r.partition for r in batch}):
             return
@@ -367,7 +403,13 @@ class BatchFolder:
                 mine = per_user[key] = (partition, [])
             stamp = record.timestamp
             mine[1].append((value, offset, -1 if stamp is None else stamp))
-        await self._write(per_user, applied, recovered, current, len(batch), forward, homes)
+        try:
+            await self._write(
+                per_user, applied, recovered, current, len(batch), forward, homes, generation
+            )
+        except Revoked:
+            log.info("a batch of %d records stopped: its partitions are being given up", len(batch))
+            return
         if self.on_applied is not None:
             self._when_applied(self.in_flight[0], list(batch), self.on_applied)
         self.folded_at = time.monotonic()
@@ -405,6 +447,7 @@ class BatchFolder:
         n: int,
         forward: Sequence[Record] = (),
         homes: int | None = None,
+        generation: int | None = None,
     ) -> None:
         pending: list[Awaitable[Any]] = []
         to_store: list[tuple[int, bytes, bytes]] = []  # into the store once acknowledged
@@ -414,6 +457,14 @@ class BatchFolder:
         def write(partition: int, key: bytes, value: bytes) -> None:
             self.unwritten[(partition, key)] = value
             to_store.append((partition, key, value))
+
+        def going_on() -> None:
+            """Raises Revoked once partitions are being given up."""
+            if generation is not None and self.generation != generation:
+                self.abandoned.extend(pending)  # waited for before they go
+                raise Revoked
+
+        going_on()
 
         profiles = await self.profiles_producer()
         for record in forward:
@@ -433,12 +484,14 @@ class BatchFolder:
                     headers=copy_headers(list(record.headers), record.partition, record.offset),
                 )
             )
+            going_on()
         if forward:
             log.info("%d records copied to their home partitions", len(forward))
         users = [UserBatch(key, self._get(p, key), items) for key, (p, items) in per_user.items()]
         for (key, (partition, _)), result in zip(
             per_user.items(), await self._fold_with_chunks(users, per_user), strict=True
         ):
+            going_on()
             if result is None:
                 continue  # nothing new, or not valid events: the sink dead-letters those
             # the store and the changelog directly (what table[key] = value

@@ -93,7 +93,12 @@ async def folder_for(settings_factory: Callable[..., Settings], broker: Broker) 
     async def fold(users: list[UserBatch]) -> list[Folded | None]:
         return fold_users(users, RULES)
 
-    def make(table: Table, consumer: Consumer, marks: Table | None = None) -> BatchFolder:
+    def make(
+        table: Table,
+        consumer: Consumer,
+        marks: Table | None = None,
+        fold: Callable[[list[UserBatch]], Any] = fold,
+    ) -> BatchFolder:
         folder = BatchFolder(
             settings,
             table,
@@ -178,6 +183,67 @@ async def test_applied_offsets_sent_apart_go_only_after_every_write_is_acknowled
     assert not any(k.startswith(b"\x00") for _, k, _ in table.sent)
     assert folder.applied_offset(0) == 2
     assert _user_state(table, ANN).profile.counts_by_type == {"chat": 3}
+
+
+class StuckTable(HeldTable):
+    """A changelog whose first send waits for room (aiokafka's buffer full,
+    a broker that stalls) until the test lets it through."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.room = asyncio.Event()
+
+    async def send_changelog(
+        self, partition: int, key: bytes, value: bytes
+    ) -> asyncio.Future[None]:
+        await self.room.wait()
+        return await super().send_changelog(partition, key, value)
+
+
+async def test_a_batch_still_folding_when_its_partitions_go_writes_nothing_more(
+    folder_for: Callable[..., BatchFolder],
+) -> None:
+    """The drain before a rebalance gave up on a batch (stream/app.py): the
+    batch stops at its next write and sends no applied offset, and giving
+    the partitions up waits until what it sent is answered, so that none of
+    it lands in the changelog after the partitions' next owner's writes."""
+    table, consumer = StuckTable(), Consumer()
+    folder = folder_for(table, consumer)
+    folding = asyncio.ensure_future(
+        folder.fold_batch([event(ANN, i, 0, i) for i in range(3)] + [event(BO, 9, 1, 0)])
+    )
+    while not folder.unwritten:  # folded; its first send waits for room
+        await asyncio.sleep(0.01)
+    giving_up = asyncio.ensure_future(folder.before_revoke(lambda: asyncio.shield(folding)))
+    await asyncio.sleep(0.05)
+    assert not giving_up.done()
+    table.room.set()  # the first send goes through; nothing after it is sent
+    await asyncio.wait_for(folding, 10)
+    await asyncio.sleep(0.05)
+    assert [k for _, k, _ in table.sent] == [ANN.encode()]
+    assert not giving_up.done(), "the partitions went with a write unanswered"
+    table.held[0].set_result(None)
+    await asyncio.wait_for(giving_up, 10)
+    assert folder.applied_offset(0) is None and folder.applied_offset(1) is None
+    assert table.data == {} and folder.unwritten == {}
+
+
+async def test_the_partitions_go_only_once_the_last_batchs_applied_offsets_are_answered(
+    folder_for: Callable[..., BatchFolder],
+) -> None:
+    """A batch folded before the rebalance began keeps its applied offsets:
+    they go out once its writes are acknowledged, and the partitions wait."""
+    table, marks, consumer = HeldTable(), Table(), Consumer()
+    folder = folder_for(table, consumer, marks)
+    await folder.fold_batch([event(ANN, i, 0, i) for i in range(3)])
+    giving_up = asyncio.ensure_future(folder.before_revoke())
+    await asyncio.sleep(0.05)
+    assert not giving_up.done()
+    for held in table.held:
+        held.set_result(None)
+    await asyncio.wait_for(giving_up, 10)
+    assert {k: v for _, k, v in marks.sent if k.startswith(APPLIED)} == {applied_key(0): b"2"}
+    assert folder.applied_offset(0) == 2
 
 
 async def test_redelivered_records_change_nothing_and_a_hole_is_re_read(
