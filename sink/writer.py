@@ -540,16 +540,18 @@ class Writer:
         return write_plan, b"".join(lines), len(lines)
 
     async def _apply(self, prepared: Prepared, positions: bool) -> WriteResult:
-        result = WriteResult(
-            records=len(prepared.records),
-            dead_letters=list(prepared.dead_letters),
-            positions=dict(prepared.positions),
-        )
-        decoded, profiles = prepared.decoded, prepared.profiles
-        write_plan, copy, copied = prepared.plan, prepared.copy, prepared.copied
         conn = self.conn
         async with conn.transaction():
             async with conn.cursor() as cur:
+                if positions:
+                    prepared = await self._fenced(cur, prepared)
+                result = WriteResult(
+                    records=len(prepared.records),
+                    dead_letters=list(prepared.dead_letters),
+                    positions=dict(prepared.positions),
+                )
+                decoded, profiles = prepared.decoded, prepared.profiles
+                write_plan, copy, copied = prepared.plan, prepared.copy, prepared.copied
                 if self.unknown_users == "park":
                     known = await self._existing_users(
                         cur,
@@ -579,10 +581,10 @@ class Writer:
                     if prepared.archive:
                         await self._archive(cur, prepared.archive)
                     await cur.executemany(
-                        "INSERT INTO usertrail_positions (consumer, topic, partition, "
+                        "INSERT INTO usertrail_positions AS p (consumer, topic, partition, "
                         "next_offset, topic_id) VALUES (%s, %s, %s, %s, %s) "
                         "ON CONFLICT (consumer, topic, partition) DO UPDATE "
-                        "SET next_offset = EXCLUDED.next_offset, "
+                        "SET next_offset = GREATEST(p.next_offset, EXCLUDED.next_offset), "
                         "topic_id = EXCLUDED.topic_id, updated_at = now()",
                         [
                             (self.group, t, p, o, self.topic_ids.get(t))
@@ -597,6 +599,62 @@ class Writer:
             self._known_users.clear()
         self._known_users |= users
         return result
+
+    async def _fenced(self, cur: psycopg.AsyncCursor[Any], prepared: Prepared) -> Prepared:
+        """The batch without what another transaction applied already: each
+        partition's stored position, locked until this transaction ends,
+        and the batch's records below it left out (prepared again without
+        them). Two sinks of a group can hold one partition's records at
+        once: the one that lost the partition in a rebalance may still have
+        a batch on its way to the database (the revoke waits only for what
+        is queued, and a member that takes longer than the rebalance timeout
+        is replaced without being stopped). Whichever commits second then
+        writes only what the first did not, so each record takes effect
+        once (an erasure is not undone by an older batch's row, a profile
+        tombstone does not delete a newer profile), the positions never go
+        back, and the archive stays one row per stretch of offsets. A
+        redelivered batch of this sink's own comes to the same."""
+        firsts: dict[tuple[str, int], int] = {}
+        for r in prepared.records:
+            key = (r.topic, r.partition)
+            if r.offset < firsts.get(key, r.offset + 1):
+                firsts[key] = r.offset
+        if not firsts:
+            return prepared
+        order = sorted(firsts)  # one order of locks for every writer: no deadlock between them
+        await cur.execute(
+            # a partition without a stored position gets one (its first
+            # offset here), so that it too is locked: undone if this rolls back
+            "INSERT INTO usertrail_positions AS p (consumer, topic, partition, next_offset) "
+            "SELECT %s, t, n, o FROM unnest(%s::text[], %s::int[], %s::bigint[]) AS x(t, n, o) "
+            "ON CONFLICT (consumer, topic, partition) DO UPDATE SET next_offset = p.next_offset "
+            "RETURNING topic, partition, next_offset",
+            (
+                self.group,
+                [t for t, _ in order],
+                [p for _, p in order],
+                [firsts[k] for k in order],
+            ),
+        )
+        stored = {(t, int(p)): int(o) for t, p, o in await cur.fetchall()}
+        if all(firsts[k] >= stored.get(k, firsts[k]) for k in firsts):
+            return prepared
+        kept = [
+            i
+            for i, r in enumerate(prepared.records)
+            if r.offset >= stored.get((r.topic, r.partition), r.offset)
+        ]
+        log.warning(
+            "%d of a batch's %d records were written by another transaction already "
+            "(a sink that lost their partitions, or a redelivery): writing the rest",
+            len(prepared.records) - len(kept),
+            len(prepared.records),
+        )
+        # what was decided of each record stays decided: not decoded again
+        decided: dict[int, Decoded | DeadLetter] = {id(d.record): d for d in prepared.decoded}
+        decided.update((id(d.record), d) for d in prepared.dead_letters)
+        records = [prepared.records[i] for i in kept]
+        return await self.prepare(records, classified=[decided.get(id(r)) for r in records])
 
     async def _archive(self, cur: psycopg.AsyncCursor[Any], rows: list[ArchiveRow]) -> None:
         await cur.executemany(

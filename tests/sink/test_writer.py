@@ -90,6 +90,41 @@ async def test_tombstone_then_a_newer_profile_in_one_batch(database_url: str) ->
         await writer.close()
 
 
+async def test_a_batch_of_a_sink_that_lost_its_partition_writes_nothing_its_new_owner_wrote(
+    database_url: str,
+) -> None:
+    """Two sinks of one group: a rebalance moved the partition to the second
+    while the first still had a batch of it on its way to the database (the
+    revoke waits only for what is queued; a member slower than the
+    rebalance timeout is replaced without being stopped). The new owner
+    wrote offsets 0-2 (a profile, the user's erasure, their new profile);
+    the old batch of 0-1 commits after it and writes nothing: the new
+    profile stays, and the position does not go back."""
+    lost = Writer(database_url, group="g", profiles_topic=P)
+    owner = Writer(database_url, group="g", profiles_topic=P)
+    await lost.connect()
+    await owner.connect()
+    try:
+        log = [
+            rec(0, "a", profile_message("a", T0, "first", 1)),
+            rec(1, "a", None),  # erased
+            rec(2, "a", profile_message("a", T0 + timedelta(hours=1), "after", 2)),
+        ]
+        on_its_way = await lost.prepare(log[:2])
+        await owner.write(log)
+        result = await lost.apply(on_its_way)
+        assert query(database_url, 'SELECT "primarySegment" FROM user_vectors') == [("after",)]
+        assert query(database_url, "SELECT next_offset FROM usertrail_positions") == [(3,)]
+        assert (result.records, result.vectors) == (0, 0)
+        # a batch partly written: only the rest goes in
+        await lost.write([*log[1:], rec(3, "a", profile_message("a", T0, "old", 3))])
+        assert query(database_url, 'SELECT "primarySegment" FROM user_vectors') == [("after",)]
+        assert query(database_url, "SELECT next_offset FROM usertrail_positions") == [(4,)]
+    finally:
+        await lost.close()
+        await owner.close()
+
+
 async def test_created_at_is_utc_whatever_offset_the_producer_wrote(database_url: str) -> None:
     # Another language's producer may write occurredAt with its local offset;
     # "createdAt" (timestamp without time zone) holds the instant in UTC.
@@ -298,7 +333,7 @@ def test_profiles_copied_in_a_batch_equal_the_upsert_of_one_row(
     comes out as ``vectors_upsert`` (the upsert of one row, with its values
     as parameters) writes it, whatever the text and numbers in it."""
     with psycopg.connect(database_url, autocommit=True) as conn:
-        conn.execute('TRUNCATE user_vectors, "User" CASCADE')
+        conn.execute('TRUNCATE user_vectors, usertrail_positions, "User" CASCADE')  # a new log
         conn.execute("""INSERT INTO "User" (id) VALUES ('by-hand')""")
     users = [f'u{i}\\"é' for i in range(len(messages))]  # a backslash, a quote, non-ASCII
 
