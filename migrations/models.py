@@ -170,6 +170,11 @@ class DeadLetterTable(Base):
             "topic", "partition", "offset", name="usertrail_dead_letters_topic_partition_offset_key"
         ),
         sa.Index("usertrail_dead_letters_reason_idx", "reason", "resolved_at"),
+        sa.Index(
+            "usertrail_dead_letters_unpublished_idx",
+            "id",
+            postgresql_where=sa.text("unpublished"),
+        ),
     )
 
     id: Mapped[int] = mapped_column(sa.BigInteger, sa.Identity(always=False))
@@ -187,6 +192,8 @@ class DeadLetterTable(Base):
     )
     retries: Mapped[int] = mapped_column(sa.Integer, nullable=False, server_default="0")
     resolved_at: Mapped[datetime | None] = mapped_column(TIMESTAMP(timezone=True))
+    # not on the dead-letter topic yet (sink/consumer.py, _publish_dead_letters)
+    unpublished: Mapped[bool] = mapped_column(sa.Boolean, nullable=False, server_default=sa.false())
 
 
 class InFlight(Base):

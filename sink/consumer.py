@@ -68,6 +68,8 @@ ASK_TIMEOUT = 5.0
 """Seconds for a request whose answer can wait (topic ids; the last commit
 kept for lag tools, at stop): aiokafka's own timeout is 40 s, and it
 retries a commit without end."""
+_PUBLISH_CHUNK = 500
+"""Dead letters published, and marked, per transaction."""
 _FETCH_SLICE = 64
 """Records taken from aiokafka between two yields to the event loop (see
 writer._SLICE: 500 cost about a tenth of the sink's rate)."""
@@ -140,7 +142,12 @@ class Sink:
             unknown_users=self.options.unknown_users,
             profiles_topic=settings.profiles_topic,
             archive=settings.archiving if self.options.archive is None else self.options.archive,
+            outbox=self.options.publish_dead_letters,
         )
+        # dead letters may wait in the table for the topic (a sink killed
+        # before it published them, a broker that refused them): published
+        # at the start, and with every batch that has dead letters
+        self._publish_at_start = self.options.publish_dead_letters
         self._refusal: UsertrailError | None = None
         # the stall watchdog's view: since when without partitions (None:
         # assigned), whether waiting for the database, what it last saw
@@ -618,6 +625,9 @@ class Sink:
 
     async def _write_loop(self) -> None:
         while True:
+            if self._publish_at_start:
+                self._publish_at_start = False
+                await self._publish_dead_letters()
             item = await self._queue.get()
             if item is None:
                 return
@@ -626,8 +636,8 @@ class Sink:
                 result = await self._retry_db(lambda p=item: self.writer.apply(p), "write")
                 self._account(result, time.perf_counter() - started)
                 self._commit_for_monitoring(result)
-                if result.dead_letters:
-                    await self._publish_dead_letters(result)
+                if result.dead_letters and self.options.publish_dead_letters:
+                    await self._publish_dead_letters()
             finally:
                 self._queue.task_done()
 
@@ -672,25 +682,44 @@ class Sink:
             m.dead_letters.labels(dead.reason).inc()
         self.written.add(result)
 
-    async def _publish_dead_letters(self, result: WriteResult) -> None:
-        """Also on the dead-letter topic, for tools that watch it (the table,
-        written in the batch's transaction, is the record of truth)."""
-        if not self.options.publish_dead_letters:
-            return
+    async def _publish_dead_letters(self) -> None:
+        """Every dead letter the table holds "unpublished" onto the dead-letter
+        topic, for tools that watch it (the table, written in the batch's
+        transaction, is the record of truth), oldest first: taken under a
+        lock another sink of the group passes over, sent, and marked once
+        the broker acknowledged them. A failure leaves them for the next
+        batch with dead letters, or the sink's next start: each reaches the
+        topic at least once (twice if the sink dies between the
+        acknowledgement and the mark)."""
         try:
-            for dead in result.dead_letters:
-                r = dead.record
-                key, value, headers = deadletters.message(
-                    dead.reason, dead.error, r.topic, r.partition, r.offset, r.key, r.value
-                )
-                await self.producer.send(
-                    self.settings.dead_letter_topic, value, key=key, headers=headers
-                )
-            await self.producer.flush()
-        except KafkaError as exc:
+            await self.writer.connect()
+            conn = self.writer.conn
+            while True:
+                async with conn.transaction():
+                    rows = await (
+                        await conn.execute(
+                            'SELECT id, reason, error, topic, partition, "offset", key, value '
+                            "FROM usertrail_dead_letters WHERE unpublished ORDER BY id "
+                            "LIMIT %s FOR UPDATE SKIP LOCKED",
+                            (_PUBLISH_CHUNK,),
+                        )
+                    ).fetchall()
+                    for _, *dead in rows:
+                        key, value, headers = deadletters.message(*dead)
+                        await self.producer.send(
+                            self.settings.dead_letter_topic, value, key=key, headers=headers
+                        )
+                    await self.producer.flush()
+                    await conn.execute(
+                        "UPDATE usertrail_dead_letters SET unpublished = false WHERE id = ANY(%s)",
+                        ([row[0] for row in rows],),
+                    )
+                if len(rows) < _PUBLISH_CHUNK:
+                    return
+        except (KafkaError, psycopg.Error) as exc:
             log.warning(
-                "could not publish %d dead letters to %s (they are in the table): %r",
-                len(result.dead_letters),
+                "could not publish dead letters to %s (they are in the table, and go "
+                "with the next batch that has some): %r",
                 self.settings.dead_letter_topic,
                 exc,
             )

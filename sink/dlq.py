@@ -35,6 +35,7 @@ class StoredDeadLetter:
     resolved_at: datetime | None
     key: bytes | None
     value: bytes | None
+    unpublished: bool = False
 
     def as_json(self) -> dict[str, Any]:
         return {

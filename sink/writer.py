@@ -258,6 +258,7 @@ class Writer:
         unknown_users: UnknownUsers = "create",
         profiles_topic: str | None = None,
         archive: bool = False,
+        outbox: bool = False,
     ) -> None:
         self._conninfo = conninfo
         # Keep every record read in usertrail_archive, in the batch's
@@ -265,6 +266,9 @@ class Writer:
         # stored with the positions (set by the consumer once it has asked).
         self.archive = archive
         self._archived_to: dict[tuple[str, int], int] = {}
+        # dead letters written "unpublished", for the sink to put on the
+        # dead-letter topic (sink/consumer.py, _publish_dead_letters)
+        self.outbox = outbox
         self.topic_ids: dict[str, UUID] = {}
         # Per events topic, the partition count homes are taken over
         # (usertrail/topics.py, set by the consumer): a record away from its
@@ -908,6 +912,7 @@ class Writer:
                     d.record.value,
                     d.event_id,
                     d.user_id,
+                    self.outbox,
                 )
                 for d in dead
             ],

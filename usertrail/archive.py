@@ -270,4 +270,6 @@ async def _restore_dead_letters(
                 await producer.send(topic, value, key=key, headers=headers)
                 n += 1
     await producer.flush()
+    # all on the topic now: none waits for the sink to publish it again
+    await conn.execute("UPDATE usertrail_dead_letters SET unpublished = false WHERE unpublished")
     return n

@@ -21,9 +21,10 @@ COLUMNS = (
     "received_at",
     "retries",
     "resolved_at",
+    "unpublished",
 )
 """Every column, in the table's order (migrations/models.py)."""
-WRITTEN = COLUMNS[1:10]
+WRITTEN = (*COLUMNS[1:10], "unpublished")
 """What the sink writes; the database gives the rest."""
 COPIED = COLUMNS[1:]
 """What moves with a dead letter from one table to another (not its id)."""

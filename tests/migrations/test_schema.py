@@ -209,7 +209,7 @@ def test_status_lists_applied_and_pending(
     assert main(["db", "status", "--database-url", url]) == 0
     out = capsys.readouterr().out
     assert "current revision: 0002_user_vectors" in out
-    assert "pending  0003_add_user_segments" in out and "8 migration(s) pending" in out
+    assert "pending  0003_add_user_segments" in out and "9 migration(s) pending" in out
 
 
 def test_validate_prints_the_seed_report(

@@ -16,6 +16,7 @@ from usertrail.producers.ids import uuid7
 from usertrail.sink import dlq
 from usertrail.sink.consumer import Sink, SinkOptions
 
+from tests.conftest import read_all
 from tests.sink.conftest import query, run_sink_until
 from tests.workers import profile_message
 from usertrail.cli import main
@@ -190,6 +191,50 @@ async def test_poison_messages_become_dead_letters_and_valid_ones_are_written(
     assert "metadata" in by_value[poison["big_metadata"]].error
     assert main(["dlq", "list", "--reason", "invalid", "--database-url", database_url]) == 0
     assert "4 dead letter(s)" in capsys.readouterr().out
+
+
+async def test_each_dead_letter_reaches_its_topic_even_one_a_killed_sink_left_unpublished(
+    settings: Settings, database_url: str
+) -> None:
+    """A dead letter is in the table "unpublished" until the broker has
+    acknowledged it on the dead-letter topic. One a sink left so (killed
+    between the batch's commit and the send, or refused by the broker) goes
+    out at the next sink's start; what went out is marked, and a sink
+    started again publishes nothing twice."""
+    left = query(
+        database_url,
+        'INSERT INTO usertrail_dead_letters (reason, error, topic, partition, "offset", key, '
+        "value, unpublished) VALUES ('invalid', 'left behind', %s, 0, 7, 'k', 'v', true) "
+        "RETURNING id",
+        (settings.events_topic,),
+    )
+    assert len(left) == 1
+    producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers)
+    await producer.start()
+    try:
+        await producer.send_and_wait(settings.events_topic, b"not json", key=b"v")
+    finally:
+        await producer.stop()
+
+    def published() -> bool:
+        (counts,) = query(
+            database_url,
+            "SELECT count(*), count(*) FILTER (WHERE unpublished) FROM usertrail_dead_letters",
+        )
+        return counts == (2, 0)
+
+    await run_sink_until(settings, published)
+    dead = await read_all(settings, settings.dead_letter_topic, expected=3, timeout=10)
+    assert sorted(value for _, _, value in dead) == [b"not json", b"v"]
+    # started again (until it wrote a new event: past its start's look at
+    # the table), it publishes nothing twice
+    async with TrackingClient(source="web", settings=settings) as client:
+        await client.track_interaction(user_id="v", type="chat", service="saju")
+    await run_sink_until(
+        settings, rows_done(database_url, 'SELECT count(*) FROM "UserInteraction"', 1)
+    )
+    again = await read_all(settings, settings.dead_letter_topic, expected=3, timeout=5)
+    assert sorted(value for _, _, value in again) == [b"not json", b"v"]
 
 
 async def test_retry_writes_a_parked_profile_and_keeps_an_event_out_of_bounds(
