@@ -704,12 +704,15 @@ class Sink:
                             (_PUBLISH_CHUNK,),
                         )
                     ).fetchall()
+                    sent = []
                     for _, *dead in rows:
                         key, value, headers = deadletters.message(*dead)
-                        await self.producer.send(
-                            self.settings.dead_letter_topic, value, key=key, headers=headers
+                        sent.append(
+                            await self.producer.send(
+                                self.settings.dead_letter_topic, value, key=key, headers=headers
+                            )
                         )
-                    await self.producer.flush()
+                    await asyncio.gather(*sent)  # every one acknowledged, or the first failure
                     await conn.execute(
                         "UPDATE usertrail_dead_letters SET unpublished = false WHERE id = ANY(%s)",
                         ([row[0] for row in rows],),
