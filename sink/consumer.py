@@ -686,39 +686,41 @@ class Sink:
         """Every dead letter the table holds "unpublished" onto the dead-letter
         topic, for tools that watch it (the table, written in the batch's
         transaction, is the record of truth), oldest first: taken under a
-        lock another sink of the group passes over, sent, and marked once
-        the broker acknowledged them. A failure leaves them for the next
+        lock another sink of the group passes over, sent, and each marked
+        once the broker acknowledged it. What failed stays for the next
         batch with dead letters, or the sink's next start: each reaches the
         topic at least once (twice if the sink dies between the
-        acknowledgement and the mark)."""
+        acknowledgement and the mark). On a connection of its own: the
+        writer's may be in a batch's transaction meanwhile."""
         try:
-            await self.writer.connect()
-            conn = self.writer.conn
-            while True:
-                async with conn.transaction():
-                    rows = await (
-                        await conn.execute(
-                            'SELECT id, reason, error, topic, partition, "offset", key, value '
-                            "FROM usertrail_dead_letters WHERE unpublished ORDER BY id "
-                            "LIMIT %s FOR UPDATE SKIP LOCKED",
-                            (_PUBLISH_CHUNK,),
-                        )
-                    ).fetchall()
-                    sent = []
-                    for _, *dead in rows:
-                        key, value, headers = deadletters.message(*dead)
-                        sent.append(
-                            await self.producer.send(
-                                self.settings.dead_letter_topic, value, key=key, headers=headers
+            async with await psycopg.AsyncConnection.connect(self.writer.conninfo) as conn:
+                while True:
+                    async with conn.transaction():
+                        rows = await (
+                            await conn.execute(
+                                'SELECT id, reason, error, topic, partition, "offset", key, '
+                                "value FROM usertrail_dead_letters WHERE unpublished "
+                                "ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED",
+                                (_PUBLISH_CHUNK,),
                             )
+                        ).fetchall()
+                        acknowledged, failed = await self._send_dead_letters(rows)
+                        await conn.execute(
+                            "UPDATE usertrail_dead_letters SET unpublished = false "
+                            "WHERE id = ANY(%s)",
+                            (acknowledged,),
                         )
-                    await asyncio.gather(*sent)  # every one acknowledged, or the first failure
-                    await conn.execute(
-                        "UPDATE usertrail_dead_letters SET unpublished = false WHERE id = ANY(%s)",
-                        ([row[0] for row in rows],),
-                    )
-                if len(rows) < _PUBLISH_CHUNK:
-                    return
+                    if failed:
+                        log.warning(
+                            "%d dead letters not published to %s (they are in the table, and "
+                            "go with the next batch that has some): %r",
+                            len(failed),
+                            self.settings.dead_letter_topic,
+                            failed[0],
+                        )
+                        return
+                    if len(rows) < _PUBLISH_CHUNK:
+                        return
         except (KafkaError, psycopg.Error) as exc:
             log.warning(
                 "could not publish dead letters to %s (they are in the table, and go "
@@ -726,6 +728,35 @@ class Sink:
                 self.settings.dead_letter_topic,
                 exc,
             )
+
+    async def _send_dead_letters(
+        self, rows: Sequence[tuple[Any, ...]]
+    ) -> tuple[list[int], list[BaseException]]:
+        """Send each (id, reason, error, topic, partition, offset, key, value):
+        the ids the broker acknowledged, and what failed."""
+        ids: list[int] = []
+        sent: list[Any] = []
+        failed: list[BaseException] = []
+        for dead_id, *dead in rows:
+            key, value, headers = deadletters.message(*dead)
+            try:
+                future = await self.producer.send(
+                    self.settings.dead_letter_topic, value, key=key, headers=headers
+                )
+            except KafkaError as exc:  # this one (too big for the topic, say): the rest go on
+                failed.append(exc)
+                continue
+            ids.append(dead_id)
+            sent.append(future)
+        acknowledged = []
+        for dead_id, outcome in zip(
+            ids, await asyncio.gather(*sent, return_exceptions=True), strict=True
+        ):
+            if isinstance(outcome, BaseException):
+                failed.append(outcome)
+            else:
+                acknowledged.append(dead_id)
+        return acknowledged, failed
 
     def _commit_for_monitoring(self, result: WriteResult) -> None:
         """The written positions, committed to the group for lag tools (the

@@ -339,6 +339,10 @@ class Writer:
             self._marks = None
 
     @property
+    def conninfo(self) -> str:
+        return self._conninfo
+
+    @property
     def conn(self) -> psycopg.AsyncConnection[Any]:
         assert self._conn is not None, "connect() first"
         return self._conn

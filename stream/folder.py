@@ -224,14 +224,18 @@ class BatchFolder:
         """Before the partitions change hands: every write of ours
         acknowledged (or failed), so their next owner recovers all of them
         and none lands after theirs. ``folding()``: until the batch being
-        folded (if any) ends; it stops at its next write."""
+        folded (if any) ends; it stops before its next user's writes. The
+        stopped batch and its sends get REVOKE_WAIT_SECONDS together."""
         self.generation += 1
         self.delivered_at.clear()  # the next assignment's partitions get their grace again
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + REVOKE_WAIT_SECONDS
         try:
             if folding is not None:
                 await asyncio.wait_for(folding(), REVOKE_WAIT_SECONDS)
             await asyncio.wait_for(
-                asyncio.gather(*self.abandoned, return_exceptions=True), REVOKE_WAIT_SECONDS
+                asyncio.gather(*self.abandoned, return_exceptions=True),
+                max(0.0, deadline - loop.time()),
             )
         except TimeoutError:
             # a broker that answers nothing for that long: what this worker

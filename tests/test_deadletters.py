@@ -36,3 +36,14 @@ def test_a_dead_letter_on_the_topic_fits_and_says_what_was_cut(
     if key is not None:
         assert m.key == key[: deadletters.MAX_BYTES // 8]
         assert ("key-truncated-from" in headers) == (len(key) > deadletters.MAX_BYTES // 8)
+
+
+def test_a_record_with_neither_key_nor_value_still_has_a_dead_letter_record() -> None:
+    """A producer sends a key or a value (aiokafka asserts one): a dead
+    letter of a record that had neither goes out with an empty value, and
+    says so. (Sent as it was, it stopped the sink at every start.)"""
+    m = deadletters.message("invalid", "empty record value (null)", "t", 0, 5, None, None)
+    assert (m.key, m.value) == (None, b"")
+    assert ("value-null", b"true") in m.headers
+    kept = deadletters.message("invalid", "e", "t", 0, 6, b"k", None)
+    assert kept.value is None and ("value-null", b"true") not in kept.headers

@@ -17,6 +17,7 @@ is refused (restoring after them would put every record at another offset).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import struct
 from collections.abc import Iterator, Sequence
@@ -259,17 +260,23 @@ async def _restore_dead_letters(
     if not tps or any(n > 0 for n in (await consumer.end_offsets(tps)).values()):
         return 0
     n = 0
+    ids: list[int] = []
+    sent: list[Any] = []
     async with conn.cursor(name="restore_dead_letters") as cur:
         await cur.execute(
-            'SELECT reason, error, topic, partition, "offset", key, value '
+            'SELECT id, reason, error, topic, partition, "offset", key, value '
             "FROM usertrail_dead_letters ORDER BY id"
         )
         while rows := await cur.fetchmany(_CHUNK):
-            for row in rows:
+            for dead_id, *row in rows:
                 key, value, headers = deadletters.message(*row)
-                await producer.send(topic, value, key=key, headers=headers)
+                sent.append(await producer.send(topic, value, key=key, headers=headers))
+                ids.append(dead_id)
                 n += 1
-    await producer.flush()
-    # all on the topic now: none waits for the sink to publish it again
-    await conn.execute("UPDATE usertrail_dead_letters SET unpublished = false WHERE unpublished")
+    outcomes = await asyncio.gather(*sent, return_exceptions=True)
+    # on the topic now: the sink need not publish these again
+    await conn.execute(
+        "UPDATE usertrail_dead_letters SET unpublished = false WHERE id = ANY(%s)",
+        ([i for i, o in zip(ids, outcomes, strict=True) if not isinstance(o, BaseException)],),
+    )
     return n

@@ -69,4 +69,9 @@ def message(
     if key is not None and len(key) > MAX_BYTES // 8:
         headers.append(("key-truncated-from", str(len(key)).encode()))
         key = key[: MAX_BYTES // 8]
+    if key is None and value is None:
+        # a producer sends a key or a value (aiokafka asserts it): this
+        # record's empty value stands for its null
+        headers.append(("value-null", b"true"))
+        value = b""
     return Message(key, value, headers)
