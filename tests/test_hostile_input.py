@@ -32,6 +32,7 @@ from tests.workers import (
     wait_for_profile,
     worker_view,
 )
+from usertrail.apache_kafka import KafkaCluster
 from usertrail.embedded import free_port
 from usertrail.settings import Settings
 
@@ -206,6 +207,54 @@ async def test_a_dead_letter_too_big_for_its_topic_lands_truncated(
     # idempotent producer on tansu) can land twice, as the same bytes
     assert dead and len({value for _, _, value in dead}) == 1, [len(v or b"") for *_, v in dead]
     assert len(dead[0][2] or b"") == 512 * 1024
+
+
+async def test_a_dead_letter_its_topic_refuses_waits_and_the_others_go_on(
+    kafka1: KafkaCluster, settings_factory: Callable[..., Settings], database_url: str
+) -> None:
+    """On a dead-letter topic that takes 64 KiB a record (Apache Kafka
+    enforces it), the dead letter of a 300 KiB record is refused: it stays
+    unpublished in the table, and the one found after it still goes out and
+    is marked (one refused send once held back every one sent with it)."""
+    from tests.conftest import read_all
+    from usertrail.topics import TopicSpec, ensure_topics
+
+    settings = settings_factory(kafka1, database_url=database_url)
+    await ensure_topics(
+        settings,
+        [
+            TopicSpec(settings.events_topic, 1, {"max.message.bytes": str(4 << 20)}),
+            TopicSpec(settings.profiles_topic, 1, {}),
+            TopicSpec(settings.dead_letter_topic, 1, {"max.message.bytes": str(64 << 10)}),
+        ],
+    )
+    big = b'{"kind": "interaction", "x": "' + b"a" * (300 << 10) + b'"}'
+    raw = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers, max_request_size=4 << 20)
+    await raw.start()
+    try:
+        await (await raw.send(settings.events_topic, big, key=b"u1"))
+        await (await raw.send(settings.events_topic, b"small, and not JSON", key=b"u2"))
+    finally:
+        await raw.stop()
+    sink = Sink(settings, SinkOptions(group=unique("sink")))
+    sinking = asyncio.create_task(sink.run())
+    try:
+        for _ in range(300):
+            (counts,) = query(
+                database_url,
+                "SELECT count(*), count(*) FILTER (WHERE unpublished) FROM usertrail_dead_letters",
+            )
+            if counts == (2, 1):
+                break
+            await asyncio.sleep(0.2)
+        dead = await read_all(settings, settings.dead_letter_topic, expected=2, timeout=5)
+    finally:
+        sink.stop()
+        await asyncio.wait_for(sinking, 60)
+    assert query(
+        database_url, "SELECT length(value), unpublished FROM usertrail_dead_letters ORDER BY id"
+    ) == [(len(big), True), (19, False)]
+    assert [value for _, _, value in dead] == [b"small, and not JSON"]
 
 
 # The real sink, in a process that exits at once (as a crash in a parser or
