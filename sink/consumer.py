@@ -704,7 +704,9 @@ class Sink:
                                 (_PUBLISH_CHUNK,),
                             )
                         ).fetchall()
-                        acknowledged, failed = await self._send_dead_letters(rows)
+                        acknowledged, failed = await deadletters.send(
+                            self.producer, self.settings.dead_letter_topic, rows
+                        )
                         await conn.execute(
                             "UPDATE usertrail_dead_letters SET unpublished = false "
                             "WHERE id = ANY(%s)",
@@ -728,35 +730,6 @@ class Sink:
                 self.settings.dead_letter_topic,
                 exc,
             )
-
-    async def _send_dead_letters(
-        self, rows: Sequence[tuple[Any, ...]]
-    ) -> tuple[list[int], list[BaseException]]:
-        """Send each (id, reason, error, topic, partition, offset, key, value):
-        the ids the broker acknowledged, and what failed."""
-        ids: list[int] = []
-        sent: list[Any] = []
-        failed: list[BaseException] = []
-        for dead_id, *dead in rows:
-            key, value, headers = deadletters.message(*dead)
-            try:
-                future = await self.producer.send(
-                    self.settings.dead_letter_topic, value, key=key, headers=headers
-                )
-            except KafkaError as exc:  # this one (too big for the topic, say): the rest go on
-                failed.append(exc)
-                continue
-            ids.append(dead_id)
-            sent.append(future)
-        acknowledged = []
-        for dead_id, outcome in zip(
-            ids, await asyncio.gather(*sent, return_exceptions=True), strict=True
-        ):
-            if isinstance(outcome, BaseException):
-                failed.append(outcome)
-            else:
-                acknowledged.append(dead_id)
-        return acknowledged, failed
 
     def _commit_for_monitoring(self, result: WriteResult) -> None:
         """The written positions, committed to the group for lag tools (the

@@ -17,7 +17,6 @@ is refused (restoring after them would put every record at another offset).
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import struct
 from collections.abc import Iterator, Sequence
@@ -260,23 +259,20 @@ async def _restore_dead_letters(
     if not tps or any(n > 0 for n in (await consumer.end_offsets(tps)).values()):
         return 0
     n = 0
-    ids: list[int] = []
-    sent: list[Any] = []
+    published: list[Any] = []
     async with conn.cursor(name="restore_dead_letters") as cur:
         await cur.execute(
             'SELECT id, reason, error, topic, partition, "offset", key, value '
             "FROM usertrail_dead_letters ORDER BY id"
         )
         while rows := await cur.fetchmany(_CHUNK):
-            for dead_id, *row in rows:
-                key, value, headers = deadletters.message(*row)
-                sent.append(await producer.send(topic, value, key=key, headers=headers))
-                ids.append(dead_id)
-                n += 1
-    outcomes = await asyncio.gather(*sent, return_exceptions=True)
+            acknowledged, failed = await deadletters.send(producer, topic, rows)
+            if failed:  # left unpublished: the sink sends them again
+                log.warning("%d dead letters not restored to %s: %r", len(failed), topic, failed[0])
+            published += acknowledged
+            n += len(rows)
     # on the topic now: the sink need not publish these again
     await conn.execute(
-        "UPDATE usertrail_dead_letters SET unpublished = false WHERE id = ANY(%s)",
-        ([i for i, o in zip(ids, outcomes, strict=True) if not isinstance(o, BaseException)],),
+        "UPDATE usertrail_dead_letters SET unpublished = false WHERE id = ANY(%s)", (published,)
     )
     return n

@@ -5,7 +5,11 @@ sink, and again by the archive's restore)."""
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import asyncio
+from collections.abc import Iterable, Sequence
+from typing import Any, NamedTuple
+
+from aiokafka.errors import KafkaError
 
 COLUMNS = (
     "id",
@@ -75,3 +79,32 @@ def message(
         headers.append(("value-null", b"true"))
         value = b""
     return Message(key, value, headers)
+
+
+async def send(
+    producer: Any, topic: str, rows: Iterable[Sequence[Any]]
+) -> tuple[list[Any], list[BaseException]]:
+    """Each (id, reason, error, topic, partition, offset, key, value) onto
+    ``topic`` through an aiokafka producer: the ids the broker acknowledged,
+    and what failed (one refused at once, too big for the topic say, does
+    not stop the rest)."""
+    ids: list[Any] = []
+    sent: list[Any] = []
+    failed: list[BaseException] = []
+    for dead_id, *dead in rows:
+        key, value, headers = message(*dead)
+        try:
+            sent.append(await producer.send(topic, value, key=key, headers=headers))
+        except KafkaError as exc:
+            failed.append(exc)
+            continue
+        ids.append(dead_id)
+    acknowledged = []
+    for dead_id, outcome in zip(
+        ids, await asyncio.gather(*sent, return_exceptions=True), strict=True
+    ):
+        if isinstance(outcome, BaseException):
+            failed.append(outcome)
+        else:
+            acknowledged.append(dead_id)
+    return acknowledged, failed
