@@ -25,7 +25,7 @@ from aiokafka.conn import AIOKafkaConnection
 from hypothesis import HealthCheck
 from hypothesis import settings as hypothesis_settings
 
-from usertrail.apache_kafka import KafkaCluster, free_cluster_port
+from usertrail.apache_kafka import KafkaCluster, class_archive, free_cluster_port, java_binary
 from usertrail.embedded import EmbeddedBroker, EmbeddedPostgres, free_port
 from usertrail.kafka import never_create_topics, stop_within
 from usertrail.logs import COMMAND_HANDLER
@@ -59,6 +59,21 @@ def pytest_configure(config: pytest.Config) -> None:
     # The SDK spools under the user's data directory by default; outside a
     # test (collection, session fixtures) a spool of the process's own.
     os.environ["USERTRAIL_SPOOL_DIR"] = tempfile.mkdtemp(prefix="usertrail-spool-")
+    if not hasattr(config, "workerinput"):  # once, before xdist's workers start
+        _class_archive_made()
+
+
+def _class_archive_made() -> None:
+    """The Kafka nodes' class-data archive, made by one node started and
+    stopped (about 8 s, on a machine that has none yet): every node the
+    suite starts after it loads its classes from it, and the session's own
+    nodes are killed, never stopped, so none of them would write it."""
+    if class_archive(java_binary()).exists():
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        cluster = kafka_cluster(Path(tmp), brokers=1)
+        cluster.start()
+        cluster.stop()
 
 
 @pytest.fixture(autouse=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import os
 import signal
 import subprocess
 import time
@@ -21,7 +22,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.partitioner import DefaultPartitioner
 from usertrail.producers import TrackingClient, decode, demo
 
-from tests.conftest import Broker, read_all, unique
+from tests.conftest import Broker, kafka_cluster, read_all, unique
 from tests.sink.conftest import query
 from tests.workers import (
     Supervisor,
@@ -40,6 +41,7 @@ from tests.workers import (
     worker_view,
     written_through,
 )
+from usertrail import apache_kafka
 from usertrail.apache_kafka import KafkaCluster, KafkaNode, java_binary, jvm_options
 from usertrail.embedded import free_port
 from usertrail.kafka import probe, stop_within
@@ -550,3 +552,37 @@ def test_the_jvm_starts_with_our_options_and_any_kafka_opts(extra: str) -> None:
     flags = {f[1]: f[3] for f in (line.split() for line in done.stdout.splitlines()) if len(f) > 3}
     assert flags["TieredStopAtLevel"] == ("4" if "Tiered" in extra else "1")
     assert flags["UseG1GC" if "G1" in extra else "UseSerialGC"] == "true"
+
+
+def test_a_node_loads_its_classes_from_the_archive_a_stopped_node_wrote(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first node to stop writes the JVM's class-data archive; the nodes
+    started after it map it; a damaged one is left to the JVM, which loads
+    the classes from the jars and starts all the same."""
+    archive = tmp_path / "classes.jsa"
+    monkeypatch.setattr(apache_kafka, "class_archive", lambda java: archive)
+    monkeypatch.delenv("KAFKA_OPTS", raising=False)
+    cluster = kafka_cluster(tmp_path / "kafka", brokers=1)
+    node = cluster.nodes[0]
+
+    def mapped() -> bool:
+        assert node.proc is not None
+        return str(archive) in Path(f"/proc/{node.proc.pid}/maps").read_text()
+
+    try:
+        cluster.start()
+        assert not archive.exists() and not mapped()
+        cluster.stop()
+        assert archive.exists(), "the stopped node wrote the archive at its exit"
+        assert list(tmp_path.glob("*.tmp")) == []
+        cluster.start()
+        assert mapped(), "a node started after it loads its classes from it"
+        cluster.stop()
+        archive.chmod(0o644)
+        archive.write_bytes(os.urandom(1 << 20))
+        cluster.start()
+        assert probe(cluster.bootstrap_servers).kind == "kafka"
+        assert not mapped()
+    finally:
+        cluster.kill()
