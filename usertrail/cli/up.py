@@ -127,6 +127,7 @@ def _archive_the_rest(settings: Settings) -> None:
     embedded tansu stops and its log with it."""
     from usertrail.sink.consumer import write_to_the_end
 
+    log.info("reading every partition to its end before the embedded broker stops with its log")
     try:
         written = asyncio.run(write_to_the_end(settings))
     except (UsertrailError, TimeoutError, OSError) as exc:
