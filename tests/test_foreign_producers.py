@@ -1,5 +1,6 @@
 """Events from another client: librdkafka (confluent-kafka) with its default
-partitioner (CRC32, not murmur2), each event written as JSON by hand from the
+partitioner (CRC32, not murmur2) and the codecs our SDK does not use (zstd,
+snappy, gzip), each event written as JSON by hand from the
 exported JSON Schema, not by our SDK. Rows, profiles and ``verify`` (with its
 cross-check of every profile against SQL over the rows) agree (#19)."""
 
@@ -117,10 +118,16 @@ def edge_cases(user: str) -> tuple[list[dict[str, Any]], int]:
 
 
 def produce(
-    bootstrap: str, topic: str, docs: list[dict[str, Any]], partitioner: str = "consistent_random"
+    bootstrap: str,
+    topic: str,
+    docs: list[dict[str, Any]],
+    partitioner: str = "consistent_random",
+    compression: str = "none",
 ) -> dict[str, int]:
     """Send with librdkafka's defaults (its partitioner: CRC32 of the key,
-    unless another is named); the last offset of each user."""
+    unless another is named; no compression unless a codec is named: our SDK
+    sends lz4, other clients gzip, snappy or zstd); the last offset of each
+    user."""
     last: dict[str, int] = {}
     failed: list[str] = []
 
@@ -131,7 +138,14 @@ def produce(
         user = (msg.key() or b"").decode()
         last[user] = max(last.get(user, -1), msg.offset() or 0)
 
-    producer = Producer({"bootstrap.servers": bootstrap, "acks": "all", "partitioner": partitioner})
+    producer = Producer(
+        {
+            "bootstrap.servers": bootstrap,
+            "acks": "all",
+            "partitioner": partitioner,
+            "compression.type": compression,
+        }
+    )
     for doc in docs:
         producer.produce(topic, json.dumps(doc), key=doc["userId"], on_delivery=delivered)
         producer.poll(0)
@@ -150,7 +164,9 @@ async def test_events_written_by_librdkafka_in_any_time_zone_agree_everywhere(
     docs = plan(users)
     odd, refused = edge_cases("rdk-edges")
     docs += odd
-    await asyncio.to_thread(produce, settings.bootstrap_servers, settings.events_topic, docs)
+    await asyncio.to_thread(
+        produce, settings.bootstrap_servers, settings.events_topic, docs, compression="zstd"
+    )
     interactions = sum(1 for d in docs if d["kind"] == "interaction") - refused
 
     web_port = free_port()
@@ -238,8 +254,8 @@ async def test_one_users_events_on_several_partitions_are_folded_once_in_one_ord
                 await client.send(decode(json.dumps(d).encode()))
         bootstrap, topic = settings.bootstrap_servers, settings.events_topic
         if extra is None:
-            await asyncio.to_thread(produce, bootstrap, topic, crc)
-        await asyncio.to_thread(produce, bootstrap, topic, scatter, "random")
+            await asyncio.to_thread(produce, bootstrap, topic, crc, compression="snappy")
+        await asyncio.to_thread(produce, bootstrap, topic, scatter, "random", "gzip")
 
     await send_all()
     rows = sum(1 for d in docs if d["kind"] == "interaction" and d["userId"] != users[0])
