@@ -27,6 +27,7 @@ from hypothesis import settings as hypothesis_settings
 
 from usertrail.apache_kafka import KafkaCluster, class_archive, free_cluster_port, java_binary
 from usertrail.embedded import EmbeddedBroker, EmbeddedPostgres, free_port
+from usertrail.errors import EmbeddedStackError
 from usertrail.kafka import never_create_topics, stop_within
 from usertrail.logs import COMMAND_HANDLER
 from usertrail.settings import Settings
@@ -67,8 +68,13 @@ def _class_archive_made() -> None:
     """The Kafka nodes' class-data archive, made by one node started and
     stopped (about 8 s, on a machine that has none yet): every node the
     suite starts after it loads its classes from it, and the session's own
-    nodes are killed, never stopped, so none of them would write it."""
-    if class_archive(java_binary()).exists():
+    nodes are killed, never stopped, so none of them would write it. Without
+    Java, nothing: the tests that need Kafka say so themselves."""
+    try:
+        java = java_binary()
+    except EmbeddedStackError:
+        return
+    if class_archive(java).exists():
         return
     with tempfile.TemporaryDirectory() as tmp:
         cluster = kafka_cluster(Path(tmp), brokers=1)
