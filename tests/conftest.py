@@ -12,6 +12,7 @@ import gc
 import itertools
 import logging
 import os
+import subprocess
 import tempfile
 import traceback
 import weakref
@@ -25,7 +26,13 @@ from aiokafka.conn import AIOKafkaConnection
 from hypothesis import HealthCheck
 from hypothesis import settings as hypothesis_settings
 
-from usertrail.apache_kafka import KafkaCluster, class_archive, free_cluster_port, java_binary
+from usertrail.apache_kafka import (
+    KafkaCluster,
+    archive_options,
+    class_archive,
+    free_cluster_port,
+    java_binary,
+)
 from usertrail.embedded import EmbeddedBroker, EmbeddedPostgres, free_port
 from usertrail.errors import EmbeddedStackError
 from usertrail.kafka import never_create_topics, stop_within
@@ -69,17 +76,21 @@ def _class_archive_made() -> None:
     stopped (about 8 s, on a machine that has none yet): every node the
     suite starts after it loads its classes from it, and the session's own
     nodes are killed, never stopped, so none of them would write it. Without
-    Java, nothing: the tests that need Kafka say so themselves."""
+    Java, Maven or a node that starts, nothing but a warning: the tests that
+    need Kafka say what is missing themselves."""
+    if archive_options(os.environ.get("KAFKA_OPTS", "")):
+        return  # class sharing as KAFKA_OPTS sets it: no archive of ours
     try:
-        java = java_binary()
-    except EmbeddedStackError:
-        return
-    if class_archive(java).exists():
-        return
-    with tempfile.TemporaryDirectory() as tmp:
-        cluster = kafka_cluster(Path(tmp), brokers=1)
-        cluster.start()
-        cluster.stop()
+        if class_archive(java_binary()).exists():
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            cluster = kafka_cluster(Path(tmp), brokers=1)
+            try:
+                cluster.start()
+            finally:
+                cluster.stop()
+    except (EmbeddedStackError, OSError, subprocess.SubprocessError) as exc:
+        logging.getLogger(__name__).warning("no class-data archive for the Kafka nodes: %s", exc)
 
 
 @pytest.fixture(autouse=True)

@@ -219,12 +219,20 @@ def class_archive(java: str) -> Path:
     return cache_dir() / f"classes-{key[:16]}.jsa"
 
 
-def _archive_options(extra: str) -> bool:
-    """Whether ``extra`` (``KAFKA_OPTS``) sets class sharing itself."""
-    return any(
-        o.startswith(("-Xshare", "-XX:SharedArchiveFile", "-XX:ArchiveClassesAtExit"))
-        for o in shlex.split(extra)
-    )
+_CLASS_SHARING = (
+    "Xshare",
+    "SharedArchiveFile",
+    "ArchiveClassesAtExit",
+    "SharedSpaces",
+    "RecordDynamicDumpInfo",
+    "AutoCreateSharedArchive",
+)
+
+
+def archive_options(extra: str) -> bool:
+    """Whether ``extra`` (``KAFKA_OPTS``) sets class sharing itself (then
+    ours would conflict with it, or be ignored)."""
+    return any(name in o for o in shlex.split(extra) for name in _CLASS_SHARING)
 
 
 class KafkaNode(_Child):
@@ -237,7 +245,8 @@ class KafkaNode(_Child):
         self.controller_port = controller_port
         self.dir = cluster.data_dir / f"node-{node_id}"
         self.name = f"kafka node {node_id}"
-        self._dumping: Path | None = None  # the class-data archive its JVM writes at exit
+        # the class-data archive its JVM writes at exit, and where it goes
+        self._dumping: tuple[Path, Path] | None = None
 
     @property
     def log_dir(self) -> Path:
@@ -305,16 +314,16 @@ class KafkaNode(_Child):
         the storage tool's 1.6); until there is one, a node writes one when
         it stops (``stop``). A missing, stale or damaged archive is no error:
         the JVM then loads the classes from the jars."""
-        if _archive_options(extra):
+        if archive_options(extra):
             return []
         archive = class_archive(self.cluster.java)
         if archive.exists():
             return [f"-XX:SharedArchiveFile={archive}"]
         if main != "kafka.Kafka":
             return []
-        self._keep_archive(False)  # one a JVM that ended by itself left unfinished
-        self._dumping = archive.with_name(f"{archive.name}.{os.getpid()}-{self.node_id}.tmp")
-        return [f"-XX:ArchiveClassesAtExit={self._dumping}"]
+        dump = archive.with_name(f"{archive.name}.{uuid.uuid4().hex}.tmp")
+        self._dumping = (dump, archive)
+        return [f"-XX:ArchiveClassesAtExit={dump}"]
 
     def _format(self) -> None:
         if (self.log_dir / "meta.properties").exists():
@@ -342,6 +351,7 @@ class KafkaNode(_Child):
     def start(self) -> None:
         if self.running:
             return
+        self._keep_archive(False)  # one a JVM that ended by itself may have left unfinished
         for port in (self.port, self.controller_port):
             if not _port_free(port):
                 raise EmbeddedStackError(
@@ -380,18 +390,20 @@ class KafkaNode(_Child):
             self.resume()  # a paused JVM would not see the SIGTERM
         proc = self.proc
         self._stop(signal.SIGTERM, grace=30)
-        self._keep_archive(proc is not None and proc.returncode != -signal.SIGKILL)
+        # a JVM exits 128 + 15 after its shutdown on SIGTERM, 0 if it stopped first
+        self._keep_archive(proc is not None and proc.returncode in (0, 128 + signal.SIGTERM))
 
     def _keep_archive(self, whole: bool) -> None:
         """The class-data archive the stopped JVM wrote at its exit is
-        installed if it exited by itself (one cut short is removed)."""
-        dumped, self._dumping = self._dumping, None
-        if dumped is None or not dumped.exists():
+        installed if it shut down cleanly (0 or SIGTERM's 143); one cut
+        short, or of a JVM that crashed, is removed."""
+        dumping, self._dumping = self._dumping, None
+        if dumping is None or not dumping[0].exists():
             return
         if whole:
-            os.replace(dumped, class_archive(self.cluster.java))
+            os.replace(*dumping)
         else:
-            dumped.unlink(missing_ok=True)
+            dumping[0].unlink(missing_ok=True)
 
     def pause(self) -> None:
         assert self.proc is not None
@@ -533,7 +545,7 @@ class KafkaCluster:
             assert node.proc is not None
             node.resume()
             node.proc.send_signal(signal.SIGTERM)
-        for node in running:
+        for node in self.nodes:  # one that exited by itself too: what it left is settled
             node.stop()
 
     def kill(self) -> None:
