@@ -22,7 +22,7 @@ from usertrail.producers.ids import uuid7
 from usertrail.sink.consumer import Sink, SinkOptions
 from usertrail.sink.plan import DeadLetter, Record, classify
 
-from tests.conftest import Broker, create_topics, unique
+from tests.conftest import Broker, create_topics, read_all, unique
 from tests.sink.conftest import query
 from tests.workers import (
     count_rows,
@@ -35,6 +35,7 @@ from tests.workers import (
 from usertrail.apache_kafka import KafkaCluster
 from usertrail.embedded import free_port
 from usertrail.settings import Settings
+from usertrail.topics import TopicSpec, ensure_topics
 
 GOOD = json.dumps(
     {
@@ -172,9 +173,6 @@ async def test_a_dead_letter_too_big_for_its_topic_lands_truncated(
     """A 1.5 MiB record (its topic allows 4 MiB) is a dead letter: every byte
     in the table, the first 512 KiB on the dead-letter topic, which takes
     1 MB by default, with the size it had."""
-    from tests.conftest import read_all
-    from usertrail.topics import TopicSpec, ensure_topics
-
     settings = settings_factory(broker, database_url=database_url)
     await ensure_topics(
         settings,
@@ -216,9 +214,6 @@ async def test_a_dead_letter_its_topic_refuses_waits_and_the_others_go_on(
     enforces it), the dead letter of a 300 KiB record is refused: it stays
     unpublished in the table, and the one found after it still goes out and
     is marked (one refused send once held back every one sent with it)."""
-    from tests.conftest import read_all
-    from usertrail.topics import TopicSpec, ensure_topics
-
     settings = settings_factory(kafka1, database_url=database_url)
     await ensure_topics(
         settings,
