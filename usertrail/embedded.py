@@ -20,6 +20,7 @@ import signal
 import socket
 import stat
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 from types import TracebackType
@@ -34,6 +35,34 @@ log = logging.getLogger("usertrail.embedded")
 
 PG_SYSTEM_USER = "embedded_postgres"
 """PostgreSQL refuses to run as root; as root we run it as this user."""
+
+
+def system_user(name: str) -> pwd.struct_passwd:
+    """The system user ``name``, made (with ``useradd``) if it does not exist.
+
+    One process at a time, across processes: ``useradd`` does not hold off a
+    second ``useradd`` of the same name (seen on Debian 12: three at once
+    made the user twice, under two ids, and a process that had read the
+    first id started PostgreSQL as a user that no longer existed).
+    """
+    lock_path = Path(tempfile.gettempdir()) / "usertrail-useradd.lock"
+    with open(lock_path, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            return pwd.getpwnam(name)
+        except KeyError:
+            pass
+        made = subprocess.run(
+            ["useradd", "--system", "--no-create-home", "-s", "/usr/sbin/nologin", name],
+            capture_output=True,
+        )
+        try:
+            return pwd.getpwnam(name)
+        except KeyError:
+            raise EmbeddedStackError(
+                f"could not make the system user {name} to run PostgreSQL as "
+                f"(it refuses to run as root): {made.stderr.decode(errors='replace').strip()}"
+            ) from None
 
 
 def _die_with_parent() -> None:
@@ -247,22 +276,7 @@ class EmbeddedPostgres(_Child):
     def _run_as(self) -> tuple[int, int] | None:
         if os.geteuid() != 0:
             return None
-        try:
-            entry = pwd.getpwnam(PG_SYSTEM_USER)
-        except KeyError:
-            subprocess.run(
-                [
-                    "useradd",
-                    "--system",
-                    "--no-create-home",
-                    "-s",
-                    "/usr/sbin/nologin",
-                    PG_SYSTEM_USER,
-                ],
-                check=True,
-                capture_output=True,
-            )
-            entry = pwd.getpwnam(PG_SYSTEM_USER)
+        entry = system_user(PG_SYSTEM_USER)
         # The unprivileged user must be able to reach the binaries and data.
         install = self.bin_dir().parent
         for path in (*install.parents, *self.data_dir.parents):
