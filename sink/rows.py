@@ -1,6 +1,7 @@
-"""``"UserInteraction"`` rows in COPY text format.
+"""``"UserInteraction"`` rows, in COPY's binary format (and in its text
+format, for the benchmarks' raw COPY).
 
-``copy_line`` makes the row of a validated ``Interaction``. ``fast_row``
+``binary_row`` makes the row of a validated ``Interaction``. ``fast_row``
 makes the same row straight from the wire bytes, in about half the time of
 validating them with the contract's models, for the one layout ``encode``
 writes (the SDK's, the demo's): every field is checked against the same
@@ -8,15 +9,19 @@ rules, as strictly or more, and the metadata is validated and written again
 by pydantic as the slow path does. Bytes in any other layout (another
 producer's key order, spacing, escapes) give None and go the slow way, where
 the contract decides. ``tests/sink/test_rows.py`` holds the two paths to the
-same answer.
+same answer, and the binary rows to what COPY's text format stores.
+
+Binary, not text: PostgreSQL takes the time as a number instead of parsing
+it, and nothing is escaped on either side (sink/writer.py's COPY).
 """
 
 from __future__ import annotations
 
 import functools
 import re
+import struct
 from collections.abc import Iterable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple
 
 from pydantic import ConfigDict, TypeAdapter
@@ -112,12 +117,57 @@ def interaction_copy_rows(interactions: Iterable[Interaction]) -> bytes:
     return "".join(map(copy_line, interactions)).encode()
 
 
+# --- COPY's binary format ------------------------------------------------------------------
+BINARY_HEADER = b"PGCOPY\n\xff\r\n\x00" + struct.pack(">ii", 0, 0)  # signature, flags, extension
+BINARY_TRAILER = struct.pack(">h", -1)
+_EPOCH_2000 = datetime(2000, 1, 1, tzinfo=UTC)  # a timestamp's zero
+_EPOCH_2000_S = int(_EPOCH_2000.timestamp())
+_MICROSECOND = timedelta(microseconds=1)
+_ROW_START = struct.pack(">hi", 8, 36)  # 8 columns; the event id's length (a UUID's text)
+_LENGTH = struct.Struct(">i")
+_TIME = struct.Struct(">iq")  # length 8, microseconds since 2000-01-01
+_NULL_FIELD = _LENGTH.pack(-1)
+_RATINGS = {str(r).encode(): struct.pack(">ii", 4, r) for r in range(1, 6)}
+_JSONB_V1 = b"\x01"  # jsonb's binary form: a version byte, then JSON text
+
+
+@functools.lru_cache(maxsize=1 << 12)
+def _text(value: bytes) -> bytes:
+    """A text column's binary field: its length, then its UTF-8 bytes.
+    (Remembered: types, services and themes are a few words, over and over.)"""
+    return _LENGTH.pack(len(value)) + value
+
+
+def binary_row(e: Interaction) -> bytes:
+    """The row of an interaction in COPY's binary format: createdAt is the
+    event time in UTC (a timestamp without time zone, as the seed defines
+    it), the same row ``copy_line`` writes as text."""
+    user = e.user_id.encode()
+    metadata = to_json(e.metadata)
+    return b"".join(
+        (
+            _ROW_START,
+            str(e.event_id).encode(),
+            _LENGTH.pack(len(user)),
+            user,
+            _TIME.pack(8, (e.occurred_at - _EPOCH_2000) // _MICROSECOND),
+            _text(e.type.encode()),
+            _text(e.service.encode()),
+            _NULL_FIELD if e.theme is None else _text(e.theme.encode()),
+            _NULL_FIELD if e.rating is None else struct.pack(">ii", 4, e.rating),
+            _LENGTH.pack(len(metadata) + 1),
+            _JSONB_V1,
+            metadata,
+        )
+    )
+
+
 class FastRow(NamedTuple):
     """An interaction read by ``fast_row``: what the sink needs of it."""
 
     event_id: str
     user_id: str
-    line: bytes  # its "UserInteraction" row, as copy_line writes it
+    row: bytes  # its "UserInteraction" row, as binary_row writes it
     kind: str = "interaction"
 
 
@@ -196,28 +246,28 @@ def fast_row(value: bytes, key: bytes | None, timestamp_ms: int = -1) -> FastRow
         meta = canonical_metadata(metadata)
     except ValueError:  # pydantic's ValidationError is one
         return None
+    micros = at * 1_000_000 + (int(fraction.ljust(6, b"0")) if fraction else 0)
     if timestamp_ms >= 0:
         # out_of_bounds's test, on the same float: datetime.timestamp()
         # divides the whole microseconds by 10**6, as here
-        micros = at * 1_000_000 + (int(fraction.ljust(6, b"0")) if fraction else 0)
         at_ms = micros / 1_000_000 * 1000
         if not timestamp_ms - PAST_BOUND_MS <= at_ms <= timestamp_ms + FUTURE_BOUND_MS:
             return None
-    if fraction is not None and fraction != b"000000"[: len(fraction)]:
-        second += b"." + fraction.ljust(6, b"0")  # as pydantic-core writes microseconds
-    if b"\\" in meta:
-        meta = meta.replace(b"\\", b"\\\\")
-    line = b"\t".join(
+    row = b"".join(
         (
+            _ROW_START,
             event_id,
+            _LENGTH.pack(len(user)),
             user,
-            second,
-            type_,
-            service,
-            _NULL if theme is None else theme,
-            _NULL if rating is None else rating,
+            _TIME.pack(8, micros - _EPOCH_2000_S * 1_000_000),
+            _text(type_),
+            _text(service),
+            _NULL_FIELD if theme is None else _text(theme),
+            _NULL_FIELD if rating is None else _RATINGS[rating],
+            _LENGTH.pack(len(meta) + 1),
+            _JSONB_V1,
             meta,
         )
     )
     # tuple.__new__: FastRow(...) goes through a Python-level __new__
-    return tuple.__new__(FastRow, (event_id.decode(), user.decode(), line + b"\n", "interaction"))
+    return tuple.__new__(FastRow, (event_id.decode(), user.decode(), row, "interaction"))

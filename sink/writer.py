@@ -1,6 +1,6 @@
 """Writes a batch of records to PostgreSQL in one transaction.
 
-A batch is first *prepared* (decoded, planned, its COPY text built: CPU work
+A batch is first *prepared* (decoded, planned, its COPY data built: CPU work
 that yields to the event loop as it goes, so the sink prepares the next batch
 while PostgreSQL writes this one), then *applied* in one transaction.
 
@@ -52,7 +52,13 @@ from usertrail.sink.plan import (
     classify,
     plan,
 )
-from usertrail.sink.rows import FastRow, copy_line, profile_copy_line
+from usertrail.sink.rows import (
+    BINARY_HEADER,
+    BINARY_TRAILER,
+    FastRow,
+    binary_row,
+    profile_copy_line,
+)
 
 from usertrail import deadletters
 from usertrail.archive import encode
@@ -65,6 +71,7 @@ UNAPPLICABLE = "unapplicable"
 UnknownUsers = Literal["create", "park"]
 
 _COPY_COLUMNS = '(id, "userId", "createdAt", type, service, theme, rating, metadata)'
+_BINARY = "FROM STDIN (FORMAT binary)"  # the rows of sink/rows.py
 _PREFERENCE_COLUMNS = {
     "preferredLanguage": False,  # column: is it JSONB
     "preferredThemes": True,
@@ -145,7 +152,7 @@ class Prepared:
     decoded: list[Decoded]
     profiles: dict[str, _ProfileWrite]
     plan: WritePlan
-    copy: bytes  # COPY text of plan.interactions, each event id once
+    copy: bytes  # COPY data (binary) of plan.interactions, each event id once
     copied: int  # rows in `copy`
     archive: list[ArchiveRow] = field(default_factory=list)  # where the log is archived
     # what was decided of each record before decoding (sink/careful.py), kept
@@ -494,7 +501,7 @@ class Writer:
         classified: Sequence[Decoded | DeadLetter | None] | None = None,
         unapplicable: str | None = None,
     ) -> Prepared:
-        """Decode (unless ``classified``), plan and build the COPY text of a
+        """Decode (unless ``classified``), plan and build the COPY data of a
         batch, yielding to the event loop every few hundred records."""
         found: dict[tuple[str, int], int] = {}
         dead: list[DeadLetter] = []
@@ -542,10 +549,12 @@ class Writer:
         for e in write_plan.interactions:  # an app that sent an event twice: one row
             if e.event_id not in seen:
                 seen.add(e.event_id)
-                lines.append(e.line if isinstance(e, FastRow) else copy_line(e).encode())
+                lines.append(e.row if isinstance(e, FastRow) else binary_row(e))
                 if len(lines) % _SLICE == 0:
                     await asyncio.sleep(0)
-        return write_plan, b"".join(lines), len(lines)
+        if not lines:
+            return write_plan, b"", 0
+        return write_plan, b"".join((BINARY_HEADER, *lines, BINARY_TRAILER)), len(lines)
 
     async def _apply(self, prepared: Prepared, positions: bool) -> WriteResult:
         conn = self.conn
@@ -819,13 +828,13 @@ class Writer:
             return
         try:
             async with self.conn.transaction():  # a savepoint
-                async with cur.copy(f'COPY "UserInteraction" {_COPY_COLUMNS} FROM STDIN') as copy:
+                async with cur.copy(f'COPY "UserInteraction" {_COPY_COLUMNS} {_BINARY}') as copy:
                     await copy.write(data)
             result.interactions += rows
             return
         except psycopg.errors.UniqueViolation:
             pass  # a redelivery: some rows are there already
-        async with cur.copy(f"COPY usertrail_staging {_COPY_COLUMNS} FROM STDIN") as copy:
+        async with cur.copy(f"COPY usertrail_staging {_COPY_COLUMNS} {_BINARY}") as copy:
             await copy.write(data)
         await cur.execute(
             f'INSERT INTO "UserInteraction" {_COPY_COLUMNS} '

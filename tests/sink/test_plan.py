@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from usertrail.producers.events import Interaction, accept, build, encode
 from usertrail.sink.plan import DeadLetter, Decoded, Record, classify
-from usertrail.sink.rows import FastRow, copy_line
+from usertrail.sink.rows import FastRow, binary_row
 
 _EVENT = build(
     "interaction",
@@ -50,7 +50,7 @@ def test_accept_takes_exactly_what_classify_decodes(key: bytes | None, value: by
         assert isinstance(classified, Decoded)
         if isinstance(classified.event, FastRow):  # the row made from the bytes directly
             assert isinstance(accepted, Interaction)
-            assert classified.event.line == copy_line(accepted).encode()
+            assert classified.event.row == binary_row(accepted)
         else:
             assert accepted == classified.event
 

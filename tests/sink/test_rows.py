@@ -1,5 +1,5 @@
 """``fast_row`` (the row straight from the wire bytes) against the contract
-(``decode``) followed by ``copy_line``: whatever the fast path takes, the
+(``decode``) followed by ``binary_row``: whatever the fast path takes, the
 contract takes too, with the very same row; what it leaves, the slow path
 judges."""
 
@@ -8,8 +8,9 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime
 
+import psycopg
 import pytest
-from hypothesis import assume, example, given
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 from pydantic_core import to_json
 from usertrail.producers.events import EventBase, Interaction, build, decode, encode
@@ -17,7 +18,10 @@ from usertrail.sink.plan import Decoded, Record, classify
 from usertrail.sink.rows import (
     _FLAT_METADATA,
     _METADATA,
+    BINARY_HEADER,
+    BINARY_TRAILER,
     FastRow,
+    binary_row,
     canonical_metadata,
     copy_line,
     fast_row,
@@ -35,13 +39,13 @@ def contract_row(value: bytes, key: bytes | None) -> bytes | None:
         return None
     if not isinstance(event, Interaction) or key != event.user_id.encode():
         return None
-    return copy_line(event).encode()
+    return binary_row(event)
 
 
 def agrees(value: bytes, key: bytes | None) -> FastRow | None:
     row = fast_row(value, key)
     if row is not None:
-        assert contract_row(value, key) == row.line, value
+        assert contract_row(value, key) == row.row, value
         event = decode(value)
         assert (row.event_id, row.user_id) == (event.event_id, event.user_id)
     return row
@@ -170,7 +174,7 @@ def test_classify_gives_the_fast_row_where_it_can() -> None:
     record = Record("usertrail.events", 0, 7, b"u1", _BASE)
     decoded = classify(record)
     assert isinstance(decoded, Decoded) and isinstance(decoded.event, FastRow)
-    assert decoded.event.line == contract_row(_BASE, b"u1")
+    assert decoded.event.row == contract_row(_BASE, b"u1")
     spaced = Record("usertrail.events", 0, 8, b"u1", _BASE.replace(b",", b", "))
     slow = classify(spaced)
     assert isinstance(slow, Decoded) and isinstance(slow.event, Interaction)
@@ -215,3 +219,28 @@ def test_any_metadata_is_judged_as_pydantic_judges_it(
             canonical_metadata(raw)
         return
     assert canonical_metadata(raw) == want
+
+
+_COLUMNS = '(id, "userId", "createdAt", type, service, theme, rating, metadata)'
+
+
+@settings(max_examples=60, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(interactions, max_size=12))
+def test_binary_rows_store_what_copy_text_stores(database_url: str, batch: list[EventBase]) -> None:
+    """The sink's binary rows, COPYed into PostgreSQL, hold what the text
+    format's rows (``copy_line``) hold: the same ids, times, fields and
+    metadata, whatever the events."""
+    events = [e for e in batch if isinstance(e, Interaction)]
+    with psycopg.connect(database_url) as conn:
+        for table in ("as_text", "as_binary"):
+            conn.execute(f'CREATE TEMP TABLE {table} (LIKE "UserInteraction") ON COMMIT DROP')
+        with conn.cursor().copy(f"COPY as_text {_COLUMNS} FROM STDIN") as copy:
+            copy.write("".join(map(copy_line, events)).encode())
+        with conn.cursor().copy(f"COPY as_binary {_COLUMNS} FROM STDIN (FORMAT binary)") as copy:
+            copy.write(b"".join((BINARY_HEADER, *map(binary_row, events), BINARY_TRAILER)))
+        text, binary = (
+            conn.execute(f"SELECT * FROM {table} ORDER BY id, metadata::text").fetchall()
+            for table in ("as_text", "as_binary")
+        )
+    assert binary == text
+    assert len(binary) == len(events)
