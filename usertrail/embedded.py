@@ -20,7 +20,6 @@ import signal
 import socket
 import stat
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 from types import TracebackType
@@ -37,7 +36,12 @@ PG_SYSTEM_USER = "embedded_postgres"
 """PostgreSQL refuses to run as root; as root we run it as this user."""
 
 
-def system_user(name: str) -> pwd.struct_passwd:
+USERADD_LOCK = Path("/run/usertrail-useradd.lock")
+"""Held while the system user is made: a path only root can write (a lock
+in /tmp could be held, or planted, by anyone)."""
+
+
+def system_user(name: str, timeout: float = 60.0) -> pwd.struct_passwd:
     """The system user ``name``, made (with ``useradd``) if it does not exist.
 
     One process at a time, across processes: ``useradd`` does not hold off a
@@ -45,24 +49,44 @@ def system_user(name: str) -> pwd.struct_passwd:
     made the user twice, under two ids, and a process that had read the
     first id started PostgreSQL as a user that no longer existed).
     """
-    lock_path = Path(tempfile.gettempdir()) / "usertrail-useradd.lock"
-    with open(lock_path, "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            return pwd.getpwnam(name)
-        except KeyError:
-            pass
-        made = subprocess.run(
-            ["useradd", "--system", "--no-create-home", "-s", "/usr/sbin/nologin", name],
-            capture_output=True,
+    with contextlib.suppress(KeyError):
+        return pwd.getpwnam(name)
+
+    def refused(why: str) -> EmbeddedStackError:
+        return EmbeddedStackError(
+            f"could not make the system user {name} to run PostgreSQL as "
+            f"(it refuses to run as root): {why}"
         )
+
+    try:
+        fd = os.open(USERADD_LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    except OSError as exc:
+        raise refused(f"{USERADD_LOCK}: {exc.strerror}") from None
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise refused(f"{USERADD_LOCK} stayed locked for {timeout:.0f} s") from None
+                time.sleep(0.05)
+        with contextlib.suppress(KeyError):
+            return pwd.getpwnam(name)  # made meanwhile, by the process that held the lock
+        try:
+            made = subprocess.run(
+                ["useradd", "--system", "--no-create-home", "-s", "/usr/sbin/nologin", name],
+                capture_output=True,
+            )
+        except OSError as exc:
+            raise refused(f"useradd: {exc.strerror}") from None
         try:
             return pwd.getpwnam(name)
         except KeyError:
-            raise EmbeddedStackError(
-                f"could not make the system user {name} to run PostgreSQL as "
-                f"(it refuses to run as root): {made.stderr.decode(errors='replace').strip()}"
-            ) from None
+            raise refused(made.stderr.decode(errors="replace").strip()) from None
+    finally:
+        os.close(fd)
 
 
 def _die_with_parent() -> None:

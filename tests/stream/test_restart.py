@@ -41,8 +41,8 @@ async def kill_while_folding(
     a fast machine's tenth life folded them all)."""
     # one client for the whole wait: a new one per look took tens of ms
     consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap_servers, group_id=None)
-    await consumer.start()
     try:
+        await consumer.start()
         tps = await partitions_of(consumer, settings.changelog_topic)
         before = await consumer.end_offsets(tps)
         loop = asyncio.get_running_loop()
