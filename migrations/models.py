@@ -143,7 +143,7 @@ class ConsumerPosition(Base):
 class ArchivedRecords(Base):
     """Raw records of one partition, read in one batch, written by the sink
     with its positions; what ``usertrail up`` restores into a broker that
-    lost them (docs/log.md). ``data``: usertrail.sink.archive's encoding."""
+    lost them (docs/log.md). ``data``: usertrail.archive's encoding."""
 
     __tablename__ = "usertrail_archive"
     __table_args__ = (

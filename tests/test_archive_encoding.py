@@ -5,12 +5,15 @@ the sink compressed them still read."""
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from types import SimpleNamespace
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from usertrail.archive import decode, encode
+from usertrail.archive import _row_records, decode, encode
+from usertrail.errors import LogResetError
 from usertrail.kafka import encode_headers
 
 _headers = st.one_of(
@@ -58,6 +61,14 @@ def test_rows_archived_uncompressed_still_decode(records: list[SimpleNamespace])
     assert [tuple(r) for r in decode(_uncompressed(records))] == _as_read(records)
 
 
+_RECORDS = [
+    SimpleNamespace(
+        offset=40 + i, timestamp=1767225600000 + i, key=b"u%d" % i, value=b"{}" * i, headers=[]
+    )
+    for i in range(20)
+]
+
+
 def test_the_archive_compresses_a_batch_of_events() -> None:
     value = (
         b'{"eventId":"0190f0a1-2b3c-7d4e-8f50-61728394a5b6","userId":"user-17",'
@@ -73,3 +84,30 @@ def test_the_archive_compresses_a_batch_of_events() -> None:
     data = encode(records)
     assert len(data) * 4 < len(_uncompressed(records))
     assert [tuple(r) for r in decode(data)] == _as_read(records)
+
+
+def _row(records: list[SimpleNamespace], data: bytes) -> tuple[str, int, int, int, int, bytes]:
+    return ("usertrail.events", 3, records[0].offset, records[-1].offset, len(records), data)
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda data: data[: len(data) // 2],  # cut short
+        lambda data: (
+            data[:1] + struct.pack(">I", struct.unpack(">I", data[1:5])[0] + 64) + data[5:]
+        ),
+        lambda data: data[:1] + struct.pack(">I", struct.unpack(">I", data[1:5])[0] - 9) + data[5:],
+        lambda data: data[:5] + bytes(len(data) - 5),  # the block zeroed
+        lambda data: data[:3],
+        lambda data: _uncompressed(_RECORDS)[:-7],  # an old row cut short
+    ],
+)
+def test_a_damaged_archive_row_is_refused_naming_the_row(damage: Callable[[bytes], bytes]) -> None:
+    """`log restore` meets a row that is not what the sink wrote: it stops
+    with LogResetError (exit code 3) naming the partition and offsets,
+    before producing anything of that row, never a traceback or made-up
+    records."""
+    assert [tuple(r) for r in _row_records(*_row(_RECORDS, encode(_RECORDS)))] == _as_read(_RECORDS)
+    with pytest.raises(LogResetError, match=r"usertrail\.events\[3\], archived offsets 40-59"):
+        _row_records(*_row(_RECORDS, damage(encode(_RECORDS))))

@@ -25,7 +25,7 @@ from typing import Any
 
 import psycopg
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
-from cramjam import lz4
+from cramjam import DecompressionError, lz4
 
 from usertrail import deadletters
 from usertrail.errors import LogResetError
@@ -84,22 +84,45 @@ ArchivedRecord = tuple[int, bytes | None, bytes | None, int, list[tuple[str, byt
 
 
 def decode(data: bytes) -> Iterator[ArchivedRecord]:
-    """(offset, key, value, timestamp, headers) of each record in ``data``."""
-    if data[:1] == _LZ4:
-        (size,) = _SIZE.unpack_from(data, 1)
-        data = bytes(lz4.decompress_block(data[1 + _SIZE.size :], output_len=size))
-        if len(data) != size:
-            raise ValueError(f"an archived row holds {len(data)} bytes of records, not {size}")
-    at, view = 0, memoryview(data)
-    while at < len(data):
-        offset, timestamp, *lengths = _RECORD.unpack_from(data, at)
-        at += _RECORD.size
-        fields: list[bytes | None] = []
-        for n in lengths:
-            fields.append(None if n < 0 else bytes(view[at : at + n]))
-            at += max(n, 0)
-        key, value, headers = fields
-        yield offset, key, value, timestamp, decode_headers(headers)
+    """(offset, key, value, timestamp, headers) of each record in ``data``;
+    ValueError where ``data`` is no such encoding (damaged)."""
+    try:
+        if data[:1] == _LZ4:
+            (size,) = _SIZE.unpack_from(data, 1)
+            data = bytes(lz4.decompress_block(data[1 + _SIZE.size :], output_len=size))
+        at, view = 0, memoryview(data)
+        while at < len(data):
+            offset, timestamp, *lengths = _RECORD.unpack_from(data, at)
+            at += _RECORD.size
+            fields: list[bytes | None] = []
+            for n in lengths:
+                fields.append(None if n < 0 else bytes(view[at : at + n]))
+                at += max(n, 0)
+            if at > len(data):
+                raise ValueError("a record runs past the end of the data")
+            key, value, headers = fields
+            yield offset, key, value, timestamp, decode_headers(headers)
+    except (struct.error, DecompressionError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{type(exc).__name__}: {exc}") from None
+
+
+def _row_records(
+    topic: str, partition: int, first: int, last: int, count: int, data: bytes
+) -> list[ArchivedRecord]:
+    """The records of one archived row, checked against what the row says it
+    holds (a damaged row fails here, before any of it is restored)."""
+    where = f"{topic}[{partition}], archived offsets {first}-{last}"
+    try:
+        records = list(decode(data))
+    except ValueError as exc:
+        raise LogResetError(f"the archive's row of {where} is damaged ({exc})") from None
+    offsets = [r[0] for r in records]
+    if len(records) != count or (records and (offsets[0], offsets[-1]) != (first, last)):
+        raise LogResetError(
+            f"the archive's row of {where} is damaged: it holds {len(records)} records "
+            f"({offsets[0] if offsets else '-'}-{offsets[-1] if offsets else '-'}), not {count}"
+        )
+    return records
 
 
 @dataclass
@@ -229,14 +252,14 @@ async def _restore_partition(
 
     async with conn.cursor(name=f"restore_{partition}") as cur:
         await cur.execute(
-            "SELECT data FROM usertrail_archive WHERE topic = %s AND partition = %s "
-            "ORDER BY first_offset",
+            "SELECT first_offset, last_offset, records, data FROM usertrail_archive "
+            "WHERE topic = %s AND partition = %s ORDER BY first_offset",
             (topic, partition),
         )
         batch, first, n = producer.create_batch(), 0, 0
         while rows := await cur.fetchmany(_CHUNK):
-            for (data,) in rows:
-                for offset, key, value, timestamp, headers in decode(data):
+            for row in rows:
+                for offset, key, value, timestamp, headers in _row_records(topic, partition, *row):
                     if offset != first + n:
                         raise LogResetError(
                             f"cannot restore {topic}[{partition}] at the same offsets: the "

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import struct
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import sqlalchemy as sa
@@ -15,6 +17,7 @@ from usertrail.migrations.catalog import diff, snapshot
 from usertrail.migrations.models import PRODUCT_TABLES, Base
 
 from tests.seeds import SEEDS_SQL, engine_for, run_sql
+from usertrail import archive
 from usertrail.cli import main
 
 
@@ -244,3 +247,47 @@ def test_validate_prints_the_seed_report(
     }
     assert main(["db", "validate", "--database-url", url]) == 0
     assert "tarot-lover" in capsys.readouterr().out
+
+
+def _plain(records: list[SimpleNamespace]) -> bytes:
+    """Records as the code before 0012 archived them: per record offset,
+    timestamp, the lengths of key, value and headers (-1: none), the bytes."""
+    return b"".join(
+        struct.pack(">qqiii", r.offset, r.timestamp, len(r.key), len(r.value), -1) + r.key + r.value
+        for r in records
+    )
+
+
+def test_going_below_0012_gives_the_archive_rows_back_as_the_old_code_reads_them(
+    fresh: Callable[[], tuple[str, sa.Engine]],
+) -> None:
+    """Rows the sink archived compressed (0012) are, after a downgrade to
+    0011, the records as they are: what the code before 0012 decodes; a row
+    archived before 0012 is left as it was."""
+    records = [
+        SimpleNamespace(
+            offset=o, timestamp=1767225600000 + o, key=b"u1", value=b"{}" * o, headers=[]
+        )
+        for o in range(300)
+    ]
+    parts = [(p, records[f : f + 150]) for p in range(2) for f in (0, 150)]
+    _, engine = fresh()
+    runner.upgrade(engine)
+    with engine.begin() as conn:
+        for i, (partition, part) in enumerate(parts):
+            conn.execute(
+                sa.text("INSERT INTO usertrail_archive VALUES ('t', :p, :f, :l, :n, :d)"),
+                {
+                    "p": partition,
+                    "f": part[0].offset,
+                    "l": part[-1].offset,
+                    "n": len(part),
+                    "d": _plain(part) if i == 1 else archive.encode(part),  # one from before
+                },
+            )
+    runner.downgrade(engine, "0011_dead_letter_outbox")
+    with engine.connect() as conn:
+        stored = conn.exec_driver_sql(
+            "SELECT data FROM usertrail_archive ORDER BY partition, first_offset"
+        ).scalars()
+        assert [bytes(d) for d in stored] == [_plain(part) for _, part in parts]
