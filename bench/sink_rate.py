@@ -2,13 +2,15 @@
 
 Both write the same interactions into a freshly migrated database each round
 (the full schema: the foreign key to "User" and the three indexes), with the
-users already in "User". The raw COPY sends pre-built COPY text; the sink
-reads a pre-filled topic, validates, plans and writes as in production. The
-sink is timed from its first written batch to its last (the group join
-before it is not throughput). Prints each round and the median ratio
-sink/raw (target: >= 0.8), and where each spends CPU per row over the same
-window: PostgreSQL's processes (every backend and helper of the server), the
-Python process (the sink, or the COPY's client) and the broker's.
+users already in "User". The raw COPY sends pre-built COPY text (what a team
+loading the rows by hand would send); the sink reads a pre-filled topic,
+validates, plans and writes as in production (in COPY's binary format,
+sink/rows.py). The sink is timed from its first written batch to its last
+(the group join before it is not throughput). Prints each round and the
+median ratio sink/raw (target: >= 0.8), and where each spends CPU per row
+over the same window: PostgreSQL's processes (every backend and helper of
+the server), the Python process (the sink, or the COPY's client) and the
+broker's.
 
 ``--busy`` runs a CPU-bound process (one core, spinning) beside both for the
 whole run: the sink needs its own Python and PostgreSQL where the raw COPY

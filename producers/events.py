@@ -136,12 +136,22 @@ def _rfc3339(value: Any) -> Any:
     return value
 
 
+def _utc_representable(at: datetime) -> datetime:
+    # an instant is stored and compared in UTC: 0001-01-01T00:00:00+01:00
+    # has no UTC date-time (year 0), nor has 9999-12-31T23:00:00-05:00
+    try:
+        at.astimezone(UTC)
+    except OverflowError:
+        raise ValueError("must lie within the years 1 to 9999 in UTC") from None
+    return at
+
+
 Slug = Annotated[str, Field(max_length=SLUG_MAX, pattern=SLUG_PATTERN)]
 UserId = Annotated[str, Field(min_length=1, max_length=USER_ID_MAX, pattern=TEXT_ID_PATTERN)]
 EventId = Annotated[str, Field(pattern=UUID7_PATTERN)]
 JsonObject = Annotated[dict[str, JsonValue], AfterValidator(_free_form)]
 Rating = Annotated[StrictInt, Field(ge=1, le=5), BeforeValidator(_whole_number)]
-EventTime = Annotated[AwareDatetime, BeforeValidator(_rfc3339)]
+EventTime = Annotated[AwareDatetime, BeforeValidator(_rfc3339), AfterValidator(_utc_representable)]
 
 
 class ContractModel(BaseModel):
@@ -374,7 +384,8 @@ def json_schemas() -> dict[str, dict[str, Any]]:
             description="RFC 3339 date-time with an explicit offset (Z or +hh:mm), any "
             "offset: it is read as the instant it names, and every time usertrail "
             "writes or compares is that instant in UTC. Besides the pattern: a real "
-            "calendar date (no 2026-02-30), and no leap second (:60). It lies at most "
+            "calendar date (no 2026-02-30), no leap second (:60), and within the years "
+            "1 to 9999 once in UTC (not 0001-01-01T00:00:00+01:00). It lies at most "
             "one day after the Kafka record's timestamp and at most ten years (3,653 "
             "days) before it; outside, the event is a dead letter.",
         )

@@ -123,7 +123,8 @@ BINARY_TRAILER = struct.pack(">h", -1)
 _EPOCH_2000 = datetime(2000, 1, 1, tzinfo=UTC)  # a timestamp's zero
 _EPOCH_2000_S = int(_EPOCH_2000.timestamp())
 _MICROSECOND = timedelta(microseconds=1)
-_ROW_START = struct.pack(">hi", 8, 36)  # 8 columns; the event id's length (a UUID's text)
+_COLUMNS = struct.pack(">h", 8)
+_ROW_START = _COLUMNS + struct.pack(">i", 36)  # fast_row's event ids: a UUID's text, always
 _LENGTH = struct.Struct(">i")
 _TIME = struct.Struct(">iq")  # length 8, microseconds since 2000-01-01
 _NULL_FIELD = _LENGTH.pack(-1)
@@ -142,15 +143,20 @@ def binary_row(e: Interaction) -> bytes:
     """The row of an interaction in COPY's binary format: createdAt is the
     event time in UTC (a timestamp without time zone, as the seed defines
     it), the same row ``copy_line`` writes as text."""
-    user = e.user_id.encode()
+    event_id, user = str(e.event_id).encode(), e.user_id.encode()
     metadata = to_json(e.metadata)
+    # in UTC first, as copy_line: a time whose UTC falls outside years
+    # 1-9999 raises OverflowError here (the record is then unapplicable),
+    # never a row that no client could read back
+    at = e.occurred_at.astimezone(UTC)
     return b"".join(
         (
-            _ROW_START,
-            str(e.event_id).encode(),
+            _COLUMNS,
+            _LENGTH.pack(len(event_id)),
+            event_id,
             _LENGTH.pack(len(user)),
             user,
-            _TIME.pack(8, (e.occurred_at - _EPOCH_2000) // _MICROSECOND),
+            _TIME.pack(8, (at - _EPOCH_2000) // _MICROSECOND),
             _text(e.type.encode()),
             _text(e.service.encode()),
             _NULL_FIELD if e.theme is None else _text(e.theme.encode()),

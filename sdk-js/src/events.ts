@@ -10,7 +10,7 @@ export interface Interaction {
   kind: "interaction";
   /** free-form JSON object: finite numbers only (no NaN or Infinity, none beyond a double), no NUL (\u0000) in a string or key, at most 32 levels of nesting */
   metadata?: JsonObject;
-  /** RFC 3339 date-time with an explicit offset (Z or +hh:mm), any offset: it is read as the instant it names, and every time usertrail writes or compares is that instant in UTC. Besides the pattern: a real calendar date (no 2026-02-30), and no leap second (:60). It lies at most one day after the Kafka record's timestamp and at most ten years (3,653 days) before it; outside, the event is a dead letter. */
+  /** RFC 3339 date-time with an explicit offset (Z or +hh:mm), any offset: it is read as the instant it names, and every time usertrail writes or compares is that instant in UTC. Besides the pattern: a real calendar date (no 2026-02-30), no leap second (:60), and within the years 1 to 9999 once in UTC (not 0001-01-01T00:00:00+01:00). It lies at most one day after the Kafka record's timestamp and at most ten years (3,653 days) before it; outside, the event is a dead letter. */
   occurredAt: string;
   rating?: number | null;
   schemaVersion: 1;
@@ -33,7 +33,7 @@ export interface OnboardingCompleted {
   experience?: "new" | "casual" | "regular" | "expert" | null;
   interests?: Array<string>;
   kind: "onboarding.completed";
-  /** RFC 3339 date-time with an explicit offset (Z or +hh:mm), any offset: it is read as the instant it names, and every time usertrail writes or compares is that instant in UTC. Besides the pattern: a real calendar date (no 2026-02-30), and no leap second (:60). It lies at most one day after the Kafka record's timestamp and at most ten years (3,653 days) before it; outside, the event is a dead letter. */
+  /** RFC 3339 date-time with an explicit offset (Z or +hh:mm), any offset: it is read as the instant it names, and every time usertrail writes or compares is that instant in UTC. Besides the pattern: a real calendar date (no 2026-02-30), no leap second (:60), and within the years 1 to 9999 once in UTC (not 0001-01-01T00:00:00+01:00). It lies at most one day after the Kafka record's timestamp and at most ten years (3,653 days) before it; outside, the event is a dead letter. */
   occurredAt: string;
   schemaVersion: 1;
   services?: Array<string>;
@@ -51,7 +51,7 @@ export interface PreferencesUpdated {
   kind: "preferences.updated";
   /** free-form JSON object: finite numbers only (no NaN or Infinity, none beyond a double), no NUL (\u0000) in a string or key, at most 32 levels of nesting */
   notificationSettings?: JsonObject | null;
-  /** RFC 3339 date-time with an explicit offset (Z or +hh:mm), any offset: it is read as the instant it names, and every time usertrail writes or compares is that instant in UTC. Besides the pattern: a real calendar date (no 2026-02-30), and no leap second (:60). It lies at most one day after the Kafka record's timestamp and at most ten years (3,653 days) before it; outside, the event is a dead letter. */
+  /** RFC 3339 date-time with an explicit offset (Z or +hh:mm), any offset: it is read as the instant it names, and every time usertrail writes or compares is that instant in UTC. Besides the pattern: a real calendar date (no 2026-02-30), no leap second (:60), and within the years 1 to 9999 once in UTC (not 0001-01-01T00:00:00+01:00). It lies at most one day after the Kafka record's timestamp and at most ten years (3,653 days) before it; outside, the event is a dead letter. */
   occurredAt: string;
   preferredLanguage?: string | null;
   preferredServices?: Array<string> | null;
@@ -71,7 +71,7 @@ export interface UserErased {
   /** lower-case canonical UUIDv7, made by the client; becomes UserInteraction.id */
   eventId: string;
   kind: "user.erased";
-  /** RFC 3339 date-time with an explicit offset (Z or +hh:mm), any offset: it is read as the instant it names, and every time usertrail writes or compares is that instant in UTC. Besides the pattern: a real calendar date (no 2026-02-30), and no leap second (:60). It lies at most one day after the Kafka record's timestamp and at most ten years (3,653 days) before it; outside, the event is a dead letter. */
+  /** RFC 3339 date-time with an explicit offset (Z or +hh:mm), any offset: it is read as the instant it names, and every time usertrail writes or compares is that instant in UTC. Besides the pattern: a real calendar date (no 2026-02-30), no leap second (:60), and within the years 1 to 9999 once in UTC (not 0001-01-01T00:00:00+01:00). It lies at most one day after the Kafka record's timestamp and at most ten years (3,653 days) before it; outside, the event is a dead letter. */
   occurredAt: string;
   schemaVersion: 1;
   source: string;

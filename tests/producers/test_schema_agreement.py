@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import re
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -147,6 +147,10 @@ def outside_schema(doc: dict[str, Any]) -> str | None:
             datetime.fromisoformat(at.upper())
         except ValueError:
             return "calendar date"
+        try:
+            datetime.fromisoformat(at.upper()).astimezone(UTC)
+        except OverflowError:
+            return "years 1 to 9999 in UTC"
     for name in ("metadata", "answers", "notificationSettings"):
         value = doc.get(name)
         if isinstance(value, dict) and _depth(value) > events.FREE_FORM_DEPTH:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime
+from typing import Any
 
 import psycopg
 import pytest
@@ -14,7 +15,7 @@ from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 from pydantic_core import to_json
 from usertrail.producers.events import EventBase, Interaction, build, decode, encode
-from usertrail.sink.plan import Decoded, Record, classify
+from usertrail.sink.plan import DeadLetter, Decoded, Record, classify
 from usertrail.sink.rows import (
     _FLAT_METADATA,
     _METADATA,
@@ -224,13 +225,9 @@ def test_any_metadata_is_judged_as_pydantic_judges_it(
 _COLUMNS = '(id, "userId", "createdAt", type, service, theme, rating, metadata)'
 
 
-@settings(max_examples=60, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(st.lists(interactions, max_size=12))
-def test_binary_rows_store_what_copy_text_stores(database_url: str, batch: list[EventBase]) -> None:
-    """The sink's binary rows, COPYed into PostgreSQL, hold what the text
-    format's rows (``copy_line``) hold: the same ids, times, fields and
-    metadata, whatever the events."""
-    events = [e for e in batch if isinstance(e, Interaction)]
+def _stored(database_url: str, events: list[Interaction]) -> tuple[list[Any], list[Any]]:
+    """What PostgreSQL holds of ``events`` COPYed as text (``copy_line``)
+    and as the sink's binary rows."""
     with psycopg.connect(database_url) as conn:
         for table in ("as_text", "as_binary"):
             conn.execute(f'CREATE TEMP TABLE {table} (LIKE "UserInteraction") ON COMMIT DROP')
@@ -242,5 +239,53 @@ def test_binary_rows_store_what_copy_text_stores(database_url: str, batch: list[
             conn.execute(f"SELECT * FROM {table} ORDER BY id, metadata::text").fetchall()
             for table in ("as_text", "as_binary")
         )
+    return text, binary
+
+
+@settings(max_examples=60, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(interactions, max_size=12))
+def test_binary_rows_store_what_copy_text_stores(database_url: str, batch: list[EventBase]) -> None:
+    """The sink's binary rows, COPYed into PostgreSQL, hold what the text
+    format's rows (``copy_line``) hold: the same ids, times, fields and
+    metadata, whatever the events."""
+    events = [e for e in batch if isinstance(e, Interaction)]
+    text, binary = _stored(database_url, events)
     assert binary == text
     assert len(binary) == len(events)
+
+
+_TIMES = [
+    ("1999-12-31T23:59:59.999999Z", "1999-12-31T23:59:59.999999"),  # before 2000
+    ("1969-12-31T23:59:59.5Z", "1969-12-31T23:59:59.500000"),  # before 1970
+    ("2026-03-04T05:06:07.123+09:00", "2026-03-03T20:06:07.123000"),
+    ("0001-01-01T09:00:00+09:00", "0001-01-01T00:00:00.000000"),
+    ("9999-12-31T23:59:59.999999Z", "9999-12-31T23:59:59.999999"),
+    ("2000-01-01T00:00:00.000001-00:30", "2000-01-01T00:30:00.000001"),
+]
+
+
+@pytest.mark.parametrize(("written", "utc"), _TIMES)
+def test_binary_rows_hold_the_instant_in_utc(
+    database_url: str, written: str, utc: datetime
+) -> None:
+    """An event from another producer, its time at the edges of the
+    binary format (its zero, 2000-01-01; 1970; years 1 and 9999) or with an
+    offset: the row holds the instant in UTC, as in COPY's text format."""
+    value = _BASE.replace(b"2026-03-01T12:30:05.120000Z", written.encode())
+    event = decode(value)
+    assert isinstance(event, Interaction)
+    text, binary = _stored(database_url, [event])
+    assert binary == text
+    assert binary[0][2].isoformat(timespec="microseconds") == utc  # "createdAt", no zone
+
+
+@pytest.mark.parametrize("written", ["0001-01-01T00:00:00+01:00", "9999-12-31T23:00:00-05:00"])
+def test_a_time_with_no_utc_date_is_a_dead_letter_not_a_crash(written: str) -> None:
+    """0001-01-01T00:00:00+01:00 names an instant of year 0 in UTC, which
+    neither Python nor a row can hold: the record, even without a
+    timestamp to bound it by, is a dead letter (it used to stop the sink
+    as it built the row)."""
+    value = _BASE.replace(b"2026-03-01T12:30:05.120000Z", written.encode())
+    assert value != _BASE
+    dead = classify(Record("usertrail.events", 0, 9, b"u1", value, -1))
+    assert isinstance(dead, DeadLetter) and "years 1 to 9999" in dead.error, dead
