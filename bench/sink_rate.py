@@ -5,12 +5,13 @@ Both write the same interactions into a freshly migrated database each round
 users already in "User". The raw COPY sends pre-built COPY text (what a team
 loading the rows by hand would send); the sink reads a pre-filled topic,
 validates, plans and writes as in production (in COPY's binary format,
-sink/rows.py). The sink is timed from its first written batch to its last
-(the group join before it is not throughput). Prints each round and the
-median ratio sink/raw (target: >= 0.8), and where each spends CPU per row
-over the same window: PostgreSQL's processes (every backend and helper of
-the server), the Python process (the sink, or the COPY's client) and the
-broker's.
+sink/rows.py; each round also times a raw COPY in that format, and prints
+the sink's ratio to it beside the target's). The sink is timed from its
+first written batch to its last (the group join before it is not
+throughput). Prints each round and the median ratio sink/raw (target:
+>= 0.8), and where each spends CPU per row over the same window:
+PostgreSQL's processes (every backend and helper of the server), the Python
+process (the sink, or the COPY's client) and the broker's.
 
 ``--busy`` runs a CPU-bound process (one core, spinning) beside both for the
 whole run: the sink needs its own Python and PostgreSQL where the raw COPY
@@ -40,7 +41,12 @@ from pydantic import SecretStr
 from usertrail.producers.events import Interaction, build, encode
 from usertrail.producers.ids import uuid7
 from usertrail.sink.consumer import Sink, SinkOptions
-from usertrail.sink.rows import interaction_copy_rows
+from usertrail.sink.rows import (
+    BINARY_HEADER,
+    BINARY_TRAILER,
+    binary_row,
+    interaction_copy_rows,
+)
 
 from usertrail.apache_kafka import KafkaCluster
 from usertrail.embedded import EmbeddedPostgres, free_port
@@ -168,8 +174,14 @@ class Cpu:
 
 
 def raw_copy(
-    url: str, data: bytes, rows: int, pids: tuple[int | None, int | None] = (None, None)
+    url: str,
+    data: bytes,
+    rows: int,
+    pids: tuple[int | None, int | None] = (None, None),
+    binary: bool = False,
 ) -> tuple[float, Cpu]:
+    """``data`` (COPY text, or the binary format's whole stream if
+    ``binary``) COPYed into "UserInteraction": rows/s and CPU per row."""
     with psycopg.connect(url) as conn:
         before = Cpu.now(*pids)
         started = time.perf_counter()
@@ -177,7 +189,7 @@ def raw_copy(
             conn.cursor() as cur,
             cur.copy(
                 'COPY "UserInteraction" (id, "userId", "createdAt", type, service, theme, rating, '
-                "metadata) FROM STDIN"
+                f"metadata) FROM STDIN{' (FORMAT binary)' if binary else ''}"
             ) as copy,
         ):
             copy.write(data)
@@ -250,6 +262,7 @@ async def measure(args: argparse.Namespace) -> None:
         try:
             events = make_events(args.rows)
             data = interaction_copy_rows(events)
+            binary = b"".join((BINARY_HEADER, *map(binary_row, events), BINARY_TRAILER))
             base = await filled_topic(broker.bootstrap_servers, Path(tmp), events)
             # The sink's process holds no producer's events: neither does
             # this one while it measures (a full garbage collection would
@@ -259,13 +272,16 @@ async def measure(args: argparse.Namespace) -> None:
             tune_gc()
 
             pids = (pg.pid, broker.pids[0] if isinstance(broker, KafkaCluster) else broker.pid)
-            ratios, costs = [], []
+            ratios, binary_ratios, costs = [], [], []
             # the sink as `up` runs it on the broker asked for (the log
             # archived on tansu, docs/log.md), and the cost of the archive:
             # the same sink with it and without it
             archived = base.archiving
             for r in range(args.rounds):
                 raw, raw_cpu = raw_copy(fresh_database(pg, "bench_raw"), data, args.rows, pids)
+                raw_binary, _ = raw_copy(
+                    fresh_database(pg, "bench_raw"), binary, args.rows, pids, binary=True
+                )
                 rates, cpus = {}, {}
                 for archive in (archived, not archived):
                     url = fresh_database(pg, "bench_sink")
@@ -278,14 +294,21 @@ async def measure(args: argparse.Namespace) -> None:
                     assert count is not None and count[0] == args.rows, count
                 sink = rates[archived]
                 ratios.append(sink / raw)
+                binary_ratios.append(sink / raw_binary)
                 costs.append(rates[True] / rates[False])
                 print(
                     f"round {r + 1}: raw COPY {raw:,.0f} rows/s   sink {sink:,.0f} rows/s "
                     f"(archive {'on' if archived else 'off'})   ratio {sink / raw:.2f}   "
                     f"archive on/off {rates[True] / rates[False]:.2f}\n"
+                    f"  raw COPY in the binary format the sink sends {raw_binary:,.0f} rows/s, "
+                    f"ratio {sink / raw_binary:.2f}\n"
                     f"  CPU: raw COPY {raw_cpu}; sink {cpus[archived]}"
                 )
             print(f"median ratio sink/raw COPY: {statistics.median(ratios):.2f} (target >= 0.8)")
+            print(
+                "median ratio sink/raw binary COPY (the sink's own format): "
+                f"{statistics.median(binary_ratios):.2f}"
+            )
             print(f"median ratio sink with the archive / without: {statistics.median(costs):.2f}")
         finally:
             pg.stop()
