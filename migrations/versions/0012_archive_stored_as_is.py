@@ -2,8 +2,8 @@
 
 ``usertrail_archive.data`` now holds an LZ4 block of a batch's records
 (usertrail/archive.py), compressed by the sink. PostgreSQL's own compression
-of the column (pglz, as TOAST stores a large value) took a fifth of the
-sink's database time, and finds nothing left to save in an LZ4 block: the
+of the column (pglz, as TOAST stores a large value) took about a tenth of
+the sink's statement time, and finds little to save in an LZ4 block: the
 column is stored out of line as it is (STORAGE EXTERNAL). Rows written
 before, uncompressed by the sink and compressed by PostgreSQL, stay as they
 are and are read as before. Going back below this revision turns the rows
