@@ -36,7 +36,7 @@ def _as_read(records: list[SimpleNamespace]) -> list[tuple[object, ...]]:
     return [(r.offset, r.key, r.value, r.timestamp, r.headers) for r in records]
 
 
-def _uncompressed(records: list[SimpleNamespace]) -> bytes:
+def uncompressed(records: list[SimpleNamespace]) -> bytes:
     """A row's data as the sink wrote it before it compressed it: per
     record offset, timestamp (int64), the lengths of key, value and headers
     (int32, -1 null), then their bytes."""
@@ -58,7 +58,7 @@ def test_what_is_archived_decodes_to_the_same_records(records: list[SimpleNamesp
 
 @given(_records)
 def test_rows_archived_uncompressed_still_decode(records: list[SimpleNamespace]) -> None:
-    assert [tuple(r) for r in decode(_uncompressed(records))] == _as_read(records)
+    assert [tuple(r) for r in decode(uncompressed(records))] == _as_read(records)
 
 
 _RECORDS = [
@@ -82,7 +82,7 @@ def test_the_archive_compresses_a_batch_of_events() -> None:
         for i in range(600)
     ]
     data = encode(records)
-    assert len(data) * 4 < len(_uncompressed(records))
+    assert len(data) * 4 < len(uncompressed(records))
     assert [tuple(r) for r in decode(data)] == _as_read(records)
 
 
@@ -100,7 +100,7 @@ def _row(records: list[SimpleNamespace], data: bytes) -> tuple[str, int, int, in
         lambda data: data[:1] + struct.pack(">I", struct.unpack(">I", data[1:5])[0] - 9) + data[5:],
         lambda data: data[:5] + bytes(len(data) - 5),  # the block zeroed
         lambda data: data[:3],
-        lambda data: _uncompressed(_RECORDS)[:-7],  # an old row cut short
+        lambda data: uncompressed(_RECORDS)[:-7],  # an old row cut short
     ],
 )
 def test_a_damaged_archive_row_is_refused_naming_the_row(damage: Callable[[bytes], bytes]) -> None:

@@ -116,11 +116,11 @@ def _row_records(
         records = list(decode(data))
     except ValueError as exc:
         raise LogResetError(f"the archive's row of {where} is damaged ({exc})") from None
-    offsets = [r[0] for r in records]
-    if len(records) != count or (records and (offsets[0], offsets[-1]) != (first, last)):
+    held = f"{records[0][0]}-{records[-1][0]}" if records else "-"
+    if len(records) != count or (records and held != f"{first}-{last}"):
         raise LogResetError(
             f"the archive's row of {where} is damaged: it holds {len(records)} records "
-            f"({offsets[0] if offsets else '-'}-{offsets[-1] if offsets else '-'}), not {count}"
+            f"({held}), not {count}"
         )
     return records
 

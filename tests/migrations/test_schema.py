@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import struct
 from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
@@ -17,6 +16,7 @@ from usertrail.migrations.catalog import diff, snapshot
 from usertrail.migrations.models import PRODUCT_TABLES, Base
 
 from tests.seeds import SEEDS_SQL, engine_for, run_sql
+from tests.test_archive_encoding import uncompressed
 from usertrail import archive
 from usertrail.cli import main
 
@@ -249,15 +249,6 @@ def test_validate_prints_the_seed_report(
     assert "tarot-lover" in capsys.readouterr().out
 
 
-def _plain(records: list[SimpleNamespace]) -> bytes:
-    """Records as the code before 0012 archived them: per record offset,
-    timestamp, the lengths of key, value and headers (-1: none), the bytes."""
-    return b"".join(
-        struct.pack(">qqiii", r.offset, r.timestamp, len(r.key), len(r.value), -1) + r.key + r.value
-        for r in records
-    )
-
-
 def test_going_below_0012_gives_the_archive_rows_back_as_the_old_code_reads_them(
     fresh: Callable[[], tuple[str, sa.Engine]],
 ) -> None:
@@ -282,7 +273,7 @@ def test_going_below_0012_gives_the_archive_rows_back_as_the_old_code_reads_them
                     "f": part[0].offset,
                     "l": part[-1].offset,
                     "n": len(part),
-                    "d": _plain(part) if i == 1 else archive.encode(part),  # one from before
+                    "d": uncompressed(part) if i == 1 else archive.encode(part),  # one from before
                 },
             )
     runner.downgrade(engine, "0011_dead_letter_outbox")
@@ -290,4 +281,4 @@ def test_going_below_0012_gives_the_archive_rows_back_as_the_old_code_reads_them
         stored = conn.exec_driver_sql(
             "SELECT data FROM usertrail_archive ORDER BY partition, first_offset"
         ).scalars()
-        assert [bytes(d) for d in stored] == [_plain(part) for _, part in parts]
+        assert [bytes(d) for d in stored] == [uncompressed(part) for _, part in parts]
