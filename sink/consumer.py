@@ -79,7 +79,9 @@ writer._SLICE: 500 cost about a tenth of the sink's rate)."""
 class SinkOptions:
     group: str = GROUP
     unknown_users: UnknownUsers = "create"
-    batch_max_records: int = 5000
+    # records fetched per batch at most (split among the writers): a
+    # transaction carries costs of its own, fewer when it holds more
+    batch_max_records: int = 20000
     batch_max_wait_ms: int = 200
     max_backoff: float = 10.0
     # False for replay db: its dead letters are on the topic already
@@ -95,6 +97,9 @@ class SinkOptions:
     # seconds a stored position may lie beyond its partition's end before the
     # log counts as another one (_beyond_the_end)
     beyond_grace: float = 60.0
+    # PostgreSQL connections writing at once, each the batches of a fixed
+    # share of the partitions (partition number modulo ``writers``), in order
+    writers: int = 2
 
 
 def _commit_done(done: asyncio.Future[Any]) -> None:
@@ -136,14 +141,34 @@ class Sink:
         self.settings = settings
         self.options = options or SinkOptions()
         self.metrics = metrics or SinkMetrics()
-        self.writer = Writer(
-            dsn or settings.database_dsn(),
-            group=self.options.group,
-            unknown_users=self.options.unknown_users,
-            profiles_topic=settings.profiles_topic,
-            archive=settings.archiving if self.options.archive is None else self.options.archive,
-            outbox=self.options.publish_dead_letters,
-        )
+        if self.options.writers < 1:
+            raise ConfigurationError(f"writers must be 1 or more, not {self.options.writers}")
+        # Lanes: each writer has a connection of its own and writes the
+        # batches of the partitions whose number modulo the lanes is its
+        # index, one transaction at a time, in the order they were fetched.
+        # A partition's records (a user's events, the fences, positions and
+        # archive rows of the partition) thus stay in one lane, in log
+        # order; lanes meet only where sinks of a group meet (unique ids,
+        # the "User" rows), which the writer handles for any two writers.
+        # Two lanes keep PostgreSQL writing one batch while it commits the
+        # other, and on a busy host they get it a second core's share.
+        archive = settings.archiving if self.options.archive is None else self.options.archive
+        self.writers = [
+            Writer(
+                dsn or settings.database_dsn(),
+                group=self.options.group,
+                unknown_users=self.options.unknown_users,
+                profiles_topic=settings.profiles_topic,
+                archive=archive,
+                outbox=self.options.publish_dead_letters,
+            )
+            for _ in range(self.options.writers)
+        ]
+        # the first lane's also reads and marks positions, and forgets them;
+        # what the consumer learns of the topics, every lane knows
+        self.writer = self.writers[0]
+        for other in self.writers[1:]:
+            other.topic_ids, other.homes = self.writer.topic_ids, self.writer.homes
         # dead letters may wait in the table for the topic (a sink killed
         # before it published them, a broker that refused them): published
         # at the start, and with every batch that has dead letters
@@ -175,10 +200,12 @@ class Sink:
         )
         self.producer = AIOKafkaProducer(acks="all", **settings.kafka_options())
         self._stopping = asyncio.Event()
-        # Fetched and prepared batches waiting for the writer: preparing the
-        # next batch overlaps with PostgreSQL writing this one (two cores).
-        self._queue: asyncio.Queue[Prepared | None] = asyncio.Queue(2)
-        self._writer: asyncio.Task[None] | None = None
+        # Per lane, fetched and prepared batches waiting for its writer:
+        # preparing the next batch overlaps with PostgreSQL writing this one.
+        self._queues: list[asyncio.Queue[Prepared | None]] = [
+            asyncio.Queue(2) for _ in self.writers
+        ]
+        self._lanes: list[asyncio.Task[None]] = []
         self._committing: asyncio.Future[Any] | None = None
         self._to_commit: dict[TopicPartition, int] = {}
         self.written = WriteResult()
@@ -325,6 +352,8 @@ class Sink:
         while self._forget:  # a reset may be found meanwhile (the assignment listener)
             topic = min(self._forget)
             n = await self._retry_db(lambda t=topic: self.writer.forget_positions(t), "forget")
+            for other in self.writers[1:]:
+                other.forget_archived(topic)
             log.warning("%s: forgot %d stored positions; reading it from its start", topic, n)
             ids = await self._topic_ids([topic])
             if ids.get(topic) is not None:
@@ -335,11 +364,14 @@ class Sink:
                     if tp.topic == topic:
                         await self.consumer.seek_to_beginning(tp)
 
-    async def _retry_db(self, action: Any, what: str) -> Any:
+    async def _retry_db(self, action: Any, what: str, writer: Writer | None = None) -> Any:
+        """``action`` once it succeeds, on ``writer``'s connection (by
+        default the first lane's), reconnected after connection errors."""
+        writer = writer or self.writer
         delay = 0.2
         while True:
             try:
-                await self.writer.connect()
+                await writer.connect()
                 result = await action()
                 self._waiting_for_db = False
                 return result
@@ -352,7 +384,7 @@ class Sink:
                     what,
                     delay,
                 )
-                await self.writer.close_broken()
+                await writer.close_broken()
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.options.max_backoff)
 
@@ -428,7 +460,8 @@ class Sink:
         self._compare_ids(await self._topic_ids(topics))
 
     async def _run(self) -> None:
-        await self._retry_db(lambda: self._noop(), "connect")
+        for writer in self.writers:  # each knows where the archive ends before it prepares
+            await self._retry_db(lambda: self._noop(), "connect", writer)
         never_create_topics()  # usertrail/kafka.py: topics are made by ensure_topics alone
         # first: its connections ask the broker for topic ids (below), which
         # must not queue behind the consumer's long-polling fetches
@@ -445,21 +478,22 @@ class Sink:
             tps = [tp for t in topics for tp in await partitions_of(self.consumer, t)]
             self.consumer.assign(tps)
             await self.seek_to_stored(tps)
-        writer = self._writer = asyncio.create_task(self._write_loop())
+        self._lanes = [asyncio.create_task(self._write_loop(i)) for i in range(len(self.writers))]
         try:
             while not (self._stopping.is_set() and self._done_reading()):
-                if writer.done():
-                    writer.result()  # the writer failed: stop and say why
+                self._lane_failure()
                 fetched = await self._step()
                 if self._stopping.is_set():
                     self._caught_up = not fetched and await self._at_the_end()
-            await self._queue.put(None)
-            await writer
+            for lane in range(len(self._lanes)):
+                await self._hand(lane, None)
+            await asyncio.gather(*self._lanes)
             if behind := await self._behind():
                 log.warning("stopped before the end of %s", behind)
         finally:
-            if not writer.done():
-                writer.cancel()
+            for task in self._lanes:
+                if not task.done():
+                    task.cancel()
             if self._committing is not None:  # the last commits for lag tools, briefly
                 await asyncio.wait({self._committing}, timeout=ASK_TIMEOUT)
             if self._refusal is None and (self._committing is None or self._committing.done()):
@@ -471,7 +505,8 @@ class Sink:
                         await asyncio.wait_for(self.consumer.commit(offsets), ASK_TIMEOUT)
             await stop_within(self.consumer, 10, "consumer")
             await stop_within(self.producer, 10, "dead-letter producer")
-            await self.writer.close()
+            for writer in self.writers:
+                await writer.close()
 
     @staticmethod
     async def _noop() -> None:
@@ -551,9 +586,10 @@ class Sink:
             marks = in_flight(records)
             await self._retry_db(lambda: self.writer.mark_in_flight(marks), "mark in flight")
             # Preparing yields to the event loop every few hundred records, so
-            # the writer's round trips to PostgreSQL wait microseconds, not
+            # the writers' round trips to PostgreSQL wait microseconds, not
             # the tens of milliseconds a whole batch takes to decode.
-            await self._queue.put(await self.writer.prepare(records, classified=classified))
+            for lane, (some, decided) in self._by_lane(records, classified):
+                await self._hand(lane, await self.writers[lane].prepare(some, classified=decided))
         if failure is not None:
             await self._fetch_failed(failure)
             return 1  # not caught up: the broker did not answer
@@ -623,23 +659,59 @@ class Sink:
             self.metrics.retries.labels("broker").inc()
             await asyncio.sleep(0.5)
 
-    async def _write_loop(self) -> None:
+    def _by_lane(
+        self, records: list[Record], classified: list[Any] | None
+    ) -> list[tuple[int, tuple[list[Record], list[Any] | None]]]:
+        """A batch as each lane's part of it (records in their order), by lane."""
+        lanes = len(self.writers)
+        if lanes == 1:
+            return [(0, (records, classified))]
+        parts: dict[int, tuple[list[Record], list[Any] | None]] = {}
+        for i, r in enumerate(records):
+            some, decided = parts.setdefault(
+                r.partition % lanes, ([], None if classified is None else [])
+            )
+            some.append(r)
+            if decided is not None and classified is not None:
+                decided.append(classified[i])
+        return sorted(parts.items())
+
+    async def _hand(self, lane: int, prepared: Prepared | None) -> None:
+        """``prepared`` queued for ``lane``'s writer (None: its last); a lane
+        that failed meanwhile raises its error here instead of leaving the
+        fetch loop waiting for room in its queue."""
+        put = asyncio.ensure_future(self._queues[lane].put(prepared))
+        try:
+            await asyncio.wait({put, self._lanes[lane]}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not put.done():
+                put.cancel()
+        self._lane_failure()
+
+    def _lane_failure(self) -> None:
+        """A lane that stopped early failed: stop, and say why."""
+        for task in self._lanes:
+            if task.done():
+                task.result()
+
+    async def _write_loop(self, lane: int) -> None:
+        queue, writer = self._queues[lane], self.writers[lane]
         while True:
-            if self._publish_at_start:
+            if self._publish_at_start and lane == 0:
                 self._publish_at_start = False
                 await self._publish_dead_letters()
-            item = await self._queue.get()
+            item = await queue.get()
             if item is None:
                 return
             try:
                 started = time.perf_counter()
-                result = await self._retry_db(lambda p=item: self.writer.apply(p), "write")
+                result = await self._retry_db(lambda p=item: writer.apply(p), "write", writer)
                 self._account(result, time.perf_counter() - started)
                 self._commit_for_monitoring(result)
                 if result.dead_letters and self.options.publish_dead_letters:
                     await self._publish_dead_letters()
             finally:
-                self._queue.task_done()
+                queue.task_done()
 
     def health(self) -> tuple[bool, dict[str, Any]]:
         """Whether the sink is working, and what it is doing: not while it
@@ -660,14 +732,14 @@ class Sink:
         return True, {**state, "state": "writing"}
 
     async def drain(self) -> None:
-        """Wait until every fetched batch is written, or the writer has
+        """Wait until every fetched batch is written, or a lane's writer has
         stopped (it failed: the main loop says why and stops; a rebalance
         waiting here must not wait for ever)."""
-        if self._writer is None or self._writer.done():
+        if not self._lanes or any(task.done() for task in self._lanes):
             return
-        joined = asyncio.ensure_future(self._queue.join())
+        joined: asyncio.Future[Any] = asyncio.gather(*(q.join() for q in self._queues))
         try:
-            await asyncio.wait({joined, self._writer}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({joined, *self._lanes}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             joined.cancel()
 

@@ -423,13 +423,18 @@ class Writer:
                 (self.group, topic),
             )
             if self.archive:
-                self._archived_to = {k: v for k, v in self._archived_to.items() if k[0] != topic}
+                self.forget_archived(topic)
                 await cur.execute(
                     "UPDATE usertrail_archive SET topic = topic || '@superseded-' || "
                     "to_char(now(), 'YYYYMMDD\"T\"HH24MISS') WHERE topic = %s",
                     (topic,),
                 )
         return forgotten
+
+    def forget_archived(self, topic: str) -> None:
+        """Where ``topic``'s archive ended: forgotten with its positions (its
+        rows are renamed; the new log's are archived from its start)."""
+        self._archived_to = {k: v for k, v in self._archived_to.items() if k[0] != topic}
 
     # --- one batch ------------------------------------------------------------------
     async def write(

@@ -20,6 +20,7 @@ def cmd_sink(args: argparse.Namespace, settings: Settings) -> int:
         unknown_users=args.unknown_users,
         batch_max_records=args.batch_max,
         batch_max_wait_ms=args.batch_wait_ms,
+        writers=args.writers,
         on_log_reset=args.on_log_reset,
     )
     web = {"sink_web_host": args.web_host, "sink_web_port": args.web_port}
@@ -85,9 +86,17 @@ def add(sub: Any, common: argparse.ArgumentParser) -> None:
     sink.add_argument(
         "--batch-max",
         type=at_least_one,
-        default=5000,
+        default=20000,
         metavar="N",
-        help="records per transaction at most (default 5000)",
+        help="records fetched per batch at most, split among the writers (default 20000)",
+    )
+    sink.add_argument(
+        "--writers",
+        type=at_least_one,
+        default=2,
+        metavar="N",
+        help="PostgreSQL connections writing at once, each the batches of its share of "
+        "the partitions (partition number modulo N), one transaction at a time (default 2)",
     )
     sink.add_argument(
         "--batch-wait-ms",
