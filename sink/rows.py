@@ -20,7 +20,7 @@ from __future__ import annotations
 import functools
 import re
 import struct
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple
 
@@ -238,7 +238,18 @@ def _epoch_second(second: bytes) -> int:
 def fast_row(value: bytes, key: bytes | None, timestamp_ms: int = -1) -> FastRow | None:
     """The row of an interaction in ``encode``'s layout whose key is its user
     id and whose time lies within bounds of the record's timestamp, or None:
-    anything else (invalid or not) is for the contract to judge."""
+    anything else (invalid or not) is for the contract to judge. Compiled
+    (sink/_fastrow.c) where it was built, for what it takes; ``python_fast_row``
+    otherwise, and for the rest."""
+    if _compiled is not None:
+        row = _compiled(value, key, timestamp_ms)
+        if row is not None:
+            return row  # type: ignore[no-any-return]
+    return python_fast_row(value, key, timestamp_ms)
+
+
+def python_fast_row(value: bytes, key: bytes | None, timestamp_ms: int = -1) -> FastRow | None:
+    """``fast_row`` in Python: the reference the compiled one is held to."""
     if len(value) > EVENT_MAX_BYTES:
         return None
     m = _CANONICAL.fullmatch(value)
@@ -277,3 +288,26 @@ def fast_row(value: bytes, key: bytes | None, timestamp_ms: int = -1) -> FastRow
     )
     # tuple.__new__: FastRow(...) goes through a Python-level __new__
     return tuple.__new__(FastRow, (event_id.decode(), user.decode(), row, "interaction"))
+
+
+def _compiled_fast_row() -> Callable[[bytes, bytes | None, int], FastRow | None] | None:
+    """sink/_fastrow.c's fast_row, given the contract's numbers; None where
+    the extension was not built (no C compiler at install: it is optional)."""
+    try:
+        from usertrail.sink import _fastrow  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    _fastrow.configure(
+        FastRow,
+        USER_ID_MAX,
+        SOURCE_MAX,
+        SLUG_MAX,
+        EVENT_MAX_BYTES,
+        PAST_BOUND_MS,
+        FUTURE_BOUND_MS,
+        tuple(t.encode() for t in INTERACTION_TYPES),
+    )
+    return _fastrow.fast_row  # type: ignore[no-any-return]
+
+
+_compiled = _compiled_fast_row()
