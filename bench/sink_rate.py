@@ -204,12 +204,15 @@ async def sink_round(
     batch: int,
     archive: bool,
     count: str = "records",
+    writers: int = SinkOptions().writers,
     pids: tuple[int | None, int | None] = (None, None),
 ) -> tuple[float, Cpu]:
     """The sink's ``count`` (a WriteResult field: records read, or
     ``interactions`` written) per second, from its first written batch to
     the one that brings it to ``rows``, and its CPU per row meanwhile."""
-    options = SinkOptions(group=f"bench-{uuid7()}", batch_max_records=batch, archive=archive)
+    options = SinkOptions(
+        group=f"bench-{uuid7()}", batch_max_records=batch, archive=archive, writers=writers
+    )
     sink = Sink(settings, options)
     task = asyncio.create_task(sink.run())
     first_at = first_count = first_cpu = None
@@ -237,7 +240,15 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rows", type=int, default=100_000)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--batch", type=int, default=5000, help="sink records per transaction")
+    parser.add_argument(
+        "--batch",
+        type=int,
+        default=SinkOptions().batch_max_records,
+        help="sink records per fetched batch (default: the sink's)",
+    )
+    parser.add_argument(
+        "--writers", type=int, default=SinkOptions().writers, help="the sink's writers"
+    )
     parser.add_argument(
         "--busy", action="store_true", help="a CPU-bound process runs beside the benchmark"
     )
@@ -287,7 +298,7 @@ async def measure(args: argparse.Namespace) -> None:
                     url = fresh_database(pg, "bench_sink")
                     settings = base.model_copy(update={"database_url": SecretStr(url)})
                     rates[archive], cpus[archive] = await sink_round(
-                        settings, args.rows, args.batch, archive, pids=pids
+                        settings, args.rows, args.batch, archive, pids=pids, writers=args.writers
                     )
                     with psycopg.connect(url) as conn:
                         count = conn.execute('SELECT count(*) FROM "UserInteraction"').fetchone()
