@@ -97,8 +97,8 @@ class SinkOptions:
     # seconds a stored position may lie beyond its partition's end before the
     # log counts as another one (_beyond_the_end)
     beyond_grace: float = 60.0
-    # PostgreSQL connections writing at once, each the batches of a fixed
-    # share of the partitions (partition number modulo ``writers``), in order
+    # PostgreSQL connections writing at once, each the batches of its share
+    # of the partitions (Sink.assign_lanes), in order
     writers: int = 2
 
 
@@ -123,6 +123,7 @@ class _SeekToStored(ConsumerRebalanceListener):  # type: ignore[misc]
         log.info("partitions revoked: %s", sorted(tp.partition for tp in revoked))
 
     async def on_partitions_assigned(self, assigned: Sequence[TopicPartition]) -> None:
+        self.sink.assign_lanes(assigned)
         await self.sink.seek_to_stored(assigned)
         self.sink._unassigned_since = None
 
@@ -144,8 +145,8 @@ class Sink:
         if self.options.writers < 1:
             raise ConfigurationError(f"writers must be 1 or more, not {self.options.writers}")
         # Lanes: each writer has a connection of its own and writes the
-        # batches of the partitions whose number modulo the lanes is its
-        # index, one transaction at a time, in the order they were fetched.
+        # batches of its share of the partitions (assign_lanes), one
+        # transaction at a time, in the order they were fetched.
         # A partition's records (a user's events, the fences, positions and
         # archive rows of the partition) thus stay in one lane, in log
         # order; lanes meet only where sinks of a group meet (unique ids,
@@ -206,6 +207,7 @@ class Sink:
             asyncio.Queue(2) for _ in self.writers
         ]
         self._lanes: list[asyncio.Task[None]] = []
+        self._lane_of: dict[int, int] = {}  # partition number -> lane (_assign_lanes)
         self._committing: asyncio.Future[Any] | None = None
         self._to_commit: dict[TopicPartition, int] = {}
         self.written = WriteResult()
@@ -349,6 +351,7 @@ class Sink:
         if not self._forget:
             return
         await self.drain()
+        self._lane_failure()  # not while a lane that failed holds its batch
         while self._forget:  # a reset may be found meanwhile (the assignment listener)
             topic = min(self._forget)
             n = await self._retry_db(lambda t=topic: self.writer.forget_positions(t), "forget")
@@ -477,6 +480,7 @@ class Sink:
         if self.options.assign_all:
             tps = [tp for t in topics for tp in await partitions_of(self.consumer, t)]
             self.consumer.assign(tps)
+            self.assign_lanes(tps)
             await self.seek_to_stored(tps)
         self._lanes = [asyncio.create_task(self._write_loop(i)) for i in range(len(self.writers))]
         try:
@@ -572,8 +576,9 @@ class Sink:
             await self._forget_positions()
             return 1  # what was fetched came from before the new beginning
         if records:  # fetched before a failure: the consumer's position is past them
-            for r in records:  # read from: not beyond its end (any more)
-                self._beyond.pop(TopicPartition(r.topic, r.partition), None)
+            for topic, partition in {(r.topic, r.partition) for r in records}:
+                # read from: not beyond its end (any more)
+                self._beyond.pop(TopicPartition(topic, partition), None)
             records, again, classified = self.careful.cut(records)
             for (topic, partition), offset in again.items():
                 self.consumer.seek(TopicPartition(topic, partition), offset)
@@ -659,6 +664,16 @@ class Sink:
             self.metrics.retries.labels("broker").inc()
             await asyncio.sleep(0.5)
 
+    def assign_lanes(self, assigned: Sequence[TopicPartition]) -> None:
+        """The lanes share this sink's partitions (by number: a topic's
+        partition and the other topic's of the same number, a user's events
+        and profile, go to one lane) in turn, whichever numbers the group
+        gave it. Changed only with the assignment, after the revocation
+        waited for every lane (a batch still being prepared then meets the
+        new owner's fence, as a batch of a sink that lost the partition)."""
+        numbers = sorted({tp.partition for tp in assigned})
+        self._lane_of = {p: i % len(self.writers) for i, p in enumerate(numbers)}
+
     def _by_lane(
         self, records: list[Record], classified: list[Any] | None
     ) -> list[tuple[int, tuple[list[Record], list[Any] | None]]]:
@@ -666,10 +681,12 @@ class Sink:
         lanes = len(self.writers)
         if lanes == 1:
             return [(0, (records, classified))]
+        lane_of = self._lane_of
         parts: dict[int, tuple[list[Record], list[Any] | None]] = {}
         for i, r in enumerate(records):
             some, decided = parts.setdefault(
-                r.partition % lanes, ([], None if classified is None else [])
+                lane_of.get(r.partition, r.partition % lanes),
+                ([], None if classified is None else []),
             )
             some.append(r)
             if decided is not None and classified is not None:
@@ -702,6 +719,7 @@ class Sink:
                 await self._publish_dead_letters()
             item = await queue.get()
             if item is None:
+                queue.task_done()
                 return
             try:
                 started = time.perf_counter()
@@ -733,13 +751,18 @@ class Sink:
 
     async def drain(self) -> None:
         """Wait until every fetched batch is written, or a lane's writer has
-        stopped (it failed: the main loop says why and stops; a rebalance
-        waiting here must not wait for ever)."""
-        if not self._lanes or any(task.done() for task in self._lanes):
+        failed (the main loop says why and stops; a rebalance waiting here
+        must not wait for ever). A lane that took its last batch is done,
+        not failed: the others are still waited for."""
+        if not self._lanes:
             return
         joined: asyncio.Future[Any] = asyncio.gather(*(q.join() for q in self._queues))
         try:
-            await asyncio.wait({joined, *self._lanes}, return_when=asyncio.FIRST_COMPLETED)
+            while not joined.done():
+                if any(t.done() and (t.cancelled() or t.exception()) for t in self._lanes):
+                    return
+                working = {t for t in self._lanes if not t.done()}
+                await asyncio.wait({joined, *working}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             joined.cancel()
 

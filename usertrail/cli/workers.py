@@ -96,7 +96,7 @@ def add(sub: Any, common: argparse.ArgumentParser) -> None:
         default=2,
         metavar="N",
         help="PostgreSQL connections writing at once, each the batches of its share of "
-        "the partitions (partition number modulo N), one transaction at a time (default 2)",
+        "the partitions this sink was given, one transaction at a time (default 2)",
     )
     sink.add_argument(
         "--batch-wait-ms",
