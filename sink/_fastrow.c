@@ -359,21 +359,30 @@ static PyObject *fast_row(PyObject *Py_UNUSED(self), PyObject *const *args, Py_s
     *out++ = 1; /* jsonb's version */
     memcpy(out, metadata, metadata_len);
 
+    PyObject *fields = PyTuple_New(4);
     PyObject *id_text = PyUnicode_DecodeASCII((const char *)event_id, 36, NULL);
     PyObject *user_text = PyUnicode_DecodeASCII((const char *)user, user_len, NULL);
-    PyObject *result = row_type->tp_alloc(row_type, 4);
-    if (id_text == NULL || user_text == NULL || result == NULL) {
+    if (fields == NULL || id_text == NULL || user_text == NULL) {
+        Py_XDECREF(fields);
         Py_XDECREF(id_text);
         Py_XDECREF(user_text);
-        Py_XDECREF(result);
         Py_DECREF(row);
         return NULL;
     }
     Py_INCREF(kind);
-    PyTuple_SET_ITEM(result, 0, id_text);
-    PyTuple_SET_ITEM(result, 1, user_text);
-    PyTuple_SET_ITEM(result, 2, row);
-    PyTuple_SET_ITEM(result, 3, kind);
+    PyTuple_SET_ITEM(fields, 0, id_text);
+    PyTuple_SET_ITEM(fields, 1, user_text);
+    PyTuple_SET_ITEM(fields, 2, row);
+    PyTuple_SET_ITEM(fields, 3, kind);
+    /* tuple.__new__(FastRow, fields), as the Python one makes it: the
+       tuple's own constructor sets what a tuple holds besides its items
+       (CPython 3.14 caches a hash there) */
+    PyObject *packed = PyTuple_Pack(1, fields);
+    Py_DECREF(fields);
+    if (packed == NULL)
+        return NULL;
+    PyObject *result = PyTuple_Type.tp_new(row_type, packed, NULL);
+    Py_DECREF(packed);
     return result;
 }
 
@@ -420,9 +429,18 @@ static PyMethodDef methods[] = {
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_fastrow", NULL, -1, methods};
 
+/* the sha256 of the patterns this file implements by hand (sink/rows.py's
+   PATTERNS): a module built from an older copy of this file is not used */
+#define PATTERNS "edae398870398bbd254c9b9607bc3dcbb9e7126e4c23f6717e9c4fccc86042b1"
+
 PyMODINIT_FUNC PyInit__fastrow(void) {
     kind = PyUnicode_InternFromString("interaction");
     if (kind == NULL)
         return NULL;
-    return PyModule_Create(&module);
+    PyObject *m = PyModule_Create(&module);
+    if (m != NULL && PyModule_AddStringConstant(m, "PATTERNS", PATTERNS) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
 }

@@ -18,6 +18,8 @@ it, and nothing is escaped on either side (sink/writer.py's COPY).
 from __future__ import annotations
 
 import functools
+import hashlib
+import logging
 import re
 import struct
 from collections.abc import Callable, Iterable
@@ -244,7 +246,7 @@ def fast_row(value: bytes, key: bytes | None, timestamp_ms: int = -1) -> FastRow
     if _compiled is not None:
         row = _compiled(value, key, timestamp_ms)
         if row is not None:
-            return row  # type: ignore[no-any-return]
+            return row
     return python_fast_row(value, key, timestamp_ms)
 
 
@@ -290,12 +292,26 @@ def python_fast_row(value: bytes, key: bytes | None, timestamp_ms: int = -1) -> 
     return tuple.__new__(FastRow, (event_id.decode(), user.decode(), row, "interaction"))
 
 
+PATTERNS = hashlib.sha256(
+    _CANONICAL.pattern + b"\n" + _FLAT_METADATA.pattern + b"\n" + SLUG_PATTERN.encode()
+).hexdigest()
+"""What sink/_fastrow.c implements by hand: a module built for other
+patterns (an older build of it, a change here it did not follow) is not used."""
+
+
 def _compiled_fast_row() -> Callable[[bytes, bytes | None, int], FastRow | None] | None:
     """sink/_fastrow.c's fast_row, given the contract's numbers; None where
-    the extension was not built (no C compiler at install: it is optional)."""
+    the extension was not built (no C compiler at install: it is optional),
+    or was built for other patterns."""
     try:
         from usertrail.sink import _fastrow  # type: ignore[attr-defined]
     except ImportError:
+        return None
+    if getattr(_fastrow, "PATTERNS", None) != PATTERNS:
+        logging.getLogger("usertrail.sink").warning(
+            "sink/_fastrow.c was built for other patterns than sink/rows.py's: "
+            "rows are made in Python (install again to rebuild it)"
+        )
         return None
     _fastrow.configure(
         FastRow,
