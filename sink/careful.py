@@ -17,6 +17,8 @@ Pure: the sink asks it (``found`` on assignment, ``cut`` per batch).
 
 from __future__ import annotations
 
+import itertools
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -133,8 +135,14 @@ class Careful:
 def in_flight(records: Sequence[Record]) -> dict[Partition, tuple[int, int]]:
     """Per partition, the first and last offset of a batch."""
     out: dict[Partition, tuple[int, int]] = {}
-    for r in records:
-        tp = (r.topic, r.partition)
-        low, high = out.get(tp, (r.offset, r.offset))
-        out[tp] = (min(low, r.offset), max(high, r.offset))
+    # a batch comes in runs of one partition's records (one per fetch)
+    for tp, run in itertools.groupby(records, _partition_of):
+        offsets = [r.offset for r in run]
+        low, high = min(offsets), max(offsets)
+        if tp in out:
+            low, high = min(low, out[tp][0]), max(high, out[tp][1])
+        out[tp] = (low, high)
     return out
+
+
+_partition_of = operator.attrgetter("topic", "partition")

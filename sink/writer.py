@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC
@@ -186,6 +187,9 @@ ArchiveRow = tuple[str, int, int, int, int, bytes]
 """topic, partition, first offset, last offset, records, data"""
 
 
+_offset_of = operator.attrgetter("offset")
+
+
 async def _archive_rows(
     records: Sequence[Record], archived_to: dict[tuple[str, int], int]
 ) -> list[ArchiveRow]:
@@ -198,7 +202,7 @@ async def _archive_rows(
             by_partition.setdefault((r.topic, r.partition), []).append(r)
     rows = []
     for (topic, partition), part in by_partition.items():
-        part.sort(key=lambda r: r.offset)
+        part.sort(key=_offset_of)
         rows.append((topic, partition, part[0].offset, part[-1].offset, len(part), encode(part)))
         await asyncio.sleep(0)
     return rows
