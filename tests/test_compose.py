@@ -132,6 +132,13 @@ def test_the_image_installs_the_locked_run_time_dependencies_only() -> None:
     package_dirs = set(project["tool"]["setuptools"]["package-dir"].values())
     assert package_dirs <= copied, f"the image lacks {package_dirs - copied}"
     assert re.search(r"^USER nobody$", dockerfile, re.M)
+    # the sink's C row builder is compiled in the image, never copied from
+    # the host (another platform's build, or a stale one)
+    assert re.search(
+        r"apt-get install .*\bgcc\b[^\n]*\\\n\s*&& pip install .*--no-deps \.", dockerfile
+    )
+    ignored = (ROOT / ".dockerignore").read_text().split("\n")
+    assert "**/*.so" in ignored and ".venv" in ignored
 
 
 # --- every service, run as the file says ----------------------------------
