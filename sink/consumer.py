@@ -207,7 +207,7 @@ class Sink:
             asyncio.Queue(2) for _ in self.writers
         ]
         self._lanes: list[asyncio.Task[None]] = []
-        self._lane_of: dict[int, int] = {}  # partition number -> lane (_assign_lanes)
+        self._lane_of: dict[int, int] = {}  # partition number -> lane (assign_lanes)
         self._committing: asyncio.Future[Any] | None = None
         self._to_commit: dict[TopicPartition, int] = {}
         self.written = WriteResult()
